@@ -1,0 +1,32 @@
+# vltune: `make demo` trains a tiny Qwen2.5-VL on synthetic VQA on the CPU; `make test` runs the suite.
+# `make setup` builds .venv once; later runs see the stamp and return in seconds.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip -q --disable-pip-version-check
+STAMP  := $(VENV)/.vltune-installed
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+# torch first and pinned: with torch 2.13.0 (CPU) already installed, nothing later pulls CUDA wheels.
+# DeepSpeed's sdist imports torch while building, so it builds against this venv (no isolation).
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install "torch==2.13.0"
+	$(PIP) install -e ".[torch,mindspore,data,dev]"
+	$(PIP) install --no-build-isolation "deepspeed>=0.16,<0.20"
+	$(PY) -c "import vltune, torch, transformers, mindspore, deepspeed, peft, numpy; assert numpy.__version__ < '2'"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/vltune train demo
+	$(PY) tools/demo_infer.py runs/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

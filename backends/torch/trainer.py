@@ -1,0 +1,127 @@
+"""The torch engine behind the backend-neutral loop: a transformers Qwen VL model, AdamW, autograd.
+
+It implements core.contracts.TrainBackend; the loop in core/loop.py decides when each method runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vltune.core.config import ModelArgs, TrainArgs
+from vltune.core.contracts import IGNORE_INDEX, Batch
+from vltune.data.model_info import ModelInfo
+
+from .checkpoint import save_hf_model
+from .infer import generate_greedy
+
+# Batch keys the transformers forward takes, and their dtypes.
+_MODEL_INPUTS = {
+    "input_ids": torch.long,
+    "attention_mask": torch.long,
+    "position_ids": torch.long,
+    "pixel_values": torch.float32,
+    "image_grid_thw": torch.long,
+}
+
+
+def apply_freeze(model: torch.nn.Module, model_args: ModelArgs) -> None:
+    """Set requires_grad from tune_mm_llm / tune_mm_vision / tune_mm_mlp.
+
+    The LM head follows tune_mm_llm whether or not it is tied to the embedding (the official
+    scripts leave an untied head trainable with tune_mm_llm=False).
+    """
+    visual = model.model.visual
+    mlp_names = ("merger", "deepstack_merger_list")
+    for name, param in visual.named_parameters():
+        is_mlp = name.split(".")[0] in mlp_names
+        param.requires_grad_(model_args.tune_mm_mlp if is_mlp else model_args.tune_mm_vision)
+    for param in model.model.language_model.parameters():
+        param.requires_grad_(model_args.tune_mm_llm)
+    for param in model.lm_head.parameters():
+        param.requires_grad_(model_args.tune_mm_llm)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("tune_mm_llm, tune_mm_vision and tune_mm_mlp are all false: nothing to train")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: weights with decay; norms, biases and other 1-D params without."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy (fp32) over labels != -100, and how many tokens that was."""
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1)
+    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((shift_labels != IGNORE_INDEX).sum())
+
+
+class TorchBackend:
+    def __init__(self, model: torch.nn.Module, model_dir: Path, info: ModelInfo, model_args: ModelArgs, args: TrainArgs):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device)
+        self.model_dir = Path(model_dir)
+        self.info = info
+        self.autocast_dtype = torch.bfloat16 if (args.bf16 and self.device.type == "cuda") else None
+        apply_freeze(self.model, model_args)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, args.weight_decay),
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            fused=self.device.type == "cuda",
+        )
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+    def _inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return {
+            key: torch.as_tensor(np.ascontiguousarray(batch[key])).to(self.device, dtype)
+            for key, dtype in _MODEL_INPUTS.items()
+            if key in batch
+        }
+
+    def _logits(self, batch: Batch) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self.model(**self._inputs(batch), use_cache=False).logits
+
+    def forward_backward(self, batch: Batch, loss_scale: float) -> float:
+        self.model.train()
+        labels = torch.as_tensor(batch["labels"]).to(self.device)
+        loss_sum, _ = token_loss_sum(self._logits(batch), labels)
+        (loss_sum * loss_scale).backward()
+        return float(loss_sum.detach())
+
+    def optimizer_step(self, lr: float, max_grad_norm: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.trainable if p.grad is not None]))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: Batch) -> tuple[float, int]:
+        self.model.eval()
+        labels = torch.as_tensor(batch["labels"]).to(self.device)
+        loss_sum, count = token_loss_sum(self._logits(batch), labels)
+        return float(loss_sum), count
+
+    def generate(self, batch: Batch, max_new_tokens: int) -> list[list[int]]:
+        return generate_greedy(self.model, batch, self.info, max_new_tokens, self.autocast_dtype)
+
+    def save_model(self, out_dir: Path) -> None:
+        save_hf_model(self.model, self.model_dir, out_dir)

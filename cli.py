@@ -1,0 +1,141 @@
+"""The `vltune` command. Subcommands map onto the Python API one to one.
+
+    vltune train RECIPE [--key value ...]
+    vltune infer --model DIR [--image P ...] --prompt T
+    vltune make-tiny --model-type qwen2_5_vl|qwen3_vl --out DIR
+    vltune data check | pack | convert | merge-lora | bench   (later issues)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+NOT_YET = 2  # exit code of subcommands that later issues fill
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """`--max_steps 20 --bf16 --output_dir=x` -> {"max_steps": "20", "bf16": "true", "output_dir": "x"}.
+
+    Values stay strings here; core.config coerces them to each key's declared type.
+    """
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or token == "--":
+            raise SystemExit(f"vltune train: expected --key value, got {token!r}")
+        key = token[2:].replace("-", "_")
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            value = tokens[i + 1]
+            i += 2
+        else:
+            value = "true"
+            i += 1
+        overrides[key] = value
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from vltune.core.config import ConfigError, load_recipe
+    from vltune.train import train
+
+    try:
+        cfg = load_recipe(args.recipe, parse_overrides(extra))
+    except ConfigError as e:
+        print(f"vltune train: {e}", file=sys.stderr)
+        return 1
+    summary = train(cfg, show_progress=not args.no_progress)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise SystemExit(f"vltune infer: unknown arguments {extra}")
+    for flag in ("adapter", "video"):
+        if getattr(args, flag):
+            print(f"vltune infer --{flag}: not implemented yet", file=sys.stderr)
+            return NOT_YET
+    if args.thinking:
+        print("vltune infer --thinking: not implemented yet", file=sys.stderr)
+        return NOT_YET
+    from vltune.inference import infer
+
+    answer = infer(
+        args.model, args.prompt, args.image, max_new_tokens=args.max_new_tokens, backend=args.backend,
+        min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+    )
+    print(answer, flush=True)
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise SystemExit(f"vltune make-tiny: unknown arguments {extra}")
+    from vltune.backends.torch.tiny import make_tiny
+
+    print(make_tiny(args.model_type, args.out, seed=args.seed))
+    return 0
+
+
+def cmd_not_yet(name: str):
+    def run(args: argparse.Namespace, extra: list[str]) -> int:
+        print(f"vltune {name}: not implemented yet", file=sys.stderr)
+        return NOT_YET
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vltune", description="Fine-tune Qwen-family vision-language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a recipe (a YAML path or a bundled name such as 'demo')")
+    p.add_argument("recipe")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("infer", help="answer a prompt about images with a model directory")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter")
+    p.add_argument("--image", action="append", default=[])
+    p.add_argument("--video")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--thinking", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-pixels", type=int)
+    p.add_argument("--max-pixels", type=int)
+    p.add_argument("--backend", default="torch", choices=["torch", "mindspore", "ms"])
+    p.set_defaults(run=cmd_infer)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random-init HF-format model directory")
+    p.add_argument("--model-type", required=True, choices=["qwen2_5_vl", "qwen3_vl"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_make_tiny)
+
+    for name, text in (
+        ("data", "validate a recipe's data (data check RECIPE)"),
+        ("pack", "pack an annotation file into fixed-length bins"),
+        ("convert", "convert checkpoints between HF and MindSpeed-MM"),
+        ("merge-lora", "merge a LoRA adapter into its base model"),
+        ("bench", "throughput / MFU against the stock transformers model"),
+    ):
+        p = sub.add_parser(name, help=f"{text} (not implemented yet)")
+        p.set_defaults(run=cmd_not_yet(name))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
+    return args.run(args, extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

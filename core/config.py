@@ -1,0 +1,254 @@
+"""Recipe configuration: one dataclass per section, flat keys on the command line.
+
+Users of qwen-vl-finetune and ms-swift type `--learning_rate 1e-5`, not `--train.lr`, so recipe
+keys are flat. Each key belongs to exactly one section dataclass; `load_recipe` routes a flat dict
+into the sections, then validates everything at once and raises a single error that lists every
+problem with the key, the value and a fix (litgpt's `validate_args` habit).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run; the message lists every problem found."""
+
+
+@dataclass
+class ModelArgs:
+    model_name_or_path: str = ""
+    """Local HF-format model directory (config.json, weights, tokenizer, preprocessor_config.json)."""
+    make_tiny_model: str | None = None
+    """If set (qwen2_5_vl | qwen3_vl) and `model_name_or_path` does not exist, build a tiny random-init model there."""
+    train_type: str = "full"
+    """full | lora (lora arrives with the training-engine issue)."""
+    tune_mm_llm: bool = True
+    """Train the language model (and the LM head, tied or not)."""
+    tune_mm_vision: bool = True
+    """Train the vision tower's blocks and patch embedding."""
+    tune_mm_mlp: bool = True
+    """Train the merger (vision -> language projector)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel of the transformers model: sdpa | eager."""
+
+
+@dataclass
+class DataArgs:
+    dataset_use: str = ""
+    """Comma-separated datasets: registered names or paths to JSON/JSONL files (their folder is the data path)."""
+    eval_dataset: str | None = None
+    """Held-out JSON/JSONL used for eval loss and exact-match accuracy."""
+    synthetic_vqa: dict | None = None
+    """Generate the synthetic VQA set before training: {out_dir, num_train, num_eval, tasks, image_size, seed}."""
+    max_pixels: int | None = None
+    """Upper bound on pixels per image after smart_resize (default: the model's preprocessor_config.json)."""
+    min_pixels: int | None = None
+    """Lower bound on pixels per image after smart_resize (default: the model's preprocessor_config.json)."""
+    model_max_length: int = 2048
+    """Longest tokenised sample; longer samples are an error naming the sample."""
+    num_eval_samples: int | None = None
+    """Evaluate on the first N held-out samples only (None = all)."""
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str = "runs/vltune"
+    """Where checkpoints, metrics.jsonl and the final model go."""
+    backend: str = "torch"
+    """torch | mindspore."""
+    objective: str = "ar"
+    """ar (next-token SFT) | mdlm (masked diffusion, a later issue)."""
+    seed: int = 42
+    """Seeds model init order, data order and dropout."""
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    lr_scheduler_type: str = "cosine"
+    """cosine | linear | constant (after warmup)."""
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    """Overrides warmup_ratio when > 0."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 = derive from num_train_epochs and the dataset size."""
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    per_device_eval_batch_size: int = 8
+    logging_steps: int = 10
+    eval_steps: int = 0
+    """Evaluate every N steps (0 = only at the end)."""
+    eval_max_new_tokens: int = 16
+    """Generation length for exact-match evaluation."""
+    bf16: bool = False
+    """bf16 autocast on GPU; CPU runs fp32."""
+    num_threads: int = 0
+    """torch intra-op threads on CPU (0 = library default)."""
+
+
+SECTIONS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs}
+
+
+@dataclass
+class RecipeConfig:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for name in SECTIONS:
+            flat.update(asdict(getattr(self, name)))
+        return flat
+
+
+def _key_index() -> dict[str, tuple[str, type]]:
+    """Flat key -> (section name, annotated type)."""
+    index = {}
+    for section, cls in SECTIONS.items():
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            index[f.name] = (section, hints[f.name])
+    return index
+
+
+def _coerce(value: Any, annotated: Any) -> Any:
+    """Turn a command-line string into the annotated type (YAML values are already typed)."""
+    if not isinstance(value, str):
+        if annotated is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+    targets = getattr(annotated, "__args__", (annotated,))
+    if value.lower() in ("none", "null") and type(None) in targets:
+        return None
+    for target in targets:
+        if target is bool:
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+        elif target in (int, float):
+            try:
+                return target(value)
+            except ValueError:
+                continue
+        elif target is dict:
+            parsed = yaml.safe_load(value)
+            if isinstance(parsed, dict):
+                return parsed
+        elif target is str:
+            return value
+    return value
+
+
+def _type_ok(value: Any, annotated: Any) -> bool:
+    targets = getattr(annotated, "__args__", (annotated,))
+    for target in targets:
+        if target is type(None) and value is None:
+            return True
+        if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if target is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if target in (str, bool, dict, list) and isinstance(value, target):
+            return True
+    return False
+
+
+def resolve_recipe_path(recipe: str) -> Path:
+    """A YAML path, or the name of a bundled recipe (`demo` -> recipes/demo.yaml)."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"recipe file {recipe!r} does not exist")
+        return path
+    bundled = RECIPE_DIR / f"{recipe}.yaml"
+    if bundled.exists():
+        return bundled
+    names = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    raise ConfigError(f"unknown recipe {recipe!r}: not a file and not a bundled recipe ({', '.join(names)})")
+
+
+def load_recipe(recipe: str | os.PathLike | dict | None, overrides: dict[str, Any] | None = None) -> RecipeConfig:
+    """Build a validated RecipeConfig from a recipe (path, bundled name or dict) plus flat overrides."""
+    if recipe is None:
+        raw: dict[str, Any] = {}
+    elif isinstance(recipe, dict):
+        raw = dict(recipe)
+    else:
+        path = resolve_recipe_path(str(recipe))
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"recipe {path}: expected a mapping of keys to values, got {type(raw).__name__}")
+    raw.update(overrides or {})
+
+    index = _key_index()
+    problems: list[str] = []
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in raw.items():
+        if key not in index:
+            close = difflib.get_close_matches(key, index, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"unknown key {key!r}{hint}")
+            continue
+        section, annotated = index[key]
+        value = _coerce(value, annotated)
+        if not _type_ok(value, annotated):
+            problems.append(f"{key}: {value!r} is not a valid {getattr(annotated, '__name__', annotated)}")
+            continue
+        values[section][key] = value
+    if problems:
+        raise ConfigError("invalid recipe:\n  - " + "\n  - ".join(problems))
+
+    cfg = RecipeConfig(**{name: cls(**values[name]) for name, cls in SECTIONS.items()})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RecipeConfig) -> None:
+    """Collect every semantic problem of a recipe and raise once."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    problems = []
+    if not m.model_name_or_path:
+        problems.append("model_name_or_path is empty: give a local HF-format model directory")
+    if m.make_tiny_model not in (None, "qwen2_5_vl", "qwen3_vl"):
+        problems.append(f"make_tiny_model: {m.make_tiny_model!r} is not one of qwen2_5_vl, qwen3_vl")
+    if m.train_type != "full":
+        problems.append(f"train_type: {m.train_type!r} is not implemented yet (only 'full' is)")
+    if m.attn_implementation not in ("sdpa", "eager"):
+        problems.append(f"attn_implementation: {m.attn_implementation!r} is not one of sdpa, eager")
+    if not d.dataset_use:
+        problems.append("dataset_use is empty: name a registered dataset or a JSON/JSONL path")
+    if d.model_max_length <= 0:
+        problems.append(f"model_max_length: {d.model_max_length} must be > 0")
+    if t.backend != "torch":
+        problems.append(f"backend: {t.backend!r} is not implemented yet (only 'torch' is)")
+    if t.objective != "ar":
+        problems.append(f"objective: {t.objective!r} is not implemented yet (only 'ar' is)")
+    if t.lr_scheduler_type not in ("cosine", "linear", "constant"):
+        problems.append(f"lr_scheduler_type: {t.lr_scheduler_type!r} is not one of cosine, linear, constant")
+    if t.learning_rate <= 0:
+        problems.append(f"learning_rate: {t.learning_rate} must be > 0")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        problems.append(f"warmup_ratio: {t.warmup_ratio} must be in [0, 1)")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size", "logging_steps"):
+        if getattr(t, key) < 1:
+            problems.append(f"{key}: {getattr(t, key)} must be >= 1")
+    if t.max_steps == 0 or t.max_steps < -1:
+        problems.append(f"max_steps: {t.max_steps} must be -1 (use num_train_epochs) or >= 1")
+    if t.max_steps == -1 and t.num_train_epochs <= 0:
+        problems.append(f"num_train_epochs: {t.num_train_epochs} must be > 0 when max_steps is -1")
+    if problems:
+        raise ConfigError("invalid recipe:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,233 @@
+"""Image preprocessing for Qwen2-VL, Qwen2.5-VL and Qwen3-VL, in numpy and PIL.
+
+The vision tower was trained on pixels produced by transformers' image processor,
+so anything we feed it must match that processor exactly: a different resize
+filter, rounding step or patch order silently degrades a fine-tune. This module
+reproduces ``transformers.Qwen2VLImageProcessorPil`` (the PIL backend, which
+Qwen3-VL also uses, with patch 16 and mean/std 0.5) without importing
+transformers or torch; ``tests/unit/data/test_vision.py`` checks the outputs are
+bit-identical (``np.array_equal``) to it.
+
+Pipeline, as in transformers: convert to RGB (alpha composited onto white) ->
+``smart_resize`` to a multiple of ``patch_size * merge_size`` -> PIL bicubic
+resize of the uint8 image -> rescale in float64, cast to float32 -> normalize in
+float32 -> repeat ``temporal_patch_size`` times -> flatten patches in
+merge-window order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC; the only filter the Qwen processors use
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = 28,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 1280,
+) -> tuple[int, int]:
+    """Target (height, width): both multiples of ``factor``, area within
+    [min_pixels, max_pixels], aspect ratio kept as closely as possible.
+
+    A line-for-line copy of transformers' ``qwen2_vl.smart_resize`` (including
+    Python's banker's ``round``), because the token count of every sample
+    depends on it and must agree with the processor used at inference time.
+    """
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Preprocessing settings; the defaults are Qwen2-VL / Qwen2.5-VL's
+    (and those of transformers' ``Qwen2VLImageProcessorPil`` class)."""
+
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD
+    rescale_factor: float = 1 / 255
+
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"VisionConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) > max_pixels ({self.max_pixels})")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError("image_mean and image_std must have 3 (RGB) entries")
+
+    @property
+    def factor(self) -> int:
+        """Side lengths must be multiples of this so patches merge evenly."""
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def from_preprocessor_config(cls, path_or_dict: PathLike | Mapping[str, Any]) -> "VisionConfig":
+        """Build from a HF ``preprocessor_config.json`` (a file, its directory, or
+        the parsed dict).
+
+        Qwen2/2.5-VL configs give top-level ``min_pixels``/``max_pixels``; Qwen3-VL
+        gives ``size: {shortest_edge, longest_edge}``. As in transformers'
+        ``Qwen2VLImageProcessor.__init__``, top-level keys win over ``size``.
+        Settings we do not reproduce (another resample filter, a disabled step)
+        raise instead of silently producing pixels the model never saw.
+        """
+        if isinstance(path_or_dict, Mapping):
+            raw = dict(path_or_dict)
+        else:
+            path = Path(path_or_dict)
+            if path.is_dir():
+                path = path / "preprocessor_config.json"
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
+            if raw.get(flag, True) is False:
+                raise ValueError(f"preprocessor config sets {flag}=false, which vltune does not support")
+        if raw.get("resample", _BICUBIC) != _BICUBIC:
+            raise ValueError(f"only bicubic resampling (3) is supported, got resample={raw['resample']}")
+
+        size = raw.get("size") or {}
+        min_pixels = _first(raw.get("min_pixels"), size.get("shortest_edge"), size.get("min_pixels"), cls.min_pixels)
+        max_pixels = _first(raw.get("max_pixels"), size.get("longest_edge"), size.get("max_pixels"), cls.max_pixels)
+        return cls(
+            patch_size=int(raw.get("patch_size", cls.patch_size)),
+            temporal_patch_size=int(raw.get("temporal_patch_size", cls.temporal_patch_size)),
+            merge_size=int(raw.get("merge_size", cls.merge_size)),
+            min_pixels=int(min_pixels),
+            max_pixels=int(max_pixels),
+            image_mean=tuple(float(v) for v in raw.get("image_mean", cls.image_mean)),
+            image_std=tuple(float(v) for v in raw.get("image_std", cls.image_std)),
+            rescale_factor=float(raw.get("rescale_factor", cls.rescale_factor)),
+        )
+
+
+def _first(*values: Any) -> Any:
+    """First value that is not None (a present-but-null key does not win)."""
+    return next(v for v in values if v is not None)
+
+
+class ImageLoadError(ValueError):
+    """An image file that cannot be used; carries ``path`` and ``reason`` so a
+    data-loading report can list bad samples instead of crashing on the first."""
+
+    def __init__(self, path: PathLike, reason: str) -> None:
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"cannot load image {self.path!r}: {reason}")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of ``image``, compositing any transparency onto white.
+
+    Same rule as transformers' ``image_transforms.convert_to_rgb``: an alpha band
+    or a palette/``transparency`` entry means alpha-composite over opaque white;
+    every other mode (L, P, CMYK, YCbCr, I, ...) goes through ``convert("RGB")``.
+    A plain ``convert("RGB")`` of RGBA would expose whatever colour hides under
+    transparent pixels, often black.
+    """
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: PathLike) -> Image.Image:
+    """Decode ``path`` fully, apply its EXIF orientation and return it as RGB.
+
+    Phones store photos sideways plus an EXIF rotation tag; without
+    ``exif_transpose`` the model would train on rotated images (transformers'
+    and qwen-vl-utils' URL/path loaders both honour it). Decoding eagerly makes
+    truncated files fail here, with the path, rather than deep inside a batch.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageLoadError(path, "file not found")
+    if not p.is_file():
+        raise ImageLoadError(path, "not a regular file")
+    if p.stat().st_size == 0:
+        raise ImageLoadError(path, "file is empty (0 bytes)")
+    try:
+        with Image.open(p) as img:
+            img.load()
+            oriented = ImageOps.exif_transpose(img)
+            return to_rgb(oriented)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        # UnidentifiedImageError and "image file is truncated" are OSErrors.
+        raise ImageLoadError(path, f"cannot decode image ({type(exc).__name__}: {exc})") from exc
+
+
+def _rescale_and_normalize(pixels: np.ndarray, cfg: VisionConfig) -> np.ndarray:
+    """uint8 HWC -> normalized float32 HWC, with transformers' exact dtypes:
+    multiply in float64 then cast to float32, then ``(x - mean) / std`` with
+    float32 mean/std, so the result is bit-identical, not merely close."""
+    scaled = (pixels.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+    mean = np.asarray(cfg.image_mean, dtype=np.float32)
+    std = np.asarray(cfg.image_std, dtype=np.float32)
+    return (scaled - mean) / std
+
+
+def _patchify(image_chw: np.ndarray, cfg: VisionConfig) -> tuple[np.ndarray, int, int]:
+    """Flatten [C, H, W] into [grid_h * grid_w, C * T * P * P] rows.
+
+    Rows are ordered by merge window: (block row, block column, row within the
+    window, column within the window), so each ``merge_size**2`` consecutive
+    rows are the patches the merger fuses into one LLM token. Within a row the
+    order is (channel, time, patch y, patch x), matching the Conv3d patch
+    embedding weights. A still image is repeated ``temporal_patch_size`` times.
+    """
+    c, h, w = image_chw.shape
+    p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    grid_h, grid_w = h // p, w // p
+    x = image_chw.reshape(c, grid_h // m, m, p, grid_w // m, m, p)
+    x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, P, P)
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))
+    return np.ascontiguousarray(x.reshape(grid_h * grid_w, c * t * p * p)), grid_h, grid_w
+
+
+def preprocess_image(image: Image.Image, cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(pixel_values, grid_thw)`` for one image, as transformers'
+    ``Qwen2VLImageProcessorPil`` would: ``pixel_values`` float32
+    [grid_h * grid_w, 3 * T * P * P] and ``grid_thw`` int64 ``[1, grid_h, grid_w]``.
+
+    The resize runs on the uint8 PIL image (as transformers does) so the bicubic
+    filter's clamping and rounding to 0..255 match. The LLM sees
+    ``grid_h * grid_w // merge_size**2`` image tokens.
+    """
+    rgb = to_rgb(image)
+    height, width = smart_resize(rgb.height, rgb.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    resized = rgb.resize((width, height), resample=_BICUBIC)
+    normalized = _rescale_and_normalize(np.asarray(resized), cfg)
+    patches, grid_h, grid_w = _patchify(normalized.transpose(2, 0, 1), cfg)
+    return patches, np.array([1, grid_h, grid_w], dtype=np.int64)

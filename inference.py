@@ -1,0 +1,43 @@
+"""`vltune infer`: one prompt (with images) through a trained or tiny model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vltune.data.collate import collate_padded
+from vltune.data.dataset import SFTDataset
+from vltune.data.formats import Sample
+
+
+def build_prompt_sample(prompt: str, images: list[str]) -> Sample:
+    """A one-turn user message with the images first, as the Qwen examples and processors place them."""
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+    # The empty answer turn is dropped by SFTDataset.prompt(); it only marks where generation starts.
+    messages = [{"role": "user", "content": content}, {"role": "assistant", "content": ""}]
+    return Sample(id="prompt", messages=messages, images=[Path(p) for p in images], source="command line")
+
+
+def infer(
+    model_dir: str | Path,
+    prompt: str,
+    images: list[str] | None = None,
+    max_new_tokens: int = 64,
+    backend: str = "torch",
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> str:
+    """Greedy answer of the model in `model_dir` to `prompt` about `images`."""
+    if backend != "torch":
+        raise NotImplementedError(f"infer --backend {backend}: not implemented yet (only torch is)")
+    from vltune.backends.torch.infer import generate_greedy
+    from vltune.backends.torch.models import load_model
+
+    dataset = SFTDataset(
+        [build_prompt_sample(prompt, images or [])], model_dir, max_length=1 << 30,
+        min_pixels=min_pixels, max_pixels=max_pixels,
+    )
+    features, _ = dataset.prompt(0)
+    batch = collate_padded([features], dataset.info, dataset.tokenizer.pad_token_id, padding_side="left")
+    model = load_model(model_dir)
+    (ids,) = generate_greedy(model, batch, dataset.info, max_new_tokens)
+    return dataset.tokenizer.decode(ids)

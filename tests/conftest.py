@@ -1,0 +1,28 @@
+"""Shared fixtures: the tiny model directories and a small synthetic VQA set, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    from vltune.backends.torch.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {mt: make_tiny(mt, root / mt, seed=0) for mt in ("qwen2_5_vl", "qwen3_vl")}
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(tiny_model_dirs) -> Path:
+    return tiny_model_dirs["qwen2_5_vl"]
+
+
+@pytest.fixture(scope="session")
+def vqa_data(tmp_path_factory) -> dict:
+    from vltune.data.synthetic import SyntheticVQAConfig, generate_vqa_dataset
+
+    out = tmp_path_factory.mktemp("vqa")
+    return generate_vqa_dataset(out, SyntheticVQAConfig(num_train=48, num_eval=16, tasks=("color", "shape"), seed=1))

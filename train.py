@@ -1,0 +1,124 @@
+"""`vltune train`: recipe -> data -> engine -> the backend-neutral loop -> an HF-format model.
+
+This is the only place where the layers meet: core/ (config, loop), data/ (samples, features,
+batches) and one backend (chosen by the recipe's `backend` key) are wired together here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vltune.core.config import RecipeConfig, load_recipe
+from vltune.core.loop import run_training
+from vltune.core.metrics import MetricsWriter
+from vltune.data.collate import collate_padded
+from vltune.data.dataset import SFTDataset
+from vltune.data.formats import Sample, load_samples
+from vltune.data.loader import BatchIterator
+from vltune.data.synthetic import SyntheticVQAConfig, generate_vqa_dataset
+from vltune.evaluation import Evaluator
+
+
+def prepare_assets(cfg: RecipeConfig) -> None:
+    """Build what the recipe asks to be built when absent: the tiny model and the synthetic data."""
+    model_dir = Path(cfg.model.model_name_or_path)
+    if cfg.model.make_tiny_model and not (model_dir / "config.json").exists():
+        from vltune.backends.torch.tiny import make_tiny
+
+        print(f"[vltune] building a tiny {cfg.model.make_tiny_model} model in {model_dir}", flush=True)
+        make_tiny(cfg.model.make_tiny_model, model_dir, seed=cfg.train.seed)
+    if cfg.data.synthetic_vqa:
+        spec = dict(cfg.data.synthetic_vqa)
+        out_dir = spec.pop("out_dir", None)
+        if out_dir is None:
+            raise ValueError("synthetic_vqa needs an out_dir")
+        spec["tasks"] = tuple(spec.get("tasks", ("color",)))
+        generate_vqa_dataset(out_dir, SyntheticVQAConfig(**spec))
+
+
+def read_datasets(spec: str) -> list[Sample]:
+    """`dataset_use`: comma-separated JSON/JSONL paths (registered names arrive with the data issue)."""
+    samples: list[Sample] = []
+    for entry in (e.strip() for e in spec.split(",") if e.strip()):
+        path = Path(entry)
+        if path.suffix not in (".json", ".jsonl"):
+            raise ValueError(f"dataset_use entry {entry!r}: expected a .json or .jsonl file path")
+        samples += load_samples(path)
+    return samples
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _build_backend(cfg: RecipeConfig, info):
+    if cfg.train.backend != "torch":
+        raise NotImplementedError(f"backend {cfg.train.backend!r} is not implemented yet")
+    import torch
+
+    from vltune.backends.torch.models import load_model
+    from vltune.backends.torch.trainer import TorchBackend
+
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    model = load_model(cfg.model.model_name_or_path, attn_implementation=cfg.model.attn_implementation)
+    return TorchBackend(model, Path(cfg.model.model_name_or_path), info, cfg.model, cfg.train)
+
+
+def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = None, show_progress: bool = True) -> dict:
+    """Run a recipe end to end and return the run summary (also written to OUTPUT_DIR/run_summary.json)."""
+    cfg = config if isinstance(config, RecipeConfig) else load_recipe(config, overrides)
+    _seed_everything(cfg.train.seed)
+    prepare_assets(cfg)
+    out_dir = Path(cfg.train.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "recipe.json").write_text(json.dumps(cfg.to_flat_dict(), indent=2) + "\n")
+
+    model_dir = Path(cfg.model.model_name_or_path)
+    make_dataset = partial(
+        SFTDataset, model_dir=model_dir, max_length=cfg.data.model_max_length,
+        min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
+    )
+    train_set = make_dataset(read_datasets(cfg.data.dataset_use))
+    collate = partial(collate_padded, info=train_set.info, pad_token_id=train_set.tokenizer.pad_token_id)
+    batches = BatchIterator(train_set, cfg.train.per_device_train_batch_size, collate, seed=cfg.train.seed)
+    steps_per_epoch = max(1, batches.batches_per_epoch // cfg.train.gradient_accumulation_steps)
+    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.num_train_epochs * steps_per_epoch)
+
+    backend = _build_backend(cfg, train_set.info)
+    evaluator = None
+    if cfg.data.eval_dataset:
+        eval_samples = read_datasets(cfg.data.eval_dataset)[: cfg.data.num_eval_samples]
+        evaluator = Evaluator(
+            make_dataset(eval_samples), backend, cfg.train.per_device_eval_batch_size,
+            cfg.train.eval_max_new_tokens, predictions_file=out_dir / "eval_predictions.jsonl",
+        )
+    result = run_training(
+        cfg.train, backend, lambda: next(batches), total_steps, MetricsWriter(out_dir / "metrics.jsonl"),
+        evaluate=evaluator, show_progress=show_progress,
+    )
+    backend.save_model(out_dir)
+
+    summary = {
+        "steps": result.steps,
+        "train_loss": round(result.train_loss, 6),
+        "last_loss": round(result.last_loss, 6),
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "samples_per_s": round(result.samples_per_s, 2),
+        **{k: round(v, 6) for k, v in result.eval.items()},
+        "output_dir": str(out_dir),
+        "eval_file": cfg.data.eval_dataset,
+        "model_type": train_set.info.model_type,
+        "backend": cfg.train.backend,
+    }
+    (out_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
