@@ -32,6 +32,7 @@ def short_run(tmp_path_factory, tiny_qwen2_5_vl) -> tuple[Path, dict]:
         "train", "demo", "--no-progress",
         "--model_name_or_path", str(tiny_qwen2_5_vl), "--make_tiny_model", "none",
         "--synthetic_vqa", "{out_dir: data, num_train: 64, num_eval: 8, tasks: [color, shape], seed: 3}",
+        "--dataset_use", "data/train.jsonl", "--eval_dataset", "data/eval.jsonl",
         "--max_steps", "6", "--logging_steps", "2", "--eval_steps", "3", "--per_device_train_batch_size", "4",
         "--output_dir", "out", "--seed", "3",
         cwd=work,

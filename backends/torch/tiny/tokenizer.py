@@ -108,11 +108,14 @@ def build_transformers_tokenizer(bpe: Tokenizer, chat_template: str):
         errors="replace",
         unk_token=None,
         bos_token=None,
-        eos_token="<|im_end|>",
+        eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         model_max_length=32768,
     )
+    # Add in Qwen's order first, then point eos at <|im_end|> as the released Instruct tokenizers do
+    # (naming it in the constructor would give it the first added id).
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS], special_tokens=True)
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_ADDED_TOKENS])
+    tokenizer.eos_token = "<|im_end|>"
     tokenizer.chat_template = chat_template
     return tokenizer

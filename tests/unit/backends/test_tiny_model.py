@@ -42,6 +42,7 @@ def test_special_tokens_and_chat_template(tiny_model_dirs, model_type):
     ids = [tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS + QWEN_ADDED_TOKENS]
     # Consecutive ids right after the BPE vocabulary, in Qwen's order.
     assert ids == list(range(ids[0], ids[0] + len(ids)))
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
     for token in ("<|im_start|>", "<think>", "</think>", "<|video_pad|>"):
         assert tokenizer.encode(token, add_special_tokens=False) == [tokenizer.convert_tokens_to_ids(token)]
     text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
