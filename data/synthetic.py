@@ -63,8 +63,12 @@ QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 _SPLIT_KEYS = {"train": 0, "eval": 1}  # distinct random streams per split
-_MIN_SIZE_FRAC, _MAX_SIZE_FRAC = 0.30, 0.45  # shape bounding box, fraction of side
-_GENERATOR_VERSION = 1  # bump when the images/questions change, to invalidate caches
+# Shape bounding box as a fraction of the side. A lone shape is drawn large (it must span several
+# 14-16 px patches for a small vision tower to see its outline); quadrant tasks keep shapes inside
+# one quadrant.
+_MIN_SIZE_FRAC = 0.30
+_SINGLE_SIZE_FRAC = (0.45, 0.80)
+_GENERATOR_VERSION = 2  # bump when the images/questions change, to invalidate caches
 
 
 @dataclass
@@ -152,9 +156,9 @@ def _quadrants(image_size: int) -> list[tuple[int, int, int, int]]:
     return [(0, 0, h, h), (h, 0, image_size, h), (0, h, h, image_size), (h, h, image_size, image_size)]
 
 
-def _shape_size(rng: np.random.Generator, image_size: int, max_frac: float) -> int:
+def _shape_size(rng: np.random.Generator, image_size: int, max_frac: float, min_frac: float = _MIN_SIZE_FRAC) -> int:
     """Side in pixels, >= 30% of the image so shapes stay visible at small resolutions."""
-    lo = math.ceil(_MIN_SIZE_FRAC * image_size)
+    lo = math.ceil(min_frac * image_size)
     hi = max(lo, int(max_frac * image_size))
     return int(rng.integers(lo, hi + 1))
 
@@ -169,7 +173,7 @@ def make_sample(rng: np.random.Generator, task: str, image_size: int) -> tuple[I
     color = COLORS[color_name]
 
     if task in ("color", "shape"):
-        size = _shape_size(rng, image_size, _MAX_SIZE_FRAC)
+        size = _shape_size(rng, image_size, _SINGLE_SIZE_FRAC[1], _SINGLE_SIZE_FRAC[0])
         _draw_shape(draw, kind, _box_in_region(rng, (0, 0, image_size, image_size), size), color)
         answer = color_name if task == "color" else kind
     elif task == "count":

@@ -1,0 +1,46 @@
+"""`vltune train demo` exactly as `make demo` runs it: the tiny model must learn the held-out task."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_demo_learns_the_held_out_task(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "vltune.cli", "train", "demo", "--no-progress"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["eval_accuracy"] >= 0.9, summary
+    # The score is computed on held-out samples: no eval image is pixel-identical to a training image.
+    data = tmp_path / "runs/synthetic_vqa"
+
+    def digests(split: str) -> set[str]:
+        rows = [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines()]
+        return {hashlib.sha1((data / r["image"]).read_bytes()).hexdigest() for r in rows}
+
+    eval_rows = (tmp_path / summary["eval_file"]).read_text().splitlines()
+    assert len(eval_rows) >= 100 and not digests("train") & digests("eval")
+    predictions = [json.loads(line) for line in (tmp_path / "runs/demo/eval_predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == len(eval_rows)
+    assert sum(p["correct"] for p in predictions) / len(predictions) == pytest.approx(summary["eval_accuracy"])
+
+    shown = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "demo_infer.py"), "runs/demo", "3"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    lines = dict(line.split(":", 1) for line in shown.stdout.splitlines() if ":" in line)
+    assert lines["answer"].strip() == predictions[3]["prediction"].strip()
+    assert lines["reference"].strip() == predictions[3]["reference"]
