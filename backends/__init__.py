@@ -1,0 +1,1 @@
+"""Engines that implement core.contracts.TrainBackend: torch/ now, mindspore/ to come."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from vltune.core.contracts import Batch
 from vltune.data.model_info import ModelInfo
+
+from .batch import MODEL_INPUTS, to_model_inputs
 
 
 @torch.no_grad()
@@ -18,11 +19,9 @@ def generate_greedy(model, batch: Batch, info: ModelInfo, max_new_tokens: int, a
     """
     device = next(model.parameters()).device
     model.eval()
-    ids = torch.as_tensor(batch["input_ids"], device=device)
-    inputs = {"input_ids": ids, "attention_mask": torch.as_tensor(batch["attention_mask"], device=device)}
-    if "pixel_values" in batch:
-        inputs["pixel_values"] = torch.as_tensor(np.ascontiguousarray(batch["pixel_values"]), device=device)
-        inputs["image_grid_thw"] = torch.as_tensor(batch["image_grid_thw"], device=device)
+    # position_ids stay out: generate() derives them (and their decode-time deltas) itself.
+    inputs = to_model_inputs(batch, device, {k: v for k, v in MODEL_INPUTS.items() if k != "position_ids"})
+    ids = inputs["input_ids"]
     mm_types = torch.zeros_like(ids, dtype=torch.int32)
     mm_types[ids == info.image_token_id] = 1
     mm_types[ids == info.video_token_id] = 2

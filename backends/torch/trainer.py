@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -15,18 +14,9 @@ from vltune.core.config import ModelArgs, TrainArgs
 from vltune.core.contracts import IGNORE_INDEX, Batch
 from vltune.data.model_info import ModelInfo
 
+from .batch import to_model_inputs
 from .checkpoint import save_hf_model
 from .infer import generate_greedy
-
-# Batch keys the transformers forward takes, and their dtypes.
-_MODEL_INPUTS = {
-    "input_ids": torch.long,
-    "attention_mask": torch.long,
-    "position_ids": torch.long,
-    "pixel_values": torch.float32,
-    "image_grid_thw": torch.long,
-}
-
 
 def apply_freeze(model: torch.nn.Module, model_args: ModelArgs) -> None:
     """Set requires_grad from tune_mm_llm / tune_mm_vision / tune_mm_mlp.
@@ -84,16 +74,9 @@ class TorchBackend:
         )
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
-    def _inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return {
-            key: torch.as_tensor(np.ascontiguousarray(batch[key])).to(self.device, dtype)
-            for key, dtype in _MODEL_INPUTS.items()
-            if key in batch
-        }
-
     def _logits(self, batch: Batch) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return self.model(**self._inputs(batch), use_cache=False).logits
+            return self.model(**to_model_inputs(batch, self.device), use_cache=False).logits
 
     def forward_backward(self, batch: Batch, loss_scale: float) -> float:
         self.model.train()

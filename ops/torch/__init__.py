@@ -1,0 +1,1 @@
+"""PyTorch kernels (varlen attention dispatch, chunked cross-entropy); none are needed yet."""

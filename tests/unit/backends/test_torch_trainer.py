@@ -1,0 +1,92 @@
+"""The torch engine: freeze flags, decay groups and one real optimizer step on the tiny model."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from vltune.backends.torch.models import load_model  # noqa: E402
+from vltune.backends.torch.trainer import TorchBackend, param_groups  # noqa: E402
+from vltune.core.config import ModelArgs, TrainArgs  # noqa: E402
+from vltune.data.collate import collate_padded  # noqa: E402
+from vltune.data.dataset import SFTDataset  # noqa: E402
+from vltune.data.formats import load_samples  # noqa: E402
+
+
+def _group(name: str) -> str:
+    if name.startswith("model.visual.merger"):
+        return "mlp"
+    if name.startswith("model.visual"):
+        return "vision"
+    return "llm"  # language model and lm_head
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_qwen2_5_vl, vqa_data):
+    samples = load_samples(vqa_data["train_file"])[:4]
+    dataset = SFTDataset(samples, tiny_qwen2_5_vl, max_length=512, max_pixels=12544)
+    return collate_padded([dataset[i] for i in range(4)], dataset.info, dataset.tokenizer.pad_token_id), dataset.info
+
+
+@pytest.mark.parametrize("llm, vision, mlp", [f for f in itertools.product([True, False], repeat=3) if any(f)])
+def test_one_step_changes_exactly_the_unfrozen_parameters(tiny_qwen2_5_vl, batch, llm, vision, mlp):
+    data, info = batch
+    model = load_model(tiny_qwen2_5_vl)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = ModelArgs(model_name_or_path=str(tiny_qwen2_5_vl), tune_mm_llm=llm, tune_mm_vision=vision, tune_mm_mlp=mlp)
+    backend = TorchBackend(model, tiny_qwen2_5_vl, info, args, TrainArgs(learning_rate=1e-2))
+    backend.forward_backward(data, 1.0 / int((data["labels"][:, 1:] != -100).sum()))
+    backend.optimizer_step(1e-2, 1.0)
+    allowed = {"llm": llm, "vision": vision, "mlp": mlp}
+    for name, param in model.named_parameters():
+        changed = not torch.equal(before[name], param.detach())
+        assert changed == allowed[_group(name)], (name, changed)
+
+
+def test_all_flags_off_is_an_error(tiny_qwen2_5_vl, batch):
+    args = ModelArgs(model_name_or_path="x", tune_mm_llm=False, tune_mm_vision=False, tune_mm_mlp=False)
+    with pytest.raises(ValueError, match="nothing to train"):
+        TorchBackend(load_model(tiny_qwen2_5_vl), tiny_qwen2_5_vl, batch[1], args, TrainArgs())
+
+
+def test_norms_and_biases_get_no_weight_decay(tiny_qwen2_5_vl):
+    model = load_model(tiny_qwen2_5_vl)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 and "norm" not in names[id(p)] for p in decay["params"])
+    assert any(names[id(p)].endswith(".bias") for p in no_decay["params"])
+    assert any("norm" in names[id(p)] for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_accumulation_matches_one_big_batch(tiny_qwen2_5_vl, batch):
+    """Two micro-batches scaled by the global token count give the gradient of the joined batch."""
+    data, info = batch
+    args = ModelArgs(model_name_or_path=str(tiny_qwen2_5_vl))
+    total = int((data["labels"][:, 1:] != -100).sum())
+
+    def grads(micro_batches):
+        model = load_model(tiny_qwen2_5_vl)
+        backend = TorchBackend(model, tiny_qwen2_5_vl, info, args, TrainArgs())
+        for mb in micro_batches:
+            backend.forward_backward(mb, 1.0 / total)
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def rows(sl):
+        sub = {k: v[sl] for k, v in data.items() if k in ("input_ids", "labels", "attention_mask")}
+        sub["position_ids"] = data["position_ids"][:, sl]
+        n_img = sl.stop - sl.start  # one image per synthetic sample
+        sub["image_grid_thw"] = data["image_grid_thw"][sl]
+        patches = np.cumsum([0] + [int(np.prod(g)) for g in data["image_grid_thw"]])
+        sub["pixel_values"] = data["pixel_values"][patches[sl.start] : patches[sl.start + n_img]]
+        return sub
+
+    whole = grads([data])
+    split = grads([rows(slice(0, 2)), rows(slice(2, 4))])
+    for name in whole:
+        assert torch.allclose(whole[name], split[name], atol=1e-6, rtol=1e-4), name
