@@ -72,13 +72,31 @@ def test_vltune_chat_tokenizer_matches_transformers(tiny_model_dirs, model_type)
     assert ours.decode(trained, skip_special_tokens=False) == "red<|im_end|>\n"
 
 
-def test_auto_processor_loads(tiny_model_dirs):
-    """transformers 5.x builds Qwen VL processors only with torchvision (its video processor needs it)."""
+def test_auto_processor_output_equals_the_vltune_pipeline(tiny_model_dirs, vqa_data):
+    """AutoProcessor (where it can be built) and data/ give the same ids, patches and grids.
+
+    transformers 5.x builds Qwen VL processors only with torchvision (its video processor needs
+    it); PyPI has no torchvision that runs with the CPU torch wheel, so this runs on the GPU image.
+    """
     pytest.importorskip("torchvision", reason="transformers' Qwen VL video processor needs torchvision")
+    from PIL import Image
+
+    from vltune.data.dataset import SFTDataset
+    from vltune.data.formats import load_samples
+
+    samples = load_samples(vqa_data["train_file"])[:3]
     for model_type, path in tiny_model_dirs.items():
-        processor = transformers.AutoProcessor.from_pretrained(path)
-        text = processor.apply_chat_template(CONVERSATION, tokenize=False)
-        assert "<|vision_start|><|image_pad|><|vision_end|>" in text, model_type
+        processor = transformers.AutoProcessor.from_pretrained(path, max_pixels=200 * 200)
+        dataset = SFTDataset(samples, path, max_length=4096, max_pixels=200 * 200)
+        for i, sample in enumerate(samples):
+            text = processor.apply_chat_template(sample.messages, tokenize=False)
+            assert text == dataset.tokenizer.render(sample.messages), model_type
+            images = [Image.open(p) for p in sample.images]
+            theirs = processor(text=[text], images=images, return_tensors="np")
+            ours = dataset[i]
+            assert theirs["input_ids"][0].tolist() == ours.input_ids.tolist(), model_type
+            assert np.array_equal(theirs["image_grid_thw"], ours.image_grid_thw), model_type
+            assert np.allclose(theirs["pixel_values"], ours.pixel_values, atol=1e-5, rtol=0), model_type
 
 
 def test_make_tiny_is_deterministic(tmp_path, tiny_qwen2_5_vl):
