@@ -96,7 +96,15 @@ def test_auto_processor_output_equals_the_vltune_pipeline(tiny_model_dirs, vqa_d
             ours = dataset[i]
             assert theirs["input_ids"][0].tolist() == ours.input_ids.tolist(), model_type
             assert np.array_equal(theirs["image_grid_thw"], ours.image_grid_thw), model_type
-            assert np.allclose(theirs["pixel_values"], ours.pixel_values, atol=1e-5, rtol=0), model_type
+            if "Pil" in type(processor.image_processor).__name__:
+                assert np.array_equal(theirs["pixel_values"], ours.pixel_values), model_type
+            else:
+                # With torchvision installed transformers defaults to its torchvision backend, whose
+                # bicubic resize rounds differently from PIL's (vltune matches the PIL backend bit for
+                # bit: test_vision.py). The gap is a few uint8 levels on resized images only.
+                diff = np.abs(theirs["pixel_values"] - ours.pixel_values)
+                level = (1 / 255) / min(dataset.vision.image_std)
+                assert diff.max() <= 8 * level and diff.mean() <= 0.5 * level, (model_type, diff.max(), diff.mean())
 
 
 def test_make_tiny_is_deterministic(tmp_path, tiny_qwen2_5_vl):
