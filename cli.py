@@ -41,16 +41,23 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     return overrides
 
 
+# Errors that describe bad input (recipe, data, model directory): shown as one clear line, no traceback.
+def _user_errors() -> tuple[type[Exception], ...]:
+    from vltune.core.config import ConfigError
+    from vltune.data.formats import SampleError
+
+    return (ConfigError, SampleError, FileNotFoundError, NotImplementedError)
+
+
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from vltune.core.config import ConfigError, load_recipe
+    from vltune.core.config import load_recipe
     from vltune.train import train
 
     try:
-        cfg = load_recipe(args.recipe, parse_overrides(extra))
-    except ConfigError as e:
+        summary = train(load_recipe(args.recipe, parse_overrides(extra)), show_progress=not args.no_progress)
+    except _user_errors() as e:
         print(f"vltune train: {e}", file=sys.stderr)
         return 1
-    summary = train(cfg, show_progress=not args.no_progress)
     print(json.dumps(summary), flush=True)
     return 0
 
@@ -67,10 +74,14 @@ def cmd_infer(args: argparse.Namespace, extra: list[str]) -> int:
         return NOT_YET
     from vltune.inference import infer
 
-    answer = infer(
-        args.model, args.prompt, args.image, max_new_tokens=args.max_new_tokens, backend=args.backend,
-        min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-    )
+    try:
+        answer = infer(
+            args.model, args.prompt, args.image, max_new_tokens=args.max_new_tokens, backend=args.backend,
+            min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+        )
+    except _user_errors() as e:
+        print(f"vltune infer: {e}", file=sys.stderr)
+        return 1
     print(answer, flush=True)
     return 0
 

@@ -22,6 +22,7 @@ from vltune.data.collate import collate_padded
 from vltune.data.dataset import SFTDataset
 from vltune.data.formats import Sample, load_samples
 from vltune.data.loader import BatchIterator
+from vltune.data.model_info import read_model_info
 from vltune.data.synthetic import SyntheticVQAConfig, generate_vqa_dataset
 from vltune.evaluation import Evaluator
 
@@ -79,6 +80,7 @@ def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = 
     cfg = config if isinstance(config, RecipeConfig) else load_recipe(config, overrides)
     _seed_everything(cfg.train.seed)
     prepare_assets(cfg)
+    read_model_info(cfg.model.model_name_or_path)  # fail here, clearly, on a wrong model directory
     out_dir = Path(cfg.train.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "recipe.json").write_text(json.dumps(cfg.to_flat_dict(), indent=2) + "\n")

@@ -21,6 +21,8 @@ class ModelInfo:
 
 
 def read_model_info(model_dir: str | Path) -> ModelInfo:
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
     path = Path(model_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{model_dir}: no config.json (is this an HF-format model directory?)")

@@ -103,6 +103,24 @@ def test_cli_errors(tmp_path):
     assert proc.returncode == 1 and "did you mean 'learning_rate'" in proc.stderr
     proc = _vltune("bench", cwd=tmp_path)
     assert proc.returncode == 2 and "not implemented yet" in proc.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "s1", "image": "missing.png", "conversations": [{"from": "human", "value": "<image>Q"}, '
+                   '{"from": "gpt", "value": "A"}]}\n')
+    proc = _vltune("train", "demo", "--synthetic_vqa", "none", "--dataset_use", str(bad), "--eval_dataset", "none",
+                   "--make_tiny_model", "none", "--model_name_or_path", str(tmp_path / "no-model"), cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "model directory" in proc.stderr and "no-model does not exist" in proc.stderr
+
+
+def test_missing_image_names_the_sample(tmp_path, tiny_qwen2_5_vl):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "s1", "image": "missing.png", "conversations": [{"from": "human", "value": "<image>Q"}, '
+                   '{"from": "gpt", "value": "A"}]}\n')
+    proc = _vltune("train", "demo", "--synthetic_vqa", "none", "--dataset_use", str(bad), "--eval_dataset", "none",
+                   "--make_tiny_model", "none", "--model_name_or_path", str(tiny_qwen2_5_vl),
+                   "--per_device_train_batch_size", "1", "--output_dir", "out", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "bad.jsonl:1 (id s1)" in proc.stderr and "missing.png" in proc.stderr and "file not found" in proc.stderr
 
 
 def test_infer_command_equals_stock_transformers_generate(short_run):

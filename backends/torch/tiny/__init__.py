@@ -47,6 +47,37 @@ def _padded_vocab(n_tokens: int) -> int:
     return ((n_tokens + 16 + 63) // 64) * 64
 
 
+def _token_ids(ids: dict[str, int], size: TinySize) -> dict:
+    """Top-level config keys both families share: the vision token ids, from the tokenizer."""
+    return {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "tie_word_embeddings": size.tie_word_embeddings,
+    }
+
+
+def _text_sizes(size: TinySize, vocab: int) -> dict:
+    return {
+        "vocab_size": vocab,
+        "hidden_size": size.text_hidden,
+        "intermediate_size": size.text_intermediate,
+        "num_hidden_layers": size.text_layers,
+        "num_attention_heads": size.text_heads,
+        "num_key_value_heads": size.text_kv_heads,
+    }
+
+
+def _text_token_ids(ids: dict[str, int], size: TinySize) -> dict:
+    return {
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "tie_word_embeddings": size.tie_word_embeddings,
+    }
+
+
 def _qwen2_5_vl_config(size: TinySize, vocab: int, ids: dict[str, int]) -> dict:
     head_dim = size.text_hidden // size.text_heads
     # The released 3B/7B use mrope_section [16, 24, 24] for head_dim 128: time gets 1/4 of the
@@ -58,26 +89,14 @@ def _qwen2_5_vl_config(size: TinySize, vocab: int, ids: dict[str, int]) -> dict:
     return {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],
         "model_type": "qwen2_5_vl",
-        "image_token_id": ids["<|image_pad|>"],
-        "video_token_id": ids["<|video_pad|>"],
-        "vision_start_token_id": ids["<|vision_start|>"],
-        "vision_end_token_id": ids["<|vision_end|>"],
-        "tie_word_embeddings": size.tie_word_embeddings,
+        **_token_ids(ids, size),
         "text_config": {
             "model_type": "qwen2_5_vl_text",
-            "vocab_size": vocab,
-            "hidden_size": size.text_hidden,
-            "intermediate_size": size.text_intermediate,
-            "num_hidden_layers": size.text_layers,
-            "num_attention_heads": size.text_heads,
-            "num_key_value_heads": size.text_kv_heads,
+            **_text_sizes(size, vocab),
             "max_position_embeddings": 4096,
             "rms_norm_eps": 1e-6,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-            "tie_word_embeddings": size.tie_word_embeddings,
+            **_text_token_ids(ids, size),
         },
         "vision_config": {
             "model_type": "qwen2_5_vl_vision",
@@ -106,19 +125,10 @@ def _qwen3_vl_config(size: TinySize, vocab: int, ids: dict[str, int]) -> dict:
     return {
         "architectures": ["Qwen3VLForConditionalGeneration"],
         "model_type": "qwen3_vl",
-        "image_token_id": ids["<|image_pad|>"],
-        "video_token_id": ids["<|video_pad|>"],
-        "vision_start_token_id": ids["<|vision_start|>"],
-        "vision_end_token_id": ids["<|vision_end|>"],
-        "tie_word_embeddings": size.tie_word_embeddings,
+        **_token_ids(ids, size),
         "text_config": {
             "model_type": "qwen3_vl_text",
-            "vocab_size": vocab,
-            "hidden_size": size.text_hidden,
-            "intermediate_size": size.text_intermediate,
-            "num_hidden_layers": size.text_layers,
-            "num_attention_heads": size.text_heads,
-            "num_key_value_heads": size.text_kv_heads,
+            **_text_sizes(size, vocab),
             "head_dim": head_dim,
             "max_position_embeddings": 4096,
             "rms_norm_eps": 1e-6,
@@ -128,10 +138,7 @@ def _qwen3_vl_config(size: TinySize, vocab: int, ids: dict[str, int]) -> dict:
                 "mrope_section": mrope,
                 "mrope_interleaved": True,
             },
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-            "tie_word_embeddings": size.tie_word_embeddings,
+            **_text_token_ids(ids, size),
         },
         "vision_config": {
             "model_type": "qwen3_vl",
