@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 
 from vltune.core.contracts import TrainBackend
 from vltune.core.metrics import exact_match, normalize_answer
-from vltune.data.collate import collate_padded
+from vltune.data.collate import Collator
 from vltune.data.dataset import SFTDataset
 
 
@@ -19,6 +18,7 @@ class Evaluator:
         self,
         dataset: SFTDataset,
         backend: TrainBackend,
+        collate: Collator,
         batch_size: int,
         max_new_tokens: int,
         predictions_file: Path | None = None,
@@ -28,19 +28,17 @@ class Evaluator:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.predictions_file = predictions_file
-        pad = dataset.tokenizer.pad_token_id
-        self.collate_train = partial(collate_padded, info=dataset.info, pad_token_id=pad, padding_side="right")
-        self.collate_prompt = partial(collate_padded, info=dataset.info, pad_token_id=pad, padding_side="left")
+        self.collate = collate
 
     def __call__(self) -> dict[str, float]:
         loss_sum, count = 0.0, 0
         predictions, references, rows = [], [], []
         for start in range(0, len(self.dataset), self.batch_size):
             indices = range(start, min(start + self.batch_size, len(self.dataset)))
-            s, c = self.backend.eval_loss(self.collate_train([self.dataset[i] for i in indices]))
+            s, c = self.backend.eval_loss(self.collate([self.dataset[i] for i in indices]))
             loss_sum, count = loss_sum + s, count + c
             prompts, answers = zip(*(self.dataset.prompt(i) for i in indices))
-            generated = self.backend.generate(self.collate_prompt(list(prompts)), self.max_new_tokens)
+            generated = self.backend.generate(self.collate(list(prompts), padding_side="left"), self.max_new_tokens)
             texts = [self.dataset.tokenizer.decode(ids) for ids in generated]
             predictions += texts
             references += answers

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from vltune.data.collate import collate_padded
+from vltune.data.collate import Collator
 from vltune.data.dataset import SFTDataset
 from vltune.data.formats import Sample
 
@@ -29,15 +30,23 @@ def infer(
     """Greedy answer of the model in `model_dir` to `prompt` about `images`."""
     if backend != "torch":
         raise NotImplementedError(f"infer --backend {backend}: not implemented yet (only torch is)")
-    from vltune.backends.torch.infer import generate_greedy
+    from vltune.backends.torch.checkpoint import CIRCLE_ROPE_FILE
+    from vltune.backends.torch.infer import generate_greedy, generate_with_positions
     from vltune.backends.torch.models import load_model
+    from vltune.backends.torch.models.circle_rope import CircleRopeAdapter
 
     dataset = SFTDataset(
         [build_prompt_sample(prompt, images or [])], model_dir, max_length=1 << 30,
         min_pixels=min_pixels, max_pixels=max_pixels,
     )
+    # A model trained with Circle-RoPE carries its settings beside the stock config.json.
+    circle_file = Path(model_dir) / CIRCLE_ROPE_FILE
+    circle_rope = json.loads(circle_file.read_text()) if circle_file.exists() else None
     features, _ = dataset.prompt(0)
-    batch = collate_padded([features], dataset.info, dataset.tokenizer.pad_token_id, padding_side="left")
+    batch = Collator(dataset.info, dataset.tokenizer.pad_token_id, circle_rope)([features], padding_side="left")
     model = load_model(model_dir)
-    (ids,) = generate_greedy(model, batch, dataset.info, max_new_tokens)
+    if circle_rope:
+        (ids,) = generate_with_positions(model, batch, max_new_tokens, CircleRopeAdapter(model, circle_rope))
+    else:
+        (ids,) = generate_greedy(model, batch, dataset.info, max_new_tokens)
     return dataset.tokenizer.decode(ids)

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from vltune.core.config import RecipeConfig, load_recipe
+from vltune.core.config import RecipeConfig, circle_rope_settings, load_recipe
 from vltune.core.loop import run_training
 from vltune.core.metrics import MetricsWriter
-from vltune.data.collate import collate_padded
+from vltune.data.collate import Collator
 from vltune.data.dataset import SFTDataset
 from vltune.data.formats import Sample, load_samples
 from vltune.data.loader import BatchIterator
@@ -60,7 +60,7 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def _build_backend(cfg: RecipeConfig, info):
+def _build_backend(cfg: RecipeConfig, info, circle_rope: dict | None):
     if cfg.train.backend != "torch":
         raise NotImplementedError(f"backend {cfg.train.backend!r} is not implemented yet")
     import torch
@@ -72,7 +72,7 @@ def _build_backend(cfg: RecipeConfig, info):
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     model = load_model(cfg.model.model_name_or_path, attn_implementation=cfg.model.attn_implementation)
-    return TorchBackend(model, Path(cfg.model.model_name_or_path), info, cfg.model, cfg.train)
+    return TorchBackend(model, Path(cfg.model.model_name_or_path), info, cfg.model, cfg.train, circle_rope)
 
 
 def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = None, show_progress: bool = True) -> dict:
@@ -80,7 +80,8 @@ def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = 
     cfg = config if isinstance(config, RecipeConfig) else load_recipe(config, overrides)
     _seed_everything(cfg.train.seed)
     prepare_assets(cfg)
-    read_model_info(cfg.model.model_name_or_path)  # fail here, clearly, on a wrong model directory
+    info = read_model_info(cfg.model.model_name_or_path)  # fail here, clearly, on a wrong model directory
+    circle_rope = circle_rope_settings(cfg.model, info.model_type)
     out_dir = Path(cfg.train.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "recipe.json").write_text(json.dumps(cfg.to_flat_dict(), indent=2) + "\n")
@@ -91,17 +92,17 @@ def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = 
         min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
     )
     train_set = make_dataset(read_datasets(cfg.data.dataset_use))
-    collate = partial(collate_padded, info=train_set.info, pad_token_id=train_set.tokenizer.pad_token_id)
+    collate = Collator(info, train_set.tokenizer.pad_token_id, circle_rope)
     batches = BatchIterator(train_set, cfg.train.per_device_train_batch_size, collate, seed=cfg.train.seed)
     steps_per_epoch = max(1, batches.batches_per_epoch // cfg.train.gradient_accumulation_steps)
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.num_train_epochs * steps_per_epoch)
 
-    backend = _build_backend(cfg, train_set.info)
+    backend = _build_backend(cfg, info, circle_rope)
     evaluator = None
     if cfg.data.eval_dataset:
         eval_samples = read_datasets(cfg.data.eval_dataset)[: cfg.data.num_eval_samples]
         evaluator = Evaluator(
-            make_dataset(eval_samples), backend, cfg.train.per_device_eval_batch_size,
+            make_dataset(eval_samples), backend, collate, cfg.train.per_device_eval_batch_size,
             cfg.train.eval_max_new_tokens, predictions_file=out_dir / "eval_predictions.jsonl",
         )
     result = run_training(
@@ -119,7 +120,7 @@ def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = 
         **{k: round(v, 6) for k, v in result.eval.items()},
         "output_dir": str(out_dir),
         "eval_file": cfg.data.eval_dataset,
-        "model_type": train_set.info.model_type,
+        "model_type": info.model_type + ("_circle_rope" if circle_rope else ""),
         "backend": cfg.train.backend,
     }
     (out_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -16,6 +16,8 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from .circle_rope import resolve_config
+
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
@@ -39,6 +41,11 @@ class ModelArgs:
     """Train the merger (vision -> language projector)."""
     attn_implementation: str = "sdpa"
     """Attention kernel of the transformers model: sdpa | eager."""
+    model_type: str | None = None
+    """None = config.json's model_type; `<that>_circle_rope` (e.g. qwen2_5_vl_circle_rope) turns Circle-RoPE on."""
+    circle_rope: dict | None = None
+    """Circle-RoPE settings {alpha, radius, method, move_to_origin, move_to_positive, dff_rate, AGE_mode};
+    keys left out take the released configuration's values."""
 
 
 @dataclass
@@ -96,6 +103,34 @@ class TrainArgs:
     """bf16 autocast on GPU; CPU runs fp32."""
     num_threads: int = 0
     """torch intra-op threads on CPU (0 = library default)."""
+
+
+# The configuration released with the Circle-RoPE paper's code.
+CIRCLE_ROPE_DEFAULTS = {"alpha": 0.5, "radius": 10, "method": "circle", "move_to_origin": True, "AGE_mode": "strategy_4"}
+CIRCLE_ROPE_SUFFIX = "_circle_rope"
+
+
+def circle_rope_settings(model: "ModelArgs", config_model_type: str) -> dict | None:
+    """The Circle-RoPE dict to use, or None, from the recipe and the model's own config.json type."""
+    if model.model_type in (None, config_model_type):
+        if model.circle_rope:
+            raise ConfigError(
+                f"circle_rope is set but model_type is {model.model_type or config_model_type!r}; "
+                f"use model_type: {config_model_type}{CIRCLE_ROPE_SUFFIX} to turn Circle-RoPE on"
+            )
+        return None
+    if model.model_type != config_model_type + CIRCLE_ROPE_SUFFIX:
+        raise ConfigError(
+            f"model_type: {model.model_type!r} does not fit the model directory, whose config.json says "
+            f"{config_model_type!r}; use {config_model_type!r} or {config_model_type + CIRCLE_ROPE_SUFFIX!r}"
+        )
+    settings = {**CIRCLE_ROPE_DEFAULTS, **(model.circle_rope or {})}
+    settings["AGE_mode"] = settings.get("AGE_mode") or "strategy_1"  # no AGE: every layer is Circle-RoPE
+    try:
+        resolve_config(settings)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return settings
 
 
 SECTIONS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs}

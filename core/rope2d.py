@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .circle_rope import circle_rope_positions
+
 ROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
@@ -84,17 +86,19 @@ def get_rope_index(
     tokens_per_second: float = 2,
     circle_rope: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return (position_ids [3, B, L] int64, rope_deltas [B, 1] int64).
+    """Return (position_ids [3, B, L], rope_deltas [B, 1]): int64, or float64 with `circle_rope`.
 
     `image_grid_thw` / `video_grid_thw` are the *patch* grids of the processor ([n, 3], unmerged h, w),
     listed for the whole batch in order. Padded positions (attention_mask == 0) get id 0, as in
     transformers 5.x. For Qwen3-VL each video frame group is its own item with t = 1 (the timestamps live
     in the text), so its grids are split here.
+
+    With `circle_rope` (the recipe's dict, see core/circle_rope.py) every media grid is placed as a
+    Circle-RoPE ring: positions P + text_len + s, and the next text starts at max(all channels) + 1,
+    a float, as the reference implementation does. Text positions are unchanged.
     """
     if model_type not in ROPE_MODEL_TYPES:
         raise ValueError(f"get_rope_index: model_type {model_type!r} is not one of {ROPE_MODEL_TYPES}")
-    if circle_rope:
-        raise NotImplementedError("Circle-RoPE positions are not implemented yet (issue 4)")
     del vision_start_token_id  # spans are found from the pad tokens themselves
     input_ids = np.asarray(input_ids)
     batch, length = input_ids.shape
@@ -114,8 +118,9 @@ def get_rope_index(
         videos = [(1, h, w) for t, h, w in videos for _ in range(t)]
         spts = None
 
-    position_ids = np.zeros((3, batch, length), dtype=np.int64)
-    deltas = np.zeros((batch, 1), dtype=np.int64)
+    dtype = np.float64 if circle_rope else np.int64
+    position_ids = np.zeros((3, batch, length), dtype=dtype)
+    deltas = np.zeros((batch, 1), dtype=dtype)
     counters = [0, 0]
     for b in range(batch):
         keep = mask[b].astype(bool)
@@ -129,13 +134,45 @@ def get_rope_index(
         for start, t, h, w, t_index in items:
             text_len = start - cursor
             pieces.append(np.broadcast_to(np.arange(text_len) + next_id, (3, text_len)))
-            vision = _vision_ids(t, h, w, t_index, next_id + text_len)
+            if circle_rope:
+                # The ring is centred on the text axis at the next text index; time lives in the
+                # ring's per-frame offset (circle_rope.py), not in tokens_per_second spacing.
+                vision = circle_rope_positions(t, h, w, circle_rope) + (next_id + text_len)
+            else:
+                vision = _vision_ids(t, h, w, t_index, next_id + text_len)
             pieces.append(vision)
-            next_id = int(vision.max()) + 1
+            next_id = vision.max() + 1
             cursor = start + t * h * w
         tail = len(ids) - cursor
         pieces.append(np.broadcast_to(np.arange(tail) + next_id, (3, tail)))
-        row = np.concatenate(pieces, axis=1) if pieces else np.zeros((3, 0), dtype=np.int64)
+        row = np.concatenate(pieces, axis=1)
         position_ids[:, b, keep] = row
-        deltas[b, 0] = (int(row.max()) + 1 - len(ids)) if row.size else 0
+        deltas[b, 0] = (row.max() + 1 - len(ids)) if row.size else 0
     return position_ids, deltas
+
+
+def get_rope_index_packed(
+    input_ids: np.ndarray,
+    cu_seqlens: np.ndarray,
+    image_grid_thw: np.ndarray | None = None,
+    video_grid_thw: np.ndarray | None = None,
+    second_per_grid_ts: Sequence[float] | None = None,
+    **kwargs,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Position ids of a packed row ([1, L], sub-sequences at `cu_seqlens`): each restarts at 0.
+
+    The sub-sequences are laid out as the rows of a right-padded batch, so the grids, which are
+    listed in order, are consumed sub-sequence by sub-sequence exactly as they are row by row.
+    Returns (position_ids [3, 1, L], rope_deltas [N, 1]) with the keyword arguments of get_rope_index.
+    """
+    row = np.asarray(input_ids).reshape(-1)
+    bounds = np.asarray(cu_seqlens, dtype=np.int64)
+    if bounds[0] != 0 or bounds[-1] != len(row) or np.any(np.diff(bounds) <= 0):
+        raise ValueError(f"cu_seqlens {bounds.tolist()} must rise from 0 to the row length {len(row)}")
+    lengths = np.diff(bounds)
+    rows = np.zeros((len(lengths), lengths.max()), dtype=row.dtype)
+    mask = np.zeros_like(rows)
+    for i, (start, n) in enumerate(zip(bounds[:-1], lengths)):
+        rows[i, :n], mask[i, :n] = row[start : start + n], 1
+    positions, deltas = get_rope_index(rows, image_grid_thw, video_grid_thw, second_per_grid_ts, mask, **kwargs)
+    return positions[:, mask.astype(bool)][:, None, :], deltas

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import numpy as np
 
+from dataclasses import dataclass
+
+from ..core.circle_rope import age_layer_mask
 from ..core.contracts import IGNORE_INDEX, Batch
 from ..core.rope2d import get_rope_index
 from .dataset import Features
 from .model_info import ModelInfo
 
 
-def collate_padded(features: list[Features], info: ModelInfo, pad_token_id: int, padding_side: str = "right") -> Batch:
-    """Pad to the longest row; add attention_mask, 3D M-RoPE position_ids and the vision arrays.
+def collate_padded(
+    features: list[Features],
+    info: ModelInfo,
+    pad_token_id: int,
+    padding_side: str = "right",
+    circle_rope: dict | None = None,
+) -> Batch:
+    """Pad to the longest row; add attention_mask, 3D position ids and the vision arrays.
 
     Left padding is for generation (every prompt ends at the same column); training pads right.
+    With `circle_rope`, `position_ids` are the Circle-RoPE ids (floats) and, when its AGE strategy
+    keeps some decoder layers on plain M-RoPE, `position_ids_alt` carries the plain ids for them.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
@@ -34,9 +45,8 @@ def collate_padded(features: list[Features], info: ModelInfo, pad_token_id: int,
     if with_images:
         batch["pixel_values"] = np.concatenate([f.pixel_values for f in with_images]).astype(np.float32)
         batch["image_grid_thw"] = np.concatenate([f.image_grid_thw for f in with_images]).astype(np.int64)
-    position_ids, rope_deltas = get_rope_index(
-        input_ids,
-        batch.get("image_grid_thw"),
+    rope = dict(
+        image_grid_thw=batch.get("image_grid_thw"),
         attention_mask=attention_mask,
         model_type=info.model_type,
         spatial_merge_size=info.spatial_merge_size,
@@ -45,6 +55,19 @@ def collate_padded(features: list[Features], info: ModelInfo, pad_token_id: int,
         vision_start_token_id=info.vision_start_token_id,
         tokens_per_second=info.tokens_per_second,
     )
-    batch["position_ids"] = position_ids
-    batch["rope_deltas"] = rope_deltas
+    batch["position_ids"], batch["rope_deltas"] = get_rope_index(input_ids, circle_rope=circle_rope, **rope)
+    if circle_rope and not all(age_layer_mask(circle_rope.get("AGE_mode", "strategy_1"), info.num_hidden_layers)):
+        batch["position_ids_alt"], batch["rope_deltas_alt"] = get_rope_index(input_ids, **rope)
     return batch
+
+
+@dataclass
+class Collator:
+    """collate_padded with a model's settings bound: what the loader, evaluator and infer call."""
+
+    info: ModelInfo
+    pad_token_id: int
+    circle_rope: dict | None = None
+
+    def __call__(self, features: list[Features], padding_side: str = "right") -> Batch:
+        return collate_padded(features, self.info, self.pad_token_id, padding_side, self.circle_rope)

@@ -18,6 +18,8 @@ class ModelInfo:
     vision_start_token_id: int
     spatial_merge_size: int
     tokens_per_second: float
+    num_hidden_layers: int
+    """Decoder layers of the language model (AGE strategies pick Circle-RoPE layers by index)."""
 
 
 def read_model_info(model_dir: str | Path) -> ModelInfo:
@@ -31,6 +33,7 @@ def read_model_info(model_dir: str | Path) -> ModelInfo:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{path}: model_type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}")
     vision = config.get("vision_config", {})
+    text = config.get("text_config", config)
     return ModelInfo(
         model_type=model_type,
         image_token_id=config["image_token_id"],
@@ -38,4 +41,5 @@ def read_model_info(model_dir: str | Path) -> ModelInfo:
         vision_start_token_id=config["vision_start_token_id"],
         spatial_merge_size=vision.get("spatial_merge_size", 2),
         tokens_per_second=vision.get("tokens_per_second", 2),
+        num_hidden_layers=text["num_hidden_layers"],
     )

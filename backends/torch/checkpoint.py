@@ -6,6 +6,7 @@ them are complete, so a run killed mid-save never leaves a half-written model th
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -27,8 +28,15 @@ PROCESSOR_FILES = (
 )
 
 
-def save_hf_model(model: torch.nn.Module, source_dir: Path, out_dir: Path) -> None:
-    """Save `model` as an HF-format directory (weights, config, tokenizer, processor configs)."""
+CIRCLE_ROPE_FILE = "circle_rope.json"
+
+
+def save_hf_model(model: torch.nn.Module, source_dir: Path, out_dir: Path, circle_rope: dict | None = None) -> None:
+    """Save `model` as an HF-format directory (weights, config, tokenizer, processor configs).
+
+    config.json stays the stock one (so transformers loads the directory); a model trained with
+    Circle-RoPE also gets `circle_rope.json`, which `vltune infer` reads to place positions the same way.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=out_dir))
@@ -37,6 +45,10 @@ def save_hf_model(model: torch.nn.Module, source_dir: Path, out_dir: Path) -> No
         for name in PROCESSOR_FILES:
             if (Path(source_dir) / name).exists():
                 shutil.copy2(Path(source_dir) / name, tmp / name)
+        if circle_rope:
+            (tmp / CIRCLE_ROPE_FILE).write_text(json.dumps(circle_rope, indent=2) + "\n")
+        else:
+            (out_dir / CIRCLE_ROPE_FILE).unlink(missing_ok=True)  # never leave a stale one behind
         for path in tmp.iterdir():
             os.replace(path, out_dir / path.name)
     finally:

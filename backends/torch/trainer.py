@@ -5,6 +5,7 @@ It implements core.contracts.TrainBackend; the loop in core/loop.py decides when
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -14,9 +15,10 @@ from vltune.core.config import ModelArgs, TrainArgs
 from vltune.core.contracts import IGNORE_INDEX, Batch
 from vltune.data.model_info import ModelInfo
 
-from .batch import to_model_inputs
+from .batch import to_model_inputs, to_tensor
 from .checkpoint import save_hf_model
-from .infer import generate_greedy
+from .infer import generate_greedy, generate_with_positions
+from .models.circle_rope import CircleRopeAdapter
 
 def apply_freeze(model: torch.nn.Module, model_args: ModelArgs) -> None:
     """Set requires_grad from tune_mm_llm / tune_mm_vision / tune_mm_mlp.
@@ -58,11 +60,21 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 class TorchBackend:
-    def __init__(self, model: torch.nn.Module, model_dir: Path, info: ModelInfo, model_args: ModelArgs, args: TrainArgs):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        model_dir: Path,
+        info: ModelInfo,
+        model_args: ModelArgs,
+        args: TrainArgs,
+        circle_rope: dict | None = None,
+    ):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device)
         self.model_dir = Path(model_dir)
         self.info = info
+        # Circle-RoPE changes positions only; the adapter gives AGE's M-RoPE layers their own cos/sin.
+        self.circle = CircleRopeAdapter(self.model, circle_rope) if circle_rope else None
         self.autocast_dtype = torch.bfloat16 if (args.bf16 and self.device.type == "cuda") else None
         apply_freeze(self.model, model_args)
         self.optimizer = torch.optim.AdamW(
@@ -75,7 +87,10 @@ class TorchBackend:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
     def _logits(self, batch: Batch) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        alt = batch.get("position_ids_alt")
+        alt = to_tensor(alt, self.device, torch.long) if alt is not None else None
+        layers = self.circle.alt_positions(alt) if self.circle is not None else nullcontext()
+        with layers, torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             return self.model(**to_model_inputs(batch, self.device), use_cache=False).logits
 
     def forward_backward(self, batch: Batch, loss_scale: float) -> float:
@@ -104,7 +119,9 @@ class TorchBackend:
         return float(loss_sum), count
 
     def generate(self, batch: Batch, max_new_tokens: int) -> list[list[int]]:
+        if self.circle is not None:
+            return generate_with_positions(self.model, batch, max_new_tokens, self.circle, autocast_dtype=self.autocast_dtype)
         return generate_greedy(self.model, batch, self.info, max_new_tokens, self.autocast_dtype)
 
     def save_model(self, out_dir: Path) -> None:
-        save_hf_model(self.model, self.model_dir, out_dir)
+        save_hf_model(self.model, self.model_dir, out_dir, circle_rope=self.circle.config if self.circle else None)

@@ -87,3 +87,31 @@ def test_matches_transformers_on_image_layouts(tiny_model_dirs):
             keep = mask.astype(bool)
             assert np.array_equal(ours[:, keep], theirs.numpy()[:, keep]), model_type
             assert np.array_equal(our_delta, their_delta.numpy()), model_type
+
+
+CIRCLE = {"alpha": 0.5, "radius": 10, "method": "circle", "move_to_origin": True, "AGE_mode": "strategy_4"}
+
+
+def test_circle_rope_places_rings_and_continues_text_at_max_plus_one():
+    from vltune.core.circle_rope import circle_rope_positions
+
+    ids = np.array([[T, T, VS, IMG, IMG, IMG, IMG, VE, T, T]])
+    pos, delta = get_rope_index(ids, np.array([[1, 4, 4]]), model_type="qwen2_5_vl", circle_rope=CIRCLE, **IDS)
+    assert pos.dtype == np.float64
+    assert (pos[:, 0, :3] == np.arange(3)).all()
+    ring = circle_rope_positions(1, 2, 2, CIRCLE) + 3
+    assert np.allclose(pos[:, 0, 3:7], ring)
+    after = ring.max() + 1
+    assert np.allclose(pos[:, 0, 7:], after + np.arange(3))
+    assert delta[0, 0] == pytest.approx(after + 2 + 1 - 10)
+
+
+def test_circle_rope_video_frames_are_rings_offset_along_the_text_axis():
+    from vltune.core.circle_rope import circle_rope_positions
+
+    ids = np.array([[T, VS] + [VID] * 12 + [VE, T]])
+    for model_type in ("qwen2_vl", "qwen2_5_vl"):
+        pos, _ = get_rope_index(ids, None, np.array([[3, 4, 4]]), [1.0], model_type=model_type, circle_rope=CIRCLE, **IDS)
+        frames = pos[:, 0, 2:14].reshape(3, 3, 4)  # [channel, frame, token]
+        for f in range(3):
+            assert np.allclose(frames[:, f], circle_rope_positions(1, 2, 2, CIRCLE) + 2 + f * 1.0)
