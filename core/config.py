@@ -32,15 +32,25 @@ class ModelArgs:
     make_tiny_model: str | None = None
     """If set (qwen2_5_vl | qwen3_vl) and `model_name_or_path` does not exist, build a tiny random-init model there."""
     train_type: str = "full"
-    """full | lora (lora arrives with the training-engine issue)."""
+    """full | lora (LoRA adapters through peft; the base weights stay frozen)."""
     tune_mm_llm: bool = True
     """Train the language model (and the LM head, tied or not)."""
-    tune_mm_vision: bool = True
-    """Train the vision tower's blocks and patch embedding."""
+    tune_mm_vision: bool = False
+    """Train the vision tower's blocks and patch embedding (off by default, as in qwen-vl-finetune)."""
     tune_mm_mlp: bool = True
     """Train the merger (vision -> language projector)."""
     attn_implementation: str = "sdpa"
     """Attention kernel of the transformers model: sdpa | eager."""
+    lora_r: int = 64
+    lora_alpha: float = 128.0
+    lora_dropout: float = 0.05
+    """0.0 stays 0.0 (the official scripts silently turn it into 0.05)."""
+    lora_target_modules: str | None = None
+    """Comma-separated LLM module names that get adapters (default q,k,v,o,gate,up,down_proj).
+    In LoRA mode tune_mm_llm puts adapters on the LLM, tune_mm_vision on the vision blocks' linear
+    layers, and tune_mm_mlp trains the (small) merger in full."""
+    lora_modules_to_save: str | None = None
+    """Comma-separated modules trained in full next to the adapters (e.g. embed_tokens,lm_head)."""
     model_type: str | None = None
     """None = config.json's model_type; `<that>_circle_rope` (e.g. qwen2_5_vl_circle_rope) turns Circle-RoPE on."""
     circle_rope: dict | None = None
@@ -77,6 +87,11 @@ class TrainArgs:
     seed: int = 42
     """Seeds model init order, data order and dropout."""
     learning_rate: float = 1e-5
+    """Learning rate of the language model (and of every group without its own rate)."""
+    vision_tower_lr: float | None = None
+    """Learning rate of the vision tower's blocks and patch embedding (None = learning_rate)."""
+    mm_projector_lr: float | None = None
+    """Learning rate of the merger / projector (None = learning_rate); independent of vision_tower_lr."""
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -260,8 +275,10 @@ def validate(cfg: RecipeConfig) -> None:
         problems.append("model_name_or_path is empty: give a local HF-format model directory")
     if m.make_tiny_model not in (None, "qwen2_5_vl", "qwen3_vl"):
         problems.append(f"make_tiny_model: {m.make_tiny_model!r} is not one of qwen2_5_vl, qwen3_vl")
-    if m.train_type != "full":
-        problems.append(f"train_type: {m.train_type!r} is not implemented yet (only 'full' is)")
+    if m.train_type not in ("full", "lora"):
+        problems.append(f"train_type: {m.train_type!r} is not one of full, lora")
+    if m.train_type == "lora" and (m.lora_r < 1 or m.lora_alpha <= 0 or not 0.0 <= m.lora_dropout < 1.0):
+        problems.append(f"lora: r {m.lora_r} must be >= 1, alpha {m.lora_alpha} > 0, dropout {m.lora_dropout} in [0, 1)")
     if m.attn_implementation not in ("sdpa", "eager"):
         problems.append(f"attn_implementation: {m.attn_implementation!r} is not one of sdpa, eager")
     if not d.dataset_use:
@@ -274,8 +291,10 @@ def validate(cfg: RecipeConfig) -> None:
         problems.append(f"objective: {t.objective!r} is not implemented yet (only 'ar' is)")
     if t.lr_scheduler_type not in ("cosine", "linear", "constant"):
         problems.append(f"lr_scheduler_type: {t.lr_scheduler_type!r} is not one of cosine, linear, constant")
-    if t.learning_rate <= 0:
-        problems.append(f"learning_rate: {t.learning_rate} must be > 0")
+    for key in ("learning_rate", "vision_tower_lr", "mm_projector_lr"):
+        value = getattr(t, key)
+        if value is not None and value <= 0:
+            problems.append(f"{key}: {value} must be > 0")
     if not 0.0 <= t.warmup_ratio < 1.0:
         problems.append(f"warmup_ratio: {t.warmup_ratio} must be in [0, 1)")
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size", "logging_steps"):

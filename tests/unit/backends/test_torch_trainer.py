@@ -67,7 +67,7 @@ def test_norms_and_biases_get_no_weight_decay(tiny_qwen2_5_vl):
 def test_accumulation_matches_one_big_batch(tiny_qwen2_5_vl, batch):
     """Two micro-batches scaled by the global token count give the gradient of the joined batch."""
     data, info = batch
-    args = ModelArgs(model_name_or_path=str(tiny_qwen2_5_vl))
+    args = ModelArgs(model_name_or_path=str(tiny_qwen2_5_vl), tune_mm_vision=True)
     total = int((data["labels"][:, 1:] != -100).sum())
 
     def grads(micro_batches):
