@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from vltune.core.config import RecipeConfig, circle_rope_settings, load_recipe
-from vltune.core.loop import run_training
+from vltune.core.checkpointing import CheckpointManager, read_trainer_state, resolve_resume
+from vltune.core.loop import LoopState, run_training
 from vltune.core.metrics import MetricsWriter
 from vltune.data.collate import Collator
 from vltune.data.dataset import SFTDataset
@@ -105,10 +106,22 @@ def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = 
             make_dataset(eval_samples), backend, collate, cfg.train.per_device_eval_batch_size,
             cfg.train.eval_max_new_tokens, predictions_file=out_dir / "eval_predictions.jsonl",
         )
+
+    # Resume: the engine's files, then the loop's state and the data position, from one checkpoint.
+    state = None
+    resume_from = resolve_resume(out_dir, cfg.train.resume_from_checkpoint)
+    if resume_from is not None:
+        trainer_state = read_trainer_state(resume_from)
+        backend.load_checkpoint(resume_from)
+        batches.load_state_dict(trainer_state["data"])
+        state = LoopState.from_dict(trainer_state)
+        print(f"[vltune] resuming from {resume_from} (step {state.step})", flush=True)
+    writer = MetricsWriter(out_dir / "metrics.jsonl", resume_step=state.step if state else None)
     result = run_training(
-        cfg.train, backend, lambda: next(batches), total_steps, MetricsWriter(out_dir / "metrics.jsonl"),
-        evaluate=evaluator, show_progress=show_progress,
+        cfg.train, backend, batches, total_steps, writer, evaluate=evaluator,
+        checkpoints=CheckpointManager(out_dir, cfg.train.save_total_limit), state=state, show_progress=show_progress,
     )
+    writer.close()
     backend.save_model(out_dir)
 
     summary = {
@@ -121,6 +134,12 @@ def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = 
         "output_dir": str(out_dir),
         "eval_file": cfg.data.eval_dataset,
         "model_type": info.model_type + ("_circle_rope" if circle_rope else ""),
+        "train_type": cfg.model.train_type,
+        "best_metric": result.best_metric,
+        "best_checkpoint": result.best_checkpoint,
+        "stopped_early_at": result.stopped_early_at,
+        "bad_steps": result.bad_steps,
+        "resumed_from": str(resume_from) if resume_from else None,
         "backend": cfg.train.backend,
     }
     (out_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -114,6 +114,21 @@ class TrainArgs:
     """Evaluate every N steps (0 = only at the end)."""
     eval_max_new_tokens: int = 16
     """Generation length for exact-match evaluation."""
+    save_steps: int = 0
+    """Write OUTPUT_DIR/checkpoint-STEP every N steps (0 = none; the final model is always saved)."""
+    save_total_limit: int | None = None
+    """Keep at most this many checkpoints (the best one is never deleted)."""
+    resume_from_checkpoint: str | None = None
+    """auto (newest complete checkpoint in output_dir, if any) | a checkpoint path."""
+    metric_for_best_model: str = "eval_loss"
+    greater_is_better: bool | None = None
+    """None = True unless the metric name ends in 'loss'."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without improvement (0 = never)."""
+    early_stopping_threshold: float = 0.0
+    """An evaluation improves only when it beats the best by more than this."""
+    max_bad_steps: int = 10
+    """Steps with a NaN/inf loss are skipped; the run stops once more than this many were."""
     bf16: bool = False
     """bf16 autocast on GPU; CPU runs fp32."""
     num_threads: int = 0
@@ -300,6 +315,13 @@ def validate(cfg: RecipeConfig) -> None:
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size", "logging_steps"):
         if getattr(t, key) < 1:
             problems.append(f"{key}: {getattr(t, key)} must be >= 1")
+    for key in ("save_steps", "early_stopping_patience", "max_bad_steps"):
+        if getattr(t, key) < 0:
+            problems.append(f"{key}: {getattr(t, key)} must be >= 0")
+    if t.save_total_limit is not None and t.save_total_limit < 1:
+        problems.append(f"save_total_limit: {t.save_total_limit} must be >= 1 (or null for no limit)")
+    if t.early_stopping_patience and not (t.eval_steps and d.eval_dataset):
+        problems.append("early_stopping_patience needs eval_steps > 0 and an eval_dataset")
     if t.max_steps == 0 or t.max_steps < -1:
         problems.append(f"max_steps: {t.max_steps} must be -1 (use num_train_epochs) or >= 1")
     if t.max_steps == -1 and t.num_train_epochs <= 0:

@@ -45,8 +45,21 @@ class TrainBackend(Protocol):
         """
         ...
 
-    def optimizer_step(self, lr: float, max_grad_norm: float) -> float:
-        """Clip, step with learning rate `lr`, zero the grads; return the pre-clip grad norm."""
+    def optimizer_step(self, lr_factor: float, max_grad_norm: float) -> float:
+        """Clip, step with each parameter group's base learning rate times `lr_factor` (the
+        schedule's multiplier), zero the grads; return the pre-clip global grad norm."""
+        ...
+
+    def zero_grad(self) -> None:
+        """Drop the accumulated gradients without stepping (a skipped NaN/inf step)."""
+        ...
+
+    def learning_rates(self) -> dict[str, float]:
+        """Current learning rate per parameter group name, for the logs."""
+        ...
+
+    def memory_stats(self) -> dict[str, float]:
+        """Peak memory figures for the logs (e.g. {"peak_mem_gib": ...}); may be empty."""
         ...
 
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
@@ -58,5 +71,13 @@ class TrainBackend(Protocol):
         ...
 
     def save_model(self, out_dir: Path) -> None:
-        """Write the model in HF format (config.json + safetensors) to `out_dir`."""
+        """Write the model in HF format (config.json + safetensors) or its PEFT adapter to `out_dir`."""
+        ...
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """Write what resuming needs besides the loop state: model or adapter, optimizer, RNG."""
+        ...
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Restore what save_checkpoint wrote, so the next step is the one the saved run would take."""
         ...

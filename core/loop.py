@@ -2,109 +2,188 @@
 
 Order of events per optimizer step: draw `gradient_accumulation_steps` micro-batches, count their
 trained tokens, forward/backward each with loss scale 1/tokens (so the loss is the mean over the
-whole accumulated batch, however the tokens fall into micro-batches), set the scheduled learning
-rate, clip and step, then log, then evaluate on the eval cadence. The engine only supplies the
-TrainBackend methods.
+whole accumulated batch, however the tokens fall into micro-batches); skip the step if the loss is
+not finite; else set the scheduled learning rate, clip and step. Then log, evaluate on the eval
+cadence (tracking the best metric and early stopping), and checkpoint on the save cadence. The
+engine only supplies the TrainBackend methods; everything needed to resume is in LoopState.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Protocol
 
 from tqdm import tqdm
 
+from .checkpointing import CheckpointManager
 from .config import TrainArgs
 from .contracts import Batch, TrainBackend, count_trained_tokens
 from .metrics import MetricsWriter
 from .schedules import lr_at, warmup_steps_for
 
 
+class BatchSource(Protocol):
+    def __next__(self) -> Batch: ...
+    def state_dict(self) -> dict: ...
+
+
+@dataclass
+class LoopState:
+    """Everything of the loop itself that a resumed run needs (saved in trainer_state.json)."""
+
+    step: int = 0
+    loss_sum: float = 0.0
+    loss_steps: int = 0
+    bad_steps: int = 0
+    best_metric: float | None = None
+    best_checkpoint: str | None = None
+    evals_without_improvement: int = 0
+    stopped_early_at: int | None = None
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoopState":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
 @dataclass
 class LoopResult:
     steps: int
     train_loss: float
-    """Mean of the per-step losses over the run."""
+    """Mean of the per-step losses over the run (resumed runs included)."""
     last_loss: float
     tokens_per_s: float
     samples_per_s: float
     eval: dict[str, float] = field(default_factory=dict)
-    """Metrics of the final evaluation (empty without an eval set)."""
+    best_metric: float | None = None
+    best_checkpoint: str | None = None
+    stopped_early_at: int | None = None
+    bad_steps: int = 0
+
+
+def _improved(metric: float, best: float | None, greater: bool, threshold: float) -> bool:
+    if best is None:
+        return True
+    return metric > best + threshold if greater else metric < best - threshold
 
 
 def run_training(
     args: TrainArgs,
     backend: TrainBackend,
-    next_micro_batch: Callable[[], Batch],
+    batches: BatchSource,
     total_steps: int,
     writer: MetricsWriter,
     evaluate: Callable[[], dict[str, float]] | None = None,
+    checkpoints: CheckpointManager | None = None,
+    state: LoopState | None = None,
     show_progress: bool = True,
 ) -> LoopResult:
+    state = state or LoopState()
     warmup = warmup_steps_for(total_steps, args.warmup_ratio, args.warmup_steps)
-    losses: list[float] = []
-    window_tokens = window_samples = 0
-    total_tokens = total_samples = 0
+    greater = args.greater_is_better if args.greater_is_better is not None else not args.metric_for_best_model.endswith("loss")
+    last_loss = float("nan")
+    window_tokens = window_samples = total_tokens = total_samples = 0
     window_start = run_start = time.perf_counter()
-    last_eval: dict[str, float] = {}
-    bar = tqdm(total=total_steps, desc="train", disable=not show_progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not show_progress, dynamic_ncols=True)
 
-    for step in range(total_steps):
-        micro = [next_micro_batch() for _ in range(args.gradient_accumulation_steps)]
+    def save_checkpoint() -> str:
+        trainer_state = {**asdict(state), "data": batches.state_dict(), "total_steps": total_steps}
+        path = checkpoints.save(state.step, backend.save_checkpoint, trainer_state)
+        return path.name
+
+    def run_eval() -> bool:
+        """Evaluate, track the best, maybe checkpoint it; True when early stopping says stop."""
+        state.last_eval = evaluate()
+        writer.write({"step": state.step, **state.last_eval})
+        bar.write(f"step {state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in state.last_eval.items()))
+        if args.metric_for_best_model not in state.last_eval:
+            raise KeyError(f"metric_for_best_model {args.metric_for_best_model!r} is not among {sorted(state.last_eval)}")
+        metric = state.last_eval[args.metric_for_best_model]
+        if _improved(metric, state.best_metric, greater, args.early_stopping_threshold):
+            state.best_metric, state.evals_without_improvement = metric, 0
+            if checkpoints is not None:
+                state.best_checkpoint = f"checkpoint-{state.step}"
+                save_checkpoint()
+        else:
+            state.evals_without_improvement += 1
+        return bool(args.early_stopping_patience) and state.evals_without_improvement >= args.early_stopping_patience
+
+    while state.step < total_steps:
+        micro = [next(batches) for _ in range(args.gradient_accumulation_steps)]
         n_trained = sum(count_trained_tokens(b) for b in micro)
         if n_trained == 0:
-            raise RuntimeError(f"step {step + 1}: no trained tokens in the batch (every label is -100)")
-        loss_sum = sum(backend.forward_backward(b, 1.0 / n_trained) for b in micro)
-        lr = lr_at(step, args.learning_rate, total_steps, warmup, args.lr_scheduler_type)
-        grad_norm = backend.optimizer_step(lr, args.max_grad_norm)
-        loss = loss_sum / n_trained
-        if not math.isfinite(loss):
-            raise RuntimeError(f"step {step + 1}: loss is {loss}; lower learning_rate or check the data")
-        losses.append(loss)
+            raise RuntimeError(f"step {state.step + 1}: no trained tokens in the batch (every label is -100)")
+        loss = sum(backend.forward_backward(b, 1.0 / n_trained) for b in micro) / n_trained
+        factor = lr_at(state.step, 1.0, total_steps, warmup, args.lr_scheduler_type)
+        state.step += 1
+        if math.isfinite(loss):
+            grad_norm = backend.optimizer_step(factor, args.max_grad_norm)
+            state.loss_sum += loss
+            state.loss_steps += 1
+        else:
+            backend.zero_grad()
+            state.bad_steps += 1
+            bar.write(f"step {state.step}: loss is {loss}; step skipped ({state.bad_steps} so far)")
+            if state.bad_steps > args.max_bad_steps:
+                raise RuntimeError(
+                    f"{state.bad_steps} steps had a NaN/inf loss (max_bad_steps {args.max_bad_steps}); "
+                    "lower learning_rate, use fp32, or check the data"
+                )
+            grad_norm = float("nan")
+        last_loss = loss
 
         n_tokens = sum(_input_tokens(b) for b in micro)
         n_samples = sum(_num_samples(b) for b in micro)
-        window_tokens += n_tokens
-        window_samples += n_samples
-        total_tokens += n_tokens
-        total_samples += n_samples
-        done = step + 1
+        window_tokens, window_samples = window_tokens + n_tokens, window_samples + n_samples
+        total_tokens, total_samples = total_tokens + n_tokens, total_samples + n_samples
         bar.update(1)
 
-        if done % args.logging_steps == 0 or done == total_steps:
+        if state.step % args.logging_steps == 0 or state.step == total_steps:
             elapsed = max(time.perf_counter() - window_start, 1e-9)
             row = {
-                "step": done,
-                "loss": round(loss, 6),
-                "lr": lr,
-                "grad_norm": round(grad_norm, 6),
+                "step": state.step,
+                "loss": round(loss, 6) if math.isfinite(loss) else str(loss),
+                "lr": args.learning_rate * factor,
+                **{f"lr_{name}": lr for name, lr in backend.learning_rates().items()},
+                "grad_norm": round(grad_norm, 6) if math.isfinite(grad_norm) else str(grad_norm),
                 "tokens_per_s": round(window_tokens / elapsed, 1),
                 "samples_per_s": round(window_samples / elapsed, 2),
+                **backend.memory_stats(),
             }
             writer.write(row)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             window_tokens = window_samples = 0
             window_start = time.perf_counter()
 
-        if evaluate is not None and args.eval_steps > 0 and done % args.eval_steps == 0 and done != total_steps:
-            last_eval = evaluate()
-            writer.write({"step": done, **last_eval})
-            bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
+        evaluated = False
+        if evaluate is not None and args.eval_steps > 0 and state.step % args.eval_steps == 0:
+            evaluated = True
+            if run_eval():
+                state.stopped_early_at = state.step
+                bar.write(f"early stopping at step {state.step}: no improvement of {args.metric_for_best_model} "
+                          f"in {state.evals_without_improvement} evaluations")
+                break
+        if checkpoints is not None and args.save_steps and state.step % args.save_steps == 0:
+            if not (evaluated and state.best_checkpoint == f"checkpoint-{state.step}"):  # not just saved as best
+                save_checkpoint()
     bar.close()
 
     run_time = max(time.perf_counter() - run_start, 1e-9)
-    if evaluate is not None:
-        last_eval = evaluate()
-        writer.write({"step": total_steps, **last_eval})
+    if evaluate is not None and not (args.eval_steps and state.step % args.eval_steps == 0):
+        run_eval()
     return LoopResult(
-        steps=total_steps,
-        train_loss=sum(losses) / len(losses),
-        last_loss=losses[-1],
+        steps=state.step,
+        train_loss=state.loss_sum / max(state.loss_steps, 1),
+        last_loss=last_loss,
         tokens_per_s=total_tokens / run_time,
         samples_per_s=total_samples / run_time,
-        eval=last_eval,
+        eval=state.last_eval,
+        best_metric=state.best_metric,
+        best_checkpoint=state.best_checkpoint,
+        stopped_early_at=state.stopped_early_at,
+        bad_steps=state.bad_steps,
     )
 
 

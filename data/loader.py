@@ -46,6 +46,19 @@ class BatchIterator:
         """Full batches per epoch; a trailing partial batch is dropped (as drop_last=True)."""
         return len(self.dataset) // self.batch_size
 
+    def state_dict(self) -> dict:
+        """Where the iterator stands: enough to continue the exact same batch sequence."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "size": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["size"] != len(self.dataset) or state["seed"] != self.seed:
+            raise ValueError(
+                f"cannot resume the data order: the checkpoint saw {state['size']} samples with seed "
+                f"{state['seed']}, this run has {len(self.dataset)} with seed {self.seed}"
+            )
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)
+
     def __iter__(self) -> Iterator[Batch]:
         return self
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # Files of the source model directory that make a saved model directory complete for inference.
@@ -53,3 +55,43 @@ def save_hf_model(model: torch.nn.Module, source_dir: Path, out_dir: Path, circl
             os.replace(path, out_dir / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng_state.pt"
+
+
+def rng_state() -> dict:
+    """Every random stream a step can touch (dropout, sampling), to resume bit for bit."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_weights(model: torch.nn.Module, directory: Path, lora: bool) -> None:
+    """Load the weights a checkpoint saved back into the live model (full model or PEFT adapter)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
+        if result.unexpected_keys:
+            raise ValueError(f"{directory}: adapter has keys the model lacks: {result.unexpected_keys[:5]}")
+        return
+    # The saved names are the checkpoint's (transformers renames on save and load), so read them back
+    # through transformers itself and copy the tensors: exact, and independent of the naming scheme.
+    if not any(directory.glob("model*.safetensors")):
+        raise FileNotFoundError(f"{directory}: no model*.safetensors to resume from")
+    saved = type(model).from_pretrained(str(directory), dtype=next(model.parameters()).dtype)
+    model.load_state_dict(saved.state_dict())

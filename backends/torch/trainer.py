@@ -16,9 +16,11 @@ from vltune.core.contracts import IGNORE_INDEX, Batch
 from vltune.data.model_info import ModelInfo
 
 from .batch import to_model_inputs, to_tensor
-from .checkpoint import save_hf_model
+from .checkpoint import OPTIMIZER_FILE, RNG_FILE, load_weights, rng_state, save_hf_model, set_rng_state
 from .infer import generate_greedy, generate_with_positions
+from .lora import apply_lora
 from .models.circle_rope import CircleRopeAdapter
+from .optim import build_param_groups
 
 def apply_freeze(model: torch.nn.Module, model_args: ModelArgs) -> None:
     """Set requires_grad from tune_mm_llm / tune_mm_vision / tune_mm_mlp.
@@ -39,18 +41,6 @@ def apply_freeze(model: torch.nn.Module, model_args: ModelArgs) -> None:
         raise ValueError("tune_mm_llm, tune_mm_vision and tune_mm_mlp are all false: nothing to train")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: weights with decay; norms, biases and other 1-D params without."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
-
-
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy (fp32) over labels != -100, and how many tokens that was."""
     shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
@@ -60,6 +50,8 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 class TorchBackend:
+    """One model on one device: full fine-tuning or LoRA, with Circle-RoPE when the recipe asks."""
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -70,16 +62,21 @@ class TorchBackend:
         circle_rope: dict | None = None,
     ):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = model.to(self.device)
         self.model_dir = Path(model_dir)
         self.info = info
+        self.lora = model_args.train_type == "lora"
+        if self.lora:
+            model = apply_lora(model, model_args)  # freezes the base, adds adapters per tune_mm_* flags
+        else:
+            apply_freeze(model, model_args)
+        self.model = model.to(self.device)
+        # The plain transformers model under any PEFT wrapper: layers, config, save_pretrained.
+        self.base = model.get_base_model() if self.lora else model
         # Circle-RoPE changes positions only; the adapter gives AGE's M-RoPE layers their own cos/sin.
-        self.circle = CircleRopeAdapter(self.model, circle_rope) if circle_rope else None
+        self.circle = CircleRopeAdapter(self.base, circle_rope) if circle_rope else None
         self.autocast_dtype = torch.bfloat16 if (args.bf16 and self.device.type == "cuda") else None
-        apply_freeze(self.model, model_args)
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, args.weight_decay),
-            lr=args.learning_rate,
+            build_param_groups(self.model, model_args, args),
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_epsilon,
             fused=self.device.type == "cuda",
@@ -100,9 +97,9 @@ class TorchBackend:
         (loss_sum * loss_scale).backward()
         return float(loss_sum.detach())
 
-    def optimizer_step(self, lr: float, max_grad_norm: float) -> float:
+    def optimizer_step(self, lr_factor: float, max_grad_norm: float) -> float:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = group["base_lr"] * lr_factor
         if max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_grad_norm)
         else:
@@ -110,6 +107,17 @@ class TorchBackend:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def learning_rates(self) -> dict[str, float]:
+        return {group["name"]: group["lr"] for group in self.optimizer.param_groups}
+
+    def memory_stats(self) -> dict[str, float]:
+        if self.device.type != "cuda":
+            return {}
+        return {"peak_mem_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)}
 
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
@@ -124,4 +132,15 @@ class TorchBackend:
         return generate_greedy(self.model, batch, self.info, max_new_tokens, self.autocast_dtype)
 
     def save_model(self, out_dir: Path) -> None:
+        # A PeftModel's save_pretrained writes the adapter (adapter_config.json + safetensors).
         save_hf_model(self.model, self.model_dir, out_dir, circle_rope=self.circle.config if self.circle else None)
+
+    def save_checkpoint(self, directory: Path) -> None:
+        self.save_model(directory)
+        torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+        torch.save(rng_state(), directory / RNG_FILE)
+
+    def load_checkpoint(self, directory: Path) -> None:
+        load_weights(self.model, directory, lora=self.lora)
+        self.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location=self.device))
+        set_rng_state(torch.load(directory / RNG_FILE, weights_only=False))

@@ -1,0 +1,174 @@
+"""LoRA for Qwen VL models through peft: which modules get adapters, which are trained in full.
+
+Semantics of `apply_lora(model, model_args)` (train_type: lora):
+
+- Every base weight is frozen; only what the flags below name is trained.
+- `tune_mm_llm` puts LoRA adapters on the language model's modules named in `lora_target_modules`
+  (comma-separated; default q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj), and only
+  inside the language model's decoder layers. peft matches a plain name list by suffix, so
+  "gate_proj" would also catch Qwen2.5-VL's vision MLP; the target is therefore a regex that
+  peft full-matches against `model.language_model.layers.<N>.(...).<name>`.
+- `tune_mm_vision` puts adapters on every linear layer of the vision blocks (Qwen2.5-VL:
+  attn.qkv, attn.proj, mlp.gate_proj/up_proj/down_proj; Qwen3-VL: attn.qkv, attn.proj,
+  mlp.linear_fc1/linear_fc2), read from the model itself. The patch embedding, the learned
+  position embedding (Qwen3-VL) and the block norms stay frozen.
+- `tune_mm_mlp` trains the merger in full: `visual.merger` and, for Qwen3-VL, each entry of
+  `visual.deepstack_merger_list` (one entry at a time: peft's wrapper has to sit on a module that
+  is called, and the list itself is only indexed). They go through peft's `modules_to_save`, so
+  the trained copies are written into the adapter file and restored on load. peft keeps the
+  original weights next to the trained copy (`original_module` / `modules_to_save.default`).
+- `lora_modules_to_save` (comma-separated, e.g. embed_tokens,lm_head) names further modules
+  trained in full, also through `modules_to_save`. A name matches a module whose full name is it
+  or ends in ".<name>"; a name that matches nothing is an error rather than a silent no-op.
+- lora_r, lora_alpha and lora_dropout go to peft unchanged: dropout 0.0 gives nn.Identity, and the
+  adapter scale is lora_alpha / lora_r.
+- Nothing trainable (all three flags off and no lora_modules_to_save) is a ValueError.
+
+Saving and loading: `save_lora_adapter(peft_model, out_dir)` writes adapter_config.json and
+adapter_model.safetensors (adapters plus the modules_to_save copies, not the frozen base). To use
+it, load the same base model and wrap it:
+
+    base = load_model(model_dir)
+    model = PeftModel.from_pretrained(base, out_dir)   # is_trainable=True to train on
+    merged = model.merge_and_unload()                  # optional: plain transformers model
+
+Do not call trainer.apply_freeze after apply_lora: it would unfreeze the frozen base weights.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils.constants import DUMMY_TARGET_MODULES
+
+from vltune.core.config import ModelArgs
+
+DEFAULT_LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MERGER_NAMES = ("merger", "deepstack_merger_list")
+
+
+def _split_csv(value: str | None) -> list[str]:
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def _module_name(model: torch.nn.Module, target: torch.nn.Module) -> str:
+    """The dotted name of `target` inside `model` (so the regexes follow the real layout)."""
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    raise ValueError(f"{type(target).__name__} is not a submodule of {type(model).__name__}")
+
+
+def _towers(model: torch.nn.Module) -> tuple[str, str]:
+    """Dotted names of the vision tower and the language model (model.visual, model.language_model)."""
+    inner = getattr(model, "model", None)
+    visual = getattr(inner, "visual", None)
+    language_model = getattr(inner, "language_model", None)
+    if visual is None or language_model is None:
+        raise ValueError(
+            f"{type(model).__name__} has no model.visual / model.language_model: apply_lora expects a transformers "
+            "Qwen VL ...ForConditionalGeneration model (and not one already wrapped by peft)"
+        )
+    return _module_name(model, visual), _module_name(model, language_model)
+
+
+def _linear_suffixes(model: torch.nn.Module, prefix: str) -> list[str]:
+    """Names of the nn.Linear modules under the regex `prefix`, with the prefix cut off."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return sorted({re.sub(prefix, "", n, count=1) for n in linears if re.match(prefix, n)})
+
+
+def _llm_target_regex(model: torch.nn.Module, llm: str, targets: list[str]) -> str:
+    """Regex for the LLM decoder layers' modules named in `targets`; unknown names are an error."""
+    layer_prefix = rf"{re.escape(llm)}\.layers\.\d+\."
+    known = _linear_suffixes(model, layer_prefix)  # e.g. self_attn.q_proj, mlp.gate_proj
+    for target in targets:
+        if not any(re.fullmatch(rf"(?:[^.]+\.)*{re.escape(target)}", k) for k in known):
+            raise ValueError(f"lora_target_modules: {target!r} is no linear layer of the language model's decoder layers {known}")
+    return rf"{layer_prefix}(?:[^.]+\.)*(?:{'|'.join(re.escape(t) for t in targets)})"
+
+
+def _vision_target_regex(model: torch.nn.Module, visual: str) -> str:
+    """Regex for every linear layer inside the vision blocks, with the suffixes read off the model."""
+    block_prefix = rf"{re.escape(visual)}\.blocks\.\d+\."
+    suffixes = _linear_suffixes(model, block_prefix)
+    if not suffixes:
+        raise ValueError(f"tune_mm_vision: found no linear layers under {visual}.blocks")
+    return rf"{block_prefix}(?:{'|'.join(re.escape(s) for s in suffixes)})"
+
+
+def _merger_modules(model: torch.nn.Module, visual: str) -> list[str]:
+    """Full names of the merger and of each deepstack merger (Qwen3-VL)."""
+    tower = model.get_submodule(visual)
+    names = [f"{visual}.merger"] if hasattr(tower, "merger") else []
+    for i, _ in enumerate(getattr(tower, "deepstack_merger_list", [])):
+        names.append(f"{visual}.deepstack_merger_list.{i}")
+    if not names:
+        raise ValueError(f"tune_mm_mlp: {visual} has no merger")
+    return names
+
+
+def _resolve_modules_to_save(model: torch.nn.Module, names: list[str]) -> list[str]:
+    """Full module names for the user's lora_modules_to_save (`lm_head` -> `lm_head`, `embed_tokens` ->
+    `model.language_model.embed_tokens`). peft matches by bare `str.endswith`, where "head" would also
+    catch "lm_head"; resolving to full names here makes the match exact and catches typos."""
+    all_names = [n for n, _ in model.named_modules() if n]
+    resolved = []
+    for name in names:
+        hits = [n for n in all_names if n == name or n.endswith("." + name)]
+        if not hits:
+            raise ValueError(f"lora_modules_to_save: no module of the model is named {name!r} (or ends in '.{name}')")
+        resolved.extend(hits)
+    return resolved
+
+
+def lora_config(model: torch.nn.Module, model_args: ModelArgs) -> LoraConfig:
+    """The peft LoraConfig that implements the module docstring's semantics for this model."""
+    visual, llm = _towers(model)
+    patterns = []
+    if model_args.tune_mm_llm:
+        targets = _split_csv(model_args.lora_target_modules) or list(DEFAULT_LLM_TARGETS)
+        patterns.append(_llm_target_regex(model, llm, targets))
+    if model_args.tune_mm_vision:
+        patterns.append(_vision_target_regex(model, visual))
+    modules_to_save = _merger_modules(model, visual) if model_args.tune_mm_mlp else []
+    modules_to_save += _resolve_modules_to_save(model, _split_csv(model_args.lora_modules_to_save))
+    modules_to_save = list(dict.fromkeys(modules_to_save))
+    if not patterns and not modules_to_save:
+        raise ValueError(
+            "LoRA has nothing to train: tune_mm_llm, tune_mm_vision and tune_mm_mlp are all false and "
+            "lora_modules_to_save is empty; set tune_mm_llm: true (LLM adapters), tune_mm_vision: true "
+            "(vision adapters), tune_mm_mlp: true (train the merger) or name modules in lora_modules_to_save"
+        )
+    # peft raises NoMatchingPeftModuleError for a config that adapts no module. Its own dummy target
+    # (peft.utils.constants.DUMMY_TARGET_MODULES, used by X-LoRA) is exempt from that check, so the
+    # merger-only case still gets a PeftModel whose adapter file holds the merger. Not public API:
+    # the test of that case guards it.
+    target_modules = "|".join(f"(?:{p})" for p in patterns) if patterns else DUMMY_TARGET_MODULES
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save or None,
+        bias="none",
+    )
+
+
+def apply_lora(model: torch.nn.Module, model_args: ModelArgs) -> PeftModel:
+    """Wrap a transformers Qwen VL model in peft LoRA as the module docstring describes."""
+    config = lora_config(model, model_args)
+    for param in model.parameters():
+        param.requires_grad_(False)  # peft freezes too; doing it first makes the contract independent of peft's
+    return get_peft_model(model, config)
+
+
+def save_lora_adapter(peft_model: PeftModel, out_dir: str | Path) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors (adapters and modules_to_save copies)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir

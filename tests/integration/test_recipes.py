@@ -1,0 +1,26 @@
+"""Every bundled recipe starts and runs 2 steps on the tiny model on CPU (model and data swapped in)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vltune.core.config import RECIPE_DIR
+
+pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
+def test_bundled_recipe_runs_two_steps(recipe, tmp_path, tiny_qwen2_5_vl, vqa_data):
+    from vltune.train import train
+
+    summary = train(recipe, {
+        "model_name_or_path": str(tiny_qwen2_5_vl), "make_tiny_model": None, "synthetic_vqa": None,
+        "dataset_use": vqa_data["train_file"], "eval_dataset": vqa_data["eval_file"], "num_eval_samples": 4,
+        "max_steps": 2, "eval_steps": 0, "save_steps": 1, "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1, "output_dir": str(tmp_path / "out"), "max_pixels": 12544,
+        "model_max_length": 512,
+    }, show_progress=False)
+    assert summary["steps"] == 2 and summary["train_loss"] > 0
+    assert (tmp_path / "out" / "checkpoint-2" / "trainer_state.json").exists()
+    expected = "adapter_config.json" if summary["train_type"] == "lora" else "model.safetensors"
+    assert (tmp_path / "out" / expected).exists()
