@@ -51,7 +51,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from vltune.core.config import load_recipe
-    from vltune.train import train
+    from vltune.training import train
 
     try:
         summary = train(load_recipe(args.recipe, parse_overrides(extra)), show_progress=not args.no_progress)

@@ -5,6 +5,7 @@ It implements core.contracts.TrainBackend; the loop in core/loop.py decides when
 
 from __future__ import annotations
 
+import resource
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -69,6 +70,9 @@ class TorchBackend:
             model = apply_lora(model, model_args)  # freezes the base, adds adapters per tune_mm_* flags
         else:
             apply_freeze(model, model_args)
+        if args.gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input grads, so it works with frozen embeddings (LoRA).
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model.to(self.device)
         # The plain transformers model under any PEFT wrapper: layers, config, save_pretrained.
         self.base = model.get_base_model() if self.lora else model
@@ -115,9 +119,10 @@ class TorchBackend:
         return {group["name"]: group["lr"] for group in self.optimizer.param_groups}
 
     def memory_stats(self) -> dict[str, float]:
-        if self.device.type != "cuda":
-            return {}
-        return {"peak_mem_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)}
+        if self.device.type == "cuda":
+            return {"peak_mem_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)}
+        # On CPU the process' peak resident set (Linux reports KiB) is the honest figure.
+        return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
 
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> tuple[float, int]:

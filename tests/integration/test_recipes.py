@@ -11,7 +11,7 @@ pytest.importorskip("torch")
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
 def test_bundled_recipe_runs_two_steps(recipe, tmp_path, tiny_qwen2_5_vl, vqa_data):
-    from vltune.train import train
+    from vltune.training import train
 
     summary = train(recipe, {
         "model_name_or_path": str(tiny_qwen2_5_vl), "make_tiny_model": None, "synthetic_vqa": None,

@@ -46,7 +46,7 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, tiny_qwen2_5_vl, vqa_data):
-    from vltune.train import train
+    from vltune.training import train
 
     out = tmp_path_factory.mktemp("straight") / "out"
     train(_recipe(tiny_qwen2_5_vl, Path(vqa_data["data_path"]), out), show_progress=False)
@@ -54,7 +54,7 @@ def straight(tmp_path_factory, tiny_qwen2_5_vl, vqa_data):
 
 
 def test_resume_from_step_10_is_bit_exact(straight, tmp_path, tiny_qwen2_5_vl, vqa_data):
-    from vltune.train import train
+    from vltune.training import train
 
     out = tmp_path / "resumed"
     summary = train(_recipe(tiny_qwen2_5_vl, Path(vqa_data["data_path"]), out,
@@ -79,7 +79,7 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_and_resumes(straigh
         "    if state['step'] == 20: os.kill(os.getpid(), signal.SIGKILL)\n"
         "    original(directory, state)\n"
         "c.CheckpointManager._write_trainer_state = staticmethod(write)\n"
-        "from vltune.train import train\n"
+        "from vltune.training import train\n"
         "train(json.loads(sys.argv[1]), show_progress=False)\n"
     )
     proc = subprocess.run([sys.executable, "-c", killer, json.dumps(recipe)], capture_output=True, text=True)
@@ -88,7 +88,7 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_and_resumes(straigh
     assert (out / "checkpoint-10" / "trainer_state.json").exists()
     _assert_same_weights(straight / "checkpoint-10", out / "checkpoint-10")
 
-    from vltune.train import train
+    from vltune.training import train
 
     summary = train({**recipe, "resume_from_checkpoint": "auto"}, show_progress=False)
     assert summary["resumed_from"].endswith("checkpoint-10") and summary["steps"] == 20

@@ -79,3 +79,35 @@ def test_accumulation_matches_one_big_batch(tiny_qwen2_5_vl, batch):
     split = grads([rows(slice(0, 2)), rows(slice(2, 4))])
     for name in whole:
         assert torch.allclose(whole[name], split[name], atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("train_type", ["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_qwen2_5_vl, batch, train_type):
+    data, info = batch
+    args = ModelArgs(model_name_or_path=str(tiny_qwen2_5_vl), tune_mm_vision=True, train_type=train_type, lora_r=4)
+    total = int((data["labels"][:, 1:] != -100).sum())
+
+    def grads(checkpointing: bool):
+        torch.manual_seed(0)
+        backend = TorchBackend(load_model(tiny_qwen2_5_vl), tiny_qwen2_5_vl, info, args,
+                               TrainArgs(gradient_checkpointing=checkpointing))
+        assert backend.base.model.language_model.gradient_checkpointing == checkpointing
+        assert backend.base.model.visual.gradient_checkpointing == checkpointing
+        backend.forward_backward(data, 1.0 / total)
+        return {n: p.grad.clone() for n, p in backend.model.named_parameters() if p.grad is not None}
+
+    plain, recomputed = grads(False), grads(True)
+    assert plain.keys() == recomputed.keys() and plain
+    for name in plain:
+        assert torch.allclose(plain[name], recomputed[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_python_api_is_the_command(tiny_qwen2_5_vl, vqa_data, tmp_path):
+    import vltune
+
+    summary = vltune.train({"model_name_or_path": str(tiny_qwen2_5_vl), "dataset_use": vqa_data["train_file"],
+                            "max_steps": 2, "per_device_train_batch_size": 2, "max_pixels": 12544,
+                            "output_dir": str(tmp_path)}, show_progress=False)
+    assert summary["steps"] == 2 and (tmp_path / "model.safetensors").exists()
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert "peak_rss_gib" in rows[-1] and "lr_llm" in rows[-1]
