@@ -103,7 +103,7 @@ def run_training(
         metric = state.last_eval[args.metric_for_best_model]
         if _improved(metric, state.best_metric, greater, args.early_stopping_threshold):
             state.best_metric, state.evals_without_improvement = metric, 0
-            if checkpoints is not None:
+            if checkpoints is not None and args.save_steps:  # a run that keeps checkpoints keeps its best
                 state.best_checkpoint = f"checkpoint-{state.step}"
                 save_checkpoint()
         else:

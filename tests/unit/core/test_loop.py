@@ -100,12 +100,19 @@ def test_schedule_and_eval_cadence(tmp_path):
 def test_early_stopping_stops_at_the_expected_step(tmp_path):
     """eval_loss improves at evals 1-3 (steps 2, 4, 6), then plateaus: patience 2 stops at step 10."""
     losses = iter([1.0, 0.8, 0.7, 0.7, 0.69, 0.7, 0.7])
-    args = TrainArgs(eval_steps=2, early_stopping_patience=2, early_stopping_threshold=0.05, save_steps=0)
+    args = TrainArgs(eval_steps=2, early_stopping_patience=2, early_stopping_threshold=0.05, save_steps=100)
     result = _run(tmp_path, args, FakeBackend(), 20, evaluate=lambda: {"eval_loss": next(losses)},
                   checkpoints=CheckpointManager(tmp_path))
     assert result.stopped_early_at == 10 and result.steps == 10
     assert result.best_metric == 0.7 and result.best_checkpoint == "checkpoint-6"
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+
+def test_no_checkpoints_without_save_steps(tmp_path):
+    losses = iter([1.0, 0.5, 0.2])
+    result = _run(tmp_path, TrainArgs(eval_steps=1), FakeBackend(), 3, evaluate=lambda: {"eval_loss": next(losses)},
+                  checkpoints=CheckpointManager(tmp_path))
+    assert result.best_metric == 0.2 and result.best_checkpoint is None and complete_checkpoints(tmp_path) == []
 
 
 def test_greater_is_better_for_accuracy(tmp_path):
