@@ -4,7 +4,6 @@ and a run killed (SIGKILL) while writing a checkpoint resumes from the previous 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
