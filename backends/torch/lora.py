@@ -24,9 +24,9 @@ Semantics of `apply_lora(model, model_args)` (train_type: lora):
   adapter scale is lora_alpha / lora_r.
 - Nothing trainable (all three flags off and no lora_modules_to_save) is a ValueError.
 
-Saving and loading: `save_lora_adapter(peft_model, out_dir)` writes adapter_config.json and
-adapter_model.safetensors (adapters plus the modules_to_save copies, not the frozen base). To use
-it, load the same base model and wrap it:
+Saving and loading: `checkpoint.save_hf_model` on the PeftModel writes adapter_config.json and
+adapter_model.safetensors (adapters plus the modules_to_save copies, not the frozen base) with the
+tokenizer files beside them. To use it, load the same base model and wrap it:
 
     base = load_model(model_dir)
     model = PeftModel.from_pretrained(base, out_dir)   # is_trainable=True to train on
@@ -38,7 +38,6 @@ Do not call trainer.apply_freeze after apply_lora: it would unfreeze the frozen 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -165,10 +164,3 @@ def apply_lora(model: torch.nn.Module, model_args: ModelArgs) -> PeftModel:
         param.requires_grad_(False)  # peft freezes too; doing it first makes the contract independent of peft's
     return get_peft_model(model, config)
 
-
-def save_lora_adapter(peft_model: PeftModel, out_dir: str | Path) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors (adapters and modules_to_save copies)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
-    return out_dir

@@ -15,7 +15,8 @@ from peft.tuners.lora import LoraLayer  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from vltune.backends.torch.batch import to_model_inputs  # noqa: E402
-from vltune.backends.torch.lora import DEFAULT_LLM_TARGETS, apply_lora, save_lora_adapter  # noqa: E402
+from vltune.backends.torch.checkpoint import save_hf_model  # noqa: E402
+from vltune.backends.torch.lora import DEFAULT_LLM_TARGETS, apply_lora  # noqa: E402
 from vltune.backends.torch.models import load_model  # noqa: E402
 from vltune.backends.torch.optim import build_param_groups  # noqa: E402
 from vltune.core.config import ModelArgs, TrainArgs  # noqa: E402
@@ -258,7 +259,9 @@ def test_saved_adapter_reloads_to_identical_logits(tiny_model_dirs, batches, tmp
         base = _logits(load_model(model_dir), batch)
     assert not torch.allclose(trained, base, atol=1e-4)  # the adapter must matter for the check to mean anything
 
-    out = save_lora_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "adapter"
+    save_hf_model(model, model_dir, out)  # what the trainer's save_model / save_checkpoint call
+    assert (out / "tokenizer.json").exists() and not (out / "model.safetensors").exists()
     keys = load_file(out / "adapter_model.safetensors").keys()
     assert any("visual.merger." in k for k in keys)
     if family == "qwen3_vl":
