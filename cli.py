@@ -3,7 +3,8 @@
     vltune train RECIPE [--key value ...]
     vltune infer --model DIR [--image P ...] --prompt T
     vltune make-tiny --model-type qwen2_5_vl|qwen3_vl --out DIR
-    vltune data check | pack | convert | merge-lora | bench   (later issues)
+    vltune merge-lora --model DIR --adapter DIR --out DIR
+    vltune data check | pack | convert | bench   (later issues)
 """
 
 from __future__ import annotations
@@ -65,10 +66,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_infer(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise SystemExit(f"vltune infer: unknown arguments {extra}")
-    for flag in ("adapter", "video"):
-        if getattr(args, flag):
-            print(f"vltune infer --{flag}: not implemented yet", file=sys.stderr)
-            return NOT_YET
+    if args.video:
+        print("vltune infer --video: not implemented yet", file=sys.stderr)
+        return NOT_YET
     if args.thinking:
         print("vltune infer --thinking: not implemented yet", file=sys.stderr)
         return NOT_YET
@@ -77,7 +77,7 @@ def cmd_infer(args: argparse.Namespace, extra: list[str]) -> int:
     try:
         answer = infer(
             args.model, args.prompt, args.image, max_new_tokens=args.max_new_tokens, backend=args.backend,
-            min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+            min_pixels=args.min_pixels, max_pixels=args.max_pixels, adapter=args.adapter,
         )
     except _user_errors() as e:
         print(f"vltune infer: {e}", file=sys.stderr)
@@ -92,6 +92,19 @@ def cmd_make_tiny(args: argparse.Namespace, extra: list[str]) -> int:
     from vltune.backends.torch.tiny import make_tiny
 
     print(make_tiny(args.model_type, args.out, seed=args.seed))
+    return 0
+
+
+def cmd_merge_lora(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise SystemExit(f"vltune merge-lora: unknown arguments {extra}")
+    from vltune.backends.torch.models import merge_lora
+
+    try:
+        print(merge_lora(args.model, args.adapter, args.out))
+    except _user_errors() as e:
+        print(f"vltune merge-lora: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -131,11 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_make_tiny)
 
+    p = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base model: a full HF-format directory")
+    p.add_argument("--model", required=True, help="the base model directory the adapter was trained on")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=cmd_merge_lora)
+
     for name, text in (
         ("data", "validate a recipe's data (data check RECIPE)"),
         ("pack", "pack an annotation file into fixed-length bins"),
         ("convert", "convert checkpoints between HF and MindSpeed-MM"),
-        ("merge-lora", "merge a LoRA adapter into its base model"),
         ("bench", "throughput / MFU against the stock transformers model"),
     ):
         p = sub.add_parser(name, help=f"{text} (not implemented yet)")
