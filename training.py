@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from vltune.core.config import RecipeConfig, circle_rope_settings, load_recipe
+from vltune.core.config import ConfigError, RecipeConfig, circle_rope_settings, load_recipe
 from vltune.core.checkpointing import CheckpointManager, read_trainer_state, resolve_resume
 from vltune.core.loop import LoopState, run_training
 from vltune.core.metrics import MetricsWriter
@@ -40,9 +40,13 @@ def prepare_assets(cfg: RecipeConfig) -> None:
         spec = dict(cfg.data.synthetic_vqa)
         out_dir = spec.pop("out_dir", None)
         if out_dir is None:
-            raise ValueError("synthetic_vqa needs an out_dir")
+            raise ConfigError("synthetic_vqa needs an out_dir")
         spec["tasks"] = tuple(spec.get("tasks", ("color",)))
-        generate_vqa_dataset(out_dir, SyntheticVQAConfig(**spec))
+        try:
+            config = SyntheticVQAConfig(**spec)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"synthetic_vqa: {e}") from None
+        generate_vqa_dataset(out_dir, config)
 
 
 def read_datasets(spec: str) -> list[Sample]:
@@ -51,7 +55,7 @@ def read_datasets(spec: str) -> list[Sample]:
     for entry in (e.strip() for e in spec.split(",") if e.strip()):
         path = Path(entry)
         if path.suffix not in (".json", ".jsonl"):
-            raise ValueError(f"dataset_use entry {entry!r}: expected a .json or .jsonl file path")
+            raise ConfigError(f"dataset_use entry {entry!r}: expected a .json or .jsonl file path")
         samples += load_samples(path)
     return samples
 
