@@ -35,9 +35,10 @@ class Evaluator:
         predictions, references, rows = [], [], []
         for start in range(0, len(self.dataset), self.batch_size):
             indices = range(start, min(start + self.batch_size, len(self.dataset)))
-            s, c = self.backend.eval_loss(self.collate([self.dataset[i] for i in indices]))
+            features = [self.dataset[i] for i in indices]
+            s, c = self.backend.eval_loss(self.collate(features))
             loss_sum, count = loss_sum + s, count + c
-            prompts, answers = zip(*(self.dataset.prompt(i) for i in indices))
+            prompts, answers = zip(*(self.dataset.prompt(i, f) for i, f in zip(indices, features)))
             generated = self.backend.generate(self.collate(list(prompts), padding_side="left"), self.max_new_tokens)
             texts = [self.dataset.tokenizer.decode(ids) for ids in generated]
             predictions += texts

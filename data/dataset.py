@@ -58,8 +58,12 @@ class SFTDataset:
             patches.append(pixels)
             grids.append(grid)
         grid_thw = np.stack(grids).astype(np.int64)
+        return np.concatenate(patches), grid_thw, self._token_counts(grid_thw)
+
+    def _token_counts(self, grid_thw: np.ndarray | None) -> list[int]:
+        """LLM tokens per image: patches / merge_size**2."""
         merge = self.vision.merge_size**2
-        return np.concatenate(patches), grid_thw, [int(g.prod()) // merge for g in grid_thw]
+        return [] if grid_thw is None else [int(g.prod()) // merge for g in grid_thw]
 
     def __getitem__(self, index: int) -> Features:
         sample = self.samples[index]
@@ -75,10 +79,18 @@ class SFTDataset:
             )
         return Features(input_ids, labels, pixel_values, grid_thw)
 
-    def prompt(self, index: int) -> tuple[Features, str]:
-        """The sample without its last answer, ending in the generation prompt, and that answer."""
+    def prompt(self, index: int, features: Features | None = None) -> tuple[Features, str]:
+        """The sample without its last answer, ending in the generation prompt, and that answer.
+
+        Pass the sample's `features` (from `dataset[index]`) to reuse its image patches instead of
+        decoding and resizing the images a second time.
+        """
         sample = self.samples[index]
-        pixel_values, grid_thw, n_tokens = self._images(sample)
+        if features is None:
+            pixel_values, grid_thw, n_tokens = self._images(sample)
+        else:
+            pixel_values, grid_thw = features.pixel_values, features.image_grid_thw
+            n_tokens = self._token_counts(grid_thw)
         *context, answer = sample.messages
         input_ids = self.tokenizer.encode_prompt(context, n_tokens)
         labels = np.full_like(input_ids, -100)
