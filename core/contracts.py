@@ -8,7 +8,6 @@ torch and MindSpore engines train on byte-identical inputs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -22,16 +21,6 @@ IGNORE_INDEX = -100
 def count_trained_tokens(batch: Batch) -> int:
     """Number of next-token targets in a batch: labels shifted left by one, minus ignored ones."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-@dataclass
-class StepOutput:
-    """What one optimizer step reports back to the loop."""
-
-    loss: float
-    """Mean loss per trained token over the whole (accumulated) batch."""
-    grad_norm: float
-    """Global gradient norm before clipping."""
 
 
 class TrainBackend(Protocol):

@@ -97,8 +97,9 @@ def generate_with_positions(
             step_pos = torch.cat([step_pos, new_pos], dim=2)
             step_alt = torch.cat([step_alt, new_alt], dim=2) if alt is not None else None
 
+    stop = set(eos.tolist())
     results = []
     for row in generated.tolist():
-        cut = next((i for i, t in enumerate(row) if t in set(eos.tolist())), len(row))
+        cut = next((i for i, t in enumerate(row) if t in stop), len(row))
         results.append(row[:cut])
     return results
