@@ -61,9 +61,26 @@ class ModelArgs:
 @dataclass
 class DataArgs:
     dataset_use: str = ""
-    """Comma-separated datasets: registered names or paths to JSON/JSONL files (their folder is the data path)."""
+    """Comma-separated datasets: registered names, JSON/JSONL paths (their folder is the data path) or HF
+    `datasets` directories; `name%50` samples 50% of it (seeded), `dir[train:1000,test:100]` takes slices."""
+    datasets: dict | None = None
+    """Registry in the recipe: {name: {annotation_path, data_path}} (qwen-vl-finetune's data_dict)."""
+    dataset_registry: str | None = None
+    """A YAML/JSON file holding more registry entries of the same shape."""
     eval_dataset: str | None = None
-    """Held-out JSON/JSONL used for eval loss and exact-match accuracy."""
+    """Held-out data (same syntax as dataset_use) for eval loss and exact-match accuracy."""
+    skip_bad_samples: bool = False
+    """Skip (and count) samples that fail validation; otherwise the run stops before step 1 with the report."""
+    truncation_strategy: str = "delete"
+    """Samples longer than model_max_length: delete (dropped, counted) | right (cut trailing text, never
+    inside an image/video span; dropped when no answer token survives) | error."""
+    video_min_pixels: int | None = None
+    """Pixel bounds per video frame (default: the model's video preprocessor config)."""
+    video_max_pixels: int | None = None
+    base_interval: float | None = None
+    """Seconds between sampled video frames (Qwen2/2.5-VL; default: the video preprocessor's fps)."""
+    video_min_frames: int | None = None
+    video_max_frames: int | None = None
     synthetic_vqa: dict | None = None
     """Generate the synthetic VQA set before training: {out_dir, num_train, num_eval, tasks, image_size, seed}."""
     max_pixels: int | None = None
@@ -71,7 +88,7 @@ class DataArgs:
     min_pixels: int | None = None
     """Lower bound on pixels per image after smart_resize (default: the model's preprocessor_config.json)."""
     model_max_length: int = 2048
-    """Longest tokenised sample; longer samples are an error naming the sample."""
+    """Longest tokenised sample (image/video tokens included); see truncation_strategy."""
     num_eval_samples: int | None = None
     """Evaluate on the first N held-out samples only (None = all)."""
 
@@ -300,6 +317,8 @@ def validate(cfg: RecipeConfig) -> None:
         problems.append(f"attn_implementation: {m.attn_implementation!r} is not one of sdpa, eager")
     if not d.dataset_use:
         problems.append("dataset_use is empty: name a registered dataset or a JSON/JSONL path")
+    if d.truncation_strategy not in ("delete", "right", "error"):
+        problems.append(f"truncation_strategy: {d.truncation_strategy!r} is not one of delete, right, error")
     if d.model_max_length <= 0:
         problems.append(f"model_max_length: {d.model_max_length} must be > 0")
     if t.backend != "torch":
