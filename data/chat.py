@@ -16,6 +16,7 @@ for the word "assistant" (as the official scripts do) would mislabel user text t
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,22 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from ..core.contracts import IGNORE_INDEX
+
+
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+_PADS = re.compile(re.escape(IMAGE_PAD) + "|" + re.escape(VIDEO_PAD))
+
+
+def _text_of(message: dict[str, Any]) -> str:
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+
+
+def _shift(pos: int, shifts: list[tuple[int, int]]) -> int:
+    """A position of the rendered text moved past the media expansions that precede it."""
+    return pos + sum(added for at, added in shifts if at < pos)
 
 
 def _raise_exception(message: str):
@@ -71,6 +88,7 @@ class ChatTokenizer:
         self.image_token_id = token_id("<|image_pad|>")
         self.video_token_id = token_id("<|video_pad|>")
         self.vision_start_token_id = token_id("<|vision_start|>")
+        self.vision_end_token_id = token_id("<|vision_end|>")
         self.im_end_id = token_id("<|im_end|>")
         self.pad_token_id = token_id("<|endoftext|>")
 
@@ -89,44 +107,64 @@ class ChatTokenizer:
                     "the chat template does not render conversations prefix by prefix "
                     f"(assistant turn {i}); cannot locate answer spans"
                 )
-            spans.append((len(before), len(through)))
+            start = len(before)
+            # Templates with a thinking mode give an answer without reasoning an empty think block;
+            # the model did not write it, so it is not trained (an answer's own <think> is).
+            if text.startswith(EMPTY_THINK, start) and "<think>" not in _text_of(message):
+                start += len(EMPTY_THINK)
+            spans.append((start, len(through)))
         return spans
 
-    def _expand_media(self, ids: list[int], labels: list[int], n_image_tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Replace the k-th `<|image_pad|>` with n_image_tokens[k] copies (labels -100)."""
-        pads = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        if len(pads) != len(n_image_tokens):
-            raise ValueError(f"{len(pads)} image placeholder(s) in the rendered text but {len(n_image_tokens)} image(s)")
-        out_ids: list[int] = []
-        out_labels: list[int] = []
-        k = 0
-        for tok, lab in zip(ids, labels):
-            if tok == self.image_token_id:
-                out_ids.extend([tok] * n_image_tokens[k])
-                out_labels.extend([IGNORE_INDEX] * n_image_tokens[k])
-                k += 1
-            else:
-                out_ids.append(tok)
-                out_labels.append(lab)
-        return np.asarray(out_ids, dtype=np.int64), np.asarray(out_labels, dtype=np.int64)
+    def _expand_media(self, text: str, image_repl: list[str], video_repl: list[str]) -> tuple[str, list[tuple[int, int]]]:
+        """Replace the k-th `<|image_pad|>` / `<|video_pad|>` with its replacement, as the processor does.
 
-    def encode_chat(self, messages: list[dict[str, Any]], n_image_tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids, labels) of a whole conversation; only assistant answers (+ `<|im_end|>\\n`) are trained."""
-        text = self.render(messages)
-        spans = self._assistant_spans(messages, text)
+        Returns the expanded text and (position in the original text, length added) per replacement,
+        so character spans of the rendered text can be moved onto the expanded one.
+        """
+        found = [m for m in _PADS.finditer(text)]
+        n_images = sum(m.group() == IMAGE_PAD for m in found)
+        if n_images != len(image_repl) or len(found) - n_images != len(video_repl):
+            raise ValueError(
+                f"{n_images} image and {len(found) - n_images} video placeholder(s) in the rendered text but "
+                f"{len(image_repl)} image(s) and {len(video_repl)} video(s)"
+            )
+        images, videos = iter(image_repl), iter(video_repl)
+        pieces, shifts, last = [], [], 0
+        for m in found:
+            repl = next(images) if m.group() == IMAGE_PAD else next(videos)
+            pieces += [text[last : m.start()], repl]
+            shifts.append((m.start(), len(repl) - len(m.group())))
+            last = m.end()
+        pieces.append(text[last:])
+        return "".join(pieces), shifts
+
+    def encode_chat(
+        self, messages: list[dict[str, Any]], image_repl: list[str], video_repl: list[str] = ()
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, labels) of a whole conversation; only assistant answers (+ `<|im_end|>\\n`) are trained.
+
+        `image_repl` / `video_repl`: what each image's / video's pad token becomes (see `image_placeholder`).
+        """
+        rendered = self.render(messages)
+        spans = self._assistant_spans(messages, rendered)
+        text, shifts = self._expand_media(rendered, list(image_repl), list(video_repl))
+        moved = [(_shift(a, shifts), _shift(b, shifts)) for a, b in spans]
         enc = self.tokenizer.encode(text, add_special_tokens=False)
         labels = [
-            tok if any(start < end_ and end > start_ for start_, end_ in spans) else IGNORE_INDEX
+            tok if any(start < end_ and end > start_ for start_, end_ in moved) else IGNORE_INDEX
             for tok, (start, end) in zip(enc.ids, enc.offsets)
         ]
-        return self._expand_media(enc.ids, labels, n_image_tokens)
+        return np.asarray(enc.ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
 
-    def encode_prompt(self, messages: list[dict[str, Any]], n_image_tokens: list[int]) -> np.ndarray:
+    def encode_prompt(self, messages: list[dict[str, Any]], image_repl: list[str], video_repl: list[str] = ()) -> np.ndarray:
         """input_ids of `messages` followed by the generation prompt (`<|im_start|>assistant\\n`)."""
-        text = self.render(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        input_ids, _ = self._expand_media(ids, [IGNORE_INDEX] * len(ids), n_image_tokens)
-        return input_ids
+        text, _ = self._expand_media(self.render(messages, add_generation_prompt=True), list(image_repl), list(video_repl))
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    @staticmethod
+    def image_placeholder(n_tokens: int) -> str:
+        """What one image's `<|image_pad|>` becomes: one pad per merged patch."""
+        return IMAGE_PAD * n_tokens
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

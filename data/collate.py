@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..core.circle_rope import age_layer_mask
 from ..core.contracts import IGNORE_INDEX, Batch
 from ..core.rope2d import get_rope_index
 from .dataset import Features
 from .model_info import ModelInfo
+
+
+def vision_arrays(features: list[Features]) -> Batch:
+    """The batch's image and video arrays: every sample's patches and grids concatenated in order."""
+    out: Batch = {}
+    with_images = [f for f in features if f.pixel_values is not None]
+    if with_images:
+        out["pixel_values"] = np.concatenate([f.pixel_values for f in with_images]).astype(np.float32)
+        out["image_grid_thw"] = np.concatenate([f.image_grid_thw for f in with_images]).astype(np.int64)
+    with_videos = [f for f in features if f.pixel_values_videos is not None]
+    if with_videos:
+        out["pixel_values_videos"] = np.concatenate([f.pixel_values_videos for f in with_videos]).astype(np.float32)
+        out["video_grid_thw"] = np.concatenate([f.video_grid_thw for f in with_videos]).astype(np.int64)
+        out["second_per_grid_ts"] = np.concatenate([f.second_per_grid_ts for f in with_videos]).astype(np.float32)
+    return out
 
 
 def collate_padded(
@@ -41,12 +56,11 @@ def collate_padded(
         attention_mask[row, cols] = 1
 
     batch: Batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-    with_images = [f for f in features if f.pixel_values is not None]
-    if with_images:
-        batch["pixel_values"] = np.concatenate([f.pixel_values for f in with_images]).astype(np.float32)
-        batch["image_grid_thw"] = np.concatenate([f.image_grid_thw for f in with_images]).astype(np.int64)
+    batch.update(vision_arrays(features))
     rope = dict(
         image_grid_thw=batch.get("image_grid_thw"),
+        video_grid_thw=batch.get("video_grid_thw"),
+        second_per_grid_ts=batch.get("second_per_grid_ts"),
         attention_mask=attention_mask,
         model_type=info.model_type,
         spatial_merge_size=info.spatial_merge_size,

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..core.contracts import Batch
 from .dataset import Features, SFTDataset
+from .formats import SampleError
 
 
 class BatchIterator:
@@ -24,6 +25,7 @@ class BatchIterator:
         collate: Callable[[list[Features]], Batch],
         seed: int,
         shuffle: bool = True,
+        skip_bad_samples: bool = False,
     ):
         if len(dataset) < batch_size:
             raise ValueError(f"dataset has {len(dataset)} samples, fewer than per_device_train_batch_size {batch_size}")
@@ -32,6 +34,9 @@ class BatchIterator:
         self.collate = collate
         self.seed = seed
         self.shuffle = shuffle
+        self.skip_bad_samples = skip_bad_samples
+        self.skipped: list[str] = []
+        """Samples that failed while being built (e.g. a corrupt image body) and were skipped."""
         self.epoch = 0
         self.position = 0
         self._order = self._permutation(0)
@@ -62,11 +67,25 @@ class BatchIterator:
     def __iter__(self) -> Iterator[Batch]:
         return self
 
+    def _new_epoch(self) -> None:
+        self.epoch += 1
+        self.position = 0
+        self._order = self._permutation(self.epoch)
+
     def __next__(self) -> Batch:
         if self.position + self.batch_size > len(self._order):
-            self.epoch += 1
-            self.position = 0
-            self._order = self._permutation(self.epoch)
-        indices = self._order[self.position : self.position + self.batch_size]
-        self.position += self.batch_size
-        return self.collate([self.dataset[int(i)] for i in indices])
+            self._new_epoch()
+        features: list[Features] = []
+        while len(features) < self.batch_size:
+            if self.position >= len(self._order):  # only after skips: fill the batch from the next epoch
+                self._new_epoch()
+            index = int(self._order[self.position])
+            self.position += 1
+            try:
+                features.append(self.dataset[index])
+            except SampleError as e:
+                if not self.skip_bad_samples:
+                    raise
+                self.skipped.append(str(e))
+                print(f"[vltune] skipped a bad sample: {e}", flush=True)
+        return self.collate(features)

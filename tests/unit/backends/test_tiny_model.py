@@ -66,7 +66,7 @@ def test_vltune_chat_tokenizer_matches_transformers(tiny_model_dirs, model_type)
     n_tokens = 7
     text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False).replace("<|image_pad|>", "<|image_pad|>" * n_tokens)
     expected = tokenizer(text, add_special_tokens=False)["input_ids"]
-    input_ids, labels = ours.encode_chat(CONVERSATION, [n_tokens])
+    input_ids, labels = ours.encode_chat(CONVERSATION, [ours.image_placeholder(n_tokens)])
     assert input_ids.tolist() == expected
     trained = input_ids[labels != -100]
     assert ours.decode(trained, skip_special_tokens=False) == "red<|im_end|>\n"

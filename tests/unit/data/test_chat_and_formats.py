@@ -7,7 +7,7 @@ import json
 import pytest
 
 from vltune.data.chat import ChatTokenizer
-from vltune.data.formats import SampleError, load_samples, read_records, record_to_sample
+from vltune.data.formats import SampleError, load_samples, read_annotation, record_to_sample
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def chat(tiny_qwen2_5_vl) -> ChatTokenizer:
 
 
 def _trained_text(chat: ChatTokenizer, messages, n_images=()) -> str:
-    ids, labels = chat.encode_chat(messages, list(n_images))
+    ids, labels = chat.encode_chat(messages, [chat.image_placeholder(n) for n in n_images])
     return chat.decode(ids[labels != -100], skip_special_tokens=False)
 
 
@@ -42,11 +42,11 @@ def test_image_pads_expand_and_are_never_trained(chat):
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a"}, {"type": "image"}]},
         {"role": "assistant", "content": "b"},
     ]
-    ids, labels = chat.encode_chat(messages, [4, 9])
+    ids, labels = chat.encode_chat(messages, [chat.image_placeholder(4), chat.image_placeholder(9)])
     assert (ids == chat.image_token_id).sum() == 13
     assert (labels[ids == chat.image_token_id] == -100).all()
-    with pytest.raises(ValueError, match="2 image placeholder"):
-        chat.encode_chat(messages, [4])
+    with pytest.raises(ValueError, match="2 image and 0 video placeholder"):
+        chat.encode_chat(messages, [chat.image_placeholder(4)])
 
 
 def test_prompt_ends_with_generation_prompt(chat):
@@ -97,10 +97,11 @@ def test_bad_records_name_the_sample_and_reason(tmp_path, record, message):
 def test_malformed_line_and_bad_bytes_report_line_numbers(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", [GOOD, "{not json"])
     with pytest.raises(SampleError, match=r"d.jsonl:2: malformed JSON"):
-        read_records(path)
-    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"id": "\xff"}\n')
-    with pytest.raises(SampleError, match=r"d.jsonl:2: not valid UTF-8"):
-        read_records(path)
+        load_samples(path)
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"id": "\xff"}\n' + b"{oops\n" + json.dumps({**GOOD, "id": "b"}).encode())
+    result = read_annotation(path)  # one bad line does not hide the others: every line is read
+    assert [s.id for s in result.samples] == ["a", "b"]
+    assert [(e.kind, str(e).split(":")[1]) for e in result.problems] == [("not_utf8", "2"), ("malformed_json", "3")]
 
 
 def test_duplicated_ids_are_rejected(tmp_path):
