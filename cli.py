@@ -4,7 +4,8 @@
     vltune infer --model DIR [--image P ...] --prompt T
     vltune make-tiny --model-type qwen2_5_vl|qwen3_vl --out DIR
     vltune merge-lora --model DIR --adapter DIR --out DIR
-    vltune data check | pack | convert | bench   (later issues)
+    vltune convert hf-to-mindspeed|mindspeed-to-hf ...   (backends/torch/convert)
+    vltune data check | pack | bench   (later issues)
 """
 
 from __future__ import annotations
@@ -108,6 +109,26 @@ def cmd_merge_lora(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace, extra: list[str]) -> int:
+    """HF <-> MindSpeed-MM checkpoints (backends/torch/convert); prints the written directory."""
+    if extra:
+        raise SystemExit(f"vltune convert: unknown arguments {extra}")
+    from vltune.backends.torch.convert import ConvertError, hf_to_mindspeed, mindspeed_to_hf, parse_layer_list
+
+    try:
+        if args.direction == "hf-to-mindspeed":
+            llm = parse_layer_list(args.llm_pp_layers, "--llm-pp-layers") if args.llm_pp_layers else None
+            vit = parse_layer_list(args.vit_pp_layers, "--vit-pp-layers") if args.vit_pp_layers else None
+            out = hf_to_mindspeed(args.hf_dir, args.out, tp=args.tp, llm_pp_layers=llm, vit_pp_layers=vit, vpp=args.vpp)
+        else:
+            out = mindspeed_to_hf(args.mm_dir, args.hf_dir, args.out, trust_pickle=args.trust_pickle)
+    except (ConvertError, FileNotFoundError) as e:
+        print(f"vltune convert {args.direction}: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
 def cmd_not_yet(name: str):
     def run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"vltune {name}: not implemented yet", file=sys.stderr)
@@ -150,10 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(run=cmd_merge_lora)
 
+    p = sub.add_parser("convert", help="convert checkpoints between HF and MindSpeed-MM (tensor/pipeline splits)")
+    convert_sub = p.add_subparsers(dest="direction", required=True)
+    p = convert_sub.add_parser("hf-to-mindspeed", help="HF model directory -> MindSpeed-MM release checkpoint")
+    p.add_argument("--hf-dir", required=True)
+    p.add_argument("--out", required=True, help="a new (or empty) directory")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--llm-pp-layers", help="text layers per pipeline stage, e.g. 1,10,10,7 (default: one stage)")
+    p.add_argument("--vit-pp-layers", help="vision layers per pipeline stage, e.g. 32,0,0,0 (default: one stage)")
+    p.add_argument("--vpp", type=int, default=1,
+                   help="virtual pipeline chunks per rank; the layer lists then give pp*vpp counts, chunk 0 of every rank first")
+    p.set_defaults(run=cmd_convert)
+    p = convert_sub.add_parser("mindspeed-to-hf", help="MindSpeed-MM checkpoint -> HF model directory")
+    p.add_argument("--mm-dir", required=True)
+    p.add_argument("--hf-dir", required=True, help="an HF directory of the same model: config, tokenizer, processor files")
+    p.add_argument("--out", required=True, help="a new (or empty) directory")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="fully unpickle checkpoint files that hold more than tensors (only files you trust)")
+    p.set_defaults(run=cmd_convert)
+
     for name, text in (
         ("data", "validate a recipe's data (data check RECIPE)"),
         ("pack", "pack an annotation file into fixed-length bins"),
-        ("convert", "convert checkpoints between HF and MindSpeed-MM"),
         ("bench", "throughput / MFU against the stock transformers model"),
     ):
         p = sub.add_parser(name, help=f"{text} (not implemented yet)")
