@@ -100,7 +100,7 @@ class TrainArgs:
     backend: str = "torch"
     """torch | mindspore."""
     objective: str = "ar"
-    """ar (next-token SFT) | mdlm (masked diffusion, a later issue)."""
+    """ar (next-token SFT) | mdlm (masked diffusion; settings in the mdlm section)."""
     seed: int = 42
     """Seeds model init order, data order and dropout."""
     learning_rate: float = 1e-5
@@ -182,7 +182,38 @@ def circle_rope_settings(model: "ModelArgs", config_model_type: str) -> dict | N
     return settings
 
 
-SECTIONS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs}
+@dataclass
+class MdlmArgs:
+    """Masked diffusion (`objective: mdlm`, REFERENCE.md s4): noising, loss and sampler. Unused under `ar`."""
+
+    noise_schedule: str = "linear"
+    """linear (alpha_t = 1 - t, so p_mask = t) | cosine (alpha_t = 1 - sin(pi t / 2), MD4 / MaskGIT)."""
+    mdlm_eps: float = 1e-3
+    """Per sequence t ~ U(mdlm_eps, 1): keeps the 1/t loss weight finite."""
+    mask_prompt_loss: bool = True
+    """Only the response (labels != -100, found from the template structure) is masked and trained;
+    false masks prompt text too. Vision tokens are never masked."""
+    loss_normalization: str = "sequence"
+    """sequence (sum CE/t / L_i / B, L_i = maskable tokens of row i) | token (/ all maskable tokens) | batch (/ B)."""
+    train_eos_tail: bool = False
+    """Fill each row's right padding with the end token and train it, so the sampler learns where to stop."""
+    mask_token: str = "<|mask|>"
+    """Added inside the embedding's spare rows (no resize) when the tokenizer lacks it."""
+    freeze_vision: bool = True
+    """Under mdlm the vision tower stays frozen even when tune_mm_vision is on (set false to let it train)."""
+    freeze_merger: bool = True
+    """Under mdlm the merger stays frozen even when tune_mm_mlp is on (set false to let it train)."""
+    mdlm_steps: int = 0
+    """Sampler denoising steps for eval / infer (0 = one per generated token)."""
+    mdlm_block_length: int = 32
+    """Sampler block length (semi-autoregressive blocks; capped at the generation length)."""
+    mdlm_remasking: str = "low_confidence"
+    """Which masked positions the sampler commits each step: low_confidence (most confident) | random."""
+    mdlm_temperature: float = 0.0
+    """Gumbel-noise temperature of the sampler's token choice (0 = argmax, deterministic)."""
+
+
+SECTIONS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs, "mdlm": MdlmArgs}
 
 
 @dataclass
@@ -190,6 +221,7 @@ class RecipeConfig:
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
+    mdlm: MdlmArgs = field(default_factory=MdlmArgs)
 
     def to_flat_dict(self) -> dict[str, Any]:
         flat: dict[str, Any] = {}
@@ -323,8 +355,9 @@ def validate(cfg: RecipeConfig) -> None:
         problems.append(f"model_max_length: {d.model_max_length} must be > 0")
     if t.backend != "torch":
         problems.append(f"backend: {t.backend!r} is not implemented yet (only 'torch' is)")
-    if t.objective != "ar":
-        problems.append(f"objective: {t.objective!r} is not implemented yet (only 'ar' is)")
+    if t.objective not in ("ar", "mdlm"):
+        problems.append(f"objective: {t.objective!r} is not one of ar, mdlm")
+    problems += _mdlm_problems(cfg)
     if t.lr_scheduler_type not in ("cosine", "linear", "constant"):
         problems.append(f"lr_scheduler_type: {t.lr_scheduler_type!r} is not one of cosine, linear, constant")
     for key in ("learning_rate", "vision_tower_lr", "mm_projector_lr"):
@@ -349,3 +382,33 @@ def validate(cfg: RecipeConfig) -> None:
         problems.append(f"num_train_epochs: {t.num_train_epochs} must be > 0 when max_steps is -1")
     if problems:
         raise ConfigError("invalid recipe:\n  - " + "\n  - ".join(problems))
+
+
+def _mdlm_problems(cfg: RecipeConfig) -> list[str]:
+    """Problems of the mdlm section (value ranges always; what only matters for training under mdlm)."""
+    k, problems = cfg.mdlm, []
+    if k.noise_schedule not in ("linear", "cosine"):
+        problems.append(f"noise_schedule: {k.noise_schedule!r} is not one of linear, cosine")
+    if k.loss_normalization not in ("token", "sequence", "batch"):
+        problems.append(f"loss_normalization: {k.loss_normalization!r} is not one of token, sequence, batch")
+    if k.mdlm_remasking not in ("low_confidence", "random"):
+        problems.append(f"mdlm_remasking: {k.mdlm_remasking!r} is not one of low_confidence, random")
+    if not 0.0 < k.mdlm_eps < 1.0:
+        problems.append(f"mdlm_eps: {k.mdlm_eps} must be in (0, 1)")
+    if k.mdlm_steps < 0 or k.mdlm_block_length < 1 or k.mdlm_temperature < 0:
+        problems.append(
+            f"mdlm sampler: mdlm_steps {k.mdlm_steps} must be >= 0, mdlm_block_length {k.mdlm_block_length} >= 1, "
+            f"mdlm_temperature {k.mdlm_temperature} >= 0"
+        )
+    if not k.mask_token:
+        problems.append("mask_token is empty: give the token string, e.g. <|mask|>")
+    if cfg.train.objective == "mdlm" and not cfg.model.tune_mm_llm:
+        problems.append("objective mdlm needs tune_mm_llm: true (the language model must learn to denoise bidirectionally)")
+    if cfg.train.objective == "mdlm" and cfg.data.eval_dataset and not problems:
+        from .mdlm_sampler import SamplerSettings
+
+        try:  # the evaluation samples eval_max_new_tokens tokens with the recipe's sampler settings
+            SamplerSettings(cfg.train.eval_max_new_tokens, k.mdlm_block_length, k.mdlm_steps).resolved()
+        except ValueError as e:
+            problems.append(f"{e}: fit eval_max_new_tokens, mdlm_block_length and mdlm_steps together")
+    return problems

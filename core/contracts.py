@@ -23,6 +23,17 @@ def count_trained_tokens(batch: Batch) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def loss_denominator(batch: Batch) -> int:
+    """This micro-batch's share of the loss denominator of the accumulated batch.
+
+    AR: its next-token targets. A masked-diffusion batch (core.mdlm) carries its own, because its
+    normalisation (per token, per sequence or per batch) is the recipe's choice.
+    """
+    if "loss_denominator" in batch:
+        return int(batch["loss_denominator"])
+    return count_trained_tokens(batch)
+
+
 class TrainBackend(Protocol):
     """The engine side of the training loop: tensors, autograd, optimizer, weights on disk."""
 

@@ -1,8 +1,9 @@
 """The training loop, written once for every backend.
 
 Order of events per optimizer step: draw `gradient_accumulation_steps` micro-batches, count their
-trained tokens, forward/backward each with loss scale 1/tokens (so the loss is the mean over the
-whole accumulated batch, however the tokens fall into micro-batches); skip the step if the loss is
+trained tokens (an MDLM batch brings its own denominator: core.contracts.loss_denominator),
+forward/backward each with loss scale 1/tokens (so the loss is the mean over the whole accumulated
+batch, however the tokens fall into micro-batches); skip the step if the loss is
 not finite; else set the scheduled learning rate, clip and step. Then log, evaluate on the eval
 cadence (tracking the best metric and early stopping), and checkpoint on the save cadence. The
 engine only supplies the TrainBackend methods; everything needed to resume is in LoopState.
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from .checkpointing import CheckpointManager
 from .config import TrainArgs
-from .contracts import Batch, TrainBackend, count_trained_tokens
+from .contracts import Batch, TrainBackend, loss_denominator
 from .metrics import MetricsWriter
 from .schedules import lr_at, warmup_steps_for
 
@@ -112,7 +113,7 @@ def run_training(
 
     while state.step < total_steps:
         micro = [next(batches) for _ in range(args.gradient_accumulation_steps)]
-        n_trained = sum(count_trained_tokens(b) for b in micro)
+        n_trained = sum(loss_denominator(b) for b in micro)
         if n_trained == 0:
             raise RuntimeError(f"step {state.step + 1}: no trained tokens in the batch (every label is -100)")
         loss = sum(backend.forward_backward(b, 1.0 / n_trained) for b in micro) / n_trained
