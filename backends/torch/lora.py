@@ -23,6 +23,8 @@ Semantics of `apply_lora(model, model_args)` (train_type: lora):
 - lora_r, lora_alpha and lora_dropout go to peft unchanged: dropout 0.0 gives nn.Identity, and the
   adapter scale is lora_alpha / lora_r.
 - Nothing trainable (all three flags off and no lora_modules_to_save) is a ValueError.
+- objective mdlm: the `<|mask|>` embedding row trains through peft's `trainable_token_indices`
+  (a per-row delta saved in the adapter; see lora_config), not the whole embedding.
 
 Saving and loading: `checkpoint.save_hf_model` on the PeftModel writes adapter_config.json and
 adapter_model.safetensors (adapters plus the modules_to_save copies, not the frozen base) with the
@@ -124,8 +126,14 @@ def _resolve_modules_to_save(model: torch.nn.Module, names: list[str]) -> list[s
     return resolved
 
 
-def lora_config(model: torch.nn.Module, model_args: ModelArgs) -> LoraConfig:
-    """The peft LoraConfig that implements the module docstring's semantics for this model."""
+def lora_config(model: torch.nn.Module, model_args: ModelArgs, trainable_token_ids: tuple[int, ...] = ()) -> LoraConfig:
+    """The peft LoraConfig that implements the module docstring's semantics for this model.
+
+    `trainable_token_ids` (MDLM's `<|mask|>`) become trainable embedding rows through peft's
+    `trainable_token_indices`: only those rows' deltas train and are saved in the adapter, and peft ties
+    them into the LM head when the embeddings are tied. A fully trained embedding (embed_tokens in
+    lora_modules_to_save) already covers them.
+    """
     visual, llm = _towers(model)
     patterns = []
     if model_args.tune_mm_llm:
@@ -147,19 +155,22 @@ def lora_config(model: torch.nn.Module, model_args: ModelArgs) -> LoraConfig:
     # merger-only case still gets a PeftModel whose adapter file holds the merger. Not public API:
     # the test of that case guards it.
     target_modules = "|".join(f"(?:{p})" for p in patterns) if patterns else DUMMY_TARGET_MODULES
+    embedding = _module_name(model, model.get_input_embeddings())
+    train_rows = list(trainable_token_ids) if embedding not in modules_to_save else []
     return LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=target_modules,
         modules_to_save=modules_to_save or None,
+        trainable_token_indices={embedding: train_rows} if train_rows else None,
         bias="none",
     )
 
 
-def apply_lora(model: torch.nn.Module, model_args: ModelArgs) -> PeftModel:
+def apply_lora(model: torch.nn.Module, model_args: ModelArgs, trainable_token_ids: tuple[int, ...] = ()) -> PeftModel:
     """Wrap a transformers Qwen VL model in peft LoRA as the module docstring describes."""
-    config = lora_config(model, model_args)
+    config = lora_config(model, model_args, trainable_token_ids)
     for param in model.parameters():
         param.requires_grad_(False)  # peft freezes too; doing it first makes the contract independent of peft's
     return get_peft_model(model, config)

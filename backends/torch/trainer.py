@@ -13,13 +13,18 @@ import torch
 import torch.nn.functional as F
 
 from vltune.core.config import ModelArgs, TrainArgs
-from vltune.core.contracts import IGNORE_INDEX, Batch
+from vltune.core.contracts import IGNORE_INDEX, Batch, loss_denominator
+from vltune.core.mdlm import MdlmObjective, mdlm_model_args
+from vltune.core.mdlm_sampler import SamplerSettings
+from vltune.data.mdlm_tokens import write_mdlm_files
 from vltune.data.model_info import ModelInfo
 
 from .batch import to_model_inputs, to_tensor
 from .checkpoint import OPTIMIZER_FILE, RNG_FILE, load_weights, rng_state, save_hf_model, set_rng_state
 from .infer import generate_greedy, generate_with_positions
 from .lora import apply_lora
+from .mdlm import bidirectional_logits, diffusion_sample, weighted_loss_sum
+from .models.bidirectional import make_bidirectional
 from .models.circle_rope import CircleRopeAdapter
 from .optim import build_param_groups
 
@@ -51,7 +56,9 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 class TorchBackend:
-    """One model on one device: full fine-tuning or LoRA, with Circle-RoPE when the recipe asks."""
+    """One model on one device: full fine-tuning or LoRA, with Circle-RoPE when the recipe asks, and
+    the masked-diffusion objective (bidirectional text attention, weighted loss, diffusion sampler)
+    when given an `mdlm` objective."""
 
     def __init__(
         self,
@@ -61,13 +68,20 @@ class TorchBackend:
         model_args: ModelArgs,
         args: TrainArgs,
         circle_rope: dict | None = None,
+        mdlm: MdlmObjective | None = None,
     ):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model_dir = Path(model_dir)
         self.info = info
+        self.mdlm = mdlm
         self.lora = model_args.train_type == "lora"
+        if mdlm is not None:
+            model_args = mdlm_model_args(model_args, mdlm.args)  # freeze_vision / freeze_merger
+            make_bidirectional(model)
         if self.lora:
-            model = apply_lora(model, model_args)  # freezes the base, adds adapters per tune_mm_* flags
+            # Freezes the base, adds adapters per tune_mm_* flags; MDLM's mask row trains as well.
+            mask_row = (mdlm.mask_token_id,) if mdlm is not None else ()
+            model = apply_lora(model, model_args, trainable_token_ids=mask_row)
         else:
             apply_freeze(model, model_args)
         if args.gradient_checkpointing:
@@ -88,16 +102,27 @@ class TorchBackend:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
     def _logits(self, batch: Batch) -> torch.Tensor:
+        if self.mdlm is not None:
+            return bidirectional_logits(self.model, batch, self.device, circle=self.circle, autocast_dtype=self.autocast_dtype)
         alt = batch.get("position_ids_alt")
         alt = to_tensor(alt, self.device, torch.long) if alt is not None else None
         layers = self.circle.alt_positions(alt) if self.circle is not None else nullcontext()
         with layers, torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             return self.model(**to_model_inputs(batch, self.device), use_cache=False).logits
 
+    def _loss_sum(self, batch: Batch) -> torch.Tensor:
+        """Summed loss of a batch: next-token CE (ar) or weighted masked CE (a core.mdlm masked batch)."""
+        labels = torch.as_tensor(batch["labels"]).to(self.device)
+        if "loss_weights" in batch:
+            weights = torch.as_tensor(batch["loss_weights"]).to(self.device)
+            return weighted_loss_sum(self._logits(batch), labels, weights)
+        if self.mdlm is not None:
+            raise ValueError("objective mdlm: the batch is not masked (wrap the batch source in core.mdlm.MaskedBatches)")
+        return token_loss_sum(self._logits(batch), labels)[0]
+
     def forward_backward(self, batch: Batch, loss_scale: float) -> float:
         self.model.train()
-        labels = torch.as_tensor(batch["labels"]).to(self.device)
-        loss_sum, _ = token_loss_sum(self._logits(batch), labels)
+        loss_sum = self._loss_sum(batch)
         (loss_sum * loss_scale).backward()
         return float(loss_sum.detach())
 
@@ -127,11 +152,21 @@ class TorchBackend:
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
         self.model.eval()
-        labels = torch.as_tensor(batch["labels"]).to(self.device)
-        loss_sum, count = token_loss_sum(self._logits(batch), labels)
-        return float(loss_sum), count
+        if self.mdlm is not None and "loss_weights" not in batch:
+            batch = self.mdlm.mask_for_eval(batch)  # the same mask at every evaluation
+        return float(self._loss_sum(batch)), loss_denominator(batch)
 
     def generate(self, batch: Batch, max_new_tokens: int) -> list[list[int]]:
+        if self.mdlm is not None:
+            a = self.mdlm.args
+            settings = SamplerSettings(
+                gen_length=max_new_tokens, block_length=a.mdlm_block_length, steps=a.mdlm_steps,
+                remasking=a.mdlm_remasking, temperature=a.mdlm_temperature, schedule=a.noise_schedule,
+            )
+            return diffusion_sample(
+                self.model, batch, settings, mask_token_id=self.mdlm.mask_token_id, end_token_ids=self.mdlm.end_token_ids,
+                seed=self.mdlm.seed, circle=self.circle, autocast_dtype=self.autocast_dtype,
+            )
         if self.circle is not None:
             return generate_with_positions(self.model, batch, max_new_tokens, self.circle, autocast_dtype=self.autocast_dtype)
         return generate_greedy(self.model, batch, self.info, max_new_tokens, self.autocast_dtype)
@@ -139,6 +174,8 @@ class TorchBackend:
     def save_model(self, out_dir: Path) -> None:
         # A PeftModel's save_pretrained writes the adapter (adapter_config.json + safetensors).
         save_hf_model(self.model, self.model_dir, out_dir, circle_rope=self.circle.config if self.circle else None)
+        if self.mdlm is not None:  # <|mask|> in the tokenizer files and mdlm.json, for vltune infer
+            write_mdlm_files(out_dir, self.mdlm.args.mask_token, self.mdlm.mask_token_id, self.mdlm.saved_settings())
 
     def save_checkpoint(self, directory: Path) -> None:
         self.save_model(directory)
