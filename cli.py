@@ -79,6 +79,8 @@ def cmd_infer(args: argparse.Namespace, extra: list[str]) -> int:
         answer = infer(
             args.model, args.prompt, args.image, max_new_tokens=args.max_new_tokens, backend=args.backend,
             min_pixels=args.min_pixels, max_pixels=args.max_pixels, adapter=args.adapter,
+            objective=args.objective, block_length=args.block_length, steps=args.steps,
+            remasking=args.remasking, temperature=args.temperature, seed=args.seed,
         )
     except _user_errors() as e:
         print(f"vltune infer: {e}", file=sys.stderr)
@@ -157,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-pixels", type=int)
     p.add_argument("--max-pixels", type=int)
     p.add_argument("--backend", default="torch", choices=["torch", "mindspore", "ms"])
+    p.add_argument("--objective", default="ar", choices=["ar", "mdlm"],
+                   help="mdlm: masked-diffusion sampling over a canvas of --max-new-tokens mask tokens")
+    p.add_argument("--block-length", type=int, help="mdlm: semi-autoregressive block length (default: as trained, else 32)")
+    p.add_argument("--steps", type=int, help="mdlm: denoising steps (default: as trained, else one per token)")
+    p.add_argument("--remasking", choices=["low_confidence", "random"], help="mdlm: which positions each step commits")
+    p.add_argument("--temperature", type=float, help="mdlm: Gumbel-noise temperature (0 = argmax)")
+    p.add_argument("--seed", type=int, default=0, help="mdlm: seed of random remasking and Gumbel noise")
     p.set_defaults(run=cmd_infer)
 
     p = sub.add_parser("make-tiny", help="write a tiny random-init HF-format model directory")

@@ -18,6 +18,7 @@ import numpy as np
 from vltune.core.config import ConfigError, RecipeConfig, circle_rope_settings, load_recipe
 from vltune.core.checkpointing import CheckpointManager, read_trainer_state, resolve_resume
 from vltune.core.loop import LoopState, run_training
+from vltune.core.mdlm import MaskedBatches
 from vltune.core.metrics import MetricsWriter
 from vltune.data.collate import Collator
 from vltune.data.dataset import SFTDataset
@@ -65,7 +66,23 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def _build_backend(cfg: RecipeConfig, info, circle_rope: dict | None):
+def mdlm_objective(cfg: RecipeConfig):
+    """objective mdlm: the recipe's MDLM settings bound to the model's mask / vision / end token ids."""
+    if cfg.train.objective != "mdlm":
+        return None
+    from vltune.core.mdlm import MdlmObjective
+    from vltune.data.mdlm_tokens import resolve_mdlm_tokens
+
+    try:
+        tokens = resolve_mdlm_tokens(cfg.model.model_name_or_path, cfg.mdlm.mask_token)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    # The trained EOS tail must be a token the sampler stops at.
+    tail = tokens.pad_token_id if tokens.pad_token_id in tokens.end_token_ids else tokens.end_token_ids[0]
+    return MdlmObjective(cfg.mdlm, tokens.mask_token_id, tokens.protected_ids, tokens.end_token_ids, tail, seed=cfg.train.seed)
+
+
+def _build_backend(cfg: RecipeConfig, info, circle_rope: dict | None, mdlm=None):
     if cfg.train.backend != "torch":
         raise NotImplementedError(f"backend {cfg.train.backend!r} is not implemented yet")
     import torch
@@ -77,7 +94,7 @@ def _build_backend(cfg: RecipeConfig, info, circle_rope: dict | None):
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     model = load_model(cfg.model.model_name_or_path, attn_implementation=cfg.model.attn_implementation)
-    return TorchBackend(model, Path(cfg.model.model_name_or_path), info, cfg.model, cfg.train, circle_rope)
+    return TorchBackend(model, Path(cfg.model.model_name_or_path), info, cfg.model, cfg.train, circle_rope, mdlm=mdlm)
 
 
 def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = None, show_progress: bool = True) -> dict:
@@ -102,7 +119,10 @@ def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = 
     steps_per_epoch = max(1, batches.batches_per_epoch // cfg.train.gradient_accumulation_steps)
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.num_train_epochs * steps_per_epoch)
 
-    backend = _build_backend(cfg, info, circle_rope)
+    mdlm = mdlm_objective(cfg)
+    # Under mdlm every training micro-batch is masked in core/ (seeded), before any engine sees it.
+    source = MaskedBatches(batches, mdlm) if mdlm is not None else batches
+    backend = _build_backend(cfg, info, circle_rope, mdlm)
     evaluator = None
     if cfg.data.eval_dataset:
         eval_samples = read_datasets(cfg.data.eval_dataset)[: cfg.data.num_eval_samples]
@@ -117,12 +137,12 @@ def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = 
     if resume_from is not None:
         trainer_state = read_trainer_state(resume_from)
         backend.load_checkpoint(resume_from)
-        batches.load_state_dict(trainer_state["data"])
+        source.load_state_dict(trainer_state["data"])
         state = LoopState.from_dict(trainer_state)
         print(f"[vltune] resuming from {resume_from} (step {state.step})", flush=True)
     writer = MetricsWriter(out_dir / "metrics.jsonl", resume_step=state.step if state else None)
     result = run_training(
-        cfg.train, backend, batches, total_steps, writer, evaluate=evaluator,
+        cfg.train, backend, source, total_steps, writer, evaluate=evaluator,
         checkpoints=CheckpointManager(out_dir, cfg.train.save_total_limit), state=state, show_progress=show_progress,
     )
     writer.close()
@@ -145,6 +165,7 @@ def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = 
         "bad_steps": result.bad_steps,
         "resumed_from": str(resume_from) if resume_from else None,
         "backend": cfg.train.backend,
+        "objective": cfg.train.objective,
     }
     (out_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
