@@ -182,8 +182,8 @@ def _preprocessor_configs(model_type: str) -> dict[str, dict]:
         "image_processor_type": "Qwen2VLImageProcessor",
         "processor_class": "Qwen3VLProcessor",
     }
-    video = {
-        "size": {"shortest_edge": 128 * 32 * 32, "longest_edge": 768 * 32 * 32},
+    video = {  # as Qwen3-VL's released video_preprocessor_config.json (bounds on frames x height x width)
+        "size": {"shortest_edge": 4096, "longest_edge": 25165824},
         "patch_size": 16,
         "temporal_patch_size": 2,
         "merge_size": 2,
@@ -192,6 +192,7 @@ def _preprocessor_configs(model_type: str) -> dict[str, dict]:
         "fps": 2,
         "min_frames": 4,
         "max_frames": 768,
+        "do_sample_frames": True,
         "video_processor_type": "Qwen3VLVideoProcessor",
         "processor_class": "Qwen3VLProcessor",
     }
