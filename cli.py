@@ -5,7 +5,9 @@
     vltune make-tiny --model-type qwen2_5_vl|qwen3_vl --out DIR
     vltune merge-lora --model DIR --adapter DIR --out DIR
     vltune convert hf-to-mindspeed|mindspeed-to-hf ...   (backends/torch/convert)
-    vltune data check | pack | bench   (later issues)
+    vltune data check RECIPE [--key value ...]
+    vltune bench data [--image-size 448x448 --workers 1 2]
+    vltune pack | bench   (later issues)
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 NOT_YET = 2  # exit code of subcommands that later issues fill
@@ -47,8 +51,10 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
 def _user_errors() -> tuple[type[Exception], ...]:
     from vltune.core.config import ConfigError
     from vltune.data.formats import SampleError
+    from vltune.data.prepare import DataValidationError
+    from vltune.data.registry import DatasetSpecError
 
-    return (ConfigError, SampleError, FileNotFoundError, NotImplementedError)
+    return (ConfigError, SampleError, DataValidationError, DatasetSpecError, FileNotFoundError, NotImplementedError)
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -61,6 +67,50 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"vltune train: {e}", file=sys.stderr)
         return 1
     print(json.dumps(summary), flush=True)
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace, extra: list[str]) -> int:
+    """Validate the recipe's training and eval data; the report on stdout, exit 1 when errors remain."""
+    from tqdm import tqdm
+
+    from vltune.core.config import load_recipe
+    from vltune.data.prepare import build_dataset
+    from vltune.training import prepare_assets
+
+    try:
+        cfg = load_recipe(args.recipe, parse_overrides(extra))
+        prepare_assets(cfg)
+        n_errors = 0
+        for title, spec in (("dataset_use", cfg.data.dataset_use), ("eval_dataset", cfg.data.eval_dataset)):
+            if not spec:
+                continue
+            progress = partial(tqdm, desc=f"checking {title}", leave=False, disable=not sys.stderr.isatty())
+            _, report = build_dataset(cfg, spec, decode=not args.no_decode, strict=False, progress=progress)
+            print(f"== {title}: {spec}\n{report.format()}\n")
+            n_errors += report.n_errors
+    except _user_errors() as e:
+        print(f"vltune data check: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"errors": n_errors}))
+    return 1 if n_errors else 0
+
+
+def cmd_bench_data(args: argparse.Namespace, extra: list[str]) -> int:
+    from vltune.data.bench import run_data_bench
+
+    if extra:
+        raise SystemExit(f"vltune bench data: unknown arguments {extra}")
+    width, _, height = args.image_size.partition("x")
+    model_dir = Path(args.model) if args.model else Path(args.work_dir) / f"tiny-{args.model_type}"
+    if not (model_dir / "config.json").exists():
+        from vltune.backends.torch.tiny import make_tiny
+
+        make_tiny(args.model_type, model_dir)
+    result = run_data_bench(
+        args.work_dir, model_dir, image_size=(int(width), int(height)), num_samples=args.samples, workers=args.workers
+    )
+    print(json.dumps(result), flush=True)
     return 0
 
 
@@ -180,6 +230,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(run=cmd_merge_lora)
 
+    p = sub.add_parser("data", help="data tools: `data check RECIPE` validates every sample of a recipe")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("check", help="read every sample; counts per problem, length histogram; exit 1 on errors")
+    p.add_argument("recipe")
+    p.add_argument("--no-decode", action="store_true", help="read image headers only (faster; misses corrupt bodies)")
+    p.set_defaults(run=cmd_data_check)
+
+    p = sub.add_parser("bench", help="benchmarks: `bench data` = data-loading throughput")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    p = bench_sub.add_parser("data", help="samples/s and tokens/s of the data pipeline with N worker processes")
+    p.add_argument("--image-size", default="448x448", help="WIDTHxHEIGHT of the generated JPEG images")
+    p.add_argument("--samples", type=int, default=300)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--model", help="model directory whose tokenizer and processor config to use (default: a tiny one)")
+    p.add_argument("--model-type", default="qwen2_5_vl", choices=("qwen2_5_vl", "qwen3_vl"), help="tiny model to build")
+    p.add_argument("--work-dir", default="runs/bench-data")
+    p.set_defaults(run=cmd_bench_data)
+
     p = sub.add_parser("convert", help="convert checkpoints between HF and MindSpeed-MM (tensor/pipeline splits)")
     convert_sub = p.add_subparsers(dest="direction", required=True)
     p = convert_sub.add_parser("hf-to-mindspeed", help="HF model directory -> MindSpeed-MM release checkpoint")
@@ -200,9 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_convert)
 
     for name, text in (
-        ("data", "validate a recipe's data (data check RECIPE)"),
         ("pack", "pack an annotation file into fixed-length bins"),
-        ("bench", "throughput / MFU against the stock transformers model"),
     ):
         p = sub.add_parser(name, help=f"{text} (not implemented yet)")
         p.set_defaults(run=cmd_not_yet(name))

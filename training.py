@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,7 @@ from vltune.core.loop import LoopState, run_training
 from vltune.core.mdlm import MaskedBatches
 from vltune.core.metrics import MetricsWriter
 from vltune.data.collate import Collator
-from vltune.data.dataset import SFTDataset
-from vltune.data.formats import Sample, load_samples
+from vltune.data.prepare import build_dataset
 from vltune.data.loader import BatchIterator
 from vltune.data.model_info import read_model_info
 from vltune.data.synthetic import SyntheticVQAConfig, generate_vqa_dataset
@@ -48,17 +46,6 @@ def prepare_assets(cfg: RecipeConfig) -> None:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"synthetic_vqa: {e}") from None
         generate_vqa_dataset(out_dir, config)
-
-
-def read_datasets(spec: str) -> list[Sample]:
-    """`dataset_use`: comma-separated JSON/JSONL paths (registered names arrive with the data issue)."""
-    samples: list[Sample] = []
-    for entry in (e.strip() for e in spec.split(",") if e.strip()):
-        path = Path(entry)
-        if path.suffix not in (".json", ".jsonl"):
-            raise ConfigError(f"dataset_use entry {entry!r}: expected a .json or .jsonl file path")
-        samples += load_samples(path)
-    return samples
 
 
 def _seed_everything(seed: int) -> None:
@@ -108,14 +95,16 @@ def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "recipe.json").write_text(json.dumps(cfg.to_flat_dict(), indent=2) + "\n")
 
-    model_dir = Path(cfg.model.model_name_or_path)
-    make_dataset = partial(
-        SFTDataset, model_dir=model_dir, max_length=cfg.data.model_max_length,
-        min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-    )
-    train_set = make_dataset(read_datasets(cfg.data.dataset_use))
+    # Every sample is read and measured before step 1: bad ones stop the run here (or are skipped
+    # and counted with skip_bad_samples), over-long ones follow truncation_strategy.
+    train_set, train_report = build_dataset(cfg, cfg.data.dataset_use)
+    if train_report.n_errors or train_report.n_dropped:
+        print(f"[vltune] training data: {json.dumps(train_report.summary())}", flush=True)
     collate = Collator(info, train_set.tokenizer.pad_token_id, circle_rope)
-    batches = BatchIterator(train_set, cfg.train.per_device_train_batch_size, collate, seed=cfg.train.seed)
+    batches = BatchIterator(
+        train_set, cfg.train.per_device_train_batch_size, collate, seed=cfg.train.seed,
+        skip_bad_samples=cfg.data.skip_bad_samples,
+    )
     steps_per_epoch = max(1, batches.batches_per_epoch // cfg.train.gradient_accumulation_steps)
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.num_train_epochs * steps_per_epoch)
 
@@ -125,9 +114,9 @@ def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = 
     backend = _build_backend(cfg, info, circle_rope, mdlm)
     evaluator = None
     if cfg.data.eval_dataset:
-        eval_samples = read_datasets(cfg.data.eval_dataset)[: cfg.data.num_eval_samples]
+        eval_set, _ = build_dataset(cfg, cfg.data.eval_dataset, limit=cfg.data.num_eval_samples)
         evaluator = Evaluator(
-            make_dataset(eval_samples), backend, collate, cfg.train.per_device_eval_batch_size,
+            eval_set, backend, collate, cfg.train.per_device_eval_batch_size,
             cfg.train.eval_max_new_tokens, predictions_file=out_dir / "eval_predictions.jsonl",
         )
 
@@ -166,6 +155,7 @@ def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = 
         "resumed_from": str(resume_from) if resume_from else None,
         "backend": cfg.train.backend,
         "objective": cfg.train.objective,
+        "data": {**train_report.summary(), "skipped_while_training": len(batches.skipped)},
     }
     (out_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

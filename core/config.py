@@ -75,7 +75,8 @@ class DataArgs:
     """Samples longer than model_max_length: delete (dropped, counted) | right (cut trailing text, never
     inside an image/video span; dropped when no answer token survives) | error."""
     video_min_pixels: int | None = None
-    """Pixel bounds per video frame (default: the model's video preprocessor config)."""
+    """Pixel bounds of a video (default: the model's video preprocessor config): per frame for Qwen2/2.5-VL,
+    frames x height x width for Qwen3-VL (as its processor's smart_resize counts them)."""
     video_max_pixels: int | None = None
     base_interval: float | None = None
     """Seconds between sampled video frames (Qwen2/2.5-VL; default: the video preprocessor's fps)."""

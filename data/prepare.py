@@ -18,8 +18,8 @@ class DataValidationError(ValueError):
 def video_overrides(cfg: RecipeConfig) -> dict:
     d = cfg.data
     return {
-        "min_pixels": d.video_min_pixels, "max_pixels": d.video_max_pixels, "base_interval": d.base_interval,
-        "min_frames": d.video_min_frames, "max_frames": d.video_max_frames,
+        "video_min_pixels": d.video_min_pixels, "video_max_pixels": d.video_max_pixels, "base_interval": d.base_interval,
+        "video_min_frames": d.video_min_frames, "video_max_frames": d.video_max_frames,
     }
 
 

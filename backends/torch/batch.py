@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 
@@ -15,6 +17,9 @@ MODEL_INPUTS = {
     "position_ids": torch.long,  # float32 when the ids are floats (Circle-RoPE)
     "pixel_values": torch.float32,
     "image_grid_thw": torch.long,
+    "pixel_values_videos": torch.float32,
+    "video_grid_thw": torch.long,
+    "second_per_grid_ts": torch.float32,  # Qwen2/2.5-VL only; dropped for models whose forward lacks it
 }
 
 
@@ -24,5 +29,10 @@ def to_tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> to
     return torch.as_tensor(np.ascontiguousarray(array)).to(device, dtype)
 
 
-def to_model_inputs(batch: Batch, device: torch.device, keys=MODEL_INPUTS) -> dict[str, torch.Tensor]:
+def to_model_inputs(batch: Batch, device: torch.device, keys=MODEL_INPUTS, model=None) -> dict[str, torch.Tensor]:
+    """The batch's model inputs as tensors; with `model`, only those its forward() names."""
+    if model is not None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
+        accepted = inspect.signature(type(base).forward).parameters
+        keys = {k: v for k, v in keys.items() if k in accepted}
     return {key: to_tensor(batch[key], device, dtype) for key, dtype in keys.items() if key in batch}

@@ -22,7 +22,7 @@ def generate_greedy(model, batch: Batch, info: ModelInfo, max_new_tokens: int, a
     device = next(model.parameters()).device
     model.eval()
     # position_ids stay out: generate() derives them (and their decode-time deltas) itself.
-    inputs = to_model_inputs(batch, device, {k: v for k, v in MODEL_INPUTS.items() if k != "position_ids"})
+    inputs = to_model_inputs(batch, device, {k: v for k, v in MODEL_INPUTS.items() if k != "position_ids"}, model=model)
     ids = inputs["input_ids"]
     mm_types = torch.zeros_like(ids, dtype=torch.int32)
     mm_types[ids == info.image_token_id] = 1
@@ -57,10 +57,10 @@ def generate_with_positions(
     """
     device = next(model.parameters()).device
     model.eval()
-    inputs = to_model_inputs(batch, device)
+    inputs = to_model_inputs(batch, device, model=model)
     ids, attention, positions = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
     alt = to_tensor(batch["position_ids_alt"], device, torch.long) if "position_ids_alt" in batch else None
-    vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+    vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts") if k in inputs}
     next_pos = _next_positions(positions, attention)
     next_alt = _next_positions(alt, attention) if alt is not None else None
     eos = model.generation_config.eos_token_id

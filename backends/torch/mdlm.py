@@ -31,7 +31,7 @@ def bidirectional_logits(
         raise NotImplementedError("bidirectional attention needs a padded batch with attention_mask (packed batches are not supported yet)")
     if any(module.is_causal for module in text_attention_modules(model)):
         raise RuntimeError("the model still has causal text attention layers: call make_bidirectional(model) first")
-    inputs = to_model_inputs(batch, device)
+    inputs = to_model_inputs(batch, device, model=model)
     inputs["attention_mask"] = padding_only_mask(inputs["attention_mask"], attn_implementation(model))
     alt = batch.get("position_ids_alt")
     layers = circle.alt_positions(to_tensor(alt, device, torch.long)) if circle is not None and alt is not None else nullcontext()

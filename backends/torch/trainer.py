@@ -108,7 +108,7 @@ class TorchBackend:
         alt = to_tensor(alt, self.device, torch.long) if alt is not None else None
         layers = self.circle.alt_positions(alt) if self.circle is not None else nullcontext()
         with layers, torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return self.model(**to_model_inputs(batch, self.device), use_cache=False).logits
+            return self.model(**to_model_inputs(batch, self.device, model=self.model), use_cache=False).logits
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
         """Summed loss of a batch: next-token CE (ar) or weighted masked CE (a core.mdlm masked batch)."""

@@ -102,12 +102,12 @@ def test_saved_weights_are_the_trained_ones(short_run, tiny_model_dirs):
 def test_cli_errors(tmp_path):
     proc = _vltune("train", "demo", "--learning_rat", "1e-3", cwd=tmp_path)
     assert proc.returncode == 1 and "did you mean 'learning_rate'" in proc.stderr
-    proc = _vltune("bench", cwd=tmp_path)
+    proc = _vltune("pack", cwd=tmp_path)
     assert proc.returncode == 2 and "not implemented yet" in proc.stderr
     proc = _vltune("train", "demo", "--synthetic_vqa", "{out_dir: d, colours: 3}", cwd=tmp_path)
     assert proc.returncode == 1 and "synthetic_vqa" in proc.stderr and "Traceback" not in proc.stderr
     proc = _vltune("train", "demo", "--synthetic_vqa", "none", "--dataset_use", "my_dataset%50", cwd=tmp_path)
-    assert proc.returncode == 1 and "expected a .json or .jsonl" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "not a registered name" in proc.stderr and "Traceback" not in proc.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "s1", "image": "missing.png", "conversations": [{"from": "human", "value": "<image>Q"}, '
                    '{"from": "gpt", "value": "A"}]}\n')
