@@ -83,7 +83,7 @@ def test_loss_equals_a_direct_numpy_computation(tiny_model_dirs, data, normaliza
     backend = _backend(model_dir, dataset.info, objective)
     loss = backend.forward_backward(prepared, 1.0) / int(prepared["loss_denominator"])
     with torch.no_grad():
-        logits = bidirectional_logits(backend.model, prepared, backend.device).double().numpy()
+        logits = bidirectional_logits(backend.model, prepared, backend.device).double().cpu().numpy()
 
     # Directly from the formula, on the clean ids, without the batch's loss_weights.
     log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
@@ -121,7 +121,7 @@ def test_lora_trains_the_mask_row_and_saves_it(tiny_model_dirs, data, tmp_path):
     names = [n for n, p in backend.model.named_parameters() if p.requires_grad]
     assert not any("visual" in n for n in names)  # freeze_vision / freeze_merger (defaults) win over tune_mm_*
     embed = backend.base.get_input_embeddings()
-    ids = torch.tensor([[objective.mask_token_id, 5]])
+    ids = torch.tensor([[objective.mask_token_id, 5]], device=backend.device)
     before = embed(ids).detach().clone()
     prepared = objective.mask(batch, np.random.default_rng(0))
     backend.forward_backward(prepared, 1.0 / int(prepared["loss_denominator"]))
@@ -131,7 +131,7 @@ def test_lora_trains_the_mask_row_and_saves_it(tiny_model_dirs, data, tmp_path):
 
     backend.save_model(tmp_path)
     reloaded = PeftModel.from_pretrained(load_model(model_dir), str(tmp_path))
-    torch.testing.assert_close(reloaded.get_input_embeddings()(ids), after, atol=0, rtol=0)
+    torch.testing.assert_close(reloaded.to(backend.device).get_input_embeddings()(ids), after, atol=0, rtol=0)
     from tokenizers import Tokenizer
 
     assert (tmp_path / "mdlm.json").exists()
