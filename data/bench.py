@@ -19,6 +19,7 @@ from PIL import Image
 
 from .dataset import SFTDataset
 from .formats import load_samples
+from .malloc import reuse_freed_buffers
 
 _WORKER: dict = {}
 
@@ -50,6 +51,7 @@ def write_jpeg_corpus(out_dir: str | Path, num_samples: int, image_size: tuple[i
 
 
 def _init(annotation: str, model_dir: str) -> None:
+    reuse_freed_buffers()
     _WORKER["dataset"] = SFTDataset(load_samples(annotation), model_dir, max_length=1 << 20)
 
 

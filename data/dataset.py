@@ -90,7 +90,8 @@ class SFTDataset:
                 raise SampleError(f"{sample.where}: {e}", _media_kind(e)) from None
             patches.append(pixels)
             grids.append(grid)
-        return np.concatenate(patches), np.stack(grids).astype(np.int64)
+        pixel_values = patches[0] if len(patches) == 1 else np.concatenate(patches)  # no 5 MB copy for one image
+        return pixel_values, np.stack(grids).astype(np.int64)
 
     def _header_image_grid(self, sample: Sample, path) -> np.ndarray:
         """An image's patch grid from its header alone (what `measure` needs, without decoding)."""

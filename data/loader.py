@@ -9,6 +9,7 @@ import numpy as np
 from ..core.contracts import Batch
 from .dataset import Features, SFTDataset
 from .formats import SampleError
+from .malloc import reuse_freed_buffers
 
 
 class BatchIterator:
@@ -29,6 +30,7 @@ class BatchIterator:
     ):
         if len(dataset) < batch_size:
             raise ValueError(f"dataset has {len(dataset)} samples, fewer than per_device_train_batch_size {batch_size}")
+        reuse_freed_buffers()  # samples allocate MB-sized arrays: reuse them instead of re-faulting pages
         self.dataset = dataset
         self.batch_size = batch_size
         self.collate = collate

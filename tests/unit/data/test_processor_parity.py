@@ -45,13 +45,16 @@ def test_corpus_covers_every_format_and_builds(corpus, tiny_model_dirs):
 
 
 def _theirs(processor, dataset: SFTDataset, sample):
-    from transformers.image_utils import load_image
+    from PIL import Image, ImageOps
     from transformers.video_utils import VideoMetadata
 
     from vltune.data.video import load_video
 
     text = processor.apply_chat_template(sample.messages, tokenize=False)
-    images = [load_image(str(p)) for p in sample.images] or None
+    # Opened as transformers' load_image does (EXIF orientation applied) but without its
+    # `convert("RGB")`, which drops alpha: the processor itself composites transparency onto white,
+    # as qwen-vl-utils does and as vltune does.
+    images = [ImageOps.exif_transpose(Image.open(p)) for p in sample.images] or None
     videos, metadata = [], []
     for path in sample.videos:  # the frames vltune sampled (sampling itself: tests/unit/data/test_video.py)
         clip = load_video(path, dataset.video_config)
@@ -86,4 +89,4 @@ def test_equals_transformers_auto_processor(corpus, tiny_model_dirs):
             for key, (a, b) in pairs.items():
                 if (a is None) != (b is None) or (a is not None and not np.array_equal(np.asarray(a), np.asarray(b))):
                     mismatches.append(f"{model_type} {sample.id} {key}")
-    assert not mismatches, mismatches[:20]
+    assert not mismatches, (len(mismatches), mismatches[:20])
