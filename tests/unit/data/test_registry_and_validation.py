@@ -239,3 +239,20 @@ def test_data_check_cli(tiny_qwen2_5_vl, tmp_path, capsys):
     assert json.loads(out.strip().splitlines()[-1]) == {"errors": 2}
     (tmp_path / "d.jsonl").write_text(json.dumps(rows[0]) + "\n")
     assert main(["data", "check", str(recipe)]) == 0
+
+
+def test_short_and_corrupt_videos_are_reported(tiny_qwen2_5_vl, tmp_path):
+    av = pytest.importorskip("av")
+    with av.open(str(tmp_path / "short.mp4"), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(2):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")))
+        container.mux(stream.encode())
+    (tmp_path / "junk.mp4").write_bytes(b"\x00\x01 not a video" * 10)
+    video = lambda i, name: {"id": f"v{i}", "video": name, "conversations": [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "x"}]}  # noqa: E731
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (video(0, "short.mp4"), video(1, "junk.mp4"), _qa(2))))
+    cfg = _recipe(tiny_qwen2_5_vl, tmp_path / "d.jsonl", video_min_frames=4, skip_bad_samples=True)
+    dataset, report = build_dataset(cfg, cfg.data.dataset_use)
+    assert [s.id for s in dataset.samples] == ["s2"]
+    assert dict(report.summary()["errors_by_kind"]) == {"video_too_short": 1, "corrupt_media": 1}
