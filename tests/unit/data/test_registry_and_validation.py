@@ -256,3 +256,14 @@ def test_short_and_corrupt_videos_are_reported(tiny_qwen2_5_vl, tmp_path):
     dataset, report = build_dataset(cfg, cfg.data.dataset_use)
     assert [s.id for s in dataset.samples] == ["s2"]
     assert dict(report.summary()["errors_by_kind"]) == {"video_too_short": 1, "corrupt_media": 1}
+
+
+def test_parquet_folder_reads_as_hf_dataset(tmp_path, corpus):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"id": f"p{i}", "conversations": [{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": "A"}], "image": "a.png"} for i in range(5)]
+    (tmp_path / "pq").mkdir()
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "pq" / "train-00000-of-00001.parquet"))
+    (tmp_path / "pq" / "a.png").write_bytes((corpus / "a.png").read_bytes())
+    result = read_dataset_use(f"{tmp_path / 'pq'}[train:3]")
+    assert [s.id for s in result.samples] == ["p0", "p1", "p2"] and not result.problems
+    assert result.samples[0].images == [tmp_path / "pq" / "a.png"]
