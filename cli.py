@@ -2,7 +2,7 @@
 
     vltune train RECIPE [--key value ...]
     vltune infer --model DIR [--image P ...] --prompt T
-    vltune make-tiny --model-type qwen2_5_vl|qwen3_vl --out DIR
+    vltune make-tiny --model-type qwen2_vl|qwen2_5_vl|qwen3_vl --out DIR
     vltune merge-lora --model DIR --adapter DIR --out DIR
     vltune convert hf-to-mindspeed|mindspeed-to-hf ...   (backends/torch/convert)
     vltune data check RECIPE [--key value ...]
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_infer)
 
     p = sub.add_parser("make-tiny", help="write a tiny random-init HF-format model directory")
-    p.add_argument("--model-type", required=True, choices=["qwen2_5_vl", "qwen3_vl"])
+    p.add_argument("--model-type", required=True, choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_make_tiny)

@@ -26,3 +26,11 @@ def vqa_data(tmp_path_factory) -> dict:
 
     out = tmp_path_factory.mktemp("vqa")
     return generate_vqa_dataset(out, SyntheticVQAConfig(num_train=48, num_eval=16, tasks=("color", "shape"), seed=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(tmp_path_factory) -> Path:
+    """Qwen2-VL (plain ViT): kept out of `tiny_model_dirs` so tests opt into the third family."""
+    from vltune.backends.torch.tiny import make_tiny
+
+    return make_tiny("qwen2_vl", tmp_path_factory.mktemp("tiny") / "qwen2_vl", seed=0)

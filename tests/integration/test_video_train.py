@@ -24,9 +24,9 @@ def corpus_files(tmp_path_factory):
     return write_format_corpus(tmp_path_factory.mktemp("videos"), num_samples=20, seed=5)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
-def test_video_batch_loss_equals_stock_model(corpus_files, tiny_model_dirs, model_type):
-    model_dir = tiny_model_dirs[model_type]
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_video_batch_loss_equals_stock_model(corpus_files, tiny_model_dirs, model_type, request):
+    model_dir = tiny_model_dirs.get(model_type) or request.getfixturevalue("tiny_qwen2_vl")
     samples = [s for f in corpus_files for s in read_annotation(f).samples]
     first = {kind: next(s for s in samples if s.id.startswith(kind + "-")) for kind in ("video", "image_video", "single", "text")}
     picked = list(first.values())

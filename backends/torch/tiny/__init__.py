@@ -15,7 +15,7 @@ from pathlib import Path
 from .templates import QWEN2_VL_CHAT_TEMPLATE, QWEN3_VL_CHAT_TEMPLATE
 from .tokenizer import build_transformers_tokenizer, train_qwen_style_tokenizer
 
-TINY_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
+TINY_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 # OpenAI CLIP statistics (Qwen2/2.5-VL) and the plain 0.5 of Qwen3-VL's SigLIP-2 tower.
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -116,6 +116,27 @@ def _qwen2_5_vl_config(size: TinySize, vocab: int, ids: dict[str, int]) -> dict:
     }
 
 
+def _qwen2_vl_config(size: TinySize, vocab: int, ids: dict[str, int]) -> dict:
+    """Qwen2-VL: Qwen2.5-VL's text model and M-RoPE, a plain ViT (no windows, LayerNorm, quick-GELU MLP)."""
+    config = _qwen2_5_vl_config(size, vocab, ids)
+    config["architectures"] = ["Qwen2VLForConditionalGeneration"]
+    config["model_type"] = "qwen2_vl"
+    config["text_config"]["model_type"] = "qwen2_vl_text"
+    config["vision_config"] = {
+        "model_type": "qwen2_vl",
+        "depth": size.vision_layers,
+        "embed_dim": size.vision_hidden,
+        "hidden_size": size.text_hidden,  # the merger's output width
+        "mlp_ratio": max(1, size.vision_intermediate // size.vision_hidden),  # an int in Qwen2-VL configs
+        "num_heads": size.vision_heads,
+        "hidden_act": "quick_gelu",
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+    }
+    return config
+
+
 def _qwen3_vl_config(size: TinySize, vocab: int, ids: dict[str, int]) -> dict:
     head_dim = size.text_hidden // size.text_heads
     # The released models use an interleaved mrope_section [24, 20, 20] for head_dim 128.
@@ -159,7 +180,7 @@ def _qwen3_vl_config(size: TinySize, vocab: int, ids: dict[str, int]) -> dict:
 
 def _preprocessor_configs(model_type: str) -> dict[str, dict]:
     """The processor JSON files of the released checkpoints, with their pixel limits."""
-    if model_type == "qwen2_5_vl":
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
         image = {
             "min_pixels": 56 * 56,
             "max_pixels": 28 * 28 * 1280,
@@ -169,7 +190,7 @@ def _preprocessor_configs(model_type: str) -> dict[str, dict]:
             "image_mean": _CLIP_MEAN,
             "image_std": _CLIP_STD,
             "image_processor_type": "Qwen2VLImageProcessor",
-            "processor_class": "Qwen2_5_VLProcessor",
+            "processor_class": "Qwen2_5_VLProcessor" if model_type == "qwen2_5_vl" else "Qwen2VLProcessor",
         }
         return {"preprocessor_config.json": image}
     image = {
@@ -220,12 +241,12 @@ def make_tiny(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    template = QWEN2_VL_CHAT_TEMPLATE if model_type == "qwen2_5_vl" else QWEN3_VL_CHAT_TEMPLATE
+    template = QWEN3_VL_CHAT_TEMPLATE if model_type == "qwen3_vl" else QWEN2_VL_CHAT_TEMPLATE
     tokenizer = build_transformers_tokenizer(train_qwen_style_tokenizer(extra_corpus, size.tokenizer_vocab), template)
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in tokenizer.get_added_vocab()}
     vocab = _padded_vocab(len(tokenizer))
 
-    build = _qwen2_5_vl_config if model_type == "qwen2_5_vl" else _qwen3_vl_config
+    build = {"qwen2_vl": _qwen2_vl_config, "qwen2_5_vl": _qwen2_5_vl_config, "qwen3_vl": _qwen3_vl_config}[model_type]
     config = AutoConfig.for_model(**build(size, vocab, ids))
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
