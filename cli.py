@@ -1,7 +1,7 @@
 """The `vltune` command. Subcommands map onto the Python API one to one.
 
     vltune train RECIPE [--key value ...]
-    vltune infer --model DIR [--image P ...] --prompt T
+    vltune infer --model DIR [--image P ...] [--video P] --prompt T | --input IN.jsonl --output OUT.jsonl
     vltune make-tiny --model-type qwen2_vl|qwen2_5_vl|qwen3_vl --out DIR
     vltune merge-lora --model DIR --adapter DIR --out DIR
     vltune convert hf-to-mindspeed|mindspeed-to-hf ...   (backends/torch/convert)
@@ -115,27 +115,62 @@ def cmd_bench_data(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_infer(args: argparse.Namespace, extra: list[str]) -> int:
+    """One prompt (answer streamed to stdout), or batch mode (--input/--output, summary JSON on stdout)."""
     if extra:
         raise SystemExit(f"vltune infer: unknown arguments {extra}")
-    if args.video:
-        print("vltune infer --video: not implemented yet", file=sys.stderr)
-        return NOT_YET
-    if args.thinking:
-        print("vltune infer --thinking: not implemented yet", file=sys.stderr)
-        return NOT_YET
-    from vltune.inference import infer
+    batch = args.input is not None
+    problems = []
+    if batch == (args.prompt is not None):
+        problems.append("give either --prompt (one question) or --input FILE --output FILE (batch mode)")
+    if batch and not args.output:
+        problems.append("--input needs --output FILE (an existing one is resumed)")
+    if batch and (args.image or args.video):
+        problems.append("--image/--video are for --prompt; batch records name their own media")
+    if args.objective == "mdlm":
+        ar_only = {"--input": batch, "--thinking": args.thinking, "--thinking-budget": args.thinking_budget,
+                   "--top-p": args.top_p, "--top-k": args.top_k, "--repetition-penalty": args.repetition_penalty}
+        used = [flag for flag, value in ar_only.items() if value not in (None, False)]
+        if used:
+            problems.append(f"{', '.join(used)}: autoregressive decoding only, not --objective mdlm")
+    if problems:
+        print(f"vltune infer: {'; '.join(problems)}", file=sys.stderr)
+        return 2
+    from vltune.core.generation import GenerationSettings
+    from vltune.inference import Predictor, answer_prompt, infer
 
     try:
-        answer = infer(
-            args.model, args.prompt, args.image, max_new_tokens=args.max_new_tokens, backend=args.backend,
-            min_pixels=args.min_pixels, max_pixels=args.max_pixels, adapter=args.adapter,
-            objective=args.objective, block_length=args.block_length, steps=args.steps,
-            remasking=args.remasking, temperature=args.temperature, seed=args.seed,
+        if args.objective == "mdlm":
+            answer = infer(
+                args.model, args.prompt, args.image, max_new_tokens=args.max_new_tokens, backend=args.backend,
+                min_pixels=args.min_pixels, max_pixels=args.max_pixels, adapter=args.adapter,
+                objective=args.objective, block_length=args.block_length, steps=args.steps,
+                remasking=args.remasking, temperature=args.temperature, seed=args.seed, videos=args.video,
+            )
+            print(answer, flush=True)
+            return 0
+        settings = GenerationSettings(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            repetition_penalty=args.repetition_penalty, seed=args.seed,
         )
+        predictor_args = dict(
+            adapter=args.adapter, backend=args.backend, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+            settings=settings, thinking=args.thinking, thinking_budget=args.thinking_budget,
+        )
+        if batch:
+            from vltune.inference_batch import run_batch
+
+            summary = run_batch(
+                partial(Predictor, args.model, **predictor_args), args.input, args.output, data_path=args.data_path,
+                show_progress=not args.no_progress and sys.stderr.isatty(),
+            )
+            print(json.dumps(summary), flush=True)
+            return 0
+        stream = None if args.no_stream else partial(print, end="", flush=True)
+        result = answer_prompt(args.model, args.prompt, args.image, args.video, stream=stream, **predictor_args)
+        print("" if stream else result.text, flush=True)
     except _user_errors() as e:
         print(f"vltune infer: {e}", file=sys.stderr)
         return 1
-    print(answer, flush=True)
     return 0
 
 
@@ -198,24 +233,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_train)
 
-    p = sub.add_parser("infer", help="answer a prompt about images with a model directory")
+    p = sub.add_parser("infer", help="answer a prompt about images/videos, or a whole annotation file, with a model directory")
     p.add_argument("--model", required=True)
     p.add_argument("--adapter")
     p.add_argument("--image", action="append", default=[])
-    p.add_argument("--video")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--thinking", action="store_true")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--min-pixels", type=int)
-    p.add_argument("--max-pixels", type=int)
+    p.add_argument("--video", action="append", default=[])
+    p.add_argument("--prompt", help="one question (the answer is streamed to stdout)")
+    p.add_argument("--input", help="batch mode: a JSON/JSONL file in the training formats; the last answer turn is the reference")
+    p.add_argument("--output", help="batch mode: JSONL, one line per input sample (input + prediction or error); resumed if present")
+    p.add_argument("--data-path", help="batch mode: folder the records' media paths are relative to (default: the input's)")
+    p.add_argument("--no-progress", action="store_true", help="batch mode: no progress bar")
+    p.add_argument("--no-stream", action="store_true", help="print the answer once complete instead of token by token")
+    p.add_argument("--thinking", action="store_true", help="render the prompt with enable_thinking=True")
+    p.add_argument("--thinking-budget", type=int,
+                   help="after N generated tokens without </think>, insert a closing phrase and </think> and let the model answer")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many generated tokens (thinking and answer together)")
+    p.add_argument("--top-p", type=float, help="ar: nucleus sampling (samples at temperature 1 unless --temperature is given)")
+    p.add_argument("--top-k", type=int, help="ar: sample among the k most likely tokens")
+    p.add_argument("--repetition-penalty", type=float, help="ar: penalty on tokens already in the sequence (1 = off)")
+    p.add_argument("--min-pixels", type=int, help="default: the training run's recipe.json beside the model, else the processor's")
+    p.add_argument("--max-pixels", type=int, help="default: the training run's recipe.json beside the model, else the processor's")
     p.add_argument("--backend", default="torch", choices=["torch", "mindspore", "ms"])
     p.add_argument("--objective", default="ar", choices=["ar", "mdlm"],
                    help="mdlm: masked-diffusion sampling over a canvas of --max-new-tokens mask tokens")
     p.add_argument("--block-length", type=int, help="mdlm: semi-autoregressive block length (default: as trained, else 32)")
     p.add_argument("--steps", type=int, help="mdlm: denoising steps (default: as trained, else one per token)")
     p.add_argument("--remasking", choices=["low_confidence", "random"], help="mdlm: which positions each step commits")
-    p.add_argument("--temperature", type=float, help="mdlm: Gumbel-noise temperature (0 = argmax)")
-    p.add_argument("--seed", type=int, default=0, help="mdlm: seed of random remasking and Gumbel noise")
+    p.add_argument("--temperature", type=float,
+                   help="ar: > 0 samples at this temperature (default: greedy); mdlm: Gumbel-noise temperature (0 = argmax)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling (ar) / of random remasking and Gumbel noise (mdlm)")
     p.set_defaults(run=cmd_infer)
 
     p = sub.add_parser("make-tiny", help="write a tiny random-init HF-format model directory")

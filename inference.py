@@ -1,21 +1,223 @@
-"""`vltune infer`: one prompt (with images) through a trained or tiny model directory."""
+"""`vltune infer`: prompts (with images or videos) through a trained or tiny model directory.
+
+`Predictor` holds one loaded model and answers samples one at a time (autoregressive decoding,
+greedy or sampled, optionally streamed, with thinking mode and its token budget); the one-prompt
+command and batch mode (inference_batch.py) both go through it. `infer` is the Python API of the
+one-prompt command for both objectives (ar, mdlm).
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
+import numpy as np
+
+from vltune.core.config import ConfigError
+from vltune.core.generation import (
+    THINK_END,
+    THINK_START,
+    THINKING_CLOSE,
+    GenerationSettings,
+    opens_thinking,
+    split_thinking,
+)
+from vltune.data.chat import ChatTokenizer
 from vltune.data.collate import Collator
-from vltune.data.dataset import SFTDataset
+from vltune.data.dataset import Features, SFTDataset
 from vltune.data.formats import Sample
 
+# Keys of the training recipe (saved as recipe.json beside the trained model) that shape the vision
+# input; inference reuses them so the model sees images and videos as it did in training.
+_PIXEL_KEYS = ("min_pixels", "max_pixels")
+_VIDEO_KEYS = ("video_min_pixels", "video_max_pixels", "base_interval", "video_min_frames", "video_max_frames")
 
-def build_prompt_sample(prompt: str, images: list[str]) -> Sample:
-    """A one-turn user message with the images first, as the Qwen examples and processors place them."""
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+
+def build_prompt_sample(prompt: str, images: list[str], videos: list[str] = ()) -> Sample:
+    """A one-turn user message with the images, then the videos, first, as the Qwen examples place them."""
+    content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos] + [{"type": "text", "text": prompt}]
     # The empty answer turn is dropped by SFTDataset.prompt(); it only marks where generation starts.
     messages = [{"role": "user", "content": content}, {"role": "assistant", "content": ""}]
-    return Sample(id="prompt", messages=messages, images=[Path(p) for p in images], source="command line")
+    return Sample(
+        id="prompt", messages=messages, images=[Path(p) for p in images], videos=[Path(p) for p in videos],
+        source="command line",
+    )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One generation, split for the caller: the answer, and the reasoning when a think block was open."""
+
+    prediction: str
+    """The answer: everything generated, or the text after `</think>` when the model reasoned first."""
+    thinking: str | None = None
+    """The reasoning inside the think block (None: no block was open)."""
+    text: str = ""
+    """Everything generated, as streamed: think block, closing phrase if inserted, answer."""
+    thinking_cut: bool = False
+    """The thinking budget ran out: THINKING_CLOSE was inserted and the answer generated after it."""
+    generated_tokens: int = 0
+    """Tokens the model generated (the inserted closing phrase not counted)."""
+
+
+def _check_model_dir(model_dir: str | Path, adapter: str | Path | None) -> None:
+    if adapter is None and (Path(model_dir) / "adapter_config.json").exists():
+        raise FileNotFoundError(
+            f"{model_dir} holds a LoRA adapter, not a model: use --model BASE_MODEL_DIR --adapter {model_dir} "
+            "(or vltune merge-lora to make a full model)"
+        )
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _training_recipe(model_dir: str | Path, adapter: str | Path | None) -> dict:
+    """The recipe.json a training run saved beside its output (the adapter's first), else {}."""
+    for directory in (adapter, model_dir):
+        if directory is not None and (Path(directory) / "recipe.json").exists():
+            return json.loads((Path(directory) / "recipe.json").read_text())
+    return {}
+
+
+def _render_with(tokenizer: ChatTokenizer, **template_kwargs) -> None:
+    """Make every chat-template render of this tokenizer pass `template_kwargs` (e.g. enable_thinking).
+
+    SFTDataset renders through `tokenizer.render` for both the conversation and the prompt, so
+    binding the keywords on the instance reaches every render without a second code path.
+    """
+    tokenizer.render = partial(type(tokenizer).render, tokenizer, **template_kwargs)
+
+
+class Predictor:
+    """One model, loaded once, answering samples one at a time with autoregressive decoding.
+
+    `thinking`: render prompts with `enable_thinking=True`. `thinking_budget` N: when `</think>` has not
+    appeared after N generated tokens, append THINKING_CLOSE and generate the answer after it (the
+    two-phase scheme of Ovis2.5); `settings.max_new_tokens` bounds reasoning and answer together.
+    Pixel limits default to the recipe.json a training run saved beside the model.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        adapter: str | Path | None = None,
+        backend: str = "torch",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        settings: GenerationSettings = GenerationSettings(),
+        thinking: bool = False,
+        thinking_budget: int | None = None,
+    ):
+        if backend != "torch":
+            raise NotImplementedError(f"infer --backend {backend}: not implemented yet (only torch is)")
+        if thinking_budget is not None and thinking_budget < 1:
+            raise ConfigError(f"--thinking-budget {thinking_budget}: must be >= 1")
+        self.settings = settings.validate()
+        self.thinking = thinking
+        self.thinking_budget = thinking_budget
+        self.model_dir = Path(model_dir)
+        _check_model_dir(model_dir, adapter)
+        recipe = _training_recipe(model_dir, adapter)
+        self.min_pixels = min_pixels if min_pixels is not None else recipe.get("min_pixels")
+        self.max_pixels = max_pixels if max_pixels is not None else recipe.get("max_pixels")
+        self.video_overrides = {k: recipe.get(k) for k in _VIDEO_KEYS}
+
+        from vltune.backends.torch.checkpoint import CIRCLE_ROPE_FILE
+        from vltune.backends.torch.models import load_model
+        from vltune.backends.torch.models.circle_rope import CircleRopeAdapter
+
+        # A model trained with Circle-RoPE carries its settings beside the stock config.json.
+        self.circle_rope = _read_json(Path(adapter or model_dir) / CIRCLE_ROPE_FILE)
+        self.model = load_model(model_dir, adapter=adapter)
+        self.circle = CircleRopeAdapter(self.model, self.circle_rope) if self.circle_rope else None
+
+    def dataset(self, samples: list[Sample]) -> SFTDataset:
+        """The samples as prompts for this model (each sample's last turn is the answer slot, dropped)."""
+        dataset = SFTDataset(
+            samples, self.model_dir, max_length=1 << 30, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+            video_overrides=self.video_overrides,
+        )
+        if self.thinking:
+            _render_with(dataset.tokenizer, enable_thinking=True)
+        return dataset
+
+    def answer(self, dataset: SFTDataset, index: int, *, stream: Callable[[str], None] | None = None, seed: int | None = None) -> Answer:
+        """The model's answer to sample `index` of `dataset` (from `self.dataset`); `stream` gets the text
+        piece by piece as it is generated; `seed` replaces the settings' sampling seed."""
+        from vltune.backends.torch.infer import TextStream
+
+        settings = self.settings if seed is None else replace(self.settings, seed=seed)
+        tok = dataset.tokenizer
+        features, _ = dataset.prompt(index)
+        prompt = features.input_ids.tolist()
+        marks = tok.tokenizer.token_to_id(THINK_START), tok.tokenizer.token_to_id(THINK_END)
+        has_marks = None not in marks
+        if self.thinking_budget is not None and not has_marks:
+            raise ConfigError(f"--thinking-budget: the tokenizer of {self.model_dir} has no {THINK_START}/{THINK_END} tokens")
+        prompt_open = has_marks and opens_thinking(prompt, *marks)
+        streamer = TextStream(tok.decode, stream) if stream is not None else None
+
+        limit = settings.max_new_tokens
+        first_limit = min(self.thinking_budget, limit) if self.thinking_budget else limit
+        ids = self._generate(dataset, features, prompt, replace(settings, max_new_tokens=first_limit), streamer)
+        if self.thinking_budget and len(ids) == first_limit < limit:  # stopped by the budget, tokens left
+            rest = replace(settings, max_new_tokens=limit - len(ids), seed=settings.seed + 1)
+            if (prompt_open or ids[:1] == [marks[0]]) and marks[1] not in ids:
+                return self._answer_after_cut(dataset, features, prompt, ids, rest, prompt_open, streamer)
+            ids = ids + self._generate(dataset, features, prompt + ids, rest, streamer)
+        split = split_thinking(ids, prompt_open, *marks) if has_marks else None
+        if split is None or split.thinking is None:
+            return Answer(prediction=tok.decode(ids), text=tok.decode(ids), generated_tokens=len(ids))
+        return Answer(
+            prediction=tok.decode(split.answer).strip(), thinking=tok.decode(split.thinking).strip(),
+            text=tok.decode(ids), generated_tokens=len(ids),
+        )
+
+    def _answer_after_cut(
+        self, dataset: SFTDataset, features: Features, prompt: list[int], reasoning: list[int],
+        settings: GenerationSettings, prompt_open: bool, streamer,
+    ) -> Answer:
+        """Close the unfinished `reasoning` with THINKING_CLOSE and generate the answer after it."""
+        tok = dataset.tokenizer
+        close = tok.tokenizer.encode(THINKING_CLOSE, add_special_tokens=False).ids
+        if streamer is not None:
+            streamer.add(close)
+        answer = self._generate(dataset, features, prompt + reasoning + close, settings, streamer)
+        thinking = reasoning if prompt_open else reasoning[1:]  # without a `<think>` the model wrote itself
+        return Answer(
+            prediction=tok.decode(answer).strip(), thinking=tok.decode(thinking).strip(),
+            text=tok.decode(reasoning + close + answer), thinking_cut=True, generated_tokens=len(reasoning) + len(answer),
+        )
+
+    def _generate(self, dataset: SFTDataset, features: Features, input_ids: list[int], settings: GenerationSettings, streamer) -> list[int]:
+        """Continuation of `input_ids` (the prompt, possibly extended by a first phase) with the sample's media."""
+        from vltune.backends.torch.infer import generate
+
+        ids = np.asarray(input_ids, dtype=np.int64)
+        features = replace(features, input_ids=ids, labels=np.full_like(ids, -100))
+        batch = Collator(dataset.info, dataset.tokenizer.pad_token_id, self.circle_rope)([features], padding_side="left")
+        (out,) = generate(self.model, batch, dataset.info, settings, circle=self.circle, streamer=streamer)
+        return out
+
+
+def answer_prompt(
+    model_dir: str | Path,
+    prompt: str,
+    images: list[str] = (),
+    videos: list[str] = (),
+    *,
+    stream: Callable[[str], None] | None = None,
+    **predictor_args,
+) -> Answer:
+    """One prompt about `images` / `videos`, answered by a fresh `Predictor(model_dir, **predictor_args)`."""
+    predictor = Predictor(model_dir, **predictor_args)
+    dataset = predictor.dataset([build_prompt_sample(prompt, list(images), list(videos))])
+    return predictor.answer(dataset, 0, stream=stream)
 
 
 def infer(
@@ -33,47 +235,56 @@ def infer(
     remasking: str | None = None,
     temperature: float | None = None,
     seed: int = 0,
+    *,
+    videos: list[str] | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
+    thinking: bool = False,
+    thinking_budget: int | None = None,
+    stream: Callable[[str], None] | None = None,
 ) -> str:
-    """Answer of the model in `model_dir` (plus an optional LoRA adapter) to `prompt` about `images`.
+    """Answer of the model in `model_dir` (plus an optional LoRA adapter) to `prompt` about `images` / `videos`.
 
-    objective "ar": greedy decoding of at most `max_new_tokens`. objective "mdlm": the masked-diffusion
+    objective "ar": autoregressive decoding of at most `max_new_tokens`, greedy unless `temperature`
+    > 0 (or `top_p` / `top_k`) asks for sampling (seeded with `seed`), with `repetition_penalty`,
+    `thinking` / `thinking_budget` (see Predictor; the answer after the think block is returned) and
+    `stream` receiving the text as it is generated. objective "mdlm": the masked-diffusion
     sampler over a canvas of `max_new_tokens` mask tokens (`block_length`, `steps`, `remasking`,
     `temperature`; None = the values the model was trained with, from its mdlm.json, else the sampler's
     defaults), cut at the first end token.
     """
     if objective not in ("ar", "mdlm"):
         raise ValueError(f"objective {objective!r} is not one of ar, mdlm")
+    if objective == "ar":
+        settings = GenerationSettings(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            repetition_penalty=repetition_penalty, seed=seed,
+        )
+        return answer_prompt(
+            model_dir, prompt, images or [], videos or [], stream=stream, adapter=adapter, backend=backend,
+            min_pixels=min_pixels, max_pixels=max_pixels, settings=settings, thinking=thinking,
+            thinking_budget=thinking_budget,
+        ).prediction
     if backend != "torch":
         raise NotImplementedError(f"infer --backend {backend}: not implemented yet (only torch is)")
     from vltune.backends.torch.checkpoint import CIRCLE_ROPE_FILE
-    from vltune.backends.torch.infer import generate_greedy, generate_with_positions
     from vltune.backends.torch.models import load_model
     from vltune.backends.torch.models.circle_rope import CircleRopeAdapter
 
-    if adapter is None and (Path(model_dir) / "adapter_config.json").exists():
-        raise FileNotFoundError(
-            f"{model_dir} holds a LoRA adapter, not a model: use --model BASE_MODEL_DIR --adapter {model_dir} "
-            "(or vltune merge-lora to make a full model)"
-        )
+    _check_model_dir(model_dir, adapter)
     dataset = SFTDataset(
-        [build_prompt_sample(prompt, images or [])], model_dir, max_length=1 << 30,
+        [build_prompt_sample(prompt, images or [], videos or [])], model_dir, max_length=1 << 30,
         min_pixels=min_pixels, max_pixels=max_pixels,
     )
     # A model trained with Circle-RoPE carries its settings beside the stock config.json.
-    circle_file = Path(adapter or model_dir) / CIRCLE_ROPE_FILE
-    circle_rope = json.loads(circle_file.read_text()) if circle_file.exists() else None
+    circle_rope = _read_json(Path(adapter or model_dir) / CIRCLE_ROPE_FILE)
     features, _ = dataset.prompt(0)
     batch = Collator(dataset.info, dataset.tokenizer.pad_token_id, circle_rope)([features], padding_side="left")
     model = load_model(model_dir, adapter=adapter)
-    if objective == "mdlm":
-        sampler = dict(block_length=block_length, steps=steps, remasking=remasking, temperature=temperature)
-        adapter_circle = CircleRopeAdapter(model, circle_rope) if circle_rope else None
-        ids = _mdlm_answer(model, model_dir, adapter, batch, max_new_tokens, sampler, seed, adapter_circle)
-        return dataset.tokenizer.decode(ids)
-    if circle_rope:
-        (ids,) = generate_with_positions(model, batch, max_new_tokens, CircleRopeAdapter(model, circle_rope))
-    else:
-        (ids,) = generate_greedy(model, batch, dataset.info, max_new_tokens)
+    sampler = dict(block_length=block_length, steps=steps, remasking=remasking, temperature=temperature)
+    adapter_circle = CircleRopeAdapter(model, circle_rope) if circle_rope else None
+    ids = _mdlm_answer(model, model_dir, adapter, batch, max_new_tokens, sampler, seed, adapter_circle)
     return dataset.tokenizer.decode(ids)
 
 
