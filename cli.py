@@ -96,6 +96,22 @@ def cmd_data_check(args: argparse.Namespace, extra: list[str]) -> int:
     return 1 if n_errors else 0
 
 
+def cmd_bench_model(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra or not args.model_shape:
+        raise SystemExit("vltune bench: give --model-shape NAME (or `vltune bench data`)")
+    from vltune.backends.torch.bench import run_bench, write_report
+
+    command = "vltune bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else f"vltune bench --model-shape {args.model_shape}"
+    try:
+        result = run_bench(args.model_shape, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, command=command)
+    except (RuntimeError, ValueError) as e:
+        print(f"vltune bench: {e}", file=sys.stderr)
+        return 1
+    write_report(result, args.out)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("runs", "shape")}), flush=True)
+    return 0
+
+
 def cmd_bench_data(args: argparse.Namespace, extra: list[str]) -> int:
     from vltune.data.bench import run_data_bench
 
@@ -283,8 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-decode", action="store_true", help="read image headers only (faster; misses corrupt bodies)")
     p.set_defaults(run=cmd_data_check)
 
-    p = sub.add_parser("bench", help="benchmarks: `bench data` = data-loading throughput")
-    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    p = sub.add_parser("bench", help="`bench --model-shape NAME`: training speed vs stock transformers (GPU); `bench data`: data loading")
+    p.add_argument("--model-shape", help="qwen2_5_vl-3b | qwen2_5_vl-7b | qwen3_vl-2b | qwen3_vl-8b")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per path (after --warmup)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=2, help="samples per padded micro-batch (fp32 weights + AdamW: 2 fits a 3B on 80 GB)")
+    p.add_argument("--out", default="docs/bench", help="where NAME.json and the README table go")
+    p.set_defaults(run=cmd_bench_model)
+    bench_sub = p.add_subparsers(dest="bench_command")
     p = bench_sub.add_parser("data", help="samples/s and tokens/s of the data pipeline with N worker processes")
     p.add_argument("--image-size", default="448x448", help="WIDTHxHEIGHT of the generated JPEG images")
     p.add_argument("--samples", type=int, default=300)

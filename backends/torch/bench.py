@@ -1,0 +1,203 @@
+"""`vltune bench --model-shape NAME`: the stock transformers training step vs vltune's, in one run.
+
+Both paths get a random-init model of the released shape (core/flops.py SHAPES) from the same seed and
+the same micro-batches of a realistic mixed workload (data/synthetic_workload.py), and train for the
+same number of steps:
+
+(a) stock: the transformers model with sdpa, padded batches, its own loss (`labels=`), torch AdamW
+    (default foreach implementation), bf16 autocast, mm_token_type_ids for its own M-RoPE ids;
+(b) vltune: `TorchBackend` as `vltune train` drives it (fused AdamW, vltune's position ids, its loss),
+    on the same padded batches -- the packed/varlen path replaces this once it exists (issue 7).
+
+Reported per path: tokens/s (non-pad tokens), samples/s, MFU (core/flops.py), peak memory, the losses;
+and the ratio b/a. Timing excludes `warmup` steps and synchronises the GPU around the timed steps only.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vltune.core.config import ModelArgs, TrainArgs
+from vltune.core.flops import H100_BF16_PEAK, SHAPES, ModelShape, llm_flops, vision_flops
+from vltune.data.collate import collate_padded
+from vltune.data.model_info import ModelInfo
+from vltune.data.synthetic_workload import WorkloadTokens, mixed_features
+
+from .batch import to_model_inputs
+from .trainer import TorchBackend
+
+# The special token ids of the released Qwen2.5-VL / Qwen3-VL tokenizers (the bench has no tokenizer).
+_IDS = {"image": 151655, "video": 151656, "vision_start": 151652, "vision_end": 151653, "bos": 151643, "eos": 151645}
+
+
+def hf_config(shape: ModelShape) -> dict:
+    """A config.json dict of that shape, as the released checkpoint's."""
+    ids = {"image_token_id": _IDS["image"], "video_token_id": _IDS["video"],
+           "vision_start_token_id": _IDS["vision_start"], "vision_end_token_id": _IDS["vision_end"],
+           "tie_word_embeddings": shape.tie_word_embeddings}
+    text = {"vocab_size": shape.vocab, "hidden_size": shape.hidden, "intermediate_size": shape.intermediate,
+            "num_hidden_layers": shape.layers, "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads,
+            "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "bos_token_id": _IDS["bos"], "eos_token_id": _IDS["eos"],
+            "tie_word_embeddings": shape.tie_word_embeddings}
+    if shape.model_type == "qwen2_5_vl":
+        return {"model_type": "qwen2_5_vl", **ids,
+                "text_config": {**text, "model_type": "qwen2_5_vl_text",
+                                "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}},
+                "vision_config": {"model_type": "qwen2_5_vl_vision", "depth": shape.vision_depth, "hidden_size": shape.vision_hidden,
+                                  "intermediate_size": shape.vision_intermediate, "num_heads": shape.vision_heads, "hidden_act": "silu",
+                                  "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2, "window_size": shape.window_size,
+                                  "fullatt_block_indexes": list(shape.fullatt_blocks), "tokens_per_second": 2, "out_hidden_size": shape.hidden}}
+    return {"model_type": "qwen3_vl", **ids,
+            "text_config": {**text, "model_type": "qwen3_vl_text", "head_dim": shape.text_head_dim,
+                            "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20], "mrope_interleaved": True}},
+            "vision_config": {"model_type": "qwen3_vl", "depth": shape.vision_depth, "hidden_size": shape.vision_hidden,
+                              "intermediate_size": shape.vision_intermediate, "num_heads": shape.vision_heads,
+                              "hidden_act": "gelu_pytorch_tanh", "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2,
+                              "out_hidden_size": shape.hidden, "num_position_embeddings": 2304, "deepstack_visual_indexes": list(shape.deepstack)}}
+
+
+def build_model(shape: ModelShape, seed: int, device: torch.device):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.for_model(**hf_config(shape))
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with device:  # initialise on the GPU: minutes faster than on the host for billions of weights
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    return model
+
+
+def _info(shape: ModelShape) -> ModelInfo:
+    return ModelInfo(shape.model_type, _IDS["image"], _IDS["video"], _IDS["vision_start"], 2, 2, shape.layers)
+
+
+def _batches(shape: ModelShape, steps: int, batch_size: int, seed: int) -> list[dict]:
+    tokens = WorkloadTokens(shape.vocab, _IDS["image"], _IDS["vision_start"], _IDS["vision_end"])
+    features = mixed_features(steps * batch_size, tokens, patch_size=shape.patch_size, seed=seed,
+                              max_pixels=1280 * (shape.patch_size * 2) ** 2)
+    info = _info(shape)
+    return [collate_padded(features[i * batch_size:(i + 1) * batch_size], info, pad_token_id=_IDS["bos"]) for i in range(steps)]
+
+
+def step_flops(shape: ModelShape, batch: dict, train_vision: bool = False, llm_multiplier: int = 6) -> float:
+    lengths = [int(n) for n in batch["attention_mask"].sum(axis=1)]
+    patches = [int(g.prod()) for g in batch.get("image_grid_thw", np.zeros((0, 3), np.int64))]
+    return llm_flops(shape, lengths, llm_multiplier) + vision_flops(shape, patches, 6 if train_vision else 2)
+
+
+def _stock_step(model, optimizer, batch: dict, device: torch.device) -> torch.Tensor:
+    inputs = to_model_inputs(batch, device, model=model)
+    inputs.pop("position_ids")  # the stock model computes its own M-RoPE ids from mm_token_type_ids
+    ids = inputs["input_ids"]
+    mm_types = (ids == _IDS["image"]).int() + 2 * (ids == _IDS["video"]).int()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = model(**inputs, mm_token_type_ids=mm_types, labels=torch.as_tensor(batch["labels"]).to(device)).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _time(run_step, batches: list[dict], warmup: int) -> tuple[float, list[float]]:
+    losses = []
+    for batch in batches[:warmup]:
+        losses.append(float(run_step(batch)))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    timed = [run_step(batch) for batch in batches[warmup:]]
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return seconds, losses + [float(x) for x in timed]
+
+
+def _summary(name: str, shape: ModelShape, batches: list[dict], warmup: int, seconds: float, losses: list[float]) -> dict:
+    timed = batches[warmup:]
+    tokens = sum(int(b["attention_mask"].sum()) for b in timed)
+    flops = sum(step_flops(shape, b) for b in timed)
+    return {
+        "path": name, "tokens_per_s": round(tokens / seconds, 1), "samples_per_s": round(sum(len(b["input_ids"]) for b in timed) / seconds, 2),
+        "mfu": round(flops / seconds / H100_BF16_PEAK, 4), "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "seconds": round(seconds, 2), "losses": [round(x, 4) for x in losses],
+    }
+
+
+def run_bench(model_shape: str, *, steps: int = 20, warmup: int = 5, batch_size: int = 2, seed: int = 0, command: str = "") -> dict:
+    if not torch.cuda.is_available():
+        raise RuntimeError("vltune bench needs a CUDA GPU (speed is claimed only from GPU runs)")
+    if model_shape not in SHAPES:
+        raise ValueError(f"unknown --model-shape {model_shape!r}; choose one of {', '.join(SHAPES)}")
+    shape, device = SHAPES[model_shape], torch.device("cuda")
+    # torch 2.11's cuDNN attention fails on some of these shapes ("mha_graph.execute"); both paths use
+    # the flash / memory-efficient sdpa kernels instead.
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    batches = _batches(shape, warmup + steps, batch_size, seed)
+
+    # (a) stock
+    model = build_model(shape, seed, device)
+    initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    for p in model.model.visual.parameters():
+        p.requires_grad_(False)  # vision tower frozen (qwen-vl-finetune's default), merger trained
+    for p in model.model.visual.merger.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    torch.cuda.reset_peak_memory_stats()
+    seconds, losses = _time(lambda b: _stock_step(model, optimizer, b, device), batches, warmup)
+    stock = _summary("stock", shape, batches, warmup, seconds, losses)
+    del model, optimizer
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    # (b) vltune, same init
+    model = build_model(shape, seed, device)
+    model.load_state_dict(initial)
+    del initial
+    backend = TorchBackend(model, Path("."), _info(shape), ModelArgs(model_name_or_path="bench"),
+                           TrainArgs(bf16=True, learning_rate=1e-5, max_grad_norm=1.0, weight_decay=0.0))
+    torch.cuda.reset_peak_memory_stats()
+
+    def vltune_step(batch: dict) -> float:
+        count = int((batch["labels"][:, 1:] != -100).sum())
+        loss_sum = backend.forward_backward(batch, 1.0 / count)
+        backend.optimizer_step(1.0, 1.0)
+        return loss_sum / count
+
+    seconds, losses = _time(vltune_step, batches, warmup)
+    ours = _summary("vltune", shape, batches, warmup, seconds, losses)
+
+    result = {
+        "model": model_shape, "gpu": torch.cuda.get_device_name(), "mode": "full (vision tower frozen), padded batches",
+        "tokens_per_s": ours["tokens_per_s"], "stock_tokens_per_s": stock["tokens_per_s"],
+        "speedup_vs_stock": round(ours["tokens_per_s"] / stock["tokens_per_s"], 3), "mfu": ours["mfu"], "stock_mfu": stock["mfu"],
+        "peak_mem_gib": ours["peak_mem_gib"], "stock_peak_mem_gib": stock["peak_mem_gib"],
+        "batch_size": batch_size, "steps": steps, "warmup": warmup, "command": command,
+        "shape": asdict(shape), "runs": [stock, ours],
+    }
+    return result
+
+
+def write_report(result: dict, out_dir: str | Path) -> Path:
+    """docs/bench/NAME.json plus a row in docs/bench/README.md's table."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{result['model']}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    table = out / "README.md"
+    header = "| model | gpu | mode | tokens/s | stock tokens/s | speedup | MFU | stock MFU | peak GiB | command |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    rows = {}
+    if table.exists():
+        for line in table.read_text().splitlines()[2:]:
+            if line.startswith("| "):
+                rows[line.split("|")[1].strip()] = line
+    r = result
+    rows[r["model"]] = (f"| {r['model']} | {r['gpu']} | {r['mode']} | {r['tokens_per_s']} | {r['stock_tokens_per_s']} | "
+                        f"{r['speedup_vs_stock']} | {r['mfu']} | {r['stock_mfu']} | {r['peak_mem_gib']} | `{r['command']}` |")
+    table.write_text(header + "\n".join(rows[k] for k in sorted(rows)) + "\n")
+    return path

@@ -1,0 +1,35 @@
+"""The bench's model shapes build real transformers models whose weights the FLOP formula counts."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from vltune.backends.torch.bench import _batches, hf_config, step_flops  # noqa: E402
+from vltune.core.flops import SHAPES, llm_flops, llm_params, vision_flops  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_shapes_match_the_formula(name):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    shape = SHAPES[name]
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**hf_config(shape)))
+    lm = model.model.language_model
+    matrices = sum(p.numel() for n, p in lm.layers.named_parameters() if p.dim() == 2) + model.lm_head.weight.numel()
+    assert matrices == llm_params(shape)
+    total = sum(p.numel() for p in model.parameters())  # a tied head shares the embedding's tensor: counted once
+    expected_billions = {"qwen2_5_vl-3b": 3.75, "qwen2_5_vl-7b": 8.29, "qwen3_vl-2b": 2.13, "qwen3_vl-8b": 8.77}[name]
+    assert abs(total / 1e9 - expected_billions) < 0.05, total
+
+
+def test_step_flops_adds_llm_and_vision():
+    shape = SHAPES["qwen2_5_vl-3b"]
+    batch = _batches(shape, steps=1, batch_size=3, seed=1)[0]
+    lengths = [int(n) for n in batch["attention_mask"].sum(axis=1)]
+    patches = [int(g.prod()) for g in batch["image_grid_thw"]]
+    assert step_flops(shape, batch) == llm_flops(shape, lengths) + vision_flops(shape, patches, 2)
+    # 6N per token dominates: the attention term is a few percent at these lengths
+    assert 1.0 < llm_flops(shape, lengths) / (6 * llm_params(shape) * sum(lengths)) < 1.2
