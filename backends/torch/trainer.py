@@ -23,6 +23,7 @@ from .batch import to_model_inputs, to_tensor
 from .checkpoint import OPTIMIZER_FILE, RNG_FILE, load_weights, rng_state, save_hf_model, set_rng_state
 from .infer import generate_greedy, generate_with_positions
 from .lora import apply_lora
+from .loss import kept_token_loss_sum, trained_positions
 from .mdlm import bidirectional_logits, diffusion_sample, weighted_loss_sum
 from .models.bidirectional import make_bidirectional
 from .models.circle_rope import CircleRopeAdapter
@@ -101,14 +102,16 @@ class TorchBackend:
         )
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
-    def _logits(self, batch: Batch) -> torch.Tensor:
+    def _logits(self, batch: Batch, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, L, V], or [B, K, V] at the sequence positions `keep` only (the LM head skips the rest)."""
         if self.mdlm is not None:
             return bidirectional_logits(self.model, batch, self.device, circle=self.circle, autocast_dtype=self.autocast_dtype)
         alt = batch.get("position_ids_alt")
         alt = to_tensor(alt, self.device, torch.long) if alt is not None else None
         layers = self.circle.alt_positions(alt) if self.circle is not None else nullcontext()
         with layers, torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return self.model(**to_model_inputs(batch, self.device, model=self.model), use_cache=False).logits
+            extra = {} if keep is None else {"logits_to_keep": keep}
+            return self.model(**to_model_inputs(batch, self.device, model=self.model), use_cache=False, **extra).logits
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
         """Summed loss of a batch: next-token CE (ar) or weighted masked CE (a core.mdlm masked batch)."""
@@ -118,7 +121,8 @@ class TorchBackend:
             return weighted_loss_sum(self._logits(batch), labels, weights)
         if self.mdlm is not None:
             raise ValueError("objective mdlm: the batch is not masked (wrap the batch source in core.mdlm.MaskedBatches)")
-        return token_loss_sum(self._logits(batch), labels)[0]
+        keep = trained_positions(labels)  # logits only where a loss reads them (backends/torch/loss.py)
+        return kept_token_loss_sum(self._logits(batch, keep), labels, keep)
 
     def forward_backward(self, batch: Batch, loss_scale: float) -> float:
         self.model.train()
