@@ -1,0 +1,120 @@
+"""config.json -> the sizes the MindSpore models need, read without transformers.
+
+Both config.json spellings are read: the nested one transformers 5 writes (`text_config`,
+`rope_parameters`) and the flat one of the released Qwen2.5-VL checkpoints (text keys at the top,
+`rope_theta` + `rope_scaling.mrope_section`). Defaults are transformers' own for missing keys.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, ...]
+    mrope_interleaved: bool
+    attention_bias: bool
+    """Qwen2.5-VL has q/k/v biases; Qwen3-VL has none (and per-head q/k RMSNorms instead)."""
+    qk_norm: bool
+    hidden_act: str = "silu"
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    out_hidden_size: int
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    in_channels: int
+    hidden_act: str
+    rope_theta: float = 10000.0
+    # Qwen2.5-VL
+    window_size: int = 112
+    fullatt_block_indexes: tuple[int, ...] = ()
+    # Qwen3-VL
+    num_position_embeddings: int = 0
+    deepstack_visual_indexes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class VLConfig:
+    model_type: str
+    text: TextConfig
+    vision: VisionConfig
+    image_token_id: int
+    video_token_id: int
+    tie_word_embeddings: bool
+    raw: dict = field(repr=False, compare=False, default_factory=dict)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "VLConfig":
+        path = Path(model_dir) / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{model_dir}: no config.json (expected an HF-format Qwen VL model directory)")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "VLConfig":
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type {model_type!r} has no MindSpore model (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        text = cfg.get("text_config") or cfg  # released Qwen2.5-VL configs are flat
+        vision = cfg["vision_config"]
+        rope = text.get("rope_parameters") or {}
+        scaling = text.get("rope_scaling") or {}
+        qwen3 = model_type == "qwen3_vl"
+        heads = text["num_attention_heads"]
+        text_cfg = TextConfig(
+            vocab_size=text["vocab_size"],
+            hidden_size=text["hidden_size"],
+            intermediate_size=text["intermediate_size"],
+            num_hidden_layers=text["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=text.get("num_key_value_heads", heads),
+            head_dim=text.get("head_dim") or text["hidden_size"] // heads,
+            rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 5000000.0 if qwen3 else 1000000.0))),
+            mrope_section=tuple(rope.get("mrope_section") or scaling.get("mrope_section") or ([24, 20, 20] if qwen3 else [16, 24, 24])),
+            mrope_interleaved=bool(rope.get("mrope_interleaved", scaling.get("mrope_interleaved", qwen3))),
+            attention_bias=bool(text.get("attention_bias", False)) if qwen3 else True,
+            qk_norm=qwen3,
+            hidden_act=text.get("hidden_act", "silu"),
+        )
+        vrope = vision.get("rope_parameters") or {}
+        vision_cfg = VisionConfig(
+            depth=vision["depth"],
+            hidden_size=vision["hidden_size"],
+            intermediate_size=vision["intermediate_size"],
+            num_heads=vision["num_heads"],
+            out_hidden_size=vision["out_hidden_size"],
+            patch_size=vision.get("patch_size", 16 if qwen3 else 14),
+            temporal_patch_size=vision.get("temporal_patch_size", 2),
+            spatial_merge_size=vision.get("spatial_merge_size", 2),
+            in_channels=vision.get("in_channels", vision.get("in_chans", 3)),
+            hidden_act=vision.get("hidden_act", "gelu_pytorch_tanh" if qwen3 else "silu"),
+            rope_theta=float(vrope.get("rope_theta", 10000.0)),
+            window_size=vision.get("window_size", 112),
+            fullatt_block_indexes=tuple(vision.get("fullatt_block_indexes", ())),
+            num_position_embeddings=vision.get("num_position_embeddings", 0),
+            deepstack_visual_indexes=tuple(vision.get("deepstack_visual_indexes", ())),
+        )
+        tie = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        return cls(model_type, text_cfg, vision_cfg, cfg["image_token_id"], cfg["video_token_id"], bool(tie), raw=cfg)

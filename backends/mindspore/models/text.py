@@ -1,0 +1,149 @@
+"""The Qwen VL language model in MindSpore: GQA attention with M-RoPE, SwiGLU MLP, RMSNorm.
+
+One decoder serves both families; the differences are switches read from config.json:
+Qwen2.5-VL has q/k/v biases and chunked M-RoPE ([16, 24, 24] frequencies for t, h, w); Qwen3-VL
+has per-head q/k RMSNorms, interleaved M-RoPE and DeepStack (vision features added to the hidden
+states of the first layers).
+
+Positions arrive from the batch (core/rope2d computed them), never recomputed here. Circle-RoPE's
+AGE strategies give some layers the plain M-RoPE ids (`position_ids_alt`): each layer is told which
+cos/sin to use by `age_layer_mask`, as backends/torch/models/circle_rope.py does with hooks.
+"""
+
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from ..attention import Kernels, TextAttentionLayout, text_attention
+from .config import TextConfig
+from .layers import Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, inv_freq, rotary_cos_sin
+
+
+def mrope_channels(section: tuple[int, ...], interleaved: bool) -> np.ndarray:
+    """[head_dim / 2] which position row (0 = t, 1 = h, 2 = w) each rotary frequency reads.
+
+    Chunked (Qwen2/2.5-VL): the first section[0] frequencies t, the next section[1] h, then w.
+    Interleaved (Qwen3-VL): t h w t h w ... for 3 * section[1] (h) and 3 * section[2] (w)
+    frequencies, the rest t.
+    """
+    half = int(sum(section))
+    if not interleaved:
+        return np.concatenate([np.full(n, i % 3) for i, n in enumerate(section)]).astype(np.int64)
+    channels = np.zeros(half, dtype=np.int64)
+    for dim in (1, 2):
+        channels[dim : section[dim] * 3 : 3] = dim
+    return channels
+
+
+def rotary_positions(position_ids: np.ndarray, channels: np.ndarray) -> np.ndarray:
+    """[3, B, L] ids -> [B, L, head_dim / 2] fp32: each frequency's position, picked from its row.
+
+    Picking rows before the multiplication by inv_freq gives the very products transformers forms
+    after it (it multiplies all three rows, then selects), so the angles are identical.
+    """
+    pos = np.asarray(position_ids).astype(np.float32)  # int ids and Circle-RoPE floats alike, as torch's .float()
+    return np.ascontiguousarray(np.moveaxis(pos[channels], 0, -1))
+
+
+class TextAttention(nn.Cell):
+    def __init__(self, cfg: TextConfig, kernels: Kernels):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = self.head_dim**-0.5
+        bias = cfg.attention_bias
+        self.q_proj = Linear(cfg.hidden_size, self.heads * self.head_dim, bias)
+        self.k_proj = Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias)
+        self.v_proj = Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias)
+        # Qwen2.5-VL's o_proj has no bias even though q/k/v do; Qwen3-VL follows attention_bias.
+        self.o_proj = Linear(self.heads * self.head_dim, cfg.hidden_size, bias and cfg.qk_norm)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels)
+        self.kernels = kernels
+
+    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, layout: TextAttentionLayout) -> Tensor:
+        b, length, _ = x.shape
+        q = self.q_proj(x).reshape(b, length, self.heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, length, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, length, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, H, L, D]
+        cos, sin = cos[:, None], sin[:, None]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = text_attention(q, k, v, self.scale, layout, self.kernels)
+        return self.o_proj(out.swapaxes(1, 2).reshape(b, length, self.heads * self.head_dim))
+
+
+class DecoderLayer(nn.Cell):
+    def __init__(self, cfg: TextConfig, kernels: Kernels):
+        super().__init__()
+        self.self_attn = TextAttention(cfg, kernels)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
+
+    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, layout: TextAttentionLayout) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Cell):
+    """`model.language_model`: embeddings, decoder layers, final norm (no head)."""
+
+    def __init__(self, cfg: TextConfig, kernels: Kernels):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.CellList([DecoderLayer(cfg, kernels) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
+        self.inv_freq = inv_freq(cfg.rope_theta, cfg.head_dim)
+        self.channels = mrope_channels(cfg.mrope_section, cfg.mrope_interleaved)
+        self.layer_uses_main = [True] * cfg.num_hidden_layers
+        """AGE: False for layers that take the alt (plain M-RoPE) positions; see set_alt_layers."""
+        self.recompute_layers = False
+
+    def set_alt_layers(self, uses_main: list[bool]) -> None:
+        """Circle-RoPE AGE: layer i rotates by `position_ids` if uses_main[i], else by `position_ids_alt`."""
+        if len(uses_main) != len(self.layers):
+            raise ValueError(f"AGE layer mask has {len(uses_main)} entries for {len(self.layers)} layers")
+        self.layer_uses_main = list(uses_main)
+
+    def cos_sin(self, position_ids: np.ndarray) -> tuple[Tensor, Tensor]:
+        return rotary_cos_sin(Tensor(rotary_positions(position_ids, self.channels)), self.inv_freq)
+
+    def construct(
+        self,
+        inputs_embeds: Tensor,
+        position_ids: np.ndarray,
+        layout: TextAttentionLayout,
+        position_ids_alt: np.ndarray | None = None,
+        deepstack: list[Tensor] | None = None,
+        visual_index: Tensor | None = None,
+    ) -> Tensor:
+        """inputs_embeds [B, L, H]; position_ids [3, B, L] (numpy); deepstack: one [n_visual, H] per
+        leading layer, added at the visual positions (`visual_index` [B*L]: 0 = text, k = visual row k-1)."""
+        main = self.cos_sin(position_ids)
+        alt = None
+        if not all(self.layer_uses_main):
+            if position_ids_alt is None:
+                raise RuntimeError(
+                    "Circle-RoPE with AGE mixes layer kinds, but the batch has no position_ids_alt "
+                    "(plain M-RoPE ids) for the M-RoPE layers"
+                )
+            alt = self.cos_sin(position_ids_alt)
+        h = inputs_embeds
+        b, length, hidden = h.shape
+        for i, layer in enumerate(self.layers):
+            cos, sin = main if self.layer_uses_main[i] else alt
+            if self.recompute_layers and self.training:
+                h = ms.recompute(layer, h, cos, sin, layout)
+            else:
+                h = layer(h, cos, sin, layout)
+            if deepstack is not None and i < len(deepstack):
+                rows = ops.cat((ops.zeros((1, hidden), h.dtype), deepstack[i].astype(h.dtype)), axis=0)
+                h = h + ops.gather(rows, visual_index, 0).reshape(b, length, hidden)
+        return self.norm(h)
