@@ -1,0 +1,183 @@
+"""LoRA on the MindSpore models, saved as a PEFT adapter that peft loads onto the transformers model.
+
+What trains under `train_type: lora` is what backends/torch/lora.py trains, for the part built here:
+
+- every base weight frozen;
+- `tune_mm_llm`: adapters on the language model's decoder-layer linears named in
+  `lora_target_modules` (default q,k,v,o,gate,up,down_proj), confined to
+  `model.language_model.layers.N.` (the vision MLP reuses the names gate/up/down_proj);
+- `tune_mm_mlp`: the merger (and Qwen3-VL's DeepStack mergers) trained in full and saved in the
+  adapter, as peft's `modules_to_save`;
+- `tune_mm_vision` (adapters on the vision blocks) and `lora_modules_to_save` are not supported by
+  the MindSpore backend yet and are refused with an error rather than silently ignored.
+
+A wrapped linear keeps peft's names: `q_proj.base_layer.weight`, `q_proj.lora_A.weight` [r, in],
+`q_proj.lora_B.weight` [out, r]; y = base(x) + B(A(dropout(x))) * lora_alpha / r. A is initialised
+as peft does (kaiming-uniform, bound 1/sqrt(in)), B as zeros, from a numpy generator seeded by the
+recipe's seed. Dropout masks come from a numpy generator too (seeded by seed and step), so a resumed
+run draws the same masks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn
+
+from vltune.core.config import ModelArgs
+
+from .checkpoint import read_safetensors, write_atomically, write_safetensors
+from .models.layers import Linear
+
+DEFAULT_LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+class LoraLinear(nn.Cell):
+    def __init__(self, base: Linear, r: int, alpha: float, dropout: float, rng: np.random.Generator):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = Linear(base.in_features, r, bias=False)
+        self.lora_B = Linear(r, base.out_features, bias=False)
+        bound = 1.0 / np.sqrt(base.in_features)
+        self.lora_A.weight.set_data(Tensor(rng.uniform(-bound, bound, (r, base.in_features)).astype(np.float32)))
+        self.scaling = alpha / r
+        self.dropout = dropout
+        self.keep_mask: Tensor | None = None
+        """Set per micro-batch by LoraState when dropout > 0 and training (inverted-dropout mask)."""
+
+    def construct(self, x: Tensor) -> Tensor:
+        h = x
+        if self.dropout > 0 and self.training and self.keep_mask is not None:
+            h = x * self.keep_mask.astype(x.dtype)
+        return self.base_layer(x) + self.lora_B(self.lora_A(h)) * self.scaling
+
+
+def _split_csv(value: str | None) -> list[str]:
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def llm_target_regex(targets: list[str]) -> str:
+    """The peft target_modules regex (the torch backend writes the same one for the same recipe)."""
+    return rf"(?:model\.language_model\.layers\.\d+\.(?:[^.]+\.)*(?:{'|'.join(re.escape(t) for t in targets)}))"
+
+
+def merger_modules(model: nn.Cell) -> list[str]:
+    visual = model.model.visual
+    names = ["model.visual.merger"]
+    names += [f"model.visual.deepstack_merger_list.{i}" for i in range(len(getattr(visual, "deepstack_merger_list", [])))]
+    return names
+
+
+class LoraState:
+    """The adapters applied to one model, the parameters that train, and the PEFT files."""
+
+    def __init__(self, model: nn.Cell, model_args: ModelArgs, seed: int = 0):
+        if model_args.tune_mm_vision:
+            raise NotImplementedError("train_type lora with tune_mm_vision: vision-block adapters are not implemented in the MindSpore backend yet")
+        if _split_csv(model_args.lora_modules_to_save):
+            raise NotImplementedError("lora_modules_to_save is not implemented in the MindSpore backend yet")
+        if not (model_args.tune_mm_llm or model_args.tune_mm_mlp):
+            raise ValueError("LoRA has nothing to train: set tune_mm_llm: true (LLM adapters) or tune_mm_mlp: true (the merger)")
+        self.model, self.args = model, model_args
+        self.targets = _split_csv(model_args.lora_target_modules) or list(DEFAULT_LLM_TARGETS)
+        self.layers: list[LoraLinear] = []
+        rng = np.random.default_rng(seed)
+        for param in model.get_parameters():
+            param.requires_grad = False
+        if model_args.tune_mm_llm:
+            self._wrap(rng)
+        self.modules_to_save = merger_modules(model) if model_args.tune_mm_mlp else []
+        for name, param in model.parameters_and_names():
+            param.name = name  # wrapped cells got new paths
+            if any(name.startswith(m + ".") for m in self.modules_to_save):
+                param.requires_grad = True
+        for layer in self.layers:
+            layer.lora_A.weight.requires_grad = layer.lora_B.weight.requires_grad = True
+
+    def _wrap(self, rng: np.random.Generator) -> None:
+        pattern = re.compile(llm_target_regex(self.targets))
+        found = set()
+        for name, cell in list(self.model.cells_and_names()):
+            if isinstance(cell, Linear) and pattern.fullmatch(name):
+                parent_name, attr = name.rsplit(".", 1)
+                parent = _sub_cell(self.model, parent_name)
+                wrapped = LoraLinear(cell, self.args.lora_r, self.args.lora_alpha, self.args.lora_dropout, rng)
+                setattr(parent, attr, wrapped)
+                self.layers.append(wrapped)
+                found.add(attr)
+        unknown = set(self.targets) - found
+        if unknown:
+            raise ValueError(f"lora_target_modules: {sorted(unknown)} name no linear layer of the language model's decoder layers")
+
+    def set_dropout_masks(self, rng: np.random.Generator | None, shape_prefix: tuple[int, ...]) -> None:
+        """Draw every adapter's dropout keep-mask for the next forward (inverted dropout), or clear them."""
+        for layer in self.layers:
+            if rng is None or layer.dropout == 0:
+                layer.keep_mask = None
+                continue
+            p = layer.dropout
+            keep = rng.random((*shape_prefix, layer.base_layer.in_features)) >= p
+            layer.keep_mask = Tensor((keep / (1 - p)).astype(np.float32))
+
+    def adapter_arrays(self) -> dict[str, np.ndarray]:
+        """PEFT's saved names: base_model.model.<name>.lora_A.weight, modules_to_save in full."""
+        out = {}
+        for name, param in self.model.parameters_and_names():
+            is_lora = ".lora_A." in name or ".lora_B." in name
+            if is_lora or any(name.startswith(m + ".") for m in self.modules_to_save):
+                out[PEFT_PREFIX + name] = param.asnumpy() if param.dtype == ms.float32 else param.astype(ms.float32).asnumpy()
+        return out
+
+    def adapter_config(self, base_dir: str | Path) -> dict:
+        return {
+            "peft_type": "LORA",
+            "task_type": None,
+            "base_model_name_or_path": str(base_dir),
+            "r": self.args.lora_r,
+            "lora_alpha": self.args.lora_alpha,
+            "lora_dropout": self.args.lora_dropout,
+            "target_modules": llm_target_regex(self.targets) if self.layers else "dummy-target-modules",
+            "modules_to_save": self.modules_to_save or None,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "use_dora": False,
+            "use_rslora": False,
+        }
+
+    def save(self, out_dir: Path, base_dir: str | Path, extra_files=None) -> None:
+        """adapter_config.json + adapter_model.safetensors (and `extra_files(tmp)`), atomically."""
+
+        def write(tmp: Path) -> None:
+            write_safetensors(tmp / ADAPTER_WEIGHTS, self.adapter_arrays())
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(self.adapter_config(base_dir), indent=2) + "\n")
+            if extra_files is not None:
+                extra_files(tmp)
+
+        write_atomically(Path(out_dir), write)
+
+    def load(self, directory: Path) -> None:
+        """Restore adapter (and modules_to_save) weights written by `save` (or by peft for the same recipe)."""
+        tensors, _ = read_safetensors(Path(directory) / ADAPTER_WEIGHTS)
+        params = dict(self.model.parameters_and_names())
+        for key, value in tensors.items():
+            name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+            name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+            if name not in params:
+                raise ValueError(f"{directory}: adapter tensor {key} matches no parameter of the model")
+            params[name].set_data(Tensor(value).astype(params[name].dtype))
+
+
+def _sub_cell(root: nn.Cell, dotted: str) -> nn.Cell:
+    cell = root
+    for part in dotted.split("."):
+        cell = cell._cells[part]
+    return cell
