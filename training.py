@@ -69,7 +69,24 @@ def mdlm_objective(cfg: RecipeConfig):
     return MdlmObjective(cfg.mdlm, tokens.mask_token_id, tokens.protected_ids, tokens.end_token_ids, tail, seed=cfg.train.seed)
 
 
+def _build_mindspore_backend(cfg: RecipeConfig, info, circle_rope: dict | None, mdlm=None):
+    """The native MindSpore engine, in PyNative mode on the installed device (CPU here, Ascend in production)."""
+    import mindspore as ms
+
+    from vltune.backends.mindspore.models import load_model
+    from vltune.backends.mindspore.trainer import MindSporeBackend
+
+    if getattr(cfg.train, "deepspeed", None) or getattr(cfg.train, "fsdp", False):
+        raise ConfigError("backend mindspore: deepspeed / fsdp are torch engines; remove them or use backend: torch")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    ms.set_seed(cfg.train.seed)
+    model = load_model(cfg.model.model_name_or_path)
+    return MindSporeBackend(model, Path(cfg.model.model_name_or_path), info, cfg.model, cfg.train, circle_rope, mdlm=mdlm)
+
+
 def _build_backend(cfg: RecipeConfig, info, circle_rope: dict | None, mdlm=None):
+    if cfg.train.backend == "mindspore":
+        return _build_mindspore_backend(cfg, info, circle_rope, mdlm)
     if cfg.train.backend != "torch":
         raise NotImplementedError(f"backend {cfg.train.backend!r} is not implemented yet")
     import torch

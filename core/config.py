@@ -354,8 +354,8 @@ def validate(cfg: RecipeConfig) -> None:
         problems.append(f"truncation_strategy: {d.truncation_strategy!r} is not one of delete, right, error")
     if d.model_max_length <= 0:
         problems.append(f"model_max_length: {d.model_max_length} must be > 0")
-    if t.backend != "torch":
-        problems.append(f"backend: {t.backend!r} is not implemented yet (only 'torch' is)")
+    if t.backend not in ("torch", "mindspore"):
+        problems.append(f"backend: {t.backend!r} is not one of torch, mindspore")
     if t.objective not in ("ar", "mdlm"):
         problems.append(f"objective: {t.objective!r} is not one of ar, mdlm")
     problems += _mdlm_problems(cfg)
