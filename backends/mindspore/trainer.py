@@ -64,7 +64,7 @@ def set_recompute(model: nn.Cell, enabled: bool) -> None:
 
 
 class MindSporeBackend:
-    """One native model in one process (or one msrun worker): full fine-tuning or LoRA, Circle-RoPE,
+    """One native model in one process: full fine-tuning or LoRA, Circle-RoPE,
     and the masked-diffusion objective when given an `mdlm` objective."""
 
     def __init__(
@@ -76,7 +76,6 @@ class MindSporeBackend:
         args: TrainArgs,
         circle_rope: dict | None = None,
         mdlm: MdlmObjective | None = None,
-        data_parallel=None,
     ):
         self.model, self.model_dir, self.info = model, Path(model_dir), info
         self.mdlm = mdlm
@@ -95,8 +94,6 @@ class MindSporeBackend:
         self.optimizer = AdamW(build_param_groups(trainable, args), (args.adam_beta1, args.adam_beta2), args.adam_epsilon)
         self.params = self.optimizer.params
         self.grads: list[Tensor] | None = None
-        self.data_parallel = data_parallel
-        """launch.DataParallel under msrun (gradient and counter all-reduce), None in one process."""
         self.micro_steps = 0
         self.eos = end_token_ids(model_dir, model.cfg)
 
@@ -137,16 +134,12 @@ class MindSporeBackend:
         return float(loss.asnumpy())
 
     def reduce_sum(self, values: list[float]) -> list[float]:
-        if self.data_parallel is None:
-            return [float(v) for v in values]  # one process: its sums are the global ones
-        return self.data_parallel.sum_floats(values)
+        return [float(v) for v in values]  # one process (msrun data parallelism is not built yet)
 
     def optimizer_step(self, lr_factor: float, max_grad_norm: float) -> float:
         if self.grads is None:
             raise RuntimeError("optimizer_step before any forward_backward")
         grads = self.grads
-        if self.data_parallel is not None:
-            grads = self.data_parallel.sum_grads(grads)
         for group in self.optimizer.groups:
             group.lr = group.base_lr * lr_factor
         if max_grad_norm > 0:
