@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,6 @@ from vltune.core.generation import (
     opens_thinking,
     split_thinking,
 )
-from vltune.data.chat import ChatTokenizer
 from vltune.data.collate import Collator
 from vltune.data.dataset import Features, SFTDataset
 from vltune.data.formats import Sample
@@ -83,15 +81,6 @@ def _training_recipe(model_dir: str | Path, adapter: str | Path | None) -> dict:
     return {}
 
 
-def _render_with(tokenizer: ChatTokenizer, **template_kwargs) -> None:
-    """Make every chat-template render of this tokenizer pass `template_kwargs` (e.g. enable_thinking).
-
-    SFTDataset renders through `tokenizer.render` for both the conversation and the prompt, so
-    binding the keywords on the instance reaches every render without a second code path.
-    """
-    tokenizer.render = partial(type(tokenizer).render, tokenizer, **template_kwargs)
-
-
 class Predictor:
     """One model, loaded once, answering samples one at a time with autoregressive decoding.
 
@@ -140,10 +129,8 @@ class Predictor:
         """The samples as prompts for this model (each sample's last turn is the answer slot, dropped)."""
         dataset = SFTDataset(
             samples, self.model_dir, max_length=1 << 30, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-            video_overrides=self.video_overrides,
+            video_overrides=self.video_overrides, template_kwargs={"enable_thinking": True} if self.thinking else None,
         )
-        if self.thinking:
-            _render_with(dataset.tokenizer, enable_thinking=True)
         return dataset
 
     def answer(self, dataset: SFTDataset, index: int, *, stream: Callable[[str], None] | None = None, seed: int | None = None) -> Answer:

@@ -66,7 +66,10 @@ def _load_template(model_dir: Path) -> str:
 class ChatTokenizer:
     """Renders and tokenises conversations exactly as the model's processor does."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, template_kwargs: dict[str, Any] | None = None):
+        """`template_kwargs`: extra variables for every render of the chat template, e.g.
+        `{"enable_thinking": True}` for templates with a thinking switch."""
+        self.template_kwargs = dict(template_kwargs or {})
         model_dir = Path(model_dir)
         tokenizer_file = model_dir / "tokenizer.json"
         if not tokenizer_file.exists():
@@ -93,7 +96,7 @@ class ChatTokenizer:
         self.pad_token_id = token_id("<|endoftext|>")
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, **kwargs) -> str:
-        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **{**self.template_kwargs, **kwargs})
 
     def _assistant_spans(self, messages: list[dict[str, Any]], text: str) -> list[tuple[int, int]]:
         spans = []

@@ -56,12 +56,13 @@ class SFTDataset:
         max_pixels: int | None = None,
         truncation: str = "error",
         video_overrides: dict | None = None,
+        template_kwargs: dict | None = None,
     ):
         if truncation not in TRUNCATION_STRATEGIES:
             raise ValueError(f"truncation must be one of {TRUNCATION_STRATEGIES}, got {truncation!r}")
         self.samples = samples
         self.model_dir = Path(model_dir)
-        self.tokenizer = ChatTokenizer(model_dir)
+        self.tokenizer = ChatTokenizer(model_dir, template_kwargs)
         self.info: ModelInfo = read_model_info(model_dir)
         vision = VisionConfig.from_preprocessor_config(model_dir)
         overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
