@@ -95,6 +95,7 @@ def test_one_step_changes_exactly_the_unfrozen_parameters(tiny_qwen2_5_vl, batch
         assert (not np.array_equal(before[name], after[name])) == {"llm": llm, "vision": vision, "mlp": mlp}[group], name
 
 
+@pytest.mark.slow
 def test_accumulation_and_recompute_give_the_joined_batch_gradient(tiny_qwen2_5_vl, batch):
     data, info = batch
     total = _n(data)
