@@ -7,7 +7,7 @@
     vltune convert hf-to-mindspeed|mindspeed-to-hf ...   (backends/torch/convert)
     vltune data check RECIPE [--key value ...]
     vltune bench data [--image-size 448x448 --workers 1 2]
-    vltune pack | bench   (later issues)
+    vltune pack ANNOTATION --pack-length N --model DIR|RECIPE [--output OUT.json]   (data/pack_annotation.py)
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
-
-NOT_YET = 2  # exit code of subcommands that later issues fill
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
@@ -232,12 +230,48 @@ def cmd_convert(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def cmd_not_yet(name: str):
-    def run(args: argparse.Namespace, extra: list[str]) -> int:
-        print(f"vltune {name}: not implemented yet", file=sys.stderr)
-        return NOT_YET
+def cmd_pack(args: argparse.Namespace, extra: list[str]) -> int:
+    """Count tokens as training will, pack into --pack-length bins, write the packed file; summary JSON last."""
+    from tqdm import tqdm
 
-    return run
+    from vltune.data.pack_annotation import CountSettings, default_cache_dir, pack_annotation, settings_from_recipe
+
+    try:
+        target = Path(args.model)
+        if (target / "config.json").exists():  # a model directory: its processor's defaults, raw counts
+            if extra:
+                raise SystemExit(f"vltune pack: recipe overrides {extra} need --model RECIPE, not a model directory")
+            settings = CountSettings(str(target), min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        else:  # a recipe: its model, pixel limits, video settings, model_max_length and truncation
+            from vltune.core.config import load_recipe
+            from vltune.training import prepare_assets
+
+            overrides = parse_overrides(extra)
+            overrides.update({k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None})
+            cfg = load_recipe(args.model, overrides)
+            prepare_assets(cfg)
+            settings = settings_from_recipe(cfg)
+        progress = partial(tqdm, desc="counting tokens", leave=False, disable=not sys.stderr.isatty())
+        summary, counts = pack_annotation(
+            args.annotation, args.pack_length, settings, output=args.output, data_path=args.data_path,
+            cache_dir=None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
+            skip_bad_samples=args.skip_bad_samples, progress=progress,
+        )
+    except _user_errors() + (ValueError,) as e:
+        print(f"vltune pack: {e}", file=sys.stderr)
+        return 1
+    for title, problems in (("error", counts.errors), ("dropped (over model_max_length)", counts.dropped)):
+        for problem in problems[:5]:
+            print(f"vltune pack: {title}: {problem}", file=sys.stderr)
+        if len(problems) > 5:
+            print(f"vltune pack: ... and {len(problems) - 5} more ({title})", file=sys.stderr)
+    oversize = sorted((n, where) for where, _, n in counts.counted if n > args.pack_length)
+    for n, where in oversize[-5:]:
+        print(f"vltune pack: oversize: {where}: {n} tokens > pack length {args.pack_length} (a pack of its own)", file=sys.stderr)
+    if counts.errors and not summary["written"]:
+        print("vltune pack: nothing written; fix the samples above or pass --skip-bad-samples", file=sys.stderr)
+    print(json.dumps(summary), flush=True)
+    return 0 if summary["written"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,11 +369,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fully unpickle checkpoint files that hold more than tensors (only files you trust)")
     p.set_defaults(run=cmd_convert)
 
-    for name, text in (
-        ("pack", "pack an annotation file into fixed-length bins"),
-    ):
-        p = sub.add_parser(name, help=f"{text} (not implemented yet)")
-        p.set_defaults(run=cmd_not_yet(name))
+    p = sub.add_parser("pack", help="pack an annotation file into fixed-length bins (for data_packing: true)")
+    p.add_argument("annotation", help="a JSON/JSONL annotation file (an already packed file is re-packed)")
+    p.add_argument("--pack-length", type=int, required=True, help="tokens per pack (bin capacity)")
+    p.add_argument("--model", required=True,
+                   help="a model directory (its processor's pixel limits, no length cap) or a recipe (its model, "
+                        "pixel limits, video settings, model_max_length, truncation_strategy; --key value overrides)")
+    p.add_argument("--output", help="packed JSON file (default: <annotation stem>_packed<N>.json beside the annotation)")
+    p.add_argument("--data-path", help="folder the records' media paths are relative to (default: the annotation's)")
+    p.add_argument("--min-pixels", type=int)
+    p.add_argument("--max-pixels", type=int)
+    p.add_argument("--cache-dir", help="token-count cache (default: $XDG_CACHE_HOME/vltune/token_counts)")
+    p.add_argument("--no-cache", action="store_true", help="count every record again and keep nothing")
+    p.add_argument("--skip-bad-samples", action="store_true", help="write the pack without the samples that cannot train (counted)")
+    p.set_defaults(run=cmd_pack)
     return parser
 
 

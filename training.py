@@ -20,6 +20,7 @@ from vltune.core.loop import LoopState, run_training
 from vltune.core.mdlm import MaskedBatches
 from vltune.core.metrics import MetricsWriter
 from vltune.data.collate import Collator
+from vltune.data.packing import PackedCollator, packed_rows
 from vltune.data.prepare import build_dataset
 from vltune.data.loader import BatchIterator
 from vltune.data.model_info import read_model_info
@@ -118,10 +119,14 @@ def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = 
     if train_report.n_errors or train_report.n_dropped:
         print(f"[vltune] training data: {json.dumps(train_report.summary())}", flush=True)
     collate = Collator(info, train_set.tokenizer.pad_token_id, circle_rope)
-    batches = BatchIterator(
-        train_set, cfg.train.per_device_train_batch_size, collate, seed=cfg.train.seed,
-        skip_bad_samples=cfg.data.skip_bad_samples,
-    )
+    rows, per_row, train_collate = train_set, cfg.train.per_device_train_batch_size, collate
+    if cfg.data.data_flatten or cfg.data.data_packing:  # one [1, L] row per micro-batch, cu_seqlens inside
+        rows, per_row = packed_rows(
+            train_set, train_report.lengths, data_packing=cfg.data.data_packing,
+            max_tokens_per_batch=cfg.data.max_tokens_per_batch, batch_size=per_row, seed=cfg.train.seed,
+        )
+        train_collate = PackedCollator(info, circle_rope)
+    batches = BatchIterator(rows, per_row, train_collate, seed=cfg.train.seed, skip_bad_samples=cfg.data.skip_bad_samples)
     steps_per_epoch = max(1, batches.batches_per_epoch // cfg.train.gradient_accumulation_steps)
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.num_train_epochs * steps_per_epoch)
 

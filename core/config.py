@@ -92,6 +92,15 @@ class DataArgs:
     """Longest tokenised sample (image/video tokens included); see truncation_strategy."""
     num_eval_samples: int | None = None
     """Evaluate on the first N held-out samples only (None = all)."""
+    data_flatten: bool = False
+    """Concatenate each training micro-batch into one row with cu_seqlens (no padding). Exact: attention,
+    M-RoPE/Circle-RoPE positions and the loss stay per sample (data/packing.py)."""
+    data_packing: bool = False
+    """The annotation files are packed (`vltune pack`): each pack is one row; a micro-batch is
+    per_device_train_batch_size packs, concatenated."""
+    max_tokens_per_batch: int = 0
+    """With data_flatten: rows of up to this many tokens, filled by best-fit decreasing over the measured
+    lengths (a longer sample gets a row alone), instead of per_device_train_batch_size samples; 0 = off."""
 
 
 @dataclass
@@ -381,8 +390,23 @@ def validate(cfg: RecipeConfig) -> None:
         problems.append(f"max_steps: {t.max_steps} must be -1 (use num_train_epochs) or >= 1")
     if t.max_steps == -1 and t.num_train_epochs <= 0:
         problems.append(f"num_train_epochs: {t.num_train_epochs} must be > 0 when max_steps is -1")
+    problems += _packing_problems(cfg)
     if problems:
         raise ConfigError("invalid recipe:\n  - " + "\n  - ".join(problems))
+
+
+def _packing_problems(cfg: RecipeConfig) -> list[str]:
+    """data_flatten / data_packing / max_tokens_per_batch: which combinations mean something."""
+    d, problems = cfg.data, []
+    if d.max_tokens_per_batch < 0:
+        problems.append(f"max_tokens_per_batch: {d.max_tokens_per_batch} must be >= 0 (0 = off)")
+    if d.max_tokens_per_batch and not d.data_flatten:
+        problems.append("max_tokens_per_batch packs rows online: it needs data_flatten: true")
+    if d.max_tokens_per_batch and d.data_packing:
+        problems.append("max_tokens_per_batch and data_packing both set: the packed files already fix the rows; pick one")
+    if (d.data_flatten or d.data_packing) and cfg.train.objective == "mdlm":
+        problems.append("data_flatten / data_packing: objective mdlm trains on padded batches only (bidirectional packed attention is not wired)")
+    return problems
 
 
 def _mdlm_problems(cfg: RecipeConfig) -> list[str]:

@@ -30,9 +30,19 @@ def to_tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> to
 
 
 def to_model_inputs(batch: Batch, device: torch.device, keys=MODEL_INPUTS, model=None) -> dict[str, torch.Tensor]:
-    """The batch's model inputs as tensors; with `model`, only those its forward() names."""
+    """The batch's model inputs as tensors; with `model`, only those its forward() names.
+
+    A packed batch (`cu_seqlens`) also gets transformers' packing keyword arguments; the model must be
+    through models.varlen.enable_varlen, since stock sdpa would ignore them and attend across samples.
+    """
     if model is not None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
         accepted = inspect.signature(type(base).forward).parameters
         keys = {k: v for k, v in keys.items() if k in accepted}
-    return {key: to_tensor(batch[key], device, dtype) for key, dtype in keys.items() if key in batch}
+    inputs = {key: to_tensor(batch[key], device, dtype) for key, dtype in keys.items() if key in batch}
+    if "cu_seqlens" in batch:  # a packed [1, L] row: transformers forwards these to every text attention call
+        from .models.varlen import packed_attention_kwargs, require_varlen
+
+        require_varlen(model)
+        inputs.update(packed_attention_kwargs(batch["cu_seqlens"], batch["max_seqlen"], device))
+    return inputs

@@ -27,6 +27,7 @@ from .loss import kept_token_loss_sum, trained_positions
 from .mdlm import bidirectional_logits, diffusion_sample, weighted_loss_sum
 from .models.bidirectional import make_bidirectional
 from .models.circle_rope import CircleRopeAdapter
+from .models.varlen import enable_varlen
 from .optim import build_param_groups
 
 def apply_freeze(model: torch.nn.Module, model_args: ModelArgs) -> None:
@@ -106,6 +107,8 @@ class TorchBackend:
         """Logits [B, L, V], or [B, K, V] at the sequence positions `keep` only (the LM head skips the rest)."""
         if self.mdlm is not None:
             return bidirectional_logits(self.model, batch, self.device, circle=self.circle, autocast_dtype=self.autocast_dtype)
+        if "cu_seqlens" in batch:  # a packed row: varlen text attention, one varlen call per vision layer
+            enable_varlen(self.base)
         alt = batch.get("position_ids_alt")
         alt = to_tensor(alt, self.device, torch.long) if alt is not None else None
         layers = self.circle.alt_positions(alt) if self.circle is not None else nullcontext()

@@ -105,7 +105,7 @@ def test_cli_errors(tmp_path):
     proc = _vltune("train", "demo", "--learning_rat", "1e-3", cwd=tmp_path)
     assert proc.returncode == 1 and "did you mean 'learning_rate'" in proc.stderr
     proc = _vltune("pack", cwd=tmp_path)
-    assert proc.returncode == 2 and "not implemented yet" in proc.stderr
+    assert proc.returncode == 2 and "--pack-length" in proc.stderr  # argparse: the required arguments
     proc = _vltune("train", "demo", "--synthetic_vqa", "{out_dir: d, colours: 3}", cwd=tmp_path)
     assert proc.returncode == 1 and "synthetic_vqa" in proc.stderr and "Traceback" not in proc.stderr
     proc = _vltune("train", "demo", "--synthetic_vqa", "none", "--dataset_use", "my_dataset%50", cwd=tmp_path)

@@ -1,0 +1,179 @@
+"""Packed rows and one-call vision attention on the stock transformers Qwen VL models.
+
+Two hooks, neither editing transformers' model code nor the weights:
+
+* Text: transformers 5 looks attention up by name in `AttentionInterface`. `enable_varlen` registers
+  `vltune_varlen_{sdpa,eager}` and points the language model's config at it. With packing kwargs
+  (`cu_seq_lens_q`, `max_length_q`: transformers' own names, which the model forwards to every
+  attention call and which gradient checkpointing replays) it runs ops.torch.attention's varlen
+  kernel over the packed row; without them (padded eval batches, generation with a KV cache) it is
+  exactly the implementation it replaced, masks included (the same mask function is registered).
+  A permanent switch rather than a context manager on purpose: non-reentrant checkpointing recomputes
+  the forward inside backward(), after any context of the training step has closed.
+* Vision: each vision attention module's `forward` is replaced by one varlen call over the
+  `cu_seqlens` the tower already passes (windows in Qwen2.5-VL's window layers, frames in its full
+  layers and in Qwen3-VL), instead of the stock loop of one attention per window or frame.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+
+import numpy as np
+import torch
+
+from vltune.ops.torch.attention import varlen_attention
+
+VARLEN_PREFIX = "vltune_varlen_"
+FALLBACKS = ("sdpa", "eager")
+"""The implementations a model may have had; padded batches keep using it."""
+
+
+def _modeling_module(module: torch.nn.Module) -> types.ModuleType:
+    return inspect.getmodule(type(module))
+
+
+def _text_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                    *, fallback: str, **kwargs):
+    """AttentionInterface function. q [B, Hq, L, D], k/v [B, Hkv, S, D] -> ([B, L, Hq, D], None)."""
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is None:  # a padded batch: the replaced implementation, unchanged
+        if fallback == "sdpa":
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        eager = _modeling_module(module).eager_attention_forward
+        return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    problems = []
+    if query.shape[0] != 1:
+        problems.append(f"a packed batch has one row, got {query.shape[0]}")
+    if key.shape[2] != query.shape[2]:
+        problems.append("a KV cache (packed rows are for training and scoring)")
+    if attention_mask is not None:
+        problems.append("an attention mask (packed rows carry cu_seqlens instead)")
+    if dropout:
+        problems.append(f"attention dropout {dropout}")
+    if kwargs.get("sliding_window"):
+        problems.append("sliding-window attention")
+    if problems:
+        raise NotImplementedError(f"varlen text attention: unsupported {'; '.join(problems)}")
+    max_seqlen = kwargs.get("max_length_q")
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    # Under autocast q/k leave the rotary in fp32 while v is bf16; sdpa is cast by autocast, these kernels are not.
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value.dtype
+    q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))
+    out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=getattr(module, "is_causal", True), scale=scaling)
+    return out.unsqueeze(0), None
+
+
+@functools.cache
+def register_varlen_implementations() -> tuple[str, ...]:
+    """Register `vltune_varlen_sdpa` / `_eager` with transformers (attention function and mask function)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    names = []
+    for fallback in FALLBACKS:
+        name = VARLEN_PREFIX + fallback
+        AttentionInterface.register(name, functools.partial(_text_attention, fallback=fallback))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[fallback])
+        names.append(name)
+    return tuple(names)
+
+
+class _MaxLength:
+    """max(diff(cu_seqlens)) per cu_seqlens tensor: the tower passes the same two tensors (windows, full)
+    to every layer, so one device-to-host read per tensor and forward instead of one per layer."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.entries: list[tuple[torch.Tensor, int]] = []  # holding the tensor keeps its id from being reused
+
+    def __call__(self, cu_seqlens: torch.Tensor) -> int:
+        for tensor, value in self.entries:
+            if tensor is cu_seqlens:
+                return value
+        value = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        self.entries = [(cu_seqlens, value)] + self.entries[: self.size - 1]
+        return value
+
+
+_max_length = _MaxLength()
+
+
+def _vision_attention_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                              position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                              max_seqlen: int | None = None, **kwargs) -> torch.Tensor:
+    """Qwen2.5-VL / Qwen3-VL vision attention, [T, C] -> [T, C], as one varlen call over `cu_seqlens`.
+
+    The same projections and rotary as the stock forward (`self.qkv`, the modeling file's
+    `apply_rotary_pos_emb_vision`, `self.proj`), so LoRA on the vision blocks keeps working. `kwargs`
+    (the language model's packing arguments, forwarded to the tower by the model) are not the tower's.
+    """
+    seq_length = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = _modeling_module(self).apply_rotary_pos_emb_vision(q, k, cos, sin)
+    device = q.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else v.dtype
+    max_seqlen = max_seqlen if max_seqlen is not None else _max_length(cu_seqlens)
+    out = varlen_attention(q.to(dtype), k.to(dtype), v.to(dtype), cu_seqlens, max_seqlen, causal=False, scale=self.scaling)
+    return self.proj(out.reshape(seq_length, -1))
+
+
+def vision_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention modules of the vision tower's blocks; `model` is the VL model or the tower itself."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    visual = base if hasattr(base, "blocks") else base.model.visual
+    return [block.attn for block in visual.blocks]
+
+
+def enable_varlen_vision(model: torch.nn.Module) -> int:
+    """One varlen call per vision layer (the VL model or its tower alone); idempotent; returns the layer count."""
+    modules = vision_attention_modules(model)
+    for module in modules:
+        if getattr(module.forward, "__func__", None) is not _vision_attention_forward:
+            module.forward = types.MethodType(_vision_attention_forward, module)
+    return len(modules)
+
+
+def text_config(model: torch.nn.Module):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.language_model.config
+
+
+def enable_varlen(model: torch.nn.Module, vision: bool = True) -> str:
+    """Switch the text attention to the varlen-capable implementation and (with `vision`) the vision
+    attention to one varlen call per layer. Idempotent; returns the text implementation's name."""
+    register_varlen_implementations()
+    config = text_config(model)
+    current = config._attn_implementation
+    if not current.startswith(VARLEN_PREFIX):
+        if current not in FALLBACKS:
+            raise ValueError(
+                f"packed batches need attn_implementation sdpa or eager (vltune brings its own varlen kernels), got {current!r}"
+            )
+        config._attn_implementation = VARLEN_PREFIX + current
+    if vision:
+        enable_varlen_vision(model)
+    return config._attn_implementation
+
+
+def packed_attention_kwargs(cu_seqlens: np.ndarray, max_seqlen: int | np.ndarray, device: torch.device) -> dict:
+    """The keyword arguments that make the text attention treat a [1, L] row as packed sub-sequences."""
+    cu = torch.as_tensor(np.asarray(cu_seqlens, dtype=np.int32)).to(device)
+    longest = int(max_seqlen)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def require_varlen(model: torch.nn.Module | None) -> None:
+    """Raise unless `model`'s text attention honours packing arguments (stock sdpa/eager silently ignore them)."""
+    if model is None or not text_config(model)._attn_implementation.startswith(VARLEN_PREFIX):
+        raise RuntimeError(
+            "a packed batch (cu_seqlens) needs a model through backends.torch.models.varlen.enable_varlen; "
+            "its stock attention would let the packed samples attend to each other"
+        )

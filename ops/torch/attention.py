@@ -1,0 +1,219 @@
+"""Variable-length ("varlen") attention: sub-sequences laid end to end in one row, attending only inside
+themselves, in one call per layer, with whichever kernel this machine has.
+
+Packed training rows and Qwen2.5-VL's windowed vision tower both need attention over many short
+sequences. Padding them to a batch wastes compute; transformers' sdpa path on a packed row builds a
+dense L x L mask (no flash kernel), and its vision tower launches one attention per window (about 2k
+tiny kernels per 1008^2 image). flash-attn is optional in vltune (DESIGN.md: packing must work
+without it), so the kernels are tried in this order:
+
+    flash_attn    flash-attn's `flash_attn_varlen_func`          CUDA, fp16/bf16, if installed
+    torch_varlen  `torch.nn.attention.varlen.varlen_attn`        CUDA, fp16/bf16, torch >= 2.10
+    flex          FlexAttention with a document block mask       CUDA (compiled), any dtype; CPU on request
+    sdpa          `scaled_dot_product_attention` per sub-sequence anywhere (the CPU path)
+
+and `reference` (a dense block-diagonal mask, fp32 softmax) is the eager definition the others are
+tested against. All take q [T, Hq, D], k/v [T, Hkv, D] (Hq a multiple of Hkv: grouped-query attention)
+and int32 `cu_seqlens` [N+1], and return [T, Hq, D].
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("flash_attn", "torch_varlen", "flex", "sdpa", "reference")
+BACKEND_ENV = "VLTUNE_VARLEN_BACKEND"
+"""Environment override of the automatic choice (benchmarks and tests compare kernels with it)."""
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+@functools.cache
+def _torch_varlen_fn() -> Callable | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    return varlen_attn
+
+
+@functools.cache
+def _torch_varlen_params() -> frozenset[str]:
+    """varlen_attn's keywords, which moved between releases: the first takes `is_causal` and no `scale`,
+    2.10+ `scale` and `window_size`, and `enable_gqa` arrived later (without it, K/V heads are repeated)."""
+    fn = _torch_varlen_fn()
+    return frozenset(inspect.signature(fn).parameters) if fn is not None else frozenset()
+
+
+def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The kernels usable for tensors on `device` of `dtype`, fastest first (`reference` excluded)."""
+    if device.type != "cuda":
+        return ["sdpa", "flex"]  # flex runs on CPU unfused (a full score matrix): asked for, never picked
+    out = []
+    if dtype in _HALF and _has_flash_attn():
+        out.append("flash_attn")
+    if dtype in _HALF and _torch_varlen_fn() is not None:
+        out.append("torch_varlen")
+    return out + ["flex", "sdpa"]
+
+
+def select_backend(query: torch.Tensor, backend: str = "auto") -> str:
+    """`backend`, or for "auto" the environment override or the fastest usable kernel for `query`."""
+    if backend == "auto":
+        backend = os.environ.get(BACKEND_ENV, "auto")
+    if backend == "auto":
+        return available_backends(query.device, query.dtype)[0]
+    if backend not in BACKENDS:
+        raise ValueError(f"varlen attention backend {backend!r} is not one of {', '.join(('auto',) + BACKENDS)}")
+    if backend != "reference" and backend not in available_backends(query.device, query.dtype):
+        raise ValueError(
+            f"varlen attention backend {backend!r} cannot run {query.dtype} tensors on {query.device}; "
+            f"usable here: {', '.join(available_backends(query.device, query.dtype))}"
+        )
+    return backend
+
+
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of q [T, Hq, D] over k, v [T, Hkv, D] inside each sub-sequence `cu_seqlens[i]:cu_seqlens[i+1]`.
+
+    `max_seqlen` is the longest sub-sequence (flash kernels size their grid by it; pass it from the
+    batch instead of reading it off the device). `causal`: each token sees its own sub-sequence's
+    earlier tokens only. Returns [T, Hq, D] in the query's dtype.
+    """
+    if query.ndim != 3 or key.ndim != 3 or value.ndim != 3:
+        raise ValueError(f"varlen attention takes [T, H, D] tensors, got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    if query.shape[1] % key.shape[1]:
+        raise ValueError(f"query heads {query.shape[1]} are not a multiple of key/value heads {key.shape[1]}")
+    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    cu_seqlens = cu_seqlens.to(query.device, torch.int32)
+    return _KERNELS[select_backend(query, backend)](query, key, value, cu_seqlens, int(max_seqlen), causal, scale)
+
+
+# -- kernels -------------------------------------------------------------------------------------
+
+
+def _flash_attn(q, k, v, cu, max_len, causal, scale):
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=0.0, softmax_scale=scale, causal=causal)
+
+
+def _torch_varlen(q, k, v, cu, max_len, causal, scale):
+    params = _torch_varlen_params()
+    extra: dict = {"window_size": (-1, 0) if causal else (-1, -1)} if "window_size" in params else {"is_causal": causal}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    if "scale" in params:
+        extra["scale"] = scale
+    else:  # the kernel's own 1/sqrt(D): fold the wanted scale into q
+        q = q * (scale * q.shape[-1] ** 0.5)
+    return _torch_varlen_fn()(q, k, v, cu, cu, max_len, max_len, **extra)
+
+
+@functools.cache
+def _compiled_flex() -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[T] index of the sub-sequence each token belongs to."""
+    positions = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:], positions, right=True)
+
+
+_block_masks: list[tuple[torch.Tensor, bool, object]] = []
+"""Recent (cu_seqlens, causal, BlockMask): every layer of a forward passes the same cu_seqlens tensor, so
+the mask is built once per forward, not per layer. Holding the tensor keeps its identity unique."""
+
+
+def _document_block_mask(cu: torch.Tensor, total: int, causal: bool, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    for tensor, is_causal, mask in _block_masks:
+        if tensor is cu and is_causal == causal:
+            return mask
+    doc = document_ids(cu, total)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        same = doc[q_idx] == doc[kv_idx]
+        return same & (q_idx >= kv_idx) if causal else same
+
+    mask = create_block_mask(mask_mod, None, None, total, total, device=device)
+    _block_masks[:] = [(cu, causal, mask)] + _block_masks[:3]
+    return mask
+
+
+def _flex(q, k, v, cu, max_len, causal, scale):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = _document_block_mask(cu, q.shape[0], causal, q.device)
+    attend = _compiled_flex() if q.is_cuda else flex_attention  # CPU: the unfused eager path (tests)
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out = attend(q4, k4, v4, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return out.squeeze(0).transpose(0, 1)
+
+
+def _sdpa(q, k, v, cu, max_len, causal, scale):
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    gqa = k.shape[1] != q.shape[1]
+    outs = []
+    for qs, ks, vs in zip(*(t.split(lengths) for t in (q, k, v))):
+        if qs.shape[0] == 0:
+            outs.append(qs)
+            continue
+        # [1, H, l, D]: SDPA's fused kernels (flash, memory-efficient) take 4-D inputs only, 3-D ones get the math kernel.
+        q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (qs, ks, vs))
+        o = F.scaled_dot_product_attention(q4, k4, v4, is_causal=causal, scale=scale, enable_gqa=gqa)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def varlen_attention_reference(q, k, v, cu, max_len, causal, scale):
+    """The definition: softmax(q k^T * scale + block-diagonal (causal) mask) v, in fp32."""
+    total = q.shape[0]
+    doc = document_ids(cu, total)
+    allowed = doc[:, None] == doc[None, :]
+    if causal:
+        allowed &= torch.ones(total, total, dtype=torch.bool, device=q.device).tril()
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", weights, v.float()).to(q.dtype)
+
+
+_KERNELS: dict[str, Callable] = {
+    "flash_attn": _flash_attn,
+    "torch_varlen": _torch_varlen,
+    "flex": _flex,
+    "sdpa": _sdpa,
+    "reference": varlen_attention_reference,
+}
