@@ -101,7 +101,10 @@ def cmd_bench_model(args: argparse.Namespace, extra: list[str]) -> int:
 
     command = "vltune bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else f"vltune bench --model-shape {args.model_shape}"
     try:
-        result = run_bench(args.model_shape, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, command=command)
+        result = run_bench(
+            args.model_shape, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
+            pack_length=args.pack_length, command=command,
+        )
     except (RuntimeError, ValueError) as e:
         print(f"vltune bench: {e}", file=sys.stderr)
         return 1
@@ -337,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-shape", help="qwen2_5_vl-3b | qwen2_5_vl-7b | qwen3_vl-2b | qwen3_vl-8b")
     p.add_argument("--steps", type=int, default=20, help="timed steps per path (after --warmup)")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=2, help="samples per padded micro-batch (fp32 weights + AdamW: 2 fits a 3B on 80 GB)")
+    p.add_argument("--batch-size", type=int, default=2, help="samples per padded micro-batch of the stock path (2 fits a 3B on 80 GB)")
+    p.add_argument("--pack-length", type=int, default=4096, help="tokens per packed row of the vltune path")
     p.add_argument("--out", default="docs/bench", help="where NAME.json and the README table go")
     p.set_defaults(run=cmd_bench_model)
     bench_sub = p.add_subparsers(dest="bench_command")

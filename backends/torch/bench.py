@@ -6,11 +6,13 @@ same number of steps:
 
 (a) stock: the transformers model with sdpa, padded batches, its own loss (`labels=`), torch AdamW
     (default foreach implementation), bf16 autocast, mm_token_type_ids for its own M-RoPE ids;
-(b) vltune: `TorchBackend` as `vltune train` drives it (fused AdamW, vltune's position ids, its loss),
-    on the same padded batches -- the packed/varlen path replaces this once it exists (issue 7).
+(b) vltune: `TorchBackend` as `vltune train` drives it (fused AdamW, vltune's position ids, its loss
+    over trained positions only) on the same samples packed into rows of `pack_length` tokens with
+    varlen attention in the LLM and one varlen call per vision layer (data/packing.py, ops/torch).
 
-Reported per path: tokens/s (non-pad tokens), samples/s, MFU (core/flops.py), peak memory, the losses;
-and the ratio b/a. Timing excludes `warmup` steps and synchronises the GPU around the timed steps only.
+Reported per path: tokens/s (non-pad tokens), samples/s, MFU (core/flops.py), peak memory, the losses
+(per step, and the trained-token-weighted mean over the same samples, which both paths must agree on)
+and the ratio b/a. Timing excludes warm-up steps and synchronises the GPU around the timed steps only.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from vltune.core.config import ModelArgs, TrainArgs
 from vltune.core.flops import H100_BF16_PEAK, SHAPES, ModelShape, llm_flops, vision_flops
 from vltune.data.collate import collate_padded
 from vltune.data.model_info import ModelInfo
+from vltune.data.packing import best_fit_decreasing, collate_packed
 from vltune.data.synthetic_workload import WorkloadTokens, mixed_features
 
 from .batch import to_model_inputs
@@ -78,18 +81,34 @@ def _info(shape: ModelShape) -> ModelInfo:
     return ModelInfo(shape.model_type, _IDS["image"], _IDS["video"], _IDS["vision_start"], 2, 2, shape.layers)
 
 
-def _batches(shape: ModelShape, steps: int, batch_size: int, seed: int) -> list[dict]:
+def _features(shape: ModelShape, n: int, seed: int):
     tokens = WorkloadTokens(shape.vocab, _IDS["image"], _IDS["vision_start"], _IDS["vision_end"])
-    features = mixed_features(steps * batch_size, tokens, patch_size=shape.patch_size, seed=seed,
-                              max_pixels=1280 * (shape.patch_size * 2) ** 2)
-    info = _info(shape)
+    return mixed_features(n, tokens, patch_size=shape.patch_size, seed=seed, max_pixels=1280 * (shape.patch_size * 2) ** 2)
+
+
+def _batches(shape: ModelShape, steps: int, batch_size: int, seed: int) -> list[dict]:
+    """Padded micro-batches of `batch_size` samples (the stock path's input)."""
+    features, info = _features(shape, steps * batch_size, seed), _info(shape)
     return [collate_padded(features[i * batch_size:(i + 1) * batch_size], info, pad_token_id=_IDS["bos"]) for i in range(steps)]
 
 
+def _packed_rows(shape: ModelShape, n_samples: int, pack_length: int, seed: int) -> list[dict]:
+    """The same samples as `_batches(..., seed)` packed best-fit-decreasing into rows of <= pack_length."""
+    features, info = _features(shape, n_samples, seed), _info(shape)
+    packing = best_fit_decreasing([len(f.input_ids) for f in features], pack_length)
+    return [collate_packed([features[i] for i in bin_], info) for bin_ in packing.bins]
+
+
+def _sequence_lengths(batch: dict) -> list[int]:
+    if "cu_seqlens" in batch:
+        return [int(n) for n in np.diff(batch["cu_seqlens"])]
+    return [int(n) for n in batch["attention_mask"].sum(axis=1)]
+
+
 def step_flops(shape: ModelShape, batch: dict, train_vision: bool = False, llm_multiplier: int = 6) -> float:
-    lengths = [int(n) for n in batch["attention_mask"].sum(axis=1)]
+    """Model FLOPs of one micro-batch; attention is counted per sample (packing earns no cross-sample credit)."""
     patches = [int(g.prod()) for g in batch.get("image_grid_thw", np.zeros((0, 3), np.int64))]
-    return llm_flops(shape, lengths, llm_multiplier) + vision_flops(shape, patches, 6 if train_vision else 2)
+    return llm_flops(shape, _sequence_lengths(batch), llm_multiplier) + vision_flops(shape, patches, 6 if train_vision else 2)
 
 
 def _stock_step(model, optimizer, batch: dict, device: torch.device) -> torch.Tensor:
@@ -106,30 +125,36 @@ def _stock_step(model, optimizer, batch: dict, device: torch.device) -> torch.Te
     return loss.detach()
 
 
-def _time(run_step, batches: list[dict], warmup: int) -> tuple[float, list[float]]:
-    losses = []
-    for batch in batches[:warmup]:
-        losses.append(float(run_step(batch)))
+def _time(run_step, warmup: list[dict], batches: list[dict]) -> tuple[float, list[float]]:
+    """Seconds for `batches` (after the untimed `warmup` ones) and their losses."""
+    for batch in warmup:
+        run_step(batch)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    timed = [run_step(batch) for batch in batches[warmup:]]
+    timed = [run_step(batch) for batch in batches]
     torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return seconds, losses + [float(x) for x in timed]
+    return time.perf_counter() - start, [float(x) for x in timed]
 
 
-def _summary(name: str, shape: ModelShape, batches: list[dict], warmup: int, seconds: float, losses: list[float]) -> dict:
-    timed = batches[warmup:]
-    tokens = sum(int(b["attention_mask"].sum()) for b in timed)
-    flops = sum(step_flops(shape, b) for b in timed)
+def _summary(name: str, shape: ModelShape, batches: list[dict], seconds: float, losses: list[float]) -> dict:
+    tokens = [sum(_sequence_lengths(b)) for b in batches]
+    flops = sum(step_flops(shape, b) for b in batches)
+    trained = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
     return {
-        "path": name, "tokens_per_s": round(tokens / seconds, 1), "samples_per_s": round(sum(len(b["input_ids"]) for b in timed) / seconds, 2),
+        "path": name, "steps": len(batches), "tokens_per_s": round(sum(tokens) / seconds, 1),
+        "samples_per_s": round(sum(len(_sequence_lengths(b)) for b in batches) / seconds, 2),
         "mfu": round(flops / seconds / H100_BF16_PEAK, 4), "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "seconds": round(seconds, 2), "losses": [round(x, 4) for x in losses],
+        "seconds": round(seconds, 2), "mean_loss": round(sum(l * n for l, n in zip(losses, trained)) / sum(trained), 4),
+        "losses": [round(x, 4) for x in losses],
     }
 
 
-def run_bench(model_shape: str, *, steps: int = 20, warmup: int = 5, batch_size: int = 2, seed: int = 0, command: str = "") -> dict:
+def run_bench(
+    model_shape: str, *, steps: int = 20, warmup: int = 5, batch_size: int = 2, pack_length: int = 4096,
+    seed: int = 0, command: str = "",
+) -> dict:
+    """(a) stock on `steps` padded micro-batches of `batch_size`, (b) vltune on the very same samples
+    packed into rows of <= `pack_length` tokens; each after untimed warm-up steps on other samples."""
     if not torch.cuda.is_available():
         raise RuntimeError("vltune bench needs a CUDA GPU (speed is claimed only from GPU runs)")
     if model_shape not in SHAPES:
@@ -138,7 +163,9 @@ def run_bench(model_shape: str, *, steps: int = 20, warmup: int = 5, batch_size:
     # torch 2.11's cuDNN attention fails on some of these shapes ("mha_graph.execute"); both paths use
     # the flash / memory-efficient sdpa kernels instead.
     torch.backends.cuda.enable_cudnn_sdp(False)
-    batches = _batches(shape, warmup + steps, batch_size, seed)
+    n_samples = steps * batch_size
+    padded, padded_warmup = _batches(shape, steps, batch_size, seed), _batches(shape, warmup, batch_size, seed + 1)
+    packed, packed_warmup = _packed_rows(shape, n_samples, pack_length, seed), _packed_rows(shape, warmup * batch_size, pack_length, seed + 1)
 
     # (a) stock
     model = build_model(shape, seed, device)
@@ -149,13 +176,13 @@ def run_bench(model_shape: str, *, steps: int = 20, warmup: int = 5, batch_size:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     torch.cuda.reset_peak_memory_stats()
-    seconds, losses = _time(lambda b: _stock_step(model, optimizer, b, device), batches, warmup)
-    stock = _summary("stock", shape, batches, warmup, seconds, losses)
+    seconds, losses = _time(lambda b: _stock_step(model, optimizer, b, device), padded_warmup, padded)
+    stock = _summary("stock", shape, padded, seconds, losses)
     del model, optimizer
     gc.collect()
     torch.cuda.empty_cache()
 
-    # (b) vltune, same init
+    # (b) vltune, same init, same samples
     model = build_model(shape, seed, device)
     model.load_state_dict(initial)
     del initial
@@ -169,18 +196,18 @@ def run_bench(model_shape: str, *, steps: int = 20, warmup: int = 5, batch_size:
         backend.optimizer_step(1.0, 1.0)
         return loss_sum / count
 
-    seconds, losses = _time(vltune_step, batches, warmup)
-    ours = _summary("vltune", shape, batches, warmup, seconds, losses)
+    seconds, losses = _time(vltune_step, packed_warmup, packed)
+    ours = _summary("vltune", shape, packed, seconds, losses)
 
-    result = {
-        "model": model_shape, "gpu": torch.cuda.get_device_name(), "mode": "full (vision tower frozen), padded batches",
+    return {
+        "model": model_shape, "gpu": torch.cuda.get_device_name(),
+        "mode": f"full (vision tower frozen); stock: padded batches of {batch_size}; vltune: packed rows of {pack_length}",
         "tokens_per_s": ours["tokens_per_s"], "stock_tokens_per_s": stock["tokens_per_s"],
         "speedup_vs_stock": round(ours["tokens_per_s"] / stock["tokens_per_s"], 3), "mfu": ours["mfu"], "stock_mfu": stock["mfu"],
         "peak_mem_gib": ours["peak_mem_gib"], "stock_peak_mem_gib": stock["peak_mem_gib"],
-        "batch_size": batch_size, "steps": steps, "warmup": warmup, "command": command,
+        "samples": n_samples, "batch_size": batch_size, "pack_length": pack_length, "warmup": warmup, "command": command,
         "shape": asdict(shape), "runs": [stock, ours],
     }
-    return result
 
 
 def write_report(result: dict, out_dir: str | Path) -> Path:

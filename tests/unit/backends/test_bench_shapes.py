@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from vltune.backends.torch.bench import _batches, hf_config, step_flops  # noqa: E402
+from vltune.backends.torch.bench import _batches, _packed_rows, hf_config, step_flops  # noqa: E402
 from vltune.core.flops import SHAPES, llm_flops, llm_params, vision_flops  # noqa: E402
 
 
@@ -33,3 +33,13 @@ def test_step_flops_adds_llm_and_vision():
     assert step_flops(shape, batch) == llm_flops(shape, lengths) + vision_flops(shape, patches, 2)
     # 6N per token dominates: the attention term is a few percent at these lengths
     assert 1.0 < llm_flops(shape, lengths) / (6 * llm_params(shape) * sum(lengths)) < 1.2
+
+
+def test_packed_rows_hold_the_same_samples_and_flops():
+    shape = SHAPES["qwen2_5_vl-3b"]
+    padded = _batches(shape, steps=4, batch_size=2, seed=3)
+    packed = _packed_rows(shape, 8, 4096, seed=3)
+    assert len(packed) < len(padded)
+    assert sum(int(b["attention_mask"].sum()) for b in padded) == sum(b["input_ids"].shape[1] for b in packed)
+    assert all(b["input_ids"].shape[1] <= 4096 for b in packed)
+    assert abs(sum(step_flops(shape, b) for b in padded) / sum(step_flops(shape, b) for b in packed) - 1) < 1e-12
