@@ -28,6 +28,22 @@ def vision_arrays(features: list[Features]) -> Batch:
     return out
 
 
+def rope_kwargs(batch: Batch, info: ModelInfo, **extra) -> dict:
+    """The keyword arguments of core.rope2d's get_rope_index(_packed) for this batch and model."""
+    return dict(
+        image_grid_thw=batch.get("image_grid_thw"),
+        video_grid_thw=batch.get("video_grid_thw"),
+        second_per_grid_ts=batch.get("second_per_grid_ts"),
+        model_type=info.model_type,
+        spatial_merge_size=info.spatial_merge_size,
+        image_token_id=info.image_token_id,
+        video_token_id=info.video_token_id,
+        vision_start_token_id=info.vision_start_token_id,
+        tokens_per_second=info.tokens_per_second,
+        **extra,
+    )
+
+
 def collate_padded(
     features: list[Features],
     info: ModelInfo,
@@ -57,18 +73,7 @@ def collate_padded(
 
     batch: Batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     batch.update(vision_arrays(features))
-    rope = dict(
-        image_grid_thw=batch.get("image_grid_thw"),
-        video_grid_thw=batch.get("video_grid_thw"),
-        second_per_grid_ts=batch.get("second_per_grid_ts"),
-        attention_mask=attention_mask,
-        model_type=info.model_type,
-        spatial_merge_size=info.spatial_merge_size,
-        image_token_id=info.image_token_id,
-        video_token_id=info.video_token_id,
-        vision_start_token_id=info.vision_start_token_id,
-        tokens_per_second=info.tokens_per_second,
-    )
+    rope = rope_kwargs(batch, info, attention_mask=attention_mask)
     batch["position_ids"], batch["rope_deltas"] = get_rope_index(input_ids, circle_rope=circle_rope, **rope)
     if circle_rope and not all(age_layer_mask(circle_rope.get("AGE_mode", "strategy_1"), info.num_hidden_layers)):
         batch["position_ids_alt"], batch["rope_deltas_alt"] = get_rope_index(input_ids, **rope)

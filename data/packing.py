@@ -24,7 +24,7 @@ import numpy as np
 from ..core.circle_rope import age_layer_mask
 from ..core.contracts import IGNORE_INDEX, Batch
 from ..core.rope2d import get_rope_index_packed
-from .collate import vision_arrays
+from .collate import rope_kwargs, vision_arrays
 from .dataset import Features, SFTDataset
 from .model_info import ModelInfo
 
@@ -81,17 +81,7 @@ def collate_packed(
     }
     batch.update(vision_arrays(samples))
     batch["vision_cu_seqlens"] = vision_cu_seqlens(batch)
-    rope = dict(
-        image_grid_thw=batch.get("image_grid_thw"),
-        video_grid_thw=batch.get("video_grid_thw"),
-        second_per_grid_ts=batch.get("second_per_grid_ts"),
-        model_type=info.model_type,
-        spatial_merge_size=info.spatial_merge_size,
-        image_token_id=info.image_token_id,
-        video_token_id=info.video_token_id,
-        vision_start_token_id=info.vision_start_token_id,
-        tokens_per_second=info.tokens_per_second,
-    )
+    rope = rope_kwargs(batch, info)
     batch["position_ids"], batch["rope_deltas"] = get_rope_index_packed(input_ids, cu_seqlens, circle_rope=circle_rope, **rope)
     if circle_rope and not all(age_layer_mask(circle_rope.get("AGE_mode", "strategy_1"), info.num_hidden_layers)):
         batch["position_ids_alt"], batch["rope_deltas_alt"] = get_rope_index_packed(input_ids, cu_seqlens, **rope)

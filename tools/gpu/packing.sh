@@ -5,14 +5,7 @@
 # Carried wheels in .whl/ (transformers 5.23 as pinned, PyAV for the corpus' videos) are installed first.
 # Usage (repo root): bash tools/gpu/packing.sh [--vision-only]    -- logs and packing_bench.json go to $OUT when set.
 set -uo pipefail
-OUT=${OUT:-/tmp/vltune-gpu}
-export OUT
-mkdir -p "$OUT" /tmp/pkg
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-ln -sfn "$PWD" /tmp/pkg/vltune
-export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1
+source tools/gpu/env.sh
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 python3 -m pytest -q -p no:cacheprovider -rs -m gpu tests/unit/ops/test_varlen_attention.py 2>&1 | tee "$OUT/gpu_tests.log"
 python3 tools/gpu/packing_bench.py "$@" 2>&1 | grep -v "it/s\]" | tee "$OUT/packing_bench.log"

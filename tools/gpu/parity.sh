@@ -4,13 +4,7 @@
 # the video processors. Carried wheels in .whl/ (transformers 5.23 as pinned, PyAV) are installed first.
 # Usage (repo root): bash tools/gpu/parity.sh    -- logs go to $OUT when set.
 set -uo pipefail
-OUT=${OUT:-/tmp/vltune-gpu}
-mkdir -p "$OUT" /tmp/pkg
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-ln -sfn "$PWD" /tmp/pkg/vltune
-export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1
+source tools/gpu/env.sh
 python3 -c "import torch, transformers, torchvision, numpy, av; print('torch', torch.__version__, 'transformers', transformers.__version__, 'torchvision', torchvision.__version__, 'numpy', numpy.__version__, 'av', av.__version__)"
 python3 -m pytest -q -p no:cacheprovider -rs tests/unit/data/test_processor_parity.py tests/unit/data/test_video.py \
   tests/unit/backends/test_tiny_model.py tests/unit/data/test_vision.py 2>&1 | tee "$OUT/parity.log"
