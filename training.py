@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ def _build_mindspore_backend(cfg: RecipeConfig, info, circle_rope: dict | None, 
     return MindSporeBackend(model, Path(cfg.model.model_name_or_path), info, cfg.model, cfg.train, circle_rope, mdlm=mdlm)
 
 
-def _build_backend(cfg: RecipeConfig, info, circle_rope: dict | None, mdlm=None):
+def _build_backend(cfg: RecipeConfig, info, circle_rope: dict | None, mdlm=None, ctx=None):
     if cfg.train.backend == "mindspore":
         return _build_mindspore_backend(cfg, info, circle_rope, mdlm)
     if cfg.train.backend != "torch":
@@ -93,25 +94,78 @@ def _build_backend(cfg: RecipeConfig, info, circle_rope: dict | None, mdlm=None)
     import torch
 
     from vltune.backends.torch.models import load_model
-    from vltune.backends.torch.trainer import TorchBackend
+    from vltune.backends.torch.parallel import build_torch_backend
 
     torch.manual_seed(cfg.train.seed)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     model = load_model(cfg.model.model_name_or_path, attn_implementation=cfg.model.attn_implementation)
-    return TorchBackend(model, Path(cfg.model.model_name_or_path), info, cfg.model, cfg.train, circle_rope, mdlm=mdlm)
+    # One process, DDP, FSDP2 or DeepSpeed, from the recipe and the launcher's environment.
+    return build_torch_backend(model, Path(cfg.model.model_name_or_path), info, cfg.model, cfg.train, circle_rope, mdlm, ctx)
+
+
+class _OneProcess:
+    """The distributed context of a run without a launcher (and of non-torch backends until they have one)."""
+
+    rank, local_rank, world_size, is_main = 0, 0, 1, True
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _distributed_context(cfg: RecipeConfig):
+    """The torch process group when torchrun started this worker or the recipe shards (DeepSpeed and
+    FSDP2 need a group even on one process); otherwise a single process."""
+    if cfg.train.backend != "torch" or not (os.environ.get("WORLD_SIZE", "1") != "1" or cfg.train.deepspeed or cfg.train.fsdp):
+        return _OneProcess()
+    from vltune.backends.torch.distributed import init_distributed
+
+    return init_distributed(need_group=True)
+
+
+class _NoWriter:
+    """Ranks other than 0 log nothing: rank 0 writes the metrics, which the loop has already reduced."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _checkpoint_manager(cfg: RecipeConfig, out_dir: Path, ctx) -> CheckpointManager:
+    if ctx.world_size == 1:
+        return CheckpointManager(out_dir, cfg.train.save_total_limit)
+    from vltune.backends.torch.distributed import DistributedCheckpointManager
+
+    return DistributedCheckpointManager(out_dir, cfg.train.save_total_limit, ctx)
 
 
 def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = None, show_progress: bool = True) -> dict:
     """Run a recipe end to end and return the run summary (also written to OUTPUT_DIR/run_summary.json)."""
     cfg = config if isinstance(config, RecipeConfig) else load_recipe(config, overrides)
+    ctx = _distributed_context(cfg)
+    try:
+        return _train(cfg, ctx, show_progress)
+    finally:
+        ctx.close()
+
+
+def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
+    """train() inside its process group: every rank runs this; rank 0 alone writes files and logs."""
     _seed_everything(cfg.train.seed)
-    prepare_assets(cfg)
+    if ctx.local_rank == 0:  # one writer per machine for the tiny model and the synthetic data
+        prepare_assets(cfg)
+    ctx.barrier()
     info = read_model_info(cfg.model.model_name_or_path)  # fail here, clearly, on a wrong model directory
     circle_rope = circle_rope_settings(cfg.model, info.model_type)
     out_dir = Path(cfg.train.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "recipe.json").write_text(json.dumps(cfg.to_flat_dict(), indent=2) + "\n")
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "recipe.json").write_text(json.dumps(cfg.to_flat_dict(), indent=2) + "\n")
 
     # Every sample is read and measured before step 1: bad ones stop the run here (or are skipped
     # and counted with skip_bad_samples), over-long ones follow truncation_strategy.
@@ -126,20 +180,21 @@ def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = 
             max_tokens_per_batch=cfg.data.max_tokens_per_batch, batch_size=per_row, seed=cfg.train.seed,
         )
         train_collate = PackedCollator(info, circle_rope)
-    batches = BatchIterator(rows, per_row, train_collate, seed=cfg.train.seed, skip_bad_samples=cfg.data.skip_bad_samples)
+    batches = BatchIterator(rows, per_row, train_collate, seed=cfg.train.seed, skip_bad_samples=cfg.data.skip_bad_samples,
+        rank=ctx.rank, world_size=ctx.world_size)
     steps_per_epoch = max(1, batches.batches_per_epoch // cfg.train.gradient_accumulation_steps)
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.num_train_epochs * steps_per_epoch)
 
     mdlm = mdlm_objective(cfg)
     # Under mdlm every training micro-batch is masked in core/ (seeded), before any engine sees it.
     source = MaskedBatches(batches, mdlm) if mdlm is not None else batches
-    backend = _build_backend(cfg, info, circle_rope, mdlm)
+    backend = _build_backend(cfg, info, circle_rope, mdlm, ctx)
     evaluator = None
     if cfg.data.eval_dataset:
         eval_set, _ = build_dataset(cfg, cfg.data.eval_dataset, limit=cfg.data.num_eval_samples)
         evaluator = Evaluator(
             eval_set, backend, collate, cfg.train.per_device_eval_batch_size,
-            cfg.train.eval_max_new_tokens, predictions_file=out_dir / "eval_predictions.jsonl",
+            cfg.train.eval_max_new_tokens, predictions_file=out_dir / "eval_predictions.jsonl" if ctx.is_main else None,
         )
 
     # Resume: the engine's files, then the loop's state and the data position, from one checkpoint.
@@ -150,14 +205,15 @@ def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = 
         backend.load_checkpoint(resume_from)
         source.load_state_dict(trainer_state["data"])
         state = LoopState.from_dict(trainer_state)
-        print(f"[vltune] resuming from {resume_from} (step {state.step})", flush=True)
-    writer = MetricsWriter(out_dir / "metrics.jsonl", resume_step=state.step if state else None)
+        if ctx.is_main:
+            print(f"[vltune] resuming from {resume_from} (step {state.step})", flush=True)
+    writer = MetricsWriter(out_dir / "metrics.jsonl", resume_step=state.step if state else None) if ctx.is_main else _NoWriter()
     result = run_training(
         cfg.train, backend, source, total_steps, writer, evaluate=evaluator,
-        checkpoints=CheckpointManager(out_dir, cfg.train.save_total_limit), state=state, show_progress=show_progress,
+        checkpoints=_checkpoint_manager(cfg, out_dir, ctx), state=state, show_progress=show_progress and ctx.is_main,
     )
     writer.close()
-    backend.save_model(out_dir)
+    backend.save_model(out_dir)  # every rank: sharded engines gather the weights, rank 0 writes them
 
     summary = {
         "steps": result.steps,
@@ -176,8 +232,11 @@ def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = 
         "bad_steps": result.bad_steps,
         "resumed_from": str(resume_from) if resume_from else None,
         "backend": cfg.train.backend,
+        "world_size": ctx.world_size,
+        "engine": "deepspeed" if cfg.train.deepspeed else "fsdp" if cfg.train.fsdp else "ddp" if ctx.world_size > 1 else "single",
         "objective": cfg.train.objective,
         "data": {**train_report.summary(), "skipped_while_training": len(batches.skipped)},
     }
-    (out_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if ctx.is_main:
+        (out_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -9,6 +9,7 @@ problem with the key, the value and a fix (litgpt's `validate_args` habit).
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -162,6 +163,11 @@ class TrainArgs:
     """Recompute decoder and vision blocks in the backward pass: less activation memory, ~30% more compute."""
     num_threads: int = 0
     """torch intra-op threads on CPU (0 = library default)."""
+    deepspeed: str | None = None
+    """DeepSpeed ZeRO config: a JSON path, or a bundled one (zero0..zero3, zero3_offload = recipes/deepspeed/NAME.json).
+    Its "auto" values come from this recipe; the optimizer and schedule always do (per-module learning rates)."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state with torch FSDP2 (`fully_shard`); bf16 follows `bf16`."""
 
 
 # The configuration released with the Circle-RoPE paper's code.
@@ -391,8 +397,50 @@ def validate(cfg: RecipeConfig) -> None:
     if t.max_steps == -1 and t.num_train_epochs <= 0:
         problems.append(f"num_train_epochs: {t.num_train_epochs} must be > 0 when max_steps is -1")
     problems += _packing_problems(cfg)
+    problems += _parallel_problems(t)
     if problems:
         raise ConfigError("invalid recipe:\n  - " + "\n  - ".join(problems))
+
+
+# Blocks of a DeepSpeed JSON that vltune owns: the optimizer (per-module learning-rate groups) and the
+# schedule come from the recipe, so a JSON that sets them would silently train something else.
+DEEPSPEED_OWNED_BLOCKS = {
+    "optimizer": "vltune builds AdamW with per-module groups from learning_rate / vision_tower_lr / mm_projector_lr",
+    "scheduler": "vltune applies lr_scheduler_type / warmup_ratio / warmup_steps itself",
+}
+
+
+def resolve_deepspeed_config(value: str) -> Path:
+    """A DeepSpeed JSON path as given, else relative to the package root (so a bundled recipe's
+    `recipes/deepspeed/zero3.json` works from any directory), else a bundled name (`zero3`)."""
+    for candidate in (Path(value), RECIPE_DIR.parent / value, RECIPE_DIR / "deepspeed" / f"{value}.json"):
+        if candidate.is_file():
+            return candidate
+    bundled = ", ".join(sorted(p.stem for p in (RECIPE_DIR / "deepspeed").glob("*.json")))
+    raise ConfigError(f"deepspeed: {value!r} is neither a JSON file nor a bundled config ({bundled})")
+
+
+def _parallel_problems(t: TrainArgs) -> list[str]:
+    """deepspeed / fsdp: one sharding engine at a time, and a DeepSpeed JSON that leaves the optimizer to the recipe."""
+    problems = []
+    if t.deepspeed and t.fsdp:
+        problems.append("deepspeed and fsdp are both set: pick one sharding engine")
+    if not t.deepspeed:
+        return problems
+    try:
+        path = resolve_deepspeed_config(t.deepspeed)
+    except ConfigError as e:
+        return problems + [str(e)]
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return problems + [f"deepspeed: {path} is not valid JSON ({e})"]
+    for block, owner in DEEPSPEED_OWNED_BLOCKS.items():
+        if block in ds:
+            problems.append(f"deepspeed: {path} has a {block!r} block; remove it ({owner})")
+    if (ds.get("fp16") or {}).get("enabled") not in (None, False, "auto"):
+        problems.append(f"deepspeed: {path} enables fp16; use bf16: true in the recipe (fp16 loss scaling is not supported)")
+    return problems
 
 
 def _packing_problems(cfg: RecipeConfig) -> list[str]:

@@ -45,6 +45,15 @@ class TrainBackend(Protocol):
         """
         ...
 
+    def reduce_sum(self, values: list[float]) -> list[float]:
+        """Each value summed over the data-parallel ranks (the values themselves on one process).
+
+        The loop normalises the loss by the trained tokens of the *global* accumulated batch and
+        logs global token/sample counts; every rank calls this at the same points, so it may be a
+        collective.
+        """
+        ...
+
     def optimizer_step(self, lr_factor: float, max_grad_norm: float) -> float:
         """Clip, step with each parameter group's base learning rate times `lr_factor` (the
         schedule's multiplier), zero the grads; return the pre-clip global grad norm."""

@@ -113,10 +113,16 @@ def run_training(
 
     while state.step < total_steps:
         micro = [next(batches) for _ in range(args.gradient_accumulation_steps)]
-        n_trained = sum(loss_denominator(b) for b in micro)
+        # Under data parallelism each rank holds a slice of the global batch: the denominator, the
+        # loss and the counts are sums over ranks, so every rank scales by the same global count.
+        (n_trained,) = backend.reduce_sum([sum(loss_denominator(b) for b in micro)])
         if n_trained == 0:
             raise RuntimeError(f"step {state.step + 1}: no trained tokens in the batch (every label is -100)")
-        loss = sum(backend.forward_backward(b, 1.0 / n_trained) for b in micro) / n_trained
+        local_loss = sum(backend.forward_backward(b, 1.0 / n_trained) for b in micro)
+        local_counts = [sum(_input_tokens(b) for b in micro), sum(_num_samples(b) for b in micro)]
+        loss_sum, n_tokens, n_samples = backend.reduce_sum([local_loss, *local_counts])
+        loss = loss_sum / n_trained
+        n_tokens, n_samples = int(n_tokens), int(n_samples)
         factor = lr_at(state.step, 1.0, total_steps, warmup, args.lr_scheduler_type)
         state.step += 1
         if math.isfinite(loss):
@@ -135,8 +141,6 @@ def run_training(
             grad_norm = float("nan")
         last_loss = loss
 
-        n_tokens = sum(_input_tokens(b) for b in micro)
-        n_samples = sum(_num_samples(b) for b in micro)
         window_tokens, window_samples = window_tokens + n_tokens, window_samples + n_samples
         total_tokens, total_samples = total_tokens + n_tokens, total_samples + n_samples
         bar.update(1)

@@ -6,7 +6,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..core.contracts import Batch
+from ..core.contracts import IGNORE_INDEX, Batch
 from .dataset import Features, SFTDataset
 from .formats import SampleError
 from .malloc import reuse_freed_buffers
@@ -17,6 +17,11 @@ class BatchIterator:
 
     The order depends only on the seed and the epoch number, so a run is reproducible and a resumed
     run can rebuild its position from (epoch, index).
+
+    Data parallelism (`world_size` > 1): every rank draws the same permutation (same seed, no
+    per-rank shuffles) and a global micro-batch of `batch_size * world_size` samples; rank r takes
+    the r-th slice. So the samples of a step are those a single process with a `world_size` times
+    larger batch would see, and `position` (a global index) resumes under any world size.
     """
 
     def __init__(
@@ -27,9 +32,16 @@ class BatchIterator:
         seed: int,
         shuffle: bool = True,
         skip_bad_samples: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ):
-        if len(dataset) < batch_size:
-            raise ValueError(f"dataset has {len(dataset)} samples, fewer than per_device_train_batch_size {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size {world_size})")
+        if len(dataset) < batch_size * world_size:
+            raise ValueError(
+                f"dataset has {len(dataset)} samples, fewer than per_device_train_batch_size {batch_size} "
+                f"x {world_size} ranks"
+            )
         reuse_freed_buffers()  # samples allocate MB-sized arrays: reuse them instead of re-faulting pages
         self.dataset = dataset
         self.batch_size = batch_size
@@ -37,6 +49,9 @@ class BatchIterator:
         self.seed = seed
         self.shuffle = shuffle
         self.skip_bad_samples = skip_bad_samples
+        self.rank = rank
+        self.world_size = world_size
+        self._last_good: list[Features] = []
         self.skipped: list[str] = []
         """Samples that failed while being built (e.g. a corrupt image body) and were skipped."""
         self.epoch = 0
@@ -50,8 +65,8 @@ class BatchIterator:
 
     @property
     def batches_per_epoch(self) -> int:
-        """Full batches per epoch; a trailing partial batch is dropped (as drop_last=True)."""
-        return len(self.dataset) // self.batch_size
+        """Full (global) batches per epoch; a trailing partial batch is dropped (as drop_last=True)."""
+        return len(self.dataset) // (self.batch_size * self.world_size)
 
     def state_dict(self) -> dict:
         """Where the iterator stands: enough to continue the exact same batch sequence."""
@@ -75,6 +90,8 @@ class BatchIterator:
         self._order = self._permutation(self.epoch)
 
     def __next__(self) -> Batch:
+        if self.world_size > 1:
+            return self._next_shard()
         if self.position + self.batch_size > len(self._order):
             self._new_epoch()
         features: list[Features] = []
@@ -91,3 +108,37 @@ class BatchIterator:
                 self.skipped.append(str(e))
                 print(f"[vltune] skipped a bad sample: {e}", flush=True)
         return self.collate(features)
+
+    def _next_shard(self) -> Batch:
+        """This rank's slice of the next global micro-batch.
+
+        Every rank advances `position` by the whole global batch, so ranks never drift apart. A
+        sample that fails while being built is skipped (and counted) without a replacement, which
+        would have to come from another rank's slice: the micro-batch is one sample smaller, and the
+        loop's global token count keeps the loss exact. A slice that lost every sample repeats this
+        rank's last good samples with every label ignored: it still runs forward and backward (the
+        collectives of the other ranks need it) but adds nothing to the loss or the gradients.
+        """
+        global_batch = self.batch_size * self.world_size
+        if self.position + global_batch > len(self._order):
+            self._new_epoch()
+        start = self.position + self.rank * self.batch_size
+        indices = self._order[start : start + self.batch_size]
+        self.position += global_batch
+        features: list[Features] = []
+        for index in indices:
+            try:
+                features.append(self.dataset[int(index)])
+            except SampleError as e:
+                if not self.skip_bad_samples:
+                    raise
+                self.skipped.append(str(e))
+                print(f"[vltune] rank {self.rank} skipped a bad sample: {e}", flush=True)
+        if features:
+            self._last_good = features
+            return self.collate(features)
+        if not self._last_good:
+            raise RuntimeError(f"rank {self.rank}: every sample of its first micro-batch failed; nothing to stand in")
+        batch = self.collate(self._last_good)
+        batch["labels"] = np.full_like(batch["labels"], IGNORE_INDEX)
+        return batch

@@ -33,17 +33,20 @@ PROCESSOR_FILES = (
 CIRCLE_ROPE_FILE = "circle_rope.json"
 
 
-def save_hf_model(model: torch.nn.Module, source_dir: Path, out_dir: Path, circle_rope: dict | None = None) -> None:
+def save_hf_model(
+    model: torch.nn.Module, source_dir: Path, out_dir: Path, circle_rope: dict | None = None, state_dict: dict | None = None
+) -> None:
     """Save `model` as an HF-format directory (weights, config, tokenizer, processor configs).
 
     config.json stays the stock one (so transformers loads the directory); a model trained with
     Circle-RoPE also gets `circle_rope.json`, which `vltune infer` reads to place positions the same way.
+    `state_dict`: full weights gathered by a sharding engine (ZeRO-3, FSDP2), whose live module holds shards.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=out_dir))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
         for name in PROCESSOR_FILES:
             if (Path(source_dir) / name).exists():
                 shutil.copy2(Path(source_dir) / name, tmp / name)

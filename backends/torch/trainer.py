@@ -72,7 +72,8 @@ class TorchBackend:
         circle_rope: dict | None = None,
         mdlm: MdlmObjective | None = None,
     ):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # The current CUDA device: a torchrun worker has set its own (backends/torch/distributed.py).
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.model_dir = Path(model_dir)
         self.info = info
         self.mdlm = mdlm
@@ -95,13 +96,19 @@ class TorchBackend:
         # Circle-RoPE changes positions only; the adapter gives AGE's M-RoPE layers their own cos/sin.
         self.circle = CircleRopeAdapter(self.base, circle_rope) if circle_rope else None
         self.autocast_dtype = torch.bfloat16 if (args.bf16 and self.device.type == "cuda") else None
-        self.optimizer = torch.optim.AdamW(
-            build_param_groups(self.model, model_args, args),
+        self.model_args, self.args = model_args, args
+        self.optimizer = self._build_optimizer()
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the per-component groups; a sharding engine calls it again once parameters are sharded."""
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        args = self.args
+        return torch.optim.AdamW(
+            build_param_groups(self.model, self.model_args, args),
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_epsilon,
             fused=self.device.type == "cuda",
         )
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
     def _logits(self, batch: Batch, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, L, V], or [B, K, V] at the sequence positions `keep` only (the LM head skips the rest)."""
@@ -132,6 +139,9 @@ class TorchBackend:
         loss_sum = self._loss_sum(batch)
         (loss_sum * loss_scale).backward()
         return float(loss_sum.detach())
+
+    def reduce_sum(self, values: list[float]) -> list[float]:
+        return [float(v) for v in values]  # one process: its sums are the global ones
 
     def optimizer_step(self, lr_factor: float, max_grad_norm: float) -> float:
         for group in self.optimizer.param_groups:
@@ -179,8 +189,13 @@ class TorchBackend:
         return generate_greedy(self.model, batch, self.info, max_new_tokens, self.autocast_dtype)
 
     def save_model(self, out_dir: Path) -> None:
+        self._write_model(out_dir)
+
+    def _write_model(self, out_dir: Path, state_dict: dict | None = None) -> None:
+        """The model files; `state_dict`: weights a sharding engine gathered (else the live module's)."""
         # A PeftModel's save_pretrained writes the adapter (adapter_config.json + safetensors).
-        save_hf_model(self.model, self.model_dir, out_dir, circle_rope=self.circle.config if self.circle else None)
+        circle = self.circle.config if self.circle else None
+        save_hf_model(self.model, self.model_dir, out_dir, circle_rope=circle, state_dict=state_dict)
         if self.mdlm is not None:  # <|mask|> in the tokenizer files and mdlm.json, for vltune infer
             write_mdlm_files(out_dir, self.mdlm.args.mask_token, self.mdlm.mask_token_id, self.mdlm.saved_settings())
 

@@ -29,6 +29,9 @@ class FakeBackend:
         value = self.loss_per_token(self.step) if callable(self.loss_per_token) else self.loss_per_token
         return value * n
 
+    def reduce_sum(self, values):
+        return list(values)  # one process: the local sums are the global ones
+
     def optimizer_step(self, lr_factor, max_grad_norm):
         self.calls.append(("step", lr_factor, max_grad_norm))
         self.step += 1

@@ -1,0 +1,77 @@
+"""`vltune train RECIPE --nproc N [--nnodes M --node_rank R --master_addr A --master_port P]`.
+
+The launcher is torchrun (`python -m torch.distributed.run`), for every torch engine: DDP, FSDP2
+and DeepSpeed alike. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, which
+is all `deepspeed.initialize` needs, so the `deepspeed` launcher (ssh/pdsh fan-out from a hostfile)
+adds nothing on one node and would fight a cluster scheduler on several; with torchrun the same
+command works under Slurm (`tools/slurm/train.sbatch`) and by hand.
+
+Each worker re-runs the very same `vltune train RECIPE --key value ...` command line, minus the
+launch flags: the recipe is read again in every worker, never pickled across.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+
+
+@dataclass
+class LaunchArgs:
+    """The launch flags of `vltune train` (torchrun's own names, so cluster scripts read the same)."""
+
+    nproc: int
+    """Workers on this node (one per GPU)."""
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    """Address of node 0; None on one node = torchrun --standalone (a free local port)."""
+    master_port: int = 29500
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.nproc < 1:
+            problems.append(f"--nproc {self.nproc} must be >= 1")
+        if self.nnodes < 1:
+            problems.append(f"--nnodes {self.nnodes} must be >= 1")
+        if not 0 <= self.node_rank < self.nnodes:
+            problems.append(f"--node_rank {self.node_rank} must be in [0, --nnodes {self.nnodes})")
+        if self.nnodes > 1 and not self.master_addr:
+            problems.append("--nnodes > 1 needs --master_addr (the address of node 0)")
+        return problems
+
+
+def inside_launcher() -> bool:
+    """True in a torchrun worker (torchrun sets TORCHELASTIC_RUN_ID for each): it must train, not launch again.
+
+    Not LOCAL_RANK: a one-rank DeepSpeed run without a launcher sets that itself."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def launch_command(launch: LaunchArgs, train_args: list[str], python: str | None = None) -> list[str]:
+    """The torchrun command that runs `vltune train *train_args` in `launch.nproc` workers on this node.
+
+    `train_args` is the worker's command line after `train` (the recipe and its --key value overrides).
+    """
+    command = [python or sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(launch.nproc)]
+    if launch.nnodes == 1 and not launch.master_addr:
+        command.append("--standalone")
+    else:
+        command += [
+            "--nnodes", str(launch.nnodes), "--node_rank", str(launch.node_rank),
+            "--master_addr", str(launch.master_addr), "--master_port", str(launch.master_port),
+        ]
+    return command + ["-m", "vltune.cli", "train", *train_args]
+
+
+def run_launch(launch: LaunchArgs, train_args: list[str], print_only: bool = False) -> int:
+    """Print (`--print-launch`) or run the torchrun command; the exit status is torchrun's."""
+    command = launch_command(launch, train_args)
+    if print_only:
+        print(shlex.join(command), flush=True)
+        return 0
+    print(f"[vltune] launching: {shlex.join(command)}", file=sys.stderr, flush=True)
+    return subprocess.run(command, check=False).returncode
