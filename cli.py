@@ -67,30 +67,44 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     except _user_errors() as e:
         print(f"vltune train: {e}", file=sys.stderr)
         return 1
-    if int(os.environ.get("RANK", "0")) == 0:  # one summary line, however many workers share stdout
+    # One summary line, however many workers share stdout: rank 0's (torchrun sets RANK; msrun sets
+    # RANK_ID beside MS_ROLE, and RANK_ID alone may be a leftover of an Ascend rank-table setup).
+    rank = os.environ.get("RANK") or (os.environ.get("RANK_ID") if "MS_ROLE" in os.environ else None) or "0"
+    if int(rank) == 0:
         print(json.dumps(summary), flush=True)
     return 0
 
 
 def _launch_train(args: argparse.Namespace, extra: list[str]) -> int:
-    """--nproc: re-run this very command (recipe and overrides) in torchrun workers, or print it."""
-    from vltune.backends.torch.launch import LaunchArgs, inside_launcher, run_launch
+    """--nproc: re-run this very command (recipe and overrides) in launcher workers, or print it:
+    torchrun for backend torch, msrun for backend mindspore (the recipe's or the override's)."""
     from vltune.core.config import load_recipe
 
-    launch = LaunchArgs(args.nproc or 1, args.nnodes, args.node_rank, args.master_addr, args.master_port)
-    problems = launch.problems()
-    if inside_launcher():
-        problems.append("already inside a torchrun worker: drop --nproc from the worker's command")
-    if not problems:
-        try:  # a bad recipe fails here once, not in every worker
-            load_recipe(args.recipe, parse_overrides(extra))
-        except _user_errors() as e:
-            problems.append(str(e))
+    problems, cfg = [], None
+    try:  # a bad recipe fails here once, not in every worker
+        cfg = load_recipe(args.recipe, parse_overrides(extra))
+    except _user_errors() as e:
+        problems.append(str(e))
+    if cfg is not None and cfg.train.backend == "mindspore":
+        from vltune.backends.mindspore import launch as launcher
+
+        # msrun writes scheduler.log and one log per worker; beside the run's other outputs.
+        launch = launcher.LaunchArgs(args.nproc or 1, args.nnodes, args.node_rank, args.master_addr, args.master_port,
+                                     log_dir=str(Path(cfg.train.output_dir) / "msrun_log"))
+        name = "an msrun"
+    else:
+        from vltune.backends.torch import launch as launcher
+
+        launch = launcher.LaunchArgs(args.nproc or 1, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+        name = "a torchrun"
+    problems = launch.problems() + problems
+    if launcher.inside_launcher():
+        problems.append(f"already inside {name} worker: drop --nproc from the worker's command")
     if problems:
         print("vltune train: " + "; ".join(problems), file=sys.stderr)
         return 1
     worker = [args.recipe, *extra] + (["--no-progress"] if args.no_progress else [])
-    return run_launch(launch, worker, print_only=args.print_launch)
+    return launcher.run_launch(launch, worker, print_only=args.print_launch)
 
 
 def cmd_data_check(args: argparse.Namespace, extra: list[str]) -> int:
@@ -309,12 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe (a YAML path or a bundled name such as 'demo')")
     p.add_argument("recipe")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--nproc", type=int, help="launch N torchrun workers on this node (one per GPU) that each run the recipe")
+    p.add_argument("--nproc", type=int, help="launch N workers on this node, one per device (torchrun; msrun for backend mindspore)")
     p.add_argument("--nnodes", type=int, default=1, help="nodes of a multi-node run (each runs the same command)")
     p.add_argument("--node_rank", "--node-rank", dest="node_rank", type=int, default=0, help="this node's index")
     p.add_argument("--master_addr", "--master-addr", dest="master_addr", help="address of node 0 (needed with --nnodes > 1)")
     p.add_argument("--master_port", "--master-port", dest="master_port", type=int, default=29500)
-    p.add_argument("--print-launch", action="store_true", help="print the torchrun command instead of running it")
+    p.add_argument("--print-launch", action="store_true", help="print the torchrun (or msrun) command instead of running it")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("infer", help="answer a prompt about images/videos, or a whole annotation file, with a model directory")

@@ -71,8 +71,9 @@ def mdlm_objective(cfg: RecipeConfig):
     return MdlmObjective(cfg.mdlm, tokens.mask_token_id, tokens.protected_ids, tokens.end_token_ids, tail, seed=cfg.train.seed)
 
 
-def _build_mindspore_backend(cfg: RecipeConfig, info, circle_rope: dict | None, mdlm=None):
-    """The native MindSpore engine, in PyNative mode on the installed device (CPU here, Ascend in production)."""
+def _build_mindspore_backend(cfg: RecipeConfig, info, circle_rope: dict | None, mdlm=None, ctx=None):
+    """The native MindSpore engine, in PyNative mode on the installed device (CPU here, Ascend in
+    production); data parallel over the msrun workers when msrun started this process."""
     import mindspore as ms
 
     from vltune.backends.mindspore.models import load_model
@@ -83,12 +84,17 @@ def _build_mindspore_backend(cfg: RecipeConfig, info, circle_rope: dict | None, 
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ms.set_seed(cfg.train.seed)
     model = load_model(cfg.model.model_name_or_path)
-    return MindSporeBackend(model, Path(cfg.model.model_name_or_path), info, cfg.model, cfg.train, circle_rope, mdlm=mdlm)
+    common = (model, Path(cfg.model.model_name_or_path), info, cfg.model, cfg.train, circle_rope)
+    if ctx is not None and ctx.world_size > 1:
+        from vltune.backends.mindspore.distributed import DataParallelBackend
+
+        return DataParallelBackend(*common, mdlm=mdlm, ctx=ctx)
+    return MindSporeBackend(*common, mdlm=mdlm)
 
 
 def _build_backend(cfg: RecipeConfig, info, circle_rope: dict | None, mdlm=None, ctx=None):
     if cfg.train.backend == "mindspore":
-        return _build_mindspore_backend(cfg, info, circle_rope, mdlm)
+        return _build_mindspore_backend(cfg, info, circle_rope, mdlm, ctx)
     if cfg.train.backend != "torch":
         raise NotImplementedError(f"backend {cfg.train.backend!r} is not implemented yet")
     import torch
@@ -105,7 +111,7 @@ def _build_backend(cfg: RecipeConfig, info, circle_rope: dict | None, mdlm=None,
 
 
 class _OneProcess:
-    """The distributed context of a run without a launcher (and of non-torch backends until they have one)."""
+    """The distributed context of a run without a launcher."""
 
     rank, local_rank, world_size, is_main = 0, 0, 1, True
 
@@ -117,8 +123,17 @@ class _OneProcess:
 
 
 def _distributed_context(cfg: RecipeConfig):
-    """The torch process group when torchrun started this worker or the recipe shards (DeepSpeed and
-    FSDP2 need a group even on one process); otherwise a single process."""
+    """The msrun cluster when msrun started this MindSpore worker; the torch process group when
+    torchrun started this worker or the recipe shards (DeepSpeed and FSDP2 need a group even on one
+    process); otherwise a single process."""
+    if cfg.train.backend == "mindspore":
+        from vltune.backends.mindspore.launch import inside_launcher
+
+        if not inside_launcher():
+            return _OneProcess()
+        from vltune.backends.mindspore.distributed import init_distributed
+
+        return init_distributed()  # msrun's scheduler process ends inside this call
     if cfg.train.backend != "torch" or not (os.environ.get("WORLD_SIZE", "1") != "1" or cfg.train.deepspeed or cfg.train.fsdp):
         return _OneProcess()
     from vltune.backends.torch.distributed import init_distributed
@@ -139,9 +154,22 @@ class _NoWriter:
 def _checkpoint_manager(cfg: RecipeConfig, out_dir: Path, ctx) -> CheckpointManager:
     if ctx.world_size == 1:
         return CheckpointManager(out_dir, cfg.train.save_total_limit)
-    from vltune.backends.torch.distributed import DistributedCheckpointManager
+    if cfg.train.backend == "mindspore":
+        from vltune.backends.mindspore.distributed import DistributedCheckpointManager
+    else:
+        from vltune.backends.torch.distributed import DistributedCheckpointManager
 
     return DistributedCheckpointManager(out_dir, cfg.train.save_total_limit, ctx)
+
+
+def _engine_name(cfg: RecipeConfig, world_size: int) -> str:
+    if cfg.train.deepspeed:
+        return "deepspeed"
+    if cfg.train.fsdp:
+        return "fsdp"
+    if world_size == 1:
+        return "single"
+    return "data_parallel" if cfg.train.backend == "mindspore" else "ddp"
 
 
 def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = None, show_progress: bool = True) -> dict:
@@ -233,7 +261,7 @@ def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
         "resumed_from": str(resume_from) if resume_from else None,
         "backend": cfg.train.backend,
         "world_size": ctx.world_size,
-        "engine": "deepspeed" if cfg.train.deepspeed else "fsdp" if cfg.train.fsdp else "ddp" if ctx.world_size > 1 else "single",
+        "engine": _engine_name(cfg, ctx.world_size),
         "objective": cfg.train.objective,
         "data": {**train_report.summary(), "skipped_while_training": len(batches.skipped)},
     }

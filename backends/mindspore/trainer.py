@@ -134,7 +134,7 @@ class MindSporeBackend:
         return float(loss.asnumpy())
 
     def reduce_sum(self, values: list[float]) -> list[float]:
-        return [float(v) for v in values]  # one process (msrun data parallelism is not built yet)
+        return [float(v) for v in values]  # one process; distributed.DataParallelBackend sums over msrun workers
 
     def optimizer_step(self, lr_factor: float, max_grad_norm: float) -> float:
         if self.grads is None:

@@ -1,0 +1,203 @@
+"""Data parallelism of the MindSpore backend: the msrun cluster, its collectives, and the engine on it.
+
+msrun (backends/mindspore/launch.py) starts one worker per device; each re-runs the recipe and
+joins the cluster with `mindspore.communication.init()` (REFERENCE.md s5: on CPU this, not
+`mint.distributed.init_process_group()`, works). This module turns that into a `DistContext` (rank,
+world size, the collectives the loop needs), writes checkpoints from rank 0 only, and wraps the
+single-process engine into `DataParallelBackend`, the twin of the torch backend's DDPBackend:
+
+* every rank holds the whole model and a slice of each global micro-batch (data/loader.py);
+* gradients are accumulated locally over the micro-batches of a step and all-reduced once, before
+  clipping, by `nn.DistributedGradReducer`, which *averages*; so each rank scales its loss by
+  `world_size` on top of the loop's `1 / global trained tokens`, as DDP does, and the result is the
+  gradient one process would compute on the whole global batch;
+* the reduction covers every trainable parameter on every step, so a rank whose micro-batches have
+  no image (its vision gradients are zeros) takes part like the others: no hang and no VisionSync.
+
+Collectives on CPU (MindSpore 2.10, measured): AllReduce takes float32 and SUM only (float64, int64,
+int32 and MAX are refused), `barrier` has no CPU kernel, AllGather of float32 works. So the loop's
+sums (token counts, loss sums) travel as exact float32 triples through AllGather and are added in
+float64 on the host, which also gives the max; a barrier is a one-element all-gather.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from vltune.core.checkpointing import CheckpointManager
+from vltune.core.contracts import Batch
+
+from .checkpoint import RNG_FILE, rng_state, set_rng_state
+from .launch import inside_launcher
+from .trainer import MindSporeBackend
+
+
+def split_float32(values: np.ndarray) -> np.ndarray:
+    """float64 [N] -> float32 [N, 3] whose rows add up (in float64) to the values exactly.
+
+    Each part holds the next 24 bits of the mantissa (hi, then what hi missed, then the rest), so
+    53 bits fit in three (for magnitudes from ~1e-23 to 3e38, where the last part is still a normal
+    float32: token counts and loss sums are). Non-finite values travel as (value, 0, 0) and stay so.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    parts = np.zeros((values.size, 3), dtype=np.float32)
+    finite = np.isfinite(values)
+    rest = np.where(finite, values, 0.0)
+    for i in range(3):
+        parts[:, i] = rest.astype(np.float32)
+        rest = rest - parts[:, i].astype(np.float64)
+    parts[~finite, 0] = values[~finite].astype(np.float32)
+    return parts
+
+
+@dataclass
+class DistContext:
+    """Where this process stands in the run. A single process is rank 0 of 1 and every collective is
+    the identity, so callers never branch on whether the run is distributed."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _gather(self, values: list[float]) -> np.ndarray:
+        """[world_size, len(values)] float64: every rank's values, bit-exact (AllGather copies)."""
+        parts = split_float32(np.asarray(values, dtype=np.float64))
+        gathered = ops.AllGather()(Tensor(parts.reshape(1, -1))).asnumpy().astype(np.float64)
+        return gathered.reshape(self.world_size, len(values), 3).sum(axis=2)
+
+    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """Sum (or max) of each value over ranks, in float64 so token counts stay exact."""
+        if self.world_size == 1 or not values:
+            return [float(v) for v in values]
+        per_rank = self._gather(values)
+        return (per_rank.max(axis=0) if op == "max" else per_rank.sum(axis=0)).tolist()
+
+    def barrier(self) -> None:
+        """Return once every rank got here: a collective completes only when all ranks have entered it."""
+        if self.world_size > 1:
+            self._gather([0.0])
+
+    def close(self) -> None:
+        """Nothing to tear down: an msrun worker ends with train(), and MindSpore leaves the cluster at exit."""
+
+
+def init_distributed() -> DistContext:
+    """Join the msrun cluster when msrun started this process; a single process otherwise.
+
+    In msrun's scheduler process `init()` runs the scheduler and ends the process once the workers
+    are done, so nothing after it (no training, no file) ever runs there.
+    """
+    if not inside_launcher():
+        return DistContext()
+    from mindspore.communication import get_group_size, get_local_rank, get_rank, init
+
+    ms.set_context(mode=ms.PYNATIVE_MODE)  # before init(): the engine runs in PyNative mode
+    init()
+    world_size = get_group_size()
+    # DATA_PARALLEL with averaged gradients: what DistributedGradReducer reads when not told otherwise.
+    ms.reset_auto_parallel_context()
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=world_size)
+    return DistContext(rank=get_rank(), world_size=world_size, local_rank=get_local_rank())
+
+
+class DistributedCheckpointManager(CheckpointManager):
+    """CheckpointManager whose directory life cycle runs on rank 0 while every rank writes its files.
+
+    Rank 0 creates the temporary directory; after a barrier every rank writes (rank 0 the model and
+    optimizer, each other rank its RNG streams); after another, rank 0 writes trainer_state.json last,
+    renames the directory into place and rotates old ones, so a checkpoint appears whole or not at
+    all. (The torch backend's class of the same name does the same on its own process group.)
+    """
+
+    def __init__(self, output_dir: str | Path, save_total_limit: int | None, ctx: DistContext):
+        super().__init__(output_dir, save_total_limit)
+        self.ctx = ctx
+
+    def save(self, step: int, write_engine_files: Callable[[Path], None], trainer_state: dict[str, Any]) -> Path:
+        if self.ctx.world_size == 1:
+            return super().save(step, write_engine_files, trainer_state)
+        final = self.output_dir / f"checkpoint-{step}"
+        tmp = self.output_dir / f".tmp-checkpoint-{step}"
+        if self.ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.ctx.barrier()
+        write_engine_files(tmp)
+        self.ctx.barrier()  # every rank's files are on disk before the rename makes them a checkpoint
+        if self.ctx.is_main:
+            self._write_trainer_state(tmp, trainer_state)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            self._rotate(keep=trainer_state.get("best_checkpoint"))
+        self.ctx.barrier()
+        return final
+
+
+def _rank_rng_file(rank: int) -> str:
+    return RNG_FILE if rank == 0 else f"rng_state_rank{rank}.json"
+
+
+class DataParallelBackend(MindSporeBackend):
+    """The single-process engine on every rank, its gradients averaged over ranks once per step.
+
+    Every rank loads the same weights from the model directory (and LoRA draws the same seeded
+    initialisation), so the replicas start equal and stay equal: they apply the same averaged
+    gradients with the same AdamW state. Only rank 0 writes the model and the optimizer file.
+    """
+
+    def __init__(self, *args: Any, ctx: DistContext, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.ctx = ctx
+        # mean=True: the convention of DATA_PARALLEL (and of DDP), which the loss scaling below undoes.
+        self.grad_reducer = nn.DistributedGradReducer(self.params, mean=True, degree=ctx.world_size)
+
+    def forward_backward(self, batch: Batch, loss_scale: float) -> float:
+        return super().forward_backward(batch, loss_scale * self.ctx.world_size)
+
+    def reduce_sum(self, values: list[float]) -> list[float]:
+        return self.ctx.all_reduce(values)
+
+    def optimizer_step(self, lr_factor: float, max_grad_norm: float) -> float:
+        if self.grads is None:
+            raise RuntimeError("optimizer_step before any forward_backward")
+        # One all-reduce per step over the locally accumulated gradients (DDP reduces every
+        # micro-batch; the sum is the same), then clip the global gradient like one process would.
+        self.grads = list(self.grad_reducer(tuple(self.grads)))
+        return super().optimizer_step(lr_factor, max_grad_norm)
+
+    def memory_stats(self) -> dict[str, float]:
+        """The largest peak over ranks: the figure that decides whether a run fits."""
+        stats = super().memory_stats()
+        peaks = self.ctx.all_reduce(list(stats.values()), op="max")
+        return {key: round(value, 3) for key, value in zip(stats, peaks)}
+
+    def save_model(self, out_dir: Path) -> None:
+        if self.ctx.is_main:  # every rank holds the same weights
+            super().save_model(out_dir)
+
+    def save_checkpoint(self, directory: Path) -> None:
+        if self.ctx.is_main:
+            super().save_checkpoint(directory)  # model or adapter, optimizer, rank 0's RNG streams
+        else:
+            state = {**rng_state(), "micro_steps": self.micro_steps}
+            (Path(directory) / _rank_rng_file(self.ctx.rank)).write_text(json.dumps(state))
+
+    def load_checkpoint(self, directory: Path) -> None:
+        super().load_checkpoint(directory)  # the same weights and optimizer state on every rank
+        path = Path(directory) / _rank_rng_file(self.ctx.rank)
+        if self.ctx.rank and path.exists():  # a checkpoint of a run with fewer ranks has none for this one
+            set_rng_state(json.loads(path.read_text()))
