@@ -1,2 +1,3 @@
-"""The MindSpore engine (native Qwen VL models, msrun). Not implemented yet: a recipe with
-`backend: mindspore` is rejected by core.config.validate with a message saying so."""
+"""The MindSpore engine: native Qwen2.5-VL / Qwen3-VL models (models/), HF-safetensors checkpoints,
+the TrainBackend (trainer.py), msrun data parallelism (launch.py, distributed.py) and generation
+(infer.py). Ops are chosen by device target: eager fp32 on CPU, flash attention on Ascend."""
