@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from vltune.core.config import ConfigError, RecipeConfig, circle_rope_settings, load_recipe
-from vltune.core.checkpointing import CheckpointManager, read_trainer_state, resolve_resume
+from vltune.core.checkpointing import CheckpointManager, DistributedCheckpointManager, read_trainer_state, resolve_resume
 from vltune.core.loop import LoopState, run_training
 from vltune.core.mdlm import MaskedBatches
 from vltune.core.metrics import MetricsWriter
@@ -154,11 +154,6 @@ class _NoWriter:
 def _checkpoint_manager(cfg: RecipeConfig, out_dir: Path, ctx) -> CheckpointManager:
     if ctx.world_size == 1:
         return CheckpointManager(out_dir, cfg.train.save_total_limit)
-    if cfg.train.backend == "mindspore":
-        from vltune.backends.mindspore.distributed import DistributedCheckpointManager
-    else:
-        from vltune.backends.torch.distributed import DistributedCheckpointManager
-
     return DistributedCheckpointManager(out_dir, cfg.train.save_total_limit, ctx)
 
 

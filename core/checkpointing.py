@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -92,3 +92,49 @@ class CheckpointManager:
         excess = len(found) - self.save_total_limit
         for path in removable[: max(0, excess)]:
             shutil.rmtree(path)
+
+
+class RankContext(Protocol):
+    """What a multi-process run tells the checkpoint manager (each backend's DistContext has it)."""
+
+    world_size: int
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def barrier(self) -> None: ...
+
+
+class DistributedCheckpointManager(CheckpointManager):
+    """CheckpointManager whose directory life cycle runs on rank 0 while every rank writes its files.
+
+    Sharded engines (ZeRO-3, FSDP2) must gather on all ranks to save a model, ZeRO writes one optimizer
+    shard per rank, and every rank keeps its own RNG streams; so every rank calls `write_engine_files`
+    on the same temporary directory, between barriers. Rank 0 alone creates it, writes
+    trainer_state.json last, renames it into place and rotates old checkpoints, so a checkpoint still
+    appears whole or not at all. Backend-neutral: `ctx` is the torch or the MindSpore DistContext.
+    """
+
+    def __init__(self, output_dir: str | Path, save_total_limit: int | None, ctx: RankContext):
+        super().__init__(output_dir, save_total_limit)
+        self.ctx = ctx
+
+    def save(self, step: int, write_engine_files: Callable[[Path], None], trainer_state: dict[str, Any]) -> Path:
+        if self.ctx.world_size == 1:
+            return super().save(step, write_engine_files, trainer_state)
+        final = self.output_dir / f"checkpoint-{step}"
+        tmp = self.output_dir / f".tmp-checkpoint-{step}"
+        if self.ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.ctx.barrier()
+        write_engine_files(tmp)
+        self.ctx.barrier()  # every rank's files are on disk before the rename makes them a checkpoint
+        if self.ctx.is_main:
+            self._write_trainer_state(tmp, trainer_state)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            self._rotate(keep=trainer_state.get("best_checkpoint"))
+        self.ctx.barrier()
+        return final

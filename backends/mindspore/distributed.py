@@ -23,17 +23,14 @@ float64 on the host, which also gives the max; a barrier is a one-element all-ga
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from vltune.core.checkpointing import CheckpointManager
 from vltune.core.contracts import Batch
 
 from .checkpoint import RNG_FILE, rng_state, set_rng_state
@@ -111,40 +108,6 @@ def init_distributed() -> DistContext:
     ms.reset_auto_parallel_context()
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=world_size)
     return DistContext(rank=get_rank(), world_size=world_size, local_rank=get_local_rank())
-
-
-class DistributedCheckpointManager(CheckpointManager):
-    """CheckpointManager whose directory life cycle runs on rank 0 while every rank writes its files.
-
-    Rank 0 creates the temporary directory; after a barrier every rank writes (rank 0 the model and
-    optimizer, each other rank its RNG streams); after another, rank 0 writes trainer_state.json last,
-    renames the directory into place and rotates old ones, so a checkpoint appears whole or not at
-    all. (The torch backend's class of the same name does the same on its own process group.)
-    """
-
-    def __init__(self, output_dir: str | Path, save_total_limit: int | None, ctx: DistContext):
-        super().__init__(output_dir, save_total_limit)
-        self.ctx = ctx
-
-    def save(self, step: int, write_engine_files: Callable[[Path], None], trainer_state: dict[str, Any]) -> Path:
-        if self.ctx.world_size == 1:
-            return super().save(step, write_engine_files, trainer_state)
-        final = self.output_dir / f"checkpoint-{step}"
-        tmp = self.output_dir / f".tmp-checkpoint-{step}"
-        if self.ctx.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.ctx.barrier()
-        write_engine_files(tmp)
-        self.ctx.barrier()  # every rank's files are on disk before the rename makes them a checkpoint
-        if self.ctx.is_main:
-            self._write_trainer_state(tmp, trainer_state)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            self._rotate(keep=trainer_state.get("best_checkpoint"))
-        self.ctx.barrier()
-        return final
 
 
 def _rank_rng_file(rank: int) -> str:

@@ -10,16 +10,13 @@ keeps the vision tower's collectives in step across ranks (`VisionSync`).
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from vltune.core.checkpointing import CheckpointManager
 
 
 def env_world_size() -> int:
@@ -97,40 +94,6 @@ def init_distributed(need_group: bool = False) -> DistContext:
     else:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
     return DistContext(rank, world_size, local_rank, owns_group=True)
-
-
-class DistributedCheckpointManager(CheckpointManager):
-    """CheckpointManager whose directory life cycle runs on rank 0 while every rank writes engine files.
-
-    Sharded engines (ZeRO-3, FSDP2) must gather on all ranks to save a model, and ZeRO writes one
-    optimizer shard per rank; so every rank calls `write_engine_files` on the same temporary
-    directory, between barriers. Rank 0 alone creates it, writes trainer_state.json last, renames it
-    into place and rotates old checkpoints, so a checkpoint still appears whole or not at all.
-    """
-
-    def __init__(self, output_dir: str | Path, save_total_limit: int | None, ctx: DistContext):
-        super().__init__(output_dir, save_total_limit)
-        self.ctx = ctx
-
-    def save(self, step: int, write_engine_files: Callable[[Path], None], trainer_state: dict[str, Any]) -> Path:
-        if self.ctx.world_size == 1:
-            return super().save(step, write_engine_files, trainer_state)
-        final = self.output_dir / f"checkpoint-{step}"
-        tmp = self.output_dir / f".tmp-checkpoint-{step}"
-        if self.ctx.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.ctx.barrier()
-        write_engine_files(tmp)
-        self.ctx.barrier()  # every rank's files are on disk before the rename makes them a checkpoint
-        if self.ctx.is_main:
-            self._write_trainer_state(tmp, trainer_state)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            self._rotate(keep=trainer_state.get("best_checkpoint"))
-        self.ctx.barrier()
-        return final
 
 
 def _used_features(output: Any) -> list[torch.Tensor]:
