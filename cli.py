@@ -1,7 +1,7 @@
 """The `vltune` command. Subcommands map onto the Python API one to one.
 
     vltune train RECIPE [--key value ...]
-    vltune infer --model DIR [--image P ...] [--video P] --prompt T | --input IN.jsonl --output OUT.jsonl
+    vltune infer --model DIR [--image P ...] [--video P] --prompt T | --input IN.jsonl --output OUT.jsonl [--backend torch|ms]
     vltune make-tiny --model-type qwen2_vl|qwen2_5_vl|qwen3_vl --out DIR
     vltune merge-lora --model DIR --adapter DIR --out DIR
     vltune convert hf-to-mindspeed|mindspeed-to-hf ...   (backends/torch/convert)
@@ -351,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, help="ar: penalty on tokens already in the sequence (1 = off)")
     p.add_argument("--min-pixels", type=int, help="default: the training run's recipe.json beside the model, else the processor's")
     p.add_argument("--max-pixels", type=int, help="default: the training run's recipe.json beside the model, else the processor's")
-    p.add_argument("--backend", default="torch", choices=["torch", "mindspore", "ms"])
+    p.add_argument("--backend", default="torch", choices=["torch", "mindspore", "ms"],
+                   help="engine: torch (transformers) or mindspore / ms (the native MindSpore model, KV-cached; same greedy answers)")
     p.add_argument("--objective", default="ar", choices=["ar", "mdlm"],
                    help="mdlm: masked-diffusion sampling over a canvas of --max-new-tokens mask tokens")
     p.add_argument("--block-length", type=int, help="mdlm: semi-autoregressive block length (default: as trained, else 32)")

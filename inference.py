@@ -2,7 +2,8 @@
 
 `Predictor` holds one loaded model and answers samples one at a time (autoregressive decoding,
 greedy or sampled, optionally streamed, with thinking mode and its token budget); the one-prompt
-command and batch mode (inference_batch.py) both go through it. `infer` is the Python API of the
+command and batch mode (inference_batch.py) both go through it. The model is either engine's
+(`backend` torch or mindspore / ms): everything but loading and the decoding loop is shared. `infer` is the Python API of the
 one-prompt command for both objectives (ar, mdlm).
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from vltune.core.config import ConfigError
+from vltune.core.contracts import Batch
 from vltune.core.generation import (
     THINK_END,
     THINK_START,
@@ -27,6 +29,11 @@ from vltune.core.generation import (
 from vltune.data.collate import Collator
 from vltune.data.dataset import Features, SFTDataset
 from vltune.data.formats import Sample
+from vltune.data.model_info import ModelInfo
+
+# circle_rope.json, as both backends' checkpoint.py name it (imported from neither: loading one
+# backend must not import the other).
+CIRCLE_ROPE_FILE = "circle_rope.json"
 
 # Keys of the training recipe (saved as recipe.json beside the trained model) that shape the vision
 # input; inference reuses them so the model sees images and videos as it did in training.
@@ -102,8 +109,7 @@ class Predictor:
         thinking: bool = False,
         thinking_budget: int | None = None,
     ):
-        if backend != "torch":
-            raise NotImplementedError(f"infer --backend {backend}: not implemented yet (only torch is)")
+        backend = backend_name(backend)
         if thinking_budget is not None and thinking_budget < 1:
             raise ConfigError(f"--thinking-budget {thinking_budget}: must be >= 1")
         self.settings = settings.validate()
@@ -116,14 +122,12 @@ class Predictor:
         self.max_pixels = max_pixels if max_pixels is not None else recipe.get("max_pixels")
         self.video_overrides = {k: recipe.get(k) for k in _VIDEO_KEYS}
 
-        from vltune.backends.torch.checkpoint import CIRCLE_ROPE_FILE
-        from vltune.backends.torch.models import load_model
-        from vltune.backends.torch.models.circle_rope import CircleRopeAdapter
-
         # A model trained with Circle-RoPE carries its settings beside the stock config.json.
         self.circle_rope = _read_json(Path(adapter or model_dir) / CIRCLE_ROPE_FILE)
-        self.model = load_model(model_dir, adapter=adapter)
-        self.circle = CircleRopeAdapter(self.model, self.circle_rope) if self.circle_rope else None
+        self.backend = backend
+        self.engine = _ENGINES[backend](model_dir, adapter, self.circle_rope)
+        self.model = self.engine.model
+        """The loaded model: a transformers model (torch) or the native MindSpore one."""
 
     def dataset(self, samples: list[Sample]) -> SFTDataset:
         """The samples as prompts for this model (each sample's last turn is the answer slot, dropped)."""
@@ -136,8 +140,6 @@ class Predictor:
     def answer(self, dataset: SFTDataset, index: int, *, stream: Callable[[str], None] | None = None, seed: int | None = None) -> Answer:
         """The model's answer to sample `index` of `dataset` (from `self.dataset`); `stream` gets the text
         piece by piece as it is generated; `seed` replaces the settings' sampling seed."""
-        from vltune.backends.torch.infer import TextStream
-
         settings = self.settings if seed is None else replace(self.settings, seed=seed)
         tok = dataset.tokenizer
         features, _ = dataset.prompt(index)
@@ -147,7 +149,7 @@ class Predictor:
         if self.thinking_budget is not None and not has_marks:
             raise ConfigError(f"--thinking-budget: the tokenizer of {self.model_dir} has no {THINK_START}/{THINK_END} tokens")
         prompt_open = has_marks and opens_thinking(prompt, *marks)
-        streamer = TextStream(tok.decode, stream) if stream is not None else None
+        streamer = self.engine.text_stream(tok.decode, stream) if stream is not None else None
 
         limit = settings.max_new_tokens
         first_limit = min(self.thinking_budget, limit) if self.thinking_budget else limit
@@ -183,13 +185,79 @@ class Predictor:
 
     def _generate(self, dataset: SFTDataset, features: Features, input_ids: list[int], settings: GenerationSettings, streamer) -> list[int]:
         """Continuation of `input_ids` (the prompt, possibly extended by a first phase) with the sample's media."""
-        from vltune.backends.torch.infer import generate
-
         ids = np.asarray(input_ids, dtype=np.int64)
         features = replace(features, input_ids=ids, labels=np.full_like(ids, -100))
         batch = Collator(dataset.info, dataset.tokenizer.pad_token_id, self.circle_rope)([features], padding_side="left")
-        (out,) = generate(self.model, batch, dataset.info, settings, circle=self.circle, streamer=streamer)
+        return self.engine.generate(batch, dataset.info, settings, streamer)
+
+
+class _TorchEngine:
+    """backends/torch: the transformers model (plus a peft adapter); generate() with its KV cache, or
+    vltune's own decoding loop for Circle-RoPE (its CircleRopeAdapter)."""
+
+    def __init__(self, model_dir: str | Path, adapter: str | Path | None, circle_rope: dict | None):
+        from vltune.backends.torch.models import load_model
+        from vltune.backends.torch.models.circle_rope import CircleRopeAdapter
+
+        self.model = load_model(model_dir, adapter=adapter)
+        self.circle = CircleRopeAdapter(self.model, circle_rope) if circle_rope else None
+
+    def text_stream(self, decode: Callable[[list[int]], str], write: Callable[[str], None]):
+        from vltune.backends.torch.infer import TextStream
+
+        return TextStream(decode, write)
+
+    def generate(self, batch: Batch, info: ModelInfo, settings: GenerationSettings, streamer) -> list[int]:
+        from vltune.backends.torch.infer import generate
+
+        (out,) = generate(self.model, batch, info, settings, circle=self.circle, streamer=streamer)
         return out
+
+
+class _MindSporeEngine:
+    """backends/mindspore: the native model (PyNative, fp32 on CPU / the Ascend kernels on NPUs), its
+    KV-cached decoding loop, Circle-RoPE AGE layers set from circle_rope.json. A LoRA adapter is merged
+    into the base weights at load time (no peft on this backend). Imports no torch."""
+
+    def __init__(self, model_dir: str | Path, adapter: str | Path | None, circle_rope: dict | None):
+        import mindspore as ms
+
+        from vltune.backends.mindspore.infer import end_token_ids
+        from vltune.backends.mindspore.lora import merge_lora_adapter
+        from vltune.backends.mindspore.models import load_model
+        from vltune.core.circle_rope import age_layer_mask
+
+        ms.set_context(mode=ms.PYNATIVE_MODE)  # the models read host-side numpy per batch (as training.py sets)
+        self.model = load_model(model_dir)
+        if adapter is not None:
+            merge_lora_adapter(self.model, adapter)
+        if circle_rope:
+            layers = self.model.cfg.text.num_hidden_layers
+            self.model.model.language_model.set_alt_layers(age_layer_mask(circle_rope.get("AGE_mode", "strategy_1"), layers))
+        self.eos = end_token_ids(model_dir, self.model.cfg)
+
+    def text_stream(self, decode: Callable[[list[int]], str], write: Callable[[str], None]):
+        from vltune.backends.mindspore.infer import TextStream
+
+        return TextStream(decode, write)
+
+    def generate(self, batch: Batch, info: ModelInfo, settings: GenerationSettings, streamer) -> list[int]:
+        from vltune.backends.mindspore.infer import generate
+
+        (out,) = generate(self.model, batch, self.eos, settings, streamer=streamer)
+        return out
+
+
+_ENGINES = {"torch": _TorchEngine, "mindspore": _MindSporeEngine}
+_BACKEND_ALIASES = {"ms": "mindspore"}
+
+
+def backend_name(backend: str) -> str:
+    """`torch` or `mindspore` (`ms` is DESIGN.md's spelling of the latter); anything else is an error."""
+    name = _BACKEND_ALIASES.get(backend, backend)
+    if name not in _ENGINES:
+        raise ConfigError(f"--backend {backend!r}: expected one of torch, mindspore (or ms)")
+    return name
 
 
 def answer_prompt(
@@ -253,9 +321,8 @@ def infer(
             min_pixels=min_pixels, max_pixels=max_pixels, settings=settings, thinking=thinking,
             thinking_budget=thinking_budget,
         ).prediction
-    if backend != "torch":
-        raise NotImplementedError(f"infer --backend {backend}: not implemented yet (only torch is)")
-    from vltune.backends.torch.checkpoint import CIRCLE_ROPE_FILE
+    if backend_name(backend) != "torch":
+        raise NotImplementedError(f"infer --objective mdlm --backend {backend}: not implemented yet (only torch is)")
     from vltune.backends.torch.models import load_model
     from vltune.backends.torch.models.circle_rope import CircleRopeAdapter
 

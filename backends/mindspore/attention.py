@@ -58,6 +58,10 @@ class TextAttentionLayout:
 
     Padded batch: `padding` [B, L] (1 = real token). Packed batch: `cu_seqlens` [N+1] with B == 1.
     `causal=False` is masked diffusion's bidirectional attention (padding still masked).
+
+    Generation with a KV cache: the `length` queries follow `past_length` cached keys, so query i sits
+    at key index past_length + i and `padding` covers all past_length + length keys (the prompt's left
+    padding stays masked at every step).
     """
 
     batch_size: int
@@ -65,14 +69,24 @@ class TextAttentionLayout:
     causal: bool = True
     padding: np.ndarray | None = None
     cu_seqlens: np.ndarray | None = None
+    past_length: int = 0
     _cache: dict = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.past_length and self.cu_seqlens is not None:
+            raise ValueError("a KV cache (past_length > 0) needs a padded batch, not packed rows (cu_seqlens)")
+        if self.past_length and not self.causal:
+            raise ValueError("a KV cache is only valid for causal attention (earlier keys never see later tokens)")
+        keys = self.past_length + self.length
+        if self.padding is not None and tuple(self.padding.shape) != (self.batch_size, keys):
+            raise ValueError(f"padding has shape {tuple(self.padding.shape)}, expected [B, past + L] = {(self.batch_size, keys)}")
+
     def allowed(self) -> np.ndarray:
-        """bool [B, L, L]: query i may attend to key j."""
-        b, n = self.batch_size, self.length
-        ok = np.ones((b, n, n), dtype=bool)
+        """bool [B, L, past_length + L]: query i may attend to key j."""
+        b, n, past = self.batch_size, self.length, self.past_length
+        ok = np.ones((b, n, past + n), dtype=bool)
         if self.causal:
-            ok &= np.tril(np.ones((n, n), dtype=bool))[None]
+            ok &= np.tril(np.ones((n, past + n), dtype=bool), k=past)[None]
         if self.padding is not None:
             ok &= self.padding.astype(bool)[:, None, :]
         if self.cu_seqlens is not None:
@@ -81,22 +95,31 @@ class TextAttentionLayout:
         return ok
 
     def additive_mask(self) -> Tensor | None:
-        """[B, 1, L, L] fp32, 0 where attended and NEG_INF elsewhere (None when nothing is masked)."""
+        """[B, 1, L, past + L] fp32, 0 where attended and NEG_INF elsewhere (None when nothing is masked)."""
         if "additive" not in self._cache:
             ok = self.allowed()
             self._cache["additive"] = None if ok.all() else Tensor(np.where(ok, 0.0, NEG_INF).astype(np.float32)[:, None])
         return self._cache["additive"]
 
     def masked(self) -> Tensor | None:
-        """[B, 1, L, L] bool, True where *not* attended (flash_attention_score's convention)."""
+        """[B, 1, L, past + L] bool, True where *not* attended (flash_attention_score's convention).
+
+        A query with nothing to attend to (a left-padding position under the causal mask, as generation
+        batches have) is let attend to itself: a softmax over no key is NaN, and a NaN at a padded
+        position would reach real rows through 0 * NaN in the next layer's probs @ v. Real rows never
+        attend to padding, so what padded positions compute is never read. (The eager kernel's finite
+        NEG_INF gives such rows a uniform softmax instead, as transformers' eager attention does.)
+        """
         if "masked" not in self._cache:
             ok = self.allowed()
+            rows, queries = np.nonzero(~ok.any(axis=-1))
+            ok[rows, queries, self.past_length + queries] = True
             self._cache["masked"] = None if ok.all() else Tensor(~ok[:, None])
         return self._cache["masked"]
 
 
 def text_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, layout: TextAttentionLayout, kernels: Kernels) -> Tensor:
-    """q [B, H, L, D], k/v [B, Hkv, L, D] -> [B, H, L, D]."""
+    """q [B, H, L, D], k/v [B, Hkv, past + L, D] (cached keys first) -> [B, H, L, D]."""
     if kernels.attention == "eager":
         return kernels_impl.eager_attention(q, k, v, scale, layout.additive_mask())
     if layout.cu_seqlens is not None:  # packed: one row of concatenated sequences

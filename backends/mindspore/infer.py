@@ -1,23 +1,79 @@
-"""Greedy generation with a MindSpore Qwen VL model from a numpy batch (mirrors backends/torch/infer.py).
+"""Generation with a MindSpore Qwen VL model from a numpy batch: greedy or sampled, with a KV cache,
+optionally streamed (mirrors backends/torch/infer.py).
 
-There is no KV cache yet: every step runs the whole sequence again (the torch backend's
-`generate_with_positions(use_cache=False)` reference). Positions are vltune's own throughout: each new
-token sits at its row's next text position (max over its real tokens and channels, + 1, then + 1 per
-step) in `position_ids` and, with Circle-RoPE AGE, in `position_ids_alt` -- which is also what
-transformers' generate() gives for plain M-RoPE (its rope_deltas), so both backends decode alike.
+The prompt (text and vision) is prefilled once into a `KVCache`; each later step feeds one token per
+row. Positions are vltune's own throughout: each new token sits at its row's next text position (max
+over its real tokens and channels, + 1, then + 1 per step) in `position_ids` and, with Circle-RoPE AGE,
+in `position_ids_alt` -- which is also what transformers' generate() gives for plain M-RoPE (its
+rope_deltas), so both backends decode alike. `use_cache=False` re-runs the whole sequence every step
+(the reference the cache is tested against).
+
+Logits processing runs on the host in numpy, in transformers' order and with its arithmetic
+(repetition penalty, temperature, top-k, top-p), so greedy decoding -- repetition penalty and top_k=1
+included -- picks the tokens the torch backend picks from the same logits. Sampling draws from a numpy
+generator seeded with `settings.seed`: reproducible on this backend, not the torch backend's stream.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from mindspore import nn
+from mindspore import Tensor, nn
 
 from vltune.core.contracts import Batch
+from vltune.core.generation import GenerationSettings
 
+from .attention import TextAttentionLayout
 from .models import ModelInputs
+
+
+class TextStream:
+    """Writes the text of each generated token as soon as it is whole; the torch backend's TextStream
+    (transformers' streamer protocol: put() the prompt, which is skipped, then each token; end()).
+
+    The text is decoded from the tokens since the last newline: a character split over several
+    byte-level tokens is written once complete, and a long answer does not cost a full decode per
+    token. `text` holds everything written so far.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], write: Callable[[str], None]):
+        self.decode = decode
+        self.write = write
+        self.text = ""
+        self._pending: list[int] = []
+        self._shown = 0
+        self._skip_prompt = True
+
+    def put(self, value) -> None:
+        if self._skip_prompt:
+            self._skip_prompt = False
+            return
+        self.add(np.asarray(value).reshape(-1).tolist())
+
+    def add(self, ids: list[int]) -> None:
+        """Tokens that did not come through generate() (thinking mode's closing phrase)."""
+        self._pending += ids
+        text = self.decode(self._pending)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next byte
+            return
+        self._emit(text[self._shown :])
+        self._shown = len(text)
+        if text.endswith("\n"):
+            self._pending, self._shown = [], 0
+
+    def end(self) -> None:
+        if self._pending:
+            self._emit(self.decode(self._pending)[self._shown :])
+        self._pending, self._shown = [], 0
+        self._skip_prompt = True  # the next generate() call starts with its prompt again
+
+    def _emit(self, piece: str) -> None:
+        if piece:
+            self.text += piece
+            self.write(piece)
 
 
 def end_token_ids(model_dir: str | Path, cfg) -> set[int]:
@@ -39,37 +95,132 @@ def next_positions(position_ids: np.ndarray, attention_mask: np.ndarray) -> np.n
     return masked.max(axis=(0, 2)) + 1
 
 
-def generate_greedy(model: nn.Cell, batch: Batch, max_new_tokens: int, eos: set[int], causal: bool = True) -> list[list[int]]:
-    """Continuation ids of each left-padded prompt row, cut at the first end token."""
+# -- logits processing (transformers' processors, in generate()'s order) ---------------------------
+
+
+def process_logits(scores: np.ndarray, seen: list[np.ndarray], settings: GenerationSettings) -> np.ndarray:
+    """scores [B, V] fp32 -> the scores generate() would sample (or take the argmax) from.
+
+    `seen[b]`: the ids already in row b (its real prompt tokens and what was generated), which the
+    repetition penalty lowers: score * p where negative, score / p otherwise (each id once).
+    """
+    scores = np.array(scores, dtype=np.float32)
+    penalty = settings.repetition_penalty
+    if penalty not in (None, 1.0):
+        p = np.float32(penalty)
+        for row, ids in enumerate(seen):
+            ids = np.unique(ids[ids < scores.shape[1]])
+            picked = scores[row, ids]
+            scores[row, ids] = np.where(picked < 0, picked * p, picked / p)
+    if not settings.do_sample:
+        return scores
+    if settings.temperature not in (None, 1.0):
+        scores = scores / np.float32(settings.temperature)
+    if settings.top_k:
+        k = min(settings.top_k, scores.shape[1])
+        kth = np.sort(scores, axis=1)[:, -k][:, None]
+        scores = np.where(scores < kth, -np.inf, scores).astype(np.float32)
+    if settings.top_p is not None and settings.top_p < 1.0:
+        order = np.argsort(scores, axis=1, kind="stable")  # ascending, as torch.sort(descending=False)
+        ordered = np.take_along_axis(scores, order, axis=1).astype(np.float64)
+        probs = np.exp(ordered - ordered.max(axis=1, keepdims=True))
+        cumulative = np.cumsum(probs / probs.sum(axis=1, keepdims=True), axis=1)
+        remove_sorted = cumulative <= 1 - settings.top_p
+        remove_sorted[:, -1] = False  # keep at least one token
+        remove = np.zeros_like(remove_sorted)
+        np.put_along_axis(remove, order, remove_sorted, axis=1)
+        scores = np.where(remove, -np.inf, scores).astype(np.float32)
+    return scores
+
+
+def choose_tokens(scores: np.ndarray, settings: GenerationSettings, rng: np.random.Generator | None) -> np.ndarray:
+    """[B] the next ids: the argmax (first on ties, as torch), or a draw from softmax(scores) with `rng`."""
+    if rng is None or not settings.do_sample:
+        return scores.argmax(axis=1).astype(np.int64)
+    logits = scores.astype(np.float64)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    draws = rng.random(len(probs))
+    return np.array([min(int(np.searchsorted(np.cumsum(p), u, side="right")), len(p) - 1) for p, u in zip(probs, draws)])
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+
+def _step_inputs(tokens: np.ndarray, positions: np.ndarray, alt: np.ndarray | None, attention: np.ndarray, past: int) -> ModelInputs:
+    """One decoding step: `tokens` [B] at `positions` [3, B, 1] after `past` cached tokens (no media)."""
+    layout = TextAttentionLayout(len(tokens), 1, causal=True, padding=attention, past_length=past)
+    return ModelInputs(input_ids=Tensor(tokens[:, None].astype(np.int32)), position_ids=positions, layout=layout, position_ids_alt=alt)
+
+
+def generate(
+    model: nn.Cell,
+    batch: Batch,
+    eos: set[int],
+    settings: GenerationSettings = GenerationSettings(),
+    *,
+    streamer: TextStream | None = None,
+    use_cache: bool = True,
+    causal: bool = True,
+) -> list[list[int]]:
+    """Continuation ids of each left-padded prompt row, cut at the first end token.
+
+    `streamer` (one row only, as transformers' generate() allows) gets the prompt, then each token.
+    `causal=False` (bidirectional attention) cannot reuse cached keys and re-runs the sequence.
+    """
     model.set_train(False)
     ids = np.asarray(batch["input_ids"])
     attention = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
     positions = np.asarray(batch["position_ids"])
     alt = np.asarray(batch["position_ids_alt"]) if "position_ids_alt" in batch else None
+    if streamer is not None and ids.shape[0] != 1:
+        raise ValueError(f"streaming needs a batch of one prompt, got {ids.shape[0]}")
     next_pos = next_positions(positions, attention)
     next_alt = next_positions(alt, attention) if alt is not None else None
-    first_eos = min(eos)
+    eos_list = sorted(eos)
+    rng = np.random.default_rng(settings.seed) if settings.do_sample else None
+    use_cache = use_cache and causal
+    cache = model.new_cache() if use_cache else None
+    seen = [row[mask.astype(bool)] for row, mask in zip(ids, attention)]  # left padding is not "already generated"
+    if streamer is not None:
+        streamer.put(ids)
+
     finished = np.zeros(ids.shape[0], dtype=bool)
-    generated = []
+    generated: list[np.ndarray] = []
+    inputs = ModelInputs.from_batch(batch, model.cfg, causal=causal)
     step_batch = dict(batch)
-    for step in range(max_new_tokens):
-        logits = model(ModelInputs.from_batch(step_batch, model.cfg, causal=causal), logits_to_keep=1)
-        token = logits[:, -1].argmax(-1).asnumpy().astype(np.int64)
-        token = np.where(finished, first_eos, token)
+    for step in range(settings.max_new_tokens):
+        logits = model(inputs, logits_to_keep=1, cache=cache)[:, -1].asnumpy()
+        scores = process_logits(logits, seen, settings)
+        token = choose_tokens(scores, settings, rng)
+        token = np.where(finished, eos_list[0], token)
         generated.append(token)
-        finished |= np.isin(token, list(eos))
+        seen = [np.append(s, t) for s, t in zip(seen, token)]
+        if streamer is not None:
+            streamer.put(token)
+        finished |= np.isin(token, eos_list)
         if finished.all():
             break
-        step_batch["input_ids"] = np.concatenate([step_batch["input_ids"], token[:, None]], axis=1)
-        step_batch["attention_mask"] = np.concatenate([step_batch.get("attention_mask", attention), np.ones_like(token[:, None])], axis=1)
-        for key, start in (("position_ids", next_pos), ("position_ids_alt", next_alt)):
-            if start is None:
-                continue
-            old = step_batch[key]
-            new = np.broadcast_to((start + step).astype(old.dtype)[None, :, None], (3, len(token), 1))
-            step_batch[key] = np.concatenate([old, new], axis=2)
-    results = []
-    for row in np.stack(generated, axis=1).tolist() if generated else [[] for _ in range(ids.shape[0])]:
-        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-        results.append(row[:cut])
-    return results
+        attention = np.concatenate([attention, np.ones_like(attention[:, :1])], axis=1)
+        new = {}
+        for key, start, old in (("position_ids", next_pos, positions), ("position_ids_alt", next_alt, alt)):
+            if start is not None:
+                new[key] = np.broadcast_to((start + step).astype(old.dtype)[None, :, None], (3, len(token), 1))
+        if use_cache:
+            inputs = _step_inputs(token, new["position_ids"], new.get("position_ids_alt"), attention, cache.length)
+        else:
+            step_batch["input_ids"] = np.concatenate([step_batch["input_ids"], token[:, None]], axis=1)
+            step_batch["attention_mask"] = attention
+            for key, value in new.items():
+                step_batch[key] = np.concatenate([step_batch[key], value], axis=2)
+            inputs = ModelInputs.from_batch(step_batch, model.cfg, causal=causal)
+
+    if streamer is not None:
+        streamer.end()
+    rows = np.stack(generated, axis=1).tolist() if generated else [[] for _ in range(ids.shape[0])]
+    return [row[: next((i for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
+
+
+def generate_greedy(model: nn.Cell, batch: Batch, max_new_tokens: int, eos: set[int], causal: bool = True) -> list[list[int]]:
+    """Greedy continuation of each prompt row (the trainer's evaluation decodes with this)."""
+    return generate(model, batch, eos, GenerationSettings(max_new_tokens=max_new_tokens), causal=causal)

@@ -181,3 +181,58 @@ def _sub_cell(root: nn.Cell, dotted: str) -> nn.Cell:
     for part in dotted.split("."):
         cell = cell._cells[part]
     return cell
+
+
+def merge_lora_adapter(model: nn.Cell, adapter_dir: str | Path) -> None:
+    """Fold a PEFT LoRA adapter into `model`'s base weights for inference: W += scaling * B @ A
+    (scaling = lora_alpha / r, or / sqrt(r) with rslora), and `modules_to_save` tensors replace theirs.
+
+    This backend has no peft, so inference merges instead of wrapping layers; merged and unmerged
+    logits agree to fp32 rounding. Adapter features that would change the forward in other ways
+    (DoRA, bias training, per-module ranks, trainable token rows) are refused, naming the key.
+    """
+    from .checkpoint import hf_to_native
+
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / ADAPTER_CONFIG
+    if not config_path.exists():
+        raise FileNotFoundError(f"adapter directory {adapter_dir} has no {ADAPTER_CONFIG}")
+    config = json.loads(config_path.read_text())
+    unsupported = {
+        "peft_type": config.get("peft_type", "LORA") != "LORA",
+        "use_dora": bool(config.get("use_dora")),
+        "bias": config.get("bias", "none") != "none",
+        "rank_pattern": bool(config.get("rank_pattern")),
+        "alpha_pattern": bool(config.get("alpha_pattern")),
+        "trainable_token_indices": bool(config.get("trainable_token_indices")),
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
+    }
+    refused = [f"{key}={config.get(key)!r}" for key, bad in unsupported.items() if bad]
+    if refused:
+        raise NotImplementedError(f"{config_path}: {', '.join(refused)} is not supported by the MindSpore backend's adapter merge")
+    r = int(config["r"])
+    scaling = float(config["lora_alpha"]) / (np.sqrt(r) if config.get("use_rslora") else r)
+    tensors, _ = read_safetensors(adapter_dir / ADAPTER_WEIGHTS)
+    params = dict(model.parameters_and_names())
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        match = re.fullmatch(r"(.+)\.lora_([AB])(?:\.default)?\.weight", name)
+        if match:
+            pairs.setdefault(hf_to_native(match.group(1)), {})[match.group(2)] = value
+            continue
+        name = hf_to_native(name)
+        if name not in params:
+            raise ValueError(f"{adapter_dir}: adapter tensor {key} matches no parameter of the model")
+        if tuple(value.shape) != tuple(params[name].shape):
+            raise ValueError(f"{adapter_dir}: {key} has shape {value.shape}, the model's {name} {tuple(params[name].shape)}")
+        params[name].set_data(Tensor(value.astype(np.float32)).astype(params[name].dtype))
+    for module, ab in pairs.items():
+        weight = params.get(module + ".weight")
+        if weight is None or set(ab) != {"A", "B"}:
+            raise ValueError(f"{adapter_dir}: LoRA tensors of {module} ({sorted(ab)}) do not match a linear layer of the model")
+        delta = (ab["B"].astype(np.float32) @ ab["A"].astype(np.float32)) * np.float32(scaling)
+        if delta.shape != tuple(weight.shape):
+            raise ValueError(f"{adapter_dir}: LoRA of {module} gives {delta.shape}, the weight is {tuple(weight.shape)}")
+        base = weight.astype(ms.float32).asnumpy()
+        weight.set_data(Tensor(base + delta).astype(weight.dtype))

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..attention import Kernels, kernels_for
 from .config import SUPPORTED_MODEL_TYPES, VLConfig
 from .qwen_vl import ModelInputs, QwenVLForConditionalGeneration
+from .text import KVCache
 
 MODEL_CLASSES = {model_type: QwenVLForConditionalGeneration for model_type in SUPPORTED_MODEL_TYPES}
 
@@ -34,4 +35,4 @@ def load_model(model_dir: str | Path, kernels: Kernels | None = None) -> QwenVLF
     return model
 
 
-__all__ = ["MODEL_CLASSES", "ModelInputs", "QwenVLForConditionalGeneration", "VLConfig", "build_model", "load_model"]
+__all__ = ["MODEL_CLASSES", "KVCache", "ModelInputs", "QwenVLForConditionalGeneration", "VLConfig", "build_model", "load_model"]

@@ -21,7 +21,7 @@ from vltune.core.contracts import Batch
 from ..attention import Kernels, TextAttentionLayout
 from .config import VLConfig
 from .layers import Linear
-from .text import TextModel
+from .text import KVCache, TextModel
 from .vision import VisionTransformer
 
 
@@ -104,7 +104,7 @@ class QwenVLModel(nn.Cell):
         self.visual = VisionTransformer(cfg.vision, kernels, qwen3=cfg.model_type == "qwen3_vl")
         self.language_model = TextModel(cfg.text, kernels)
 
-    def construct(self, inputs: ModelInputs) -> Tensor:
+    def construct(self, inputs: ModelInputs, cache: KVCache | None = None) -> Tensor:
         embeds = self.language_model.embed_tokens(inputs.input_ids)
         b, length, hidden = embeds.shape
         deepstack = None
@@ -119,12 +119,16 @@ class QwenVLModel(nn.Cell):
             if outputs[0].deepstack:
                 deepstack = [ops.cat(taps, axis=0) if len(taps) > 1 else taps[0] for taps in zip(*(o.deepstack for o in outputs))]
         return self.language_model(
-            embeds, inputs.position_ids, inputs.layout, inputs.position_ids_alt, deepstack, inputs.visual_index
+            embeds, inputs.position_ids, inputs.layout, inputs.position_ids_alt, deepstack, inputs.visual_index, cache
         )
 
 
 class QwenVLForConditionalGeneration(nn.Cell):
     """The whole model: `model` + `lm_head` (or the embedding matrix when tied). Returns logits [B, L, V]."""
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for one generation (prefill, then one token per step)."""
+        return KVCache(self.cfg.text.num_hidden_layers)
 
     def __init__(self, cfg: VLConfig, kernels: Kernels):
         super().__init__()
@@ -142,8 +146,9 @@ class QwenVLForConditionalGeneration(nn.Cell):
         shape = hidden.shape
         return self._matmul(hidden.reshape(-1, shape[-1]), weight.astype(hidden.dtype)).reshape(*shape[:-1], -1)
 
-    def construct(self, inputs: ModelInputs, logits_to_keep: int = 0) -> Tensor:
-        hidden = self.model(inputs)
+    def construct(self, inputs: ModelInputs, logits_to_keep: int = 0, cache: KVCache | None = None) -> Tensor:
+        """Logits of the last `logits_to_keep` positions (0: all); `cache` (generation) is extended in place."""
+        hidden = self.model(inputs, cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.head(hidden)

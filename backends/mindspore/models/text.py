@@ -8,6 +8,9 @@ states of the first layers).
 Positions arrive from the batch (core/rope2d computed them), never recomputed here. Circle-RoPE's
 AGE strategies give some layers the plain M-RoPE ids (`position_ids_alt`): each layer is told which
 cos/sin to use by `age_layer_mask`, as backends/torch/models/circle_rope.py does with hooks.
+
+Generation passes a `KVCache`: each attention layer appends the new tokens' rotated keys and values
+to its cached ones and attends over all of them, so a decoding step runs one token per row.
 """
 
 from __future__ import annotations
@@ -47,6 +50,31 @@ def rotary_positions(position_ids: np.ndarray, channels: np.ndarray) -> np.ndarr
     return np.ascontiguousarray(np.moveaxis(pos[channels], 0, -1))
 
 
+class KVCache:
+    """Rotated keys and values of every decoder layer for the tokens seen so far (generation only).
+
+    Grown by concatenation, one step at a time: PyNative runs each step eagerly anyway, and a
+    pre-allocated cache would need a write index per step for no gain on the CPU path.
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys: list[Tensor | None] = [None] * num_layers
+        self.values: list[Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        """Tokens cached (the past_length of the next forward's attention layout)."""
+        return 0 if self.keys[0] is None else int(self.keys[0].shape[2])
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append this step's k/v [B, Hkv, L, D] to layer `layer`'s; returns the whole [B, Hkv, past + L, D]."""
+        if self.keys[layer] is not None:
+            k = ops.cat((self.keys[layer], k), axis=2)
+            v = ops.cat((self.values[layer], v), axis=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
 class TextAttention(nn.Cell):
     def __init__(self, cfg: TextConfig, kernels: Kernels):
         super().__init__()
@@ -64,7 +92,10 @@ class TextAttention(nn.Cell):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels)
         self.kernels = kernels
 
-    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, layout: TextAttentionLayout) -> Tensor:
+    def construct(
+        self, x: Tensor, cos: Tensor, sin: Tensor, layout: TextAttentionLayout,
+        cache: KVCache | None = None, layer_index: int = 0,
+    ) -> Tensor:
         b, length, _ = x.shape
         q = self.q_proj(x).reshape(b, length, self.heads, self.head_dim)
         k = self.k_proj(x).reshape(b, length, self.kv_heads, self.head_dim)
@@ -74,6 +105,8 @@ class TextAttention(nn.Cell):
         q, k, v = q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, H, L, D]
         cos, sin = cos[:, None], sin[:, None]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer_index, k, v)
         out = text_attention(q, k, v, self.scale, layout, self.kernels)
         return self.o_proj(out.swapaxes(1, 2).reshape(b, length, self.heads * self.head_dim))
 
@@ -86,8 +119,11 @@ class DecoderLayer(nn.Cell):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
 
-    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, layout: TextAttentionLayout) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout)
+    def construct(
+        self, x: Tensor, cos: Tensor, sin: Tensor, layout: TextAttentionLayout,
+        cache: KVCache | None = None, layer_index: int = 0,
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, cache, layer_index)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -123,9 +159,13 @@ class TextModel(nn.Cell):
         position_ids_alt: np.ndarray | None = None,
         deepstack: list[Tensor] | None = None,
         visual_index: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
         """inputs_embeds [B, L, H]; position_ids [3, B, L] (numpy); deepstack: one [n_visual, H] per
-        leading layer, added at the visual positions (`visual_index` [B*L]: 0 = text, k = visual row k-1)."""
+        leading layer, added at the visual positions (`visual_index` [B*L]: 0 = text, k = visual row k-1).
+        `cache`: keys/values of the `layout.past_length` tokens before these, extended in place."""
+        if cache is not None and cache.length != layout.past_length:
+            raise ValueError(f"the KV cache holds {cache.length} tokens but the layout says past_length {layout.past_length}")
         main = self.cos_sin(position_ids)
         alt = None
         if not all(self.layer_uses_main):
@@ -142,7 +182,7 @@ class TextModel(nn.Cell):
             if self.recompute_layers and self.training:
                 h = ms.recompute(layer, h, cos, sin, layout)
             else:
-                h = layer(h, cos, sin, layout)
+                h = layer(h, cos, sin, layout, cache, i)
             if deepstack is not None and i < len(deepstack):
                 rows = ops.cat((ops.zeros((1, hidden), h.dtype), deepstack[i].astype(h.dtype)), axis=0)
                 h = h + ops.gather(rows, visual_index, 0).reshape(b, length, hidden)
