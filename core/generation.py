@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import Callable
 
 from .config import ConfigError
 
@@ -107,3 +108,49 @@ def split_thinking(generated: list[int], prompt_open: bool, start_id: int, end_i
         cut = ids.index(end_id)
         return ThinkingSplit(ids[:cut], ids[cut + 1 :], closed=True)
     return ThinkingSplit(ids, [], closed=False)
+
+
+class TextStream:
+    """Writes the text of each generated token as soon as it is whole, for both backends (transformers'
+    streamer protocol: put() the prompt, which is skipped, then each token; end()).
+
+    The text is decoded from the tokens since the last newline: a character split over several
+    byte-level tokens is written once complete, and a long answer does not cost a full decode per
+    token. `text` holds everything written so far.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], write: Callable[[str], None]):
+        self.decode = decode
+        self.write = write
+        self.text = ""
+        self._pending: list[int] = []
+        self._shown = 0
+        self._skip_prompt = True
+
+    def put(self, value) -> None:
+        if self._skip_prompt:
+            self._skip_prompt = False
+            return
+        self.add(value.reshape(-1).tolist())  # a torch tensor (any device) or a numpy array
+
+    def add(self, ids: list[int]) -> None:
+        """Tokens that did not come through generate() (thinking mode's closing phrase)."""
+        self._pending += ids
+        text = self.decode(self._pending)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next byte
+            return
+        self._emit(text[self._shown :])
+        self._shown = len(text)
+        if text.endswith("\n"):
+            self._pending, self._shown = [], 0
+
+    def end(self) -> None:
+        if self._pending:
+            self._emit(self.decode(self._pending)[self._shown :])
+        self._pending, self._shown = [], 0
+        self._skip_prompt = True  # the next generate() call starts with its prompt again
+
+    def _emit(self, piece: str) -> None:
+        if piece:
+            self.text += piece
+            self.write(piece)

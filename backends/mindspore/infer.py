@@ -17,63 +17,16 @@ generator seeded with `settings.seed`: reproducible on this backend, not the tor
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from mindspore import Tensor, nn
 
 from vltune.core.contracts import Batch
-from vltune.core.generation import GenerationSettings
+from vltune.core.generation import GenerationSettings, TextStream
 
 from .attention import TextAttentionLayout
 from .models import ModelInputs
-
-
-class TextStream:
-    """Writes the text of each generated token as soon as it is whole; the torch backend's TextStream
-    (transformers' streamer protocol: put() the prompt, which is skipped, then each token; end()).
-
-    The text is decoded from the tokens since the last newline: a character split over several
-    byte-level tokens is written once complete, and a long answer does not cost a full decode per
-    token. `text` holds everything written so far.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], write: Callable[[str], None]):
-        self.decode = decode
-        self.write = write
-        self.text = ""
-        self._pending: list[int] = []
-        self._shown = 0
-        self._skip_prompt = True
-
-    def put(self, value) -> None:
-        if self._skip_prompt:
-            self._skip_prompt = False
-            return
-        self.add(np.asarray(value).reshape(-1).tolist())
-
-    def add(self, ids: list[int]) -> None:
-        """Tokens that did not come through generate() (thinking mode's closing phrase)."""
-        self._pending += ids
-        text = self.decode(self._pending)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next byte
-            return
-        self._emit(text[self._shown :])
-        self._shown = len(text)
-        if text.endswith("\n"):
-            self._pending, self._shown = [], 0
-
-    def end(self) -> None:
-        if self._pending:
-            self._emit(self.decode(self._pending)[self._shown :])
-        self._pending, self._shown = [], 0
-        self._skip_prompt = True  # the next generate() call starts with its prompt again
-
-    def _emit(self, piece: str) -> None:
-        if piece:
-            self.text += piece
-            self.write(piece)
 
 
 def end_token_ids(model_dir: str | Path, cfg) -> set[int]:

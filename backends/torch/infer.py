@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -17,55 +16,14 @@ from transformers.generation.streamers import BaseStreamer
 
 from vltune.core.contracts import Batch
 from vltune.core.generation import GenerationSettings
+from vltune.core.generation import TextStream as CoreTextStream
 from vltune.data.model_info import ModelInfo
 
 from .batch import MODEL_INPUTS, to_model_inputs, to_tensor
 
 
-class TextStream(BaseStreamer):
-    """Writes the text of each generated token as soon as it is whole (generate()'s streamer protocol).
-
-    generate() first put()s the prompt, which is skipped, then each new token, then calls end().
-    The text is decoded from the tokens since the last newline, as transformers' TextStreamer does:
-    a character split over several byte-level tokens is written once complete, and a long answer
-    does not cost a full decode per token. `text` holds everything written so far.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], write: Callable[[str], None]):
-        self.decode = decode
-        self.write = write
-        self.text = ""
-        self._pending: list[int] = []
-        self._shown = 0
-        self._skip_prompt = True
-
-    def put(self, value) -> None:
-        if self._skip_prompt:
-            self._skip_prompt = False
-            return
-        self.add(torch.as_tensor(value).reshape(-1).tolist())
-
-    def add(self, ids: list[int]) -> None:
-        """Tokens that did not come through generate() (thinking mode's closing phrase)."""
-        self._pending += ids
-        text = self.decode(self._pending)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next byte
-            return
-        self._emit(text[self._shown :])
-        self._shown = len(text)
-        if text.endswith("\n"):
-            self._pending, self._shown = [], 0
-
-    def end(self) -> None:
-        if self._pending:
-            self._emit(self.decode(self._pending)[self._shown :])
-        self._pending, self._shown = [], 0
-        self._skip_prompt = True  # the next generate() call starts with its prompt again
-
-    def _emit(self, piece: str) -> None:
-        if piece:
-            self.text += piece
-            self.write(piece)
+class TextStream(CoreTextStream, BaseStreamer):
+    """core.generation.TextStream typed as a transformers streamer, for generate(streamer=...)."""
 
 
 def generation_kwargs(settings: GenerationSettings) -> dict:
