@@ -213,6 +213,15 @@ class _TorchEngine:
         (out,) = generate(self.model, batch, info, settings, circle=self.circle, streamer=streamer)
         return out
 
+    def diffusion(self, batch: Batch, settings, mask_token_id: int, end_token_ids: tuple[int, ...], seed: int) -> list[int]:
+        """The masked-diffusion sampler on the model with its text attention made bidirectional."""
+        from vltune.backends.torch.mdlm import diffusion_sample
+        from vltune.backends.torch.models.bidirectional import make_bidirectional
+
+        make_bidirectional(self.model)
+        (ids,) = diffusion_sample(self.model, batch, settings, mask_token_id=mask_token_id, end_token_ids=end_token_ids, seed=seed, circle=self.circle)
+        return ids
+
 
 class _MindSporeEngine:
     """backends/mindspore: the native model (PyNative, fp32 on CPU / the Ascend kernels on NPUs), its
@@ -246,6 +255,17 @@ class _MindSporeEngine:
 
         (out,) = generate(self.model, batch, self.eos, settings, streamer=streamer)
         return out
+
+    def diffusion(self, batch: Batch, settings, mask_token_id: int, end_token_ids: tuple[int, ...], seed: int) -> list[int]:
+        """The masked-diffusion sampler (core's loop) on the native model's bidirectional forward."""
+        from vltune.backends.mindspore.mdlm import make_propose
+        from vltune.core.mdlm_sampler import diffusion_generate
+
+        (ids,) = diffusion_generate(
+            make_propose(self.model, mask_token_id), batch, settings, mask_token_id=mask_token_id,
+            end_token_ids=end_token_ids, rng=np.random.default_rng(seed),
+        )
+        return ids
 
 
 _ENGINES = {"torch": _TorchEngine, "mindspore": _MindSporeEngine}
@@ -321,11 +341,6 @@ def infer(
             min_pixels=min_pixels, max_pixels=max_pixels, settings=settings, thinking=thinking,
             thinking_budget=thinking_budget,
         ).prediction
-    if backend_name(backend) != "torch":
-        raise NotImplementedError(f"infer --objective mdlm --backend {backend}: not implemented yet (only torch is)")
-    from vltune.backends.torch.models import load_model
-    from vltune.backends.torch.models.circle_rope import CircleRopeAdapter
-
     _check_model_dir(model_dir, adapter)
     dataset = SFTDataset(
         [build_prompt_sample(prompt, images or [], videos or [])], model_dir, max_length=1 << 30,
@@ -335,18 +350,15 @@ def infer(
     circle_rope = _read_json(Path(adapter or model_dir) / CIRCLE_ROPE_FILE)
     features, _ = dataset.prompt(0)
     batch = Collator(dataset.info, dataset.tokenizer.pad_token_id, circle_rope)([features], padding_side="left")
-    model = load_model(model_dir, adapter=adapter)
+    engine = _ENGINES[backend_name(backend)](model_dir, adapter, circle_rope)
     sampler = dict(block_length=block_length, steps=steps, remasking=remasking, temperature=temperature)
-    adapter_circle = CircleRopeAdapter(model, circle_rope) if circle_rope else None
-    ids = _mdlm_answer(model, model_dir, adapter, batch, max_new_tokens, sampler, seed, adapter_circle)
+    ids = _mdlm_answer(engine, model_dir, adapter, batch, max_new_tokens, sampler, seed)
     return dataset.tokenizer.decode(ids)
 
 
-def _mdlm_answer(model, model_dir, adapter, batch, gen_length: int, sampler: dict, seed: int, circle) -> list[int]:
-    """The masked-diffusion sampler on a bidirectional copy of the model's attention, with the mask id
-    and defaults the model was trained with (mdlm.json), else the first spare embedding row."""
-    from vltune.backends.torch.mdlm import diffusion_sample
-    from vltune.backends.torch.models.bidirectional import make_bidirectional
+def _mdlm_answer(engine, model_dir, adapter, batch, gen_length: int, sampler: dict, seed: int) -> list[int]:
+    """The masked-diffusion sampler on `engine` (torch or MindSpore), with the mask id and defaults the
+    model was trained with (mdlm.json), else the first spare embedding row."""
     from vltune.core.config import ConfigError
     from vltune.core.mdlm_sampler import SamplerSettings
     from vltune.data.mdlm_tokens import read_mdlm_file, resolve_mdlm_tokens
@@ -364,6 +376,4 @@ def _mdlm_answer(model, model_dir, adapter, batch, gen_length: int, sampler: dic
         settings.resolved()
     except ValueError as e:
         raise ConfigError(f"{e} (set --max-new-tokens, --block-length and --steps to fit)") from None
-    make_bidirectional(model)
-    (ids,) = diffusion_sample(model, batch, settings, mask_token_id=mask_id, end_token_ids=tokens.end_token_ids, seed=seed, circle=circle)
-    return ids
+    return engine.diffusion(batch, settings, mask_id, tuple(tokens.end_token_ids), seed)

@@ -220,12 +220,24 @@ def test_thinking_budget_cuts_and_answers_on_mindspore(tiny_model_dirs, tmp_path
     assert answers["ms"] == answers["torch"] and streamed["ms"] == streamed["torch"]
 
 
-def test_unknown_backend_and_mdlm_on_mindspore_are_clear_errors(tiny_qwen2_5_vl):
+def test_unknown_backend_is_a_clear_error(tiny_qwen2_5_vl):
     from vltune.core.config import ConfigError
     from vltune.inference import backend_name, infer
 
     assert backend_name("ms") == backend_name("mindspore") == "mindspore"
     with pytest.raises(ConfigError, match="expected one of torch, mindspore"):
         Predictor(tiny_qwen2_5_vl, backend="jax")
-    with pytest.raises(NotImplementedError, match="--objective mdlm --backend ms"):
-        infer(tiny_qwen2_5_vl, "Hi", objective="mdlm", backend="ms")
+    with pytest.raises(ConfigError, match="expected one of torch, mindspore"):
+        infer(tiny_qwen2_5_vl, "Hi", objective="mdlm", backend="jax")
+
+
+def test_mdlm_sampler_answers_alike_on_both_backends(tiny_qwen2_5_vl, vqa20):
+    """`vltune infer --objective mdlm`: at temperature 0 the sampler's choices depend on the logits only,
+    so the two backends' bidirectional forwards must give the same canvas (tokens chosen and order)."""
+    from vltune.inference import infer
+
+    sample = vqa20["samples"][0]
+    prompt = sample.messages[0]["content"][-1]["text"]
+    kwargs = dict(objective="mdlm", max_new_tokens=8, block_length=4, steps=8, temperature=0.0, max_pixels=MAX_PIXELS)
+    answers = {b: infer(tiny_qwen2_5_vl, prompt, [str(sample.images[0])], backend=b, **kwargs) for b in ("torch", "ms")}
+    assert answers["torch"] == answers["ms"] and answers["torch"], answers
