@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from vltune.core.config import ConfigError, RecipeConfig, circle_rope_settings, load_recipe
 from vltune.core.checkpointing import CheckpointManager, DistributedCheckpointManager, read_trainer_state, resolve_resume
+from vltune.core.flops import batch_flops, shape_from_config
 from vltune.core.loop import LoopState, run_training
 from vltune.core.mdlm import MaskedBatches
 from vltune.core.metrics import MetricsWriter
@@ -151,6 +153,21 @@ class _NoWriter:
         pass
 
 
+def _mfu_inputs(cfg: RecipeConfig, backend, world_size: int):
+    """(FLOPs of a micro-batch, peak FLOP/s of all devices) for the `mfu` metric, or (None, None) where
+    the device's peak is unknown (CPU, an unlisted GPU). Multipliers per core/flops.py: 6 for trained
+    weights, 4 for frozen weights that gradients flow through (LoRA), 2 for forward only."""
+    peak = getattr(backend, "peak_flops", lambda: None)()
+    if not peak:
+        return None, None
+    m = cfg.model
+    shape = shape_from_config(json.loads((Path(m.model_name_or_path) / "config.json").read_text()))
+    lora = m.train_type == "lora"
+    llm = 6 if (m.tune_mm_llm and not lora) else 4
+    vision = 6 if (m.tune_mm_vision and not lora) else 4 if (m.tune_mm_vision and lora) else 2
+    return partial(batch_flops, shape, llm_multiplier=llm, vision_multiplier=vision), peak * world_size
+
+
 def _checkpoint_manager(cfg: RecipeConfig, out_dir: Path, ctx) -> CheckpointManager:
     if ctx.world_size == 1:
         return CheckpointManager(out_dir, cfg.train.save_total_limit)
@@ -231,9 +248,11 @@ def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
         if ctx.is_main:
             print(f"[vltune] resuming from {resume_from} (step {state.step})", flush=True)
     writer = MetricsWriter(out_dir / "metrics.jsonl", resume_step=state.step if state else None) if ctx.is_main else _NoWriter()
+    flops, peak = _mfu_inputs(cfg, backend, ctx.world_size)
     result = run_training(
         cfg.train, backend, source, total_steps, writer, evaluate=evaluator,
         checkpoints=_checkpoint_manager(cfg, out_dir, ctx), state=state, show_progress=show_progress and ctx.is_main,
+        flops=flops, peak_flops=peak,
     )
     writer.close()
     backend.save_model(out_dir)  # every rank: sharded engines gather the weights, rank 0 writes them

@@ -19,6 +19,18 @@ from dataclasses import dataclass
 
 H100_BF16_PEAK = 989e12
 
+# Dense bf16 peak per GPU (vendor figures); MFU is reported only for GPUs listed here.
+GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "H20": 148e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """The bf16 dense peak of a GPU from its name (e.g. 'NVIDIA H100 80GB HBM3'), None if unknown."""
+    words = device_name.upper().replace("-", " ").split()
+    for key, peak in GPU_BF16_PEAK.items():
+        if key in words:
+            return peak
+    return None
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -91,3 +103,34 @@ def vision_flops(shape: ModelShape, patches_per_image: list[int], multiplier: in
         total += 2 * multiplier * shape.vision_heads * head_dim * n * sum(ctx)
         total += multiplier * merger * n / (m * m)
     return total
+
+
+def shape_from_config(config: dict) -> ModelShape:
+    """The ModelShape of an HF config.json dict (any size: the tiny test models too)."""
+    text = config.get("text_config", config)
+    vision = config["vision_config"]
+    heads = text["num_attention_heads"]
+    qwen2_vl = config["model_type"] == "qwen2_vl"
+    vision_hidden = vision.get("embed_dim") if qwen2_vl else vision["hidden_size"]
+    vision_intermediate = int(vision_hidden * vision.get("mlp_ratio", 4)) if qwen2_vl else vision["intermediate_size"]
+    return ModelShape(
+        name=config["model_type"], model_type=config["model_type"], hidden=text["hidden_size"],
+        intermediate=text["intermediate_size"], layers=text["num_hidden_layers"], heads=heads,
+        kv_heads=text.get("num_key_value_heads", heads), vocab=text["vocab_size"],
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+        vision_hidden=vision_hidden, vision_intermediate=vision_intermediate, vision_depth=vision["depth"],
+        vision_heads=vision["num_heads"], patch_size=vision.get("patch_size", 14), merge_size=vision.get("spatial_merge_size", 2),
+        window_size=vision.get("window_size", 112), fullatt_blocks=tuple(vision.get("fullatt_block_indexes", ())),
+        deepstack=tuple(vision.get("deepstack_visual_indexes", ())), head_dim=text.get("head_dim"),
+    )
+
+
+def batch_flops(shape: ModelShape, batch: dict, llm_multiplier: int = 6, vision_multiplier: int = 2) -> float:
+    """Model FLOPs of one micro-batch (padded or packed): attention counted per sample, so packing
+    earns no credit for attention across samples; every image and video grid through the tower."""
+    if "cu_seqlens" in batch:
+        lengths = [int(b - a) for a, b in zip(batch["cu_seqlens"][:-1], batch["cu_seqlens"][1:])]
+    else:
+        lengths = [int(n) for n in batch["attention_mask"].sum(axis=1)]
+    patches = [int(t * h * w) for key in ("image_grid_thw", "video_grid_thw") for t, h, w in batch.get(key, ())]
+    return llm_flops(shape, lengths, llm_multiplier) + vision_flops(shape, patches, vision_multiplier)

@@ -80,12 +80,17 @@ def run_training(
     checkpoints: CheckpointManager | None = None,
     state: LoopState | None = None,
     show_progress: bool = True,
+    flops: Callable[[Batch], float] | None = None,
+    peak_flops: float | None = None,
 ) -> LoopResult:
+    """Train for `total_steps` optimizer steps. With `flops` (model FLOPs of one micro-batch) and
+    `peak_flops` (the peak of all devices together), logged rows carry `mfu`."""
     state = state or LoopState()
     warmup = warmup_steps_for(total_steps, args.warmup_ratio, args.warmup_steps)
     greater = args.greater_is_better if args.greater_is_better is not None else not args.metric_for_best_model.endswith("loss")
     last_loss = float("nan")
     window_tokens = window_samples = total_tokens = total_samples = 0
+    window_flops = 0.0
     window_start = run_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not show_progress, dynamic_ncols=True)
 
@@ -120,7 +125,8 @@ def run_training(
             raise RuntimeError(f"step {state.step + 1}: no trained tokens in the batch (every label is -100)")
         local_loss = sum(backend.forward_backward(b, 1.0 / n_trained) for b in micro)
         local_counts = [sum(_input_tokens(b) for b in micro), sum(_num_samples(b) for b in micro)]
-        loss_sum, n_tokens, n_samples = backend.reduce_sum([local_loss, *local_counts])
+        local_flops = sum(flops(b) for b in micro) if flops else 0.0
+        loss_sum, n_tokens, n_samples, step_flops = backend.reduce_sum([local_loss, *local_counts, local_flops])
         loss = loss_sum / n_trained
         n_tokens, n_samples = int(n_tokens), int(n_samples)
         factor = lr_at(state.step, 1.0, total_steps, warmup, args.lr_scheduler_type)
@@ -142,6 +148,7 @@ def run_training(
         last_loss = loss
 
         window_tokens, window_samples = window_tokens + n_tokens, window_samples + n_samples
+        window_flops += step_flops
         total_tokens, total_samples = total_tokens + n_tokens, total_samples + n_samples
         bar.update(1)
 
@@ -157,9 +164,12 @@ def run_training(
                 "samples_per_s": round(window_samples / elapsed, 2),
                 **backend.memory_stats(),
             }
+            if flops and peak_flops:
+                row["mfu"] = round(window_flops / elapsed / peak_flops, 4)
             writer.write(row)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             window_tokens = window_samples = 0
+            window_flops = 0.0
             window_start = time.perf_counter()
 
         evaluated = False

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from vltune.core.config import ModelArgs, TrainArgs
-from vltune.core.flops import H100_BF16_PEAK, SHAPES, ModelShape, llm_flops, vision_flops
+from vltune.core.flops import H100_BF16_PEAK, SHAPES, ModelShape, batch_flops
 from vltune.data.collate import collate_padded
 from vltune.data.model_info import ModelInfo
 from vltune.data.packing import best_fit_decreasing, collate_packed
@@ -105,10 +105,9 @@ def _sequence_lengths(batch: dict) -> list[int]:
     return [int(n) for n in batch["attention_mask"].sum(axis=1)]
 
 
-def step_flops(shape: ModelShape, batch: dict, train_vision: bool = False, llm_multiplier: int = 6) -> float:
-    """Model FLOPs of one micro-batch; attention is counted per sample (packing earns no cross-sample credit)."""
-    patches = [int(g.prod()) for g in batch.get("image_grid_thw", np.zeros((0, 3), np.int64))]
-    return llm_flops(shape, _sequence_lengths(batch), llm_multiplier) + vision_flops(shape, patches, 6 if train_vision else 2)
+def step_flops(shape: ModelShape, batch: dict) -> float:
+    """Model FLOPs of one micro-batch: LLM and merger trained, vision tower frozen (forward only)."""
+    return batch_flops(shape, batch, llm_multiplier=6, vision_multiplier=2)
 
 
 def _stock_step(model, optimizer, batch: dict, device: torch.device) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from vltune.core.config import ModelArgs, TrainArgs
 from vltune.core.contracts import IGNORE_INDEX, Batch, loss_denominator
+from vltune.core.flops import gpu_peak_flops
 from vltune.core.mdlm import MdlmObjective, mdlm_model_args
 from vltune.core.mdlm_sampler import SamplerSettings
 from vltune.data.mdlm_tokens import write_mdlm_files
@@ -159,6 +160,12 @@ class TorchBackend:
 
     def learning_rates(self) -> dict[str, float]:
         return {group["name"]: group["lr"] for group in self.optimizer.param_groups}
+
+    def peak_flops(self) -> float | None:
+        """bf16 dense peak of this GPU (core/flops.py's table), None on CPU or an unlisted GPU: the `mfu` metric's denominator."""
+        if self.device.type != "cuda":
+            return None
+        return gpu_peak_flops(torch.cuda.get_device_name(self.device))
 
     def memory_stats(self) -> dict[str, float]:
         if self.device.type == "cuda":

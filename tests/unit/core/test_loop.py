@@ -87,6 +87,20 @@ def test_accumulated_loss_is_normalised_over_the_whole_batch(tmp_path):
     assert [r["step"] for r in _rows(tmp_path / "m.jsonl")] == [1, 2, 3]
 
 
+def test_mfu_is_logged_when_flops_and_peak_are_given(tmp_path, monkeypatch):
+    clock = iter(range(0, 1000, 2))  # every perf_counter() call advances 2 s
+    monkeypatch.setattr("vltune.core.loop.time.perf_counter", lambda: float(next(clock)))
+    args = TrainArgs(lr_scheduler_type="constant", logging_steps=2)
+    _run(tmp_path, args, FakeBackend(), 4, flops=lambda batch: 1e12, peak_flops=1e12)
+    rows = [r for r in _rows(tmp_path / "m.jsonl") if "loss" in r]
+    # 2 steps x 1 micro-batch x 1e12 FLOPs per logging window, over the window's measured seconds
+    assert [r["mfu"] for r in rows] and all(0 < r["mfu"] <= 1 for r in rows)
+    assert len({r["mfu"] for r in rows}) == 1
+    (tmp_path / "cpu").mkdir()
+    _run(tmp_path / "cpu", args, FakeBackend(), 2)  # no peak (CPU, unknown GPU): no mfu column
+    assert all("mfu" not in r for r in _rows(tmp_path / "cpu" / "m.jsonl"))
+
+
 def test_schedule_and_eval_cadence(tmp_path):
     backend = FakeBackend()
     args = TrainArgs(learning_rate=0.1, warmup_steps=2, lr_scheduler_type="linear", eval_steps=3, logging_steps=4)
