@@ -165,7 +165,7 @@ def run_training(
                 **backend.memory_stats(),
             }
             if flops and peak_flops:
-                row["mfu"] = round(window_flops / elapsed / peak_flops, 4)
+                row["mfu"] = float(f"{window_flops / elapsed / peak_flops:.4g}")  # tiny models: ~1e-5
             writer.write(row)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             window_tokens = window_samples = 0
