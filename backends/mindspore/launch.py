@@ -23,21 +23,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from vltune.core.launch import LaunchArgs as CoreLaunchArgs
+
 MSRUN_MODULE = "mindspore.parallel.cluster.run"
 """What the `msrun` console script runs (used when the script is not beside this interpreter)."""
 
 
 @dataclass
-class LaunchArgs:
-    """The launch flags of `vltune train` (the torch launcher's names, so one cluster script serves both)."""
+class LaunchArgs(CoreLaunchArgs):
+    """core.launch.LaunchArgs plus msrun's log directory; `nproc` is msrun's --local_worker_num and on
+    one node without --master_addr msrun's scheduler listens on 127.0.0.1 at a free port."""
 
-    nproc: int
-    """Workers on this node (one per NPU): msrun's --local_worker_num."""
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str | None = None
-    """Address of node 0 (msrun's scheduler runs there); None on one node = 127.0.0.1 on a free port."""
-    master_port: int = 29500
     log_dir: str = "msrun_log"
     """Where msrun writes scheduler.log and worker_RANK.log (each worker's stdout and stderr)."""
 
@@ -45,18 +41,6 @@ class LaunchArgs:
     def worker_num(self) -> int:
         """Workers over all nodes: msrun's --worker_num (every node runs --nproc of them)."""
         return self.nproc * self.nnodes
-
-    def problems(self) -> list[str]:
-        problems = []
-        if self.nproc < 1:
-            problems.append(f"--nproc {self.nproc} must be >= 1")
-        if self.nnodes < 1:
-            problems.append(f"--nnodes {self.nnodes} must be >= 1")
-        if not 0 <= self.node_rank < self.nnodes:
-            problems.append(f"--node_rank {self.node_rank} must be in [0, --nnodes {self.nnodes})")
-        if self.nnodes > 1 and not self.master_addr:
-            problems.append("--nnodes > 1 needs --master_addr (the address of node 0, where msrun's scheduler runs)")
-        return problems
 
 
 def inside_launcher() -> bool:

@@ -16,32 +16,8 @@ import os
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
 
-
-@dataclass
-class LaunchArgs:
-    """The launch flags of `vltune train` (torchrun's own names, so cluster scripts read the same)."""
-
-    nproc: int
-    """Workers on this node (one per GPU)."""
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str | None = None
-    """Address of node 0; None on one node = torchrun --standalone (a free local port)."""
-    master_port: int = 29500
-
-    def problems(self) -> list[str]:
-        problems = []
-        if self.nproc < 1:
-            problems.append(f"--nproc {self.nproc} must be >= 1")
-        if self.nnodes < 1:
-            problems.append(f"--nnodes {self.nnodes} must be >= 1")
-        if not 0 <= self.node_rank < self.nnodes:
-            problems.append(f"--node_rank {self.node_rank} must be in [0, --nnodes {self.nnodes})")
-        if self.nnodes > 1 and not self.master_addr:
-            problems.append("--nnodes > 1 needs --master_addr (the address of node 0)")
-        return problems
+from vltune.core.launch import LaunchArgs
 
 
 def inside_launcher() -> bool:
