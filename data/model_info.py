@@ -8,6 +8,20 @@ from pathlib import Path
 
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
+# Files of a model directory besides config and weights that make a saved copy complete for inference
+# (tokenizer, chat template, processor configs); both backends copy them beside what they save.
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+)
+
 
 @dataclass(frozen=True)
 class ModelInfo:

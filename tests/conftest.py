@@ -34,3 +34,25 @@ def tiny_qwen2_vl(tmp_path_factory) -> Path:
     from vltune.backends.torch.tiny import make_tiny
 
     return make_tiny("qwen2_vl", tmp_path_factory.mktemp("tiny") / "qwen2_vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def mixed_jsonl(tmp_path_factory, vqa_data):
+    """Factory: a JSONL of `n` VQA image samples (absolute image paths) interleaved with `n` text-only
+    ones, so that data-parallel ranks meet micro-steps without any image."""
+    import json
+
+    def write(n: int) -> Path:
+        root = tmp_path_factory.mktemp("mixed")
+        data_dir = Path(vqa_data["data_path"])
+        rows = []
+        for i, line in enumerate(Path(vqa_data["train_file"]).read_text().splitlines()[:n]):
+            sample = json.loads(line)
+            sample["image"] = str(data_dir / sample["image"])
+            rows.append(sample)
+            question, answer = [("What is two plus two?", "four"), ("Name a primary color.", "red"), ("Say hello.", "hello")][i % 3]
+            rows.append({"id": f"text_{i:03d}", "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]})
+        (root / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return root / "mixed.jsonl"
+
+    return write

@@ -30,6 +30,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
+from vltune.data.model_info import PROCESSOR_FILES as MODEL_DIR_FILES
+
 # HF legacy-layout name -> native (transformers 5) name.
 LEGACY_RENAMES: tuple[tuple[str, str], ...] = (
     (r"^model\.(embed_tokens|layers|norm)\.", r"model.language_model.\1."),
@@ -41,19 +43,8 @@ LEGACY_SAVES: tuple[tuple[str, str], ...] = (
     (r"^model\.visual\.", "visual."),
 )
 
-# Files of the source model directory that make a saved directory complete (same list as the torch backend).
-PROCESSOR_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "video_preprocessor_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "generation_config.json",
-)
+# generation_config.json too: transformers' save_pretrained writes it on the torch side, here nobody does.
+PROCESSOR_FILES = MODEL_DIR_FILES + ("generation_config.json",)
 CIRCLE_ROPE_FILE = "circle_rope.json"
 WEIGHTS_FILE = "model.safetensors"
 

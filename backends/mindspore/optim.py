@@ -23,30 +23,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, ops
 
 from vltune.core.config import TrainArgs
-
-COMPONENTS = ("llm", "vision", "merger")
-
-
-def component_of(name: str) -> str:
-    """llm | vision | merger for a parameter name (the same rule as the torch backend's)."""
-    if "visual.merger" in name or "visual.deepstack_merger_list" in name:
-        return "merger"
-    if "visual." in name:
-        return "vision"
-    return "llm"
-
-
-def decays(name: str, param: Parameter) -> bool:
-    return len(param.shape) >= 2 and "norm" not in name
-
-
-def component_lrs(args: TrainArgs) -> dict[str, float]:
-    lr = args.learning_rate
-    return {
-        "llm": lr,
-        "vision": args.vision_tower_lr if args.vision_tower_lr is not None else lr,
-        "merger": args.mm_projector_lr if args.mm_projector_lr is not None else lr,
-    }
+from vltune.core.param_groups import COMPONENTS, component_lrs, component_of, decays
 
 
 @dataclass
@@ -66,7 +43,7 @@ def build_param_groups(named_params: list[tuple[str, Parameter]], args: TrainArg
     lrs = component_lrs(args)
     buckets: dict[tuple[str, bool], list[Parameter]] = {(c, d): [] for c in COMPONENTS for d in (True, False)}
     for name, param in named_params:
-        buckets[(component_of(name), decays(name, param))].append(param)
+        buckets[(component_of(name), decays(name, param.shape))].append(param)
     return [
         ParamGroup(c if d else f"{c}_no_decay", params, lrs[c], args.weight_decay if d else 0.0)
         for (c, d), params in buckets.items()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import numpy as np
@@ -29,6 +30,12 @@ def to_tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> to
     return torch.as_tensor(np.ascontiguousarray(array)).to(device, dtype)
 
 
+@functools.cache
+def _forward_parameters(model_class: type) -> frozenset[str]:
+    """The argument names of a model class's forward (looked up once per class, not per batch)."""
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
 def to_model_inputs(batch: Batch, device: torch.device, keys=MODEL_INPUTS, model=None) -> dict[str, torch.Tensor]:
     """The batch's model inputs as tensors; with `model`, only those its forward() names.
 
@@ -37,7 +44,7 @@ def to_model_inputs(batch: Batch, device: torch.device, keys=MODEL_INPUTS, model
     """
     if model is not None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
-        accepted = inspect.signature(type(base).forward).parameters
+        accepted = _forward_parameters(type(base))
         keys = {k: v for k, v in keys.items() if k in accepted}
     inputs = {key: to_tensor(batch[key], device, dtype) for key, dtype in keys.items() if key in batch}
     if "cu_seqlens" in batch:  # a packed [1, L] row: transformers forwards these to every text attention call

@@ -16,19 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# Files of the source model directory that make a saved model directory complete for inference.
-PROCESSOR_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "video_preprocessor_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-)
-
+from vltune.data.model_info import PROCESSOR_FILES
 
 CIRCLE_ROPE_FILE = "circle_rope.json"
 

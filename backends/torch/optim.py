@@ -23,32 +23,7 @@ from __future__ import annotations
 import torch
 
 from vltune.core.config import ModelArgs, TrainArgs
-
-COMPONENTS = ("llm", "vision", "merger")
-
-
-def component_of(name: str) -> str:
-    """llm | vision | merger for a parameter name (plain or peft-wrapped)."""
-    if "visual.merger" in name or "visual.deepstack_merger_list" in name:
-        return "merger"
-    if "visual." in name:
-        return "vision"
-    return "llm"
-
-
-def decays(name: str, param: torch.Tensor) -> bool:
-    """True for weight matrices; False for norms, biases and other 1-D parameters."""
-    return param.ndim >= 2 and "norm" not in name
-
-
-def component_lrs(train_args: TrainArgs) -> dict[str, float]:
-    """The learning rate of each component; an unset rate falls back to learning_rate only."""
-    lr = train_args.learning_rate
-    return {
-        "llm": lr,
-        "vision": train_args.vision_tower_lr if train_args.vision_tower_lr is not None else lr,
-        "merger": train_args.mm_projector_lr if train_args.mm_projector_lr is not None else lr,
-    }
+from vltune.core.param_groups import COMPONENTS, component_lrs, component_of, decays
 
 
 def build_param_groups(model: torch.nn.Module, model_args: ModelArgs, train_args: TrainArgs) -> list[dict]:
@@ -66,7 +41,7 @@ def build_param_groups(model: torch.nn.Module, model_args: ModelArgs, train_args
         if not param.requires_grad or id(param) in seen:
             continue  # named_parameters already drops tied duplicates; `seen` guards custom modules
         seen.add(id(param))
-        buckets[(component_of(name), decays(name, param))].append(param)
+        buckets[(component_of(name), decays(name, param.shape))].append(param)
 
     groups = []
     for (component, decay), params in buckets.items():

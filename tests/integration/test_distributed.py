@@ -26,20 +26,12 @@ ENGINES = {"ddp": [], "zero2": ["--deepspeed", "zero2"], "zero3": ["--deepspeed"
 
 
 @pytest.fixture(scope="module")
-def mixed_recipe(tmp_path_factory, tiny_qwen2_5_vl, vqa_data) -> Path:
+def mixed_recipe(mixed_jsonl, tiny_qwen2_5_vl) -> Path:
     """24 image samples interleaved with 24 text-only ones; per-rank micro-batch 1, 2 accumulation steps."""
-    root = tmp_path_factory.mktemp("dist")
-    data_dir = Path(vqa_data["data_path"])
-    rows = []
-    for i, line in enumerate(Path(vqa_data["train_file"]).read_text().splitlines()[:24]):
-        sample = json.loads(line)
-        sample["image"] = str(data_dir / sample["image"])
-        rows.append(sample)
-        question, answer = [("What is two plus two?", "four"), ("Name a primary color.", "red"), ("Say hello.", "hello")][i % 3]
-        rows.append({"id": f"text_{i:03d}", "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]})
-    (root / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = mixed_jsonl(24)
+    root = data.parent
     recipe = {
-        "model_name_or_path": str(tiny_qwen2_5_vl), "dataset_use": str(root / "mixed.jsonl"), "max_pixels": 12544,
+        "model_name_or_path": str(tiny_qwen2_5_vl), "dataset_use": str(data), "max_pixels": 12544,
         "model_max_length": 512, "max_steps": STEPS, "learning_rate": 1e-3, "lr_scheduler_type": "constant",
         "per_device_train_batch_size": 1, "gradient_accumulation_steps": 2, "logging_steps": 1, "seed": SEED,
         "tune_mm_vision": True,  # every vision parameter trains: DDP needs their gradients on every rank

@@ -26,21 +26,13 @@ RUN_TIMEOUT_S = 300  # a hung collective never returns; the 2-worker run took 70
 
 
 @pytest.fixture(scope="module")
-def mixed_recipe(tmp_path_factory, tiny_qwen2_5_vl, vqa_data) -> Path:
+def mixed_recipe(mixed_jsonl, tiny_qwen2_5_vl) -> Path:
     """12 image samples interleaved with 12 text-only ones; backend mindspore, per-rank micro-batch 1,
     2 accumulation steps, the vision tower trained."""
-    root = tmp_path_factory.mktemp("ms_dist")
-    data_dir = Path(vqa_data["data_path"])
-    rows = []
-    for i, line in enumerate(Path(vqa_data["train_file"]).read_text().splitlines()[:12]):
-        sample = json.loads(line)
-        sample["image"] = str(data_dir / sample["image"])
-        rows.append(sample)
-        question, answer = [("What is two plus two?", "four"), ("Name a primary color.", "red"), ("Say hello.", "hello")][i % 3]
-        rows.append({"id": f"text_{i:03d}", "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]})
-    (root / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = mixed_jsonl(12)
+    root = data.parent
     recipe = {
-        "backend": "mindspore", "model_name_or_path": str(tiny_qwen2_5_vl), "dataset_use": str(root / "mixed.jsonl"),
+        "backend": "mindspore", "model_name_or_path": str(tiny_qwen2_5_vl), "dataset_use": str(data),
         "max_pixels": 3136, "min_pixels": 3136, "model_max_length": 512, "max_steps": STEPS, "learning_rate": 1e-3,
         "lr_scheduler_type": "constant", "per_device_train_batch_size": 1, "gradient_accumulation_steps": 2,
         "logging_steps": 1, "seed": SEED, "tune_mm_vision": True, "save_steps": 3, "max_grad_norm": 1.0,
