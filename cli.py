@@ -143,6 +143,7 @@ def cmd_bench_model(args: argparse.Namespace, extra: list[str]) -> int:
         result = run_bench(
             args.model_shape, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
             pack_length=args.pack_length, command=command,
+            train_options={"torch_compile": args.torch_compile, "use_liger_kernel": args.liger_kernel},
         )
     except (RuntimeError, ValueError) as e:
         print(f"vltune bench: {e}", file=sys.stderr)
@@ -388,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=2, help="samples per padded micro-batch of the stock path (2 fits a 3B on 80 GB)")
     p.add_argument("--pack-length", type=int, default=4096, help="tokens per packed row of the vltune path")
+    p.add_argument("--torch-compile", action="store_true", help="vltune path with torch_compile (give it a longer --warmup)")
+    p.add_argument("--liger-kernel", action="store_true", help="vltune path with use_liger_kernel")
     p.add_argument("--out", default="docs/bench", help="where NAME.json and the README table go")
     p.set_defaults(run=cmd_bench_model)
     bench_sub = p.add_subparsers(dest="bench_command")

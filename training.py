@@ -81,8 +81,9 @@ def _build_mindspore_backend(cfg: RecipeConfig, info, circle_rope: dict | None, 
     from vltune.backends.mindspore.models import load_model
     from vltune.backends.mindspore.trainer import MindSporeBackend
 
-    if getattr(cfg.train, "deepspeed", None) or getattr(cfg.train, "fsdp", False):
-        raise ConfigError("backend mindspore: deepspeed / fsdp are torch engines; remove them or use backend: torch")
+    torch_only = [key for key in ("deepspeed", "fsdp", "use_liger_kernel", "torch_compile") if getattr(cfg.train, key, None)]
+    if torch_only:
+        raise ConfigError(f"backend mindspore: {' / '.join(torch_only)} belong to the torch engine; remove them or use backend: torch")
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ms.set_seed(cfg.train.seed)
     model = load_model(cfg.model.model_name_or_path)

@@ -161,6 +161,10 @@ class TrainArgs:
     """bf16 autocast on GPU; CPU runs fp32."""
     gradient_checkpointing: bool = False
     """Recompute decoder and vision blocks in the backward pass: less activation memory, ~30% more compute."""
+    use_liger_kernel: bool = False
+    """torch on GPU: Liger's fused RMSNorm and SwiGLU kernels (needs liger-kernel)."""
+    torch_compile: bool = False
+    """torch: compile each decoder layer and vision block (torch.compile, dynamic shapes)."""
     num_threads: int = 0
     """torch intra-op threads on CPU (0 = library default)."""
     deepspeed: str | None = None
@@ -398,6 +402,9 @@ def validate(cfg: RecipeConfig) -> None:
         problems.append(f"num_train_epochs: {t.num_train_epochs} must be > 0 when max_steps is -1")
     problems += _packing_problems(cfg)
     problems += _parallel_problems(t)
+    if t.use_liger_kernel and t.torch_compile:
+        # Liger's Triton autograd functions inside compiled decoder layers fail in dynamo (torch 2.11).
+        problems.append("use_liger_kernel and torch_compile are both set: pick one (compile fuses the same norms and gating)")
     if problems:
         raise ConfigError("invalid recipe:\n  - " + "\n  - ".join(problems))
 

@@ -150,10 +150,12 @@ def _summary(name: str, shape: ModelShape, batches: list[dict], seconds: float, 
 
 def run_bench(
     model_shape: str, *, steps: int = 20, warmup: int = 5, batch_size: int = 2, pack_length: int = 4096,
-    seed: int = 0, command: str = "",
+    seed: int = 0, command: str = "", train_options: dict | None = None,
 ) -> dict:
     """(a) stock on `steps` padded micro-batches of `batch_size`, (b) vltune on the very same samples
-    packed into rows of <= `pack_length` tokens; each after untimed warm-up steps on other samples."""
+    packed into rows of <= `pack_length` tokens; each after untimed warm-up steps on other samples.
+    `train_options`: TrainArgs keys for (b), e.g. {"torch_compile": True} (whose warm-up must be long
+    enough to compile for the row lengths it will see)."""
     if not torch.cuda.is_available():
         raise RuntimeError("vltune bench needs a CUDA GPU (speed is claimed only from GPU runs)")
     if model_shape not in SHAPES:
@@ -185,8 +187,9 @@ def run_bench(
     model = build_model(shape, seed, device)
     model.load_state_dict(initial)
     del initial
+    options = dict(train_options or {})
     backend = TorchBackend(model, Path("."), _info(shape), ModelArgs(model_name_or_path="bench"),
-                           TrainArgs(bf16=True, learning_rate=1e-5, max_grad_norm=1.0, weight_decay=0.0))
+                           TrainArgs(bf16=True, learning_rate=1e-5, max_grad_norm=1.0, weight_decay=0.0, **options))
     torch.cuda.reset_peak_memory_stats()
 
     def vltune_step(batch: dict) -> float:
@@ -198,13 +201,15 @@ def run_bench(
     seconds, losses = _time(vltune_step, packed_warmup, packed)
     ours = _summary("vltune", shape, packed, seconds, losses)
 
+    extras = "".join(f" + {key}" for key, value in options.items() if value)
     return {
         "model": model_shape, "gpu": torch.cuda.get_device_name(),
-        "mode": f"full (vision tower frozen); stock: padded batches of {batch_size}; vltune: packed rows of {pack_length}",
+        "mode": f"full (vision tower frozen); stock: padded batches of {batch_size}; vltune: packed rows of {pack_length}{extras}",
         "tokens_per_s": ours["tokens_per_s"], "stock_tokens_per_s": stock["tokens_per_s"],
         "speedup_vs_stock": round(ours["tokens_per_s"] / stock["tokens_per_s"], 3), "mfu": ours["mfu"], "stock_mfu": stock["mfu"],
         "peak_mem_gib": ours["peak_mem_gib"], "stock_peak_mem_gib": stock["peak_mem_gib"],
-        "samples": n_samples, "batch_size": batch_size, "pack_length": pack_length, "warmup": warmup, "command": command,
+        "samples": n_samples, "batch_size": batch_size, "pack_length": pack_length, "warmup": warmup, "train_options": options,
+        "command": command,
         "shape": asdict(shape), "runs": [stock, ours],
     }
 

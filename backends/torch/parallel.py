@@ -65,6 +65,7 @@ class _DistributedBackend(TorchBackend):
     """Rank-aware parts shared by every engine: reductions, per-rank RNG, rank-0-only writing."""
 
     ctx: DistContext
+    head_loss_after_forward = False  # the LM head runs inside the wrapped forward (TorchBackend's note)
 
     def _setup_distributed(self, ctx: DistContext) -> None:
         self.ctx = ctx

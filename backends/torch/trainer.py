@@ -24,7 +24,8 @@ from .batch import to_model_inputs, to_tensor
 from .checkpoint import OPTIMIZER_FILE, RNG_FILE, load_weights, rng_state, save_hf_model, set_rng_state
 from .infer import generate_greedy, generate_with_positions
 from .lora import apply_lora
-from .loss import kept_token_loss_sum, trained_positions
+from .kernels import apply_liger_kernels, compile_blocks
+from .loss import head_loss_sum, kept_token_loss_sum, trained_positions
 from .mdlm import bidirectional_logits, diffusion_sample, weighted_loss_sum
 from .models.bidirectional import make_bidirectional
 from .models.circle_rope import CircleRopeAdapter
@@ -63,6 +64,12 @@ class TorchBackend:
     the masked-diffusion objective (bidirectional text attention, weighted loss, diffusion sampler)
     when given an `mdlm` objective."""
 
+    head_loss_after_forward = True
+    """Apply the LM head inside the loss, chunked or fused, after the model's forward returned hidden
+    states. The data-parallel engines turn it off: their forward must go through the DDP / DeepSpeed /
+    FSDP wrapper, and ZeRO-3 / FSDP2 hold the head's weight gathered only inside its own forward, so
+    they keep the stock head on the kept positions (`logits_to_keep`)."""
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -88,12 +95,16 @@ class TorchBackend:
             model = apply_lora(model, model_args, trainable_token_ids=mask_row)
         else:
             apply_freeze(model, model_args)
+        if args.use_liger_kernel:
+            apply_liger_kernels(model.get_base_model() if self.lora else model)
         if args.gradient_checkpointing:
             # Non-reentrant checkpointing needs no input grads, so it works with frozen embeddings (LoRA).
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model.to(self.device)
         # The plain transformers model under any PEFT wrapper: layers, config, save_pretrained.
         self.base = model.get_base_model() if self.lora else model
+        if args.torch_compile:
+            compile_blocks(self.base)
         # Circle-RoPE changes positions only; the adapter gives AGE's M-RoPE layers their own cos/sin.
         self.circle = CircleRopeAdapter(self.base, circle_rope) if circle_rope else None
         self.autocast_dtype = torch.bfloat16 if (args.bf16 and self.device.type == "cuda") else None
@@ -111,29 +122,47 @@ class TorchBackend:
             fused=self.device.type == "cuda",
         )
 
-    def _logits(self, batch: Batch, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, L, V], or [B, K, V] at the sequence positions `keep` only (the LM head skips the rest)."""
-        if self.mdlm is not None:
-            return bidirectional_logits(self.model, batch, self.device, circle=self.circle, autocast_dtype=self.autocast_dtype)
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def _forward(self, batch: Batch, keep: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
+        """Logits [B, L, V]; [B, K, V] at the sequence positions `keep` only (the LM head skips the rest);
+        or with `hidden` the final hidden states [B, L, H], the LM head left to the loss."""
         if "cu_seqlens" in batch:  # a packed row: varlen text attention, one varlen call per vision layer
             enable_varlen(self.base)
         alt = batch.get("position_ids_alt")
         alt = to_tensor(alt, self.device, torch.long) if alt is not None else None
         layers = self.circle.alt_positions(alt) if self.circle is not None else nullcontext()
-        with layers, torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        inputs = to_model_inputs(batch, self.device, model=self.model)
+        with layers, self._autocast():
+            if hidden:  # the inner model: the stock forward would apply the LM head to every position
+                return self.base.model(**inputs, use_cache=False).last_hidden_state
             extra = {} if keep is None else {"logits_to_keep": keep}
-            return self.model(**to_model_inputs(batch, self.device, model=self.model), use_cache=False, **extra).logits
+            return self.model(**inputs, use_cache=False, **extra).logits
+
+    def _logits(self, batch: Batch) -> torch.Tensor:
+        if self.mdlm is not None:
+            return bidirectional_logits(self.model, batch, self.device, circle=self.circle, autocast_dtype=self.autocast_dtype)
+        return self._forward(batch)
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
         """Summed loss of a batch: next-token CE (ar) or weighted masked CE (a core.mdlm masked batch)."""
-        labels = torch.as_tensor(batch["labels"]).to(self.device)
         if "loss_weights" in batch:
+            labels = torch.as_tensor(batch["labels"]).to(self.device)
             weights = torch.as_tensor(batch["loss_weights"]).to(self.device)
             return weighted_loss_sum(self._logits(batch), labels, weights)
         if self.mdlm is not None:
             raise ValueError("objective mdlm: the batch is not masked (wrap the batch source in core.mdlm.MaskedBatches)")
-        keep = trained_positions(labels)  # logits only where a loss reads them (backends/torch/loss.py)
-        return kept_token_loss_sum(self._logits(batch, keep), labels, keep)
+        # The LM head runs on trained positions only (backends/torch/loss.py).
+        positions = trained_positions(batch["labels"])
+        keep = torch.as_tensor(positions).to(self.device)
+        targets = to_tensor(batch["labels"][:, positions + 1], self.device, torch.long).reshape(-1)
+        if not self.head_loss_after_forward:
+            logits = self._forward(batch, keep)
+            return kept_token_loss_sum(logits.reshape(-1, logits.shape[-1]), targets)
+        hidden = self._forward(batch, hidden=True)[:, keep]
+        with self._autocast():  # the LM head in checkpointed chunks
+            return head_loss_sum(self.base.lm_head, hidden.reshape(-1, hidden.shape[-1]), targets)
 
     def forward_backward(self, batch: Batch, loss_scale: float) -> float:
         self.model.train()

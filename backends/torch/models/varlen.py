@@ -93,6 +93,7 @@ class _MaxLength:
         self.size = size
         self.entries: list[tuple[torch.Tensor, int]] = []  # holding the tensor keeps its id from being reused
 
+    @torch.compiler.disable  # host-side bookkeeping: compiled vision blocks call it eagerly, no guards on the cache
     def __call__(self, cu_seqlens: torch.Tensor) -> int:
         for tensor, value in self.entries:
             if tensor is cu_seqlens:

@@ -1,0 +1,224 @@
+"""Predict, change, measure: times vltune's training step on a released shape under each speed option,
+in one process on one GPU, and breaks one step down (issue 12's work method; docs/performance.md).
+
+Variants (each on a fresh random-init model of the same seed, the same packed 4096-token rows):
+  kept_logits   stock LM head on the kept positions (`logits_to_keep`), fp32 CE: the data-parallel engines' path
+  chunked       LM head + CE after the forward, in checkpointed chunks: the one-process default
+  compile_text  chunked + torch.compile of each decoder layer
+  compile       chunked + torch_compile (each decoder layer and vision block)
+  liger         chunked + use_liger_kernel (RMSNorm / SwiGLU kernels)
+  vision_bf16   chunked with the frozen vision blocks held in bf16 (no per-step weight casts, bf16 activations)
+  vision_bf16_compile  vision_bf16 + torch_compile
+Also: the bf16 matmul ceiling of this GPU at the model's MLP shape, and (--profile) a torch.profiler
+breakdown of one step of the first variant: device time by kernel class and device-idle share.
+
+Usage (GPU machine, repo root): python3 tools/gpu/speed_probe.py --shape qwen2_5_vl-3b --variants kept_logits,fused_ce
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from vltune.backends.torch.bench import _info, _packed_rows, build_model, step_flops
+from vltune.backends.torch.kernels import compile_blocks
+from vltune.backends.torch.trainer import TorchBackend
+from vltune.core.config import ModelArgs, TrainArgs
+from vltune.core.flops import H100_BF16_PEAK, SHAPES
+
+VARIANTS = {
+    "kept_logits": ({}, {"head_loss_after_forward": False}),
+    "chunked": ({}, {}),
+    "compile_text": ({}, {"compile_text": True}),
+    "compile": ({"torch_compile": True}, {}),
+    "liger": ({"use_liger_kernel": True}, {}),
+    "vision_bf16": ({}, {"vision_bf16": True}),
+    "vision_bf16_compile": ({"torch_compile": True}, {"vision_bf16": True}),
+}
+
+
+def matmul_ceiling(m: int, k: int, n: int) -> float:
+    a, b = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(50):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * m * k * n * 50 / (start.elapsed_time(end) / 1e3)
+
+
+def make_backend(shape, train: dict, hooks: dict) -> TorchBackend:
+    model = build_model(shape, seed=0, device=torch.device("cuda"))
+    args = TrainArgs(bf16=True, learning_rate=1e-5, max_grad_norm=1.0, weight_decay=0.0, **train)
+    backend = TorchBackend(model, Path("."), _info(shape), ModelArgs(model_name_or_path="bench"), args)
+    if "head_loss_after_forward" in hooks:
+        backend.head_loss_after_forward = hooks["head_loss_after_forward"]
+    if hooks.get("vision_bf16"):
+        backend.base.model.visual.blocks.to(torch.bfloat16)
+        backend.base.model.visual.patch_embed.to(torch.bfloat16)
+    if hooks.get("compile_text"):
+        compile_blocks(backend.base, vision=False)
+    return backend
+
+
+def step(backend: TorchBackend, batch: dict) -> float:
+    count = int((batch["labels"][:, 1:] != -100).sum())
+    loss = backend.forward_backward(batch, 1.0 / count)
+    backend.optimizer_step(1.0, 1.0)
+    return loss / count
+
+
+def phase_times(backend: TorchBackend, batch: dict) -> dict:
+    """Milliseconds of the step's parts, each timed alone with a sync around it."""
+    from vltune.backends.torch.batch import to_model_inputs
+
+    def timed(fn, n=3):
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        return round((time.perf_counter() - t) / n * 1e3, 2)
+
+    visual = backend.base.model.visual
+    inputs = to_model_inputs(batch, backend.device, model=backend.model)
+
+    def vision():
+        with torch.no_grad(), backend._autocast():
+            visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+
+    count = int((batch["labels"][:, 1:] != -100).sum())
+
+    def forward_backward():
+        backend.forward_backward(batch, 1.0 / count)
+        backend.zero_grad()
+
+    def whole_step():
+        backend.forward_backward(batch, 1.0 / count)
+        backend.optimizer_step(0.0, 1.0)  # lr 0: the same work, the weights unchanged
+
+    out = {
+        "h2d_inputs_ms": timed(lambda: to_model_inputs(batch, backend.device, model=backend.model)),
+        "vision_forward_ms": timed(vision) if "pixel_values" in inputs else 0.0,
+        "forward_backward_ms": timed(forward_backward),
+        "step_ms": timed(whole_step),
+    }
+    out["clip_and_optimizer_ms"] = round(out["step_ms"] - out["forward_backward_ms"], 2)
+    return out
+
+
+def profile_step(backend: TorchBackend, batch: dict, out_dir: Path, name: str) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        step(backend, batch)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    classes: dict[str, float] = {}
+    total = 0.0
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", 0.0) or 0.0
+        if device_us <= 0 or event.device_type.name != "CUDA":
+            continue
+        key = event.key.lower()
+        if "gemm" in key or "cutlass" in key or "sm90" in key or "matmul" in key or "xmma" in key:
+            kind = "matmul"
+        elif "flash" in key or "fmha" in key or "attn" in key:
+            kind = "attention"
+        elif "adam" in key or "multi_tensor" in key:
+            kind = "optimizer"
+        elif "memcpy" in key or "memset" in key:
+            kind = "copy"
+        elif "triton" in key or "liger" in key:
+            kind = "triton"
+        else:
+            kind = "other_elementwise"
+        classes[kind] = classes.get(kind, 0.0) + device_us / 1e3
+        total += device_us / 1e3
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
+    (out_dir / f"profile_{name}.txt").write_text(table)
+    return {"wall_ms": round(wall * 1e3, 1), "device_busy_ms": round(total, 1), "idle_share": round(1 - total / (wall * 1e3), 3),
+            "by_class_ms": {k: round(v, 1) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])}}
+
+
+def run_variant(name: str, shape, rows: list[dict], warmup: list[dict], profile: bool, out_dir: Path) -> dict:
+    train, hooks = VARIANTS[name]
+    backend = make_backend(shape, train, hooks)
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for batch in warmup:
+        step(backend, batch)
+    torch.cuda.synchronize()
+    warm_s = time.perf_counter() - t
+    t = time.perf_counter()
+    losses = [step(backend, batch) for batch in rows]
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    tokens = sum(int(b["cu_seqlens"][-1]) for b in rows)
+    flops = sum(step_flops(shape, b) for b in rows)
+    result = {"variant": name, "tokens_per_s": round(tokens / seconds, 1), "mfu": round(flops / seconds / H100_BF16_PEAK, 4),
+              "ms_per_row": round(seconds / len(rows) * 1e3, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+              "warmup_s": round(warm_s, 1), "losses": [round(x, 4) for x in losses]}
+    if profile:
+        result["phases"] = phase_times(backend, rows[0])
+        result["profile"] = profile_step(backend, rows[0], out_dir, name)
+    del backend
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="qwen2_5_vl-3b")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--samples", type=int, default=60)
+    parser.add_argument("--pack-length", type=int, default=4096)
+    parser.add_argument("--profile", default="", help="comma-separated variants to break down (phase times, profile)")
+    args = parser.parse_args()
+    out_dir = Path(os.environ.get("OUT", "/tmp/vltune-gpu"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    shape = SHAPES[args.shape]
+    h, i = shape.hidden, shape.intermediate
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; bf16 matmul [4096x{h}]x[{h}x{i}]: "
+          f"{matmul_ceiling(4096, h, i) / 1e12:.0f} TFLOP/s, [4096x{i}]x[{i}x{h}]: {matmul_ceiling(4096, i, h) / 1e12:.0f} TFLOP/s", flush=True)
+    rows = _packed_rows(shape, args.samples, args.pack_length, seed=0)
+    warmup = _packed_rows(shape, 12, args.pack_length, seed=1)
+    print(f"{len(rows)} timed rows, {len(warmup)} warm-up rows", flush=True)
+    results = []
+    for name in args.variants.split(","):
+        try:
+            results.append(run_variant(name, shape, rows, warmup, name in args.profile.split(","), out_dir))
+        except Exception as e:  # one failing variant must not cost the others' numbers
+            traceback.print_exc()
+            results.append({"variant": name, "error": f"{type(e).__name__}: {e}"[:300]})
+            torch._dynamo.reset()
+            gc.collect()
+            torch.cuda.empty_cache()
+        print(json.dumps(results[-1]), flush=True)
+    (out_dir / f"speed_probe_{args.shape}.json").write_text(json.dumps(results, indent=2))
+    print("\n| variant | tokens/s | MFU | ms/row | peak GiB | first loss |\n|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['variant']} | error: {r['error'][:80]} |")
+        else:
+            print(f"| {r['variant']} | {r['tokens_per_s']} | {r['mfu']} | {r['ms_per_row']} | {r['peak_gib']} | {r['losses'][0]} |")
+
+
+if __name__ == "__main__":
+    main()
