@@ -65,8 +65,8 @@ class TorchBackend:
     when given an `mdlm` objective."""
 
     head_loss_after_forward = True
-    """Apply the LM head inside the loss, chunked or fused, after the model's forward returned hidden
-    states. The data-parallel engines turn it off: their forward must go through the DDP / DeepSpeed /
+    """Apply the LM head inside the loss, in checkpointed chunks, after the model's forward returned
+    hidden states. The data-parallel engines turn it off: their forward must go through the DDP / DeepSpeed /
     FSDP wrapper, and ZeRO-3 / FSDP2 hold the head's weight gathered only inside its own forward, so
     they keep the stock head on the kept positions (`logits_to_keep`)."""
 

@@ -17,7 +17,7 @@ from vltune.data.dataset import SFTDataset  # noqa: E402
 from vltune.data.formats import load_samples  # noqa: E402
 
 
-def _losses(tiny_qwen2_5_vl, vqa_data, steps: int, **train) -> list[float]:
+def _losses(tiny_qwen2_5_vl, vqa_data, steps: int, **train) -> tuple[list[float], TorchBackend]:
     dataset = SFTDataset(load_samples(vqa_data["train_file"])[:4], tiny_qwen2_5_vl, max_length=512, max_pixels=12544)
     cfg = load_recipe({"model_name_or_path": str(tiny_qwen2_5_vl), "dataset_use": "x.jsonl", "learning_rate": 1e-3, **train})
     torch.manual_seed(0)
@@ -28,13 +28,17 @@ def _losses(tiny_qwen2_5_vl, vqa_data, steps: int, **train) -> list[float]:
         count = int((batch["labels"][:, 1:] != -100).sum())
         losses.append(backend.forward_backward(batch, 1.0 / count) / count)
         backend.optimizer_step(1.0, 1.0)
-    return losses
+    return losses, backend
 
 
 def test_compiled_blocks_train_like_eager_ones(tiny_qwen2_5_vl, vqa_data):
-    eager = _losses(tiny_qwen2_5_vl, vqa_data, 3)
-    compiled = _losses(tiny_qwen2_5_vl, vqa_data, 3, torch_compile=True)
+    eager, plain = _losses(tiny_qwen2_5_vl, vqa_data, 3)
+    compiled, backend = _losses(tiny_qwen2_5_vl, vqa_data, 3, torch_compile=True)
     assert compiled == pytest.approx(eager, rel=1e-4)
+    # the recipe key really compiled the blocks (equal losses alone would also hold without it)
+    layers = backend.base.model.language_model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert all(layer._compiled_call_impl is None for layer in plain.base.model.language_model.layers)
     assert eager[2] < eager[0]  # it trains
 
 
@@ -61,11 +65,15 @@ def test_liger_kernels_give_the_stock_loss_and_gradients(tiny_model_dirs, vqa_da
     dataset = SFTDataset(load_samples(vqa_data["train_file"])[:2], model_dir, max_length=512, max_pixels=12544)
     batch = collate_padded([dataset[0], dataset[1]], dataset.info, dataset.tokenizer.pad_token_id)
     cfg = load_recipe({"model_name_or_path": str(model_dir), "dataset_use": "x.jsonl", "bf16": True})
+    from liger_kernel.transformers import LigerRMSNorm
+
     results = []
     for liger in (False, True):
         torch.manual_seed(0)
         args = cfg.train.__class__(**{**cfg.train.__dict__, "use_liger_kernel": liger})
         backend = TorchBackend(load_model(model_dir), model_dir, dataset.info, cfg.model, args)
+        norm = backend.base.model.language_model.norm
+        assert (getattr(norm.forward, "__func__", None) is LigerRMSNorm.forward) == liger  # the kernel is the one that ran
         loss = backend._loss_sum(batch)
         loss.backward()
         results.append((float(loss), torch.cat([p.grad.float().flatten() for p in backend.trainable])))
