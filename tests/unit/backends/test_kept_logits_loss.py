@@ -36,7 +36,7 @@ def _loss_and_grads(backend, loss_fn):
 @pytest.mark.parametrize("train_type", ["full", "lora"])
 def test_kept_positions_loss_equals_full_loss(tiny_qwen2_5_vl, vqa_data, train_type, monkeypatch):
     backend, batch = _backend_and_batch(tiny_qwen2_5_vl, vqa_data, train_type)
-    labels = torch.as_tensor(batch["labels"])
+    labels = torch.as_tensor(batch["labels"]).to(backend.device)
     full_loss, full_grads = _loss_and_grads(backend, lambda: token_loss_sum(backend._logits(batch), labels)[0])
     keep = trained_positions(batch["labels"])
     monkeypatch.setattr(loss_module, "CHUNK_ROWS", 7)  # several checkpointed chunks
