@@ -81,7 +81,8 @@ def _build_mindspore_backend(cfg: RecipeConfig, info, circle_rope: dict | None, 
     from vltune.backends.mindspore.models import load_model
     from vltune.backends.mindspore.trainer import MindSporeBackend
 
-    torch_only = [key for key in ("deepspeed", "fsdp", "use_liger_kernel", "torch_compile") if getattr(cfg.train, key, None)]
+    torch_only = [key for key in ("deepspeed", "fsdp", "use_liger_kernel", "torch_compile", "pure_bf16") if getattr(cfg.train, key, None)]
+    torch_only += [f"optim: {cfg.train.optim}"] if cfg.train.optim != "adamw_torch" else []
     if torch_only:
         raise ConfigError(f"backend mindspore: {' / '.join(torch_only)} belong to the torch engine; remove them or use backend: torch")
     ms.set_context(mode=ms.PYNATIVE_MODE)
@@ -108,7 +109,8 @@ def _build_backend(cfg: RecipeConfig, info, circle_rope: dict | None, mdlm=None,
     torch.manual_seed(cfg.train.seed)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
-    model = load_model(cfg.model.model_name_or_path, attn_implementation=cfg.model.attn_implementation)
+    dtype = torch.bfloat16 if cfg.train.pure_bf16 else torch.float32  # pure_bf16: never an fp32 copy, even on the host
+    model = load_model(cfg.model.model_name_or_path, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
     # One process, DDP, FSDP2 or DeepSpeed, from the recipe and the launcher's environment.
     return build_torch_backend(model, Path(cfg.model.model_name_or_path), info, cfg.model, cfg.train, circle_rope, mdlm, ctx)
 

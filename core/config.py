@@ -165,6 +165,14 @@ class TrainArgs:
     """torch on GPU: Liger's fused RMSNorm and SwiGLU kernels (needs liger-kernel)."""
     torch_compile: bool = False
     """torch: compile each decoder layer and vision block (torch.compile, dynamic shapes)."""
+    optim: str = "adamw_torch"
+    """adamw_torch (torch AdamW, fused on GPU) | adamw_torch_8bit (torchao's 8-bit AdamW: 2 bytes of
+    optimizer state per trained weight instead of 8; torch, one process)."""
+    pure_bf16: bool = False
+    """torch, one process: hold the weights in bf16 with no fp32 copy (LLaMA-Factory's pure_bf16), halving
+    weight and gradient memory; LoRA adapters and other LoRA-trained modules stay fp32. Needs bf16: true;
+    full fine-tuning with it needs optim: adamw_torch_8bit, whose stochastic rounding keeps the updates
+    that bf16 would round away."""
     num_threads: int = 0
     """torch intra-op threads on CPU (0 = library default)."""
     deepspeed: str | None = None
@@ -402,6 +410,7 @@ def validate(cfg: RecipeConfig) -> None:
         problems.append(f"num_train_epochs: {t.num_train_epochs} must be > 0 when max_steps is -1")
     problems += _packing_problems(cfg)
     problems += _parallel_problems(t)
+    problems += _precision_problems(cfg)
     if t.use_liger_kernel and t.torch_compile:
         # Liger's Triton autograd functions inside compiled decoder layers fail in dynamo (torch 2.11).
         problems.append("use_liger_kernel and torch_compile are both set: pick one (compile fuses the same norms and gating)")
@@ -425,6 +434,28 @@ def resolve_deepspeed_config(value: str) -> Path:
             return candidate
     bundled = ", ".join(sorted(p.stem for p in (RECIPE_DIR / "deepspeed").glob("*.json")))
     raise ConfigError(f"deepspeed: {value!r} is neither a JSON file nor a bundled config ({bundled})")
+
+
+OPTIMIZERS = ("adamw_torch", "adamw_torch_8bit")
+
+
+def _precision_problems(cfg: "RecipeConfig") -> list[str]:
+    """optim / pure_bf16: known names, and the combinations that train (or fit) as the user expects."""
+    t, problems = cfg.train, []
+    if t.optim not in OPTIMIZERS:
+        problems.append(f"optim: {t.optim!r} is not one of {', '.join(OPTIMIZERS)}")
+    sharded = "deepspeed" if t.deepspeed else "fsdp" if t.fsdp else None
+    if sharded and t.optim != "adamw_torch":
+        problems.append(f"optim: {t.optim} is for one process; {sharded} shards torch AdamW's state instead")
+    if sharded and t.pure_bf16:
+        problems.append(f"pure_bf16 is for one process; {sharded} keeps bf16 compute with fp32 master weights itself")
+    if t.pure_bf16 and not t.bf16:
+        problems.append("pure_bf16 needs bf16: true (it holds the weights in bf16 and computes in bf16)")
+    if t.pure_bf16 and cfg.model.train_type == "full" and t.optim != "adamw_torch_8bit":
+        # A bf16 weight of magnitude w moves only in steps of ~w/256: plain AdamW's 1e-5-sized updates round to zero.
+        problems.append("pure_bf16 with train_type full needs optim: adamw_torch_8bit (its stochastic rounding keeps "
+                        "updates smaller than bf16's resolution; plain AdamW would round them away)")
+    return problems
 
 
 def _parallel_problems(t: TrainArgs) -> list[str]:

@@ -32,6 +32,7 @@ from vltune.core.contracts import Batch
 
 from .checkpoint import OPTIMIZER_FILE, RNG_FILE, rng_state, set_rng_state
 from .distributed import DistContext, VisionSync
+from .optim import set_learning_rates
 from .trainer import TorchBackend
 
 
@@ -171,8 +172,7 @@ class FSDPBackend(_DistributedBackend):
     def optimizer_step(self, lr_factor: float, max_grad_norm: float) -> float:
         from torch.distributed.tensor import DTensor
 
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_factor
+        set_learning_rates(self.optimizer, lr_factor)
         grads = [p.grad for p in self.trainable if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)
         if isinstance(norm, DTensor):  # a partial norm of this rank's shards: reduce to the global one
@@ -308,8 +308,7 @@ class DeepSpeedBackend(_DistributedBackend):
         return float(loss_sum.detach())
 
     def optimizer_step(self, lr_factor: float, max_grad_norm: float) -> float:
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_factor
+        set_learning_rates(self.optimizer, lr_factor)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")

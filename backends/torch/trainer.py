@@ -23,14 +23,14 @@ from vltune.data.model_info import ModelInfo
 from .batch import to_model_inputs, to_tensor
 from .checkpoint import OPTIMIZER_FILE, RNG_FILE, load_weights, rng_state, save_hf_model, set_rng_state
 from .infer import generate_greedy, generate_with_positions
-from .lora import apply_lora
+from .lora import apply_lora, keep_adapter_inputs_in_compute_dtype
 from .kernels import apply_liger_kernels, compile_blocks
 from .loss import head_loss_sum, kept_token_loss_sum, trained_positions
 from .mdlm import bidirectional_logits, diffusion_sample, weighted_loss_sum
 from .models.bidirectional import make_bidirectional
 from .models.circle_rope import CircleRopeAdapter
 from .models.varlen import enable_varlen
-from .optim import build_param_groups
+from .optim import build_optimizer, build_param_groups, set_learning_rates, upcast_trainable
 
 def apply_freeze(model: torch.nn.Module, model_args: ModelArgs) -> None:
     """Set requires_grad from tune_mm_llm / tune_mm_vision / tune_mm_mlp.
@@ -89,10 +89,14 @@ class TorchBackend:
         if mdlm is not None:
             model_args = mdlm_model_args(model_args, mdlm.args)  # freeze_vision / freeze_merger
             make_bidirectional(model)
+        if args.pure_bf16:
+            model.to(torch.bfloat16)  # before the adapters: peft then creates them in fp32 (autocast_adapter_dtype)
         if self.lora:
             # Freezes the base, adds adapters per tune_mm_* flags; MDLM's mask row trains as well.
             mask_row = (mdlm.mask_token_id,) if mdlm is not None else ()
             model = apply_lora(model, model_args, trainable_token_ids=mask_row)
+            if args.pure_bf16:
+                upcast_trainable(model)  # modules_to_save copies (the merger) and token deltas train in fp32 too
         else:
             apply_freeze(model, model_args)
         if args.use_liger_kernel:
@@ -107,20 +111,17 @@ class TorchBackend:
             compile_blocks(self.base)
         # Circle-RoPE changes positions only; the adapter gives AGE's M-RoPE layers their own cos/sin.
         self.circle = CircleRopeAdapter(self.base, circle_rope) if circle_rope else None
-        self.autocast_dtype = torch.bfloat16 if (args.bf16 and self.device.type == "cuda") else None
+        # CPU runs fp32, except with pure_bf16, whose bf16 weights need bf16 compute on any device.
+        self.autocast_dtype = torch.bfloat16 if args.bf16 and (self.device.type == "cuda" or args.pure_bf16) else None
+        if self.lora and self.autocast_dtype is not None:
+            keep_adapter_inputs_in_compute_dtype(self.model)
         self.model_args, self.args = model_args, args
         self.optimizer = self._build_optimizer()
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the per-component groups; a sharding engine calls it again once parameters are sharded."""
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        args = self.args
-        return torch.optim.AdamW(
-            build_param_groups(self.model, self.model_args, args),
-            betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_epsilon,
-            fused=self.device.type == "cuda",
-        )
+        return build_optimizer(build_param_groups(self.model, self.model_args, self.args), self.args, self.device)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
@@ -174,8 +175,7 @@ class TorchBackend:
         return [float(v) for v in values]  # one process: its sums are the global ones
 
     def optimizer_step(self, lr_factor: float, max_grad_norm: float) -> float:
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_factor
+        set_learning_rates(self.optimizer, lr_factor)
         if max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_grad_norm)
         else:
@@ -188,7 +188,7 @@ class TorchBackend:
         self.optimizer.zero_grad(set_to_none=True)
 
     def learning_rates(self) -> dict[str, float]:
-        return {group["name"]: group["lr"] for group in self.optimizer.param_groups}
+        return {group["name"]: float(group["lr"]) for group in self.optimizer.param_groups}
 
     def peak_flops(self) -> float | None:
         """bf16 dense peak of this GPU (core/flops.py's table), None on CPU or an unlisted GPU: the `mfu` metric's denominator."""

@@ -1,0 +1,137 @@
+"""Low-memory training options of the torch engine: `optim: adamw_torch_8bit` (torchao) and `pure_bf16`.
+
+They exist so that a 7B full fine-tune fits one 80 GB GPU; here they must train the tiny model like
+the default path does, hold what they claim (bf16 weights, 8-bit moments), resume exactly and refuse
+the combinations that would not train or not apply.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchao")
+
+from vltune.backends.torch.models import load_model  # noqa: E402
+from vltune.backends.torch.trainer import TorchBackend  # noqa: E402
+from vltune.core.config import ConfigError, load_recipe  # noqa: E402
+from vltune.data.collate import collate_padded  # noqa: E402
+from vltune.data.dataset import SFTDataset  # noqa: E402
+from vltune.data.formats import load_samples  # noqa: E402
+
+
+def _recipe(model_dir, **train):
+    return load_recipe({"model_name_or_path": str(model_dir), "dataset_use": "x.jsonl", "learning_rate": 1e-3, **train})
+
+
+def _batches(model_dir, vqa_data):
+    dataset = SFTDataset(load_samples(vqa_data["train_file"])[:4], model_dir, max_length=512, max_pixels=12544)
+    pad = dataset.tokenizer.pad_token_id
+    return [collate_padded([dataset[i], dataset[i + 1]], dataset.info, pad) for i in (0, 2)], dataset.info
+
+
+def _backend(model_dir, info, **train) -> TorchBackend:
+    cfg = _recipe(model_dir, **train)
+    torch.manual_seed(0)
+    return TorchBackend(load_model(model_dir), model_dir, info, cfg.model, cfg.train)
+
+
+def _train(backend: TorchBackend, batches, steps: int) -> list[float]:
+    losses = []
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        count = int((batch["labels"][:, 1:] != -100).sum())
+        losses.append(backend.forward_backward(batch, 1.0 / count) / count)
+        backend.optimizer_step(1.0, 1.0)
+    return losses
+
+
+def _state_bytes(optimizer) -> int:
+    """Bytes of optimizer state, counting an 8-bit state's codes and scales (not its logical fp32 size)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            parts = [value.codes, value.scale] if hasattr(value, "codes") else [value]
+            total += sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
+    return total
+
+
+def test_8bit_adamw_trains_like_adamw_in_a_quarter_of_the_state(tiny_qwen2_5_vl, vqa_data):
+    batches, info = _batches(tiny_qwen2_5_vl, vqa_data)
+    plain = _backend(tiny_qwen2_5_vl, info)
+    small = _backend(tiny_qwen2_5_vl, info, optim="adamw_torch_8bit")
+    assert type(small.optimizer).__name__ == "AdamW8bit"
+    reference, losses = _train(plain, batches, 4), _train(small, batches, 4)
+    assert losses[0] == pytest.approx(reference[0], rel=1e-6)  # same init, same batch, before any update
+    assert losses == pytest.approx(reference, rel=2e-2)  # 8-bit moments: a quantised copy of the same update
+    assert losses[3] < losses[0]
+    # fp32 AdamW keeps 8 bytes per weight; 8-bit codes + block scales are ~2 (small tensors stay fp32 in torchao)
+    assert _state_bytes(small.optimizer) < 0.4 * _state_bytes(plain.optimizer)
+
+
+def test_pure_bf16_full_fine_tune_holds_bf16_weights_and_trains(tiny_qwen2_5_vl, vqa_data):
+    batches, info = _batches(tiny_qwen2_5_vl, vqa_data)
+    reference = _train(_backend(tiny_qwen2_5_vl, info), batches, 4)
+    backend = _backend(tiny_qwen2_5_vl, info, bf16=True, pure_bf16=True, optim="adamw_torch_8bit")
+    assert {p.dtype for p in backend.model.parameters()} == {torch.bfloat16}
+    assert backend.autocast_dtype is torch.bfloat16  # bf16 weights compute in bf16 on the CPU too
+    losses = _train(backend, batches, 4)
+    assert losses[0] == pytest.approx(reference[0], rel=2e-2)  # bf16 rounding of the same model
+    assert losses[3] < losses[0] - 0.1  # stochastic rounding lets the 1e-3 updates through
+    assert all(p.grad is None for p in backend.trainable)
+
+
+def test_pure_bf16_lora_keeps_a_bf16_base_and_fp32_trained_weights(tiny_qwen2_5_vl, vqa_data):
+    batches, info = _batches(tiny_qwen2_5_vl, vqa_data)
+    lora = {"train_type": "lora", "tune_mm_mlp": True, "lora_r": 8, "lora_alpha": 16}
+    reference = _train(_backend(tiny_qwen2_5_vl, info, **lora), batches, 3)
+    backend = _backend(tiny_qwen2_5_vl, info, bf16=True, pure_bf16=True, **lora)
+    dtypes = {(p.requires_grad, p.dtype) for p in backend.model.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}  # merger copy (modules_to_save) included
+    from peft.tuners.lora import LoraLayer
+
+    adapted = [m for m in backend.model.modules() if isinstance(m, LoraLayer)]
+    assert adapted and not any(m.cast_input_dtype_enabled for m in adapted)  # no fp32 copy of inputs under autocast
+    losses = _train(backend, batches, 3)
+    assert losses == pytest.approx(reference, rel=3e-2)
+    assert losses[2] < losses[0]
+
+
+def test_8bit_optimizer_state_resumes_exactly(tiny_qwen2_5_vl, vqa_data, tmp_path):
+    batches, info = _batches(tiny_qwen2_5_vl, vqa_data)
+    options = {"bf16": True, "pure_bf16": True, "optim": "adamw_torch_8bit"}
+    first = _backend(tiny_qwen2_5_vl, info, **options)
+    _train(first, batches, 2)
+    first.save_checkpoint(tmp_path)
+    expected = _train(first, batches, 2)
+    resumed = _backend(tiny_qwen2_5_vl, info, **options)
+    resumed.load_checkpoint(tmp_path)
+    assert type(resumed.optimizer.state[resumed.trainable[0]]["exp_avg"]) is type(first.optimizer.state[first.trainable[0]]["exp_avg"])
+    assert _train(resumed, batches, 2) == expected  # weights, 8-bit moments, step and rounding noise all restored
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"optim": "adamw_bnb_8bit"}, "optim: 'adamw_bnb_8bit' is not one of adamw_torch, adamw_torch_8bit"),
+        ({"pure_bf16": True, "optim": "adamw_torch_8bit"}, "pure_bf16 needs bf16: true"),
+        ({"pure_bf16": True, "bf16": True}, "pure_bf16 with train_type full needs optim: adamw_torch_8bit"),
+        ({"optim": "adamw_torch_8bit", "fsdp": True}, "optim: adamw_torch_8bit is for one process; fsdp"),
+        ({"pure_bf16": True, "bf16": True, "train_type": "lora", "deepspeed": "zero2"}, "pure_bf16 is for one process; deepspeed"),
+    ],
+)
+def test_low_memory_options_refuse_what_would_not_train(tiny_qwen2_5_vl, train, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        _recipe(tiny_qwen2_5_vl, **train)
+
+
+@pytest.mark.parametrize(("train", "named"), [({"optim": "adamw_torch_8bit"}, "optim: adamw_torch_8bit"),
+                                              ({"pure_bf16": True, "bf16": True, "train_type": "lora"}, "pure_bf16")])
+def test_mindspore_backend_refuses_low_memory_options(tiny_qwen2_5_vl, tmp_path, train, named):
+    pytest.importorskip("mindspore")
+    from vltune.training import _build_mindspore_backend
+
+    cfg = load_recipe({"model_name_or_path": str(tiny_qwen2_5_vl), "dataset_use": "x.jsonl", "backend": "mindspore",
+                       "output_dir": str(tmp_path), **train})
+    with pytest.raises(ConfigError, match=f"{named} belong to the torch engine"):
+        _build_mindspore_backend(cfg, info=None, circle_rope=None)
