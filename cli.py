@@ -142,9 +142,13 @@ def cmd_bench_model(args: argparse.Namespace, extra: list[str]) -> int:
     try:
         result = run_bench(
             args.model_shape, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
-            pack_length=args.pack_length, command=command,
-            train_options={"torch_compile": args.torch_compile, "use_liger_kernel": args.liger_kernel},
+            pack_length=args.pack_length, command=command, train_type=args.train_type,
+            with_stock=not args.no_stock, match_steps=args.match_steps, learning_rate=args.learning_rate,
+            train_options={"torch_compile": args.torch_compile, "use_liger_kernel": args.liger_kernel, "pure_bf16": args.pure_bf16,
+                           "gradient_checkpointing": args.gradient_checkpointing, "optim": args.optim},
         )
+        if args.name:
+            result["name"] = args.name
     except (RuntimeError, ValueError) as e:
         print(f"vltune bench: {e}", file=sys.stderr)
         return 1
@@ -391,6 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pack-length", type=int, default=4096, help="tokens per packed row of the vltune path")
     p.add_argument("--torch-compile", action="store_true", help="vltune path with torch_compile (give it a longer --warmup)")
     p.add_argument("--liger-kernel", action="store_true", help="vltune path with use_liger_kernel")
+    p.add_argument("--train-type", default="full", choices=["full", "lora"], help="full (vision tower frozen) or lora")
+    p.add_argument("--pure-bf16", action="store_true", help="vltune path with pure_bf16 (bf16 weights, no fp32 copy)")
+    p.add_argument("--optim", default="adamw_torch", help="vltune path's optimizer: adamw_torch | adamw_torch_8bit")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="vltune path with gradient_checkpointing")
+    p.add_argument("--no-stock", action="store_true", help="run the vltune path alone (e.g. a size the stock path cannot fit)")
+    p.add_argument("--match-steps", action="store_true",
+                   help="vltune takes one optimizer step per stock micro-batch (same samples per step): compares the loss curves")
+    p.add_argument("--learning-rate", type=float, default=1e-5, help="both paths (constant; no warm-up)")
+    p.add_argument("--name", help="report name (default MODEL_SHAPE, or MODEL_SHAPE-lora)")
     p.add_argument("--out", default="docs/bench", help="where NAME.json and the README table go")
     p.set_defaults(run=cmd_bench_model)
     bench_sub = p.add_subparsers(dest="bench_command")

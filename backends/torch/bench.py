@@ -34,6 +34,8 @@ from vltune.data.packing import best_fit_decreasing, collate_packed
 from vltune.data.synthetic_workload import WorkloadTokens, mixed_features
 
 from .batch import to_model_inputs
+from .lora import apply_lora
+from .optim import upcast_trainable
 from .trainer import TorchBackend
 
 # The special token ids of the released Qwen2.5-VL / Qwen3-VL tokenizers (the bench has no tokenizer).
@@ -99,15 +101,29 @@ def _packed_rows(shape: ModelShape, n_samples: int, pack_length: int, seed: int)
     return [collate_packed([features[i] for i in bin_], info) for bin_ in packing.bins]
 
 
+def _packed_steps(shape: ModelShape, steps: int, batch_size: int, pack_length: int, seed: int) -> list[list[dict]]:
+    """Step k = the samples of the stock path's micro-batch k, packed into as few rows as fit: the
+    optimizer then sees the same samples per step on both paths, so the loss curves compare step by step."""
+    features, info = _features(shape, steps * batch_size, seed), _info(shape)
+    out = []
+    for k in range(steps):
+        chunk = features[k * batch_size:(k + 1) * batch_size]
+        packing = best_fit_decreasing([len(f.input_ids) for f in chunk], pack_length)
+        out.append([collate_packed([chunk[i] for i in bin_], info) for bin_ in packing.bins])
+    return out
+
+
 def _sequence_lengths(batch: dict) -> list[int]:
     if "cu_seqlens" in batch:
         return [int(n) for n in np.diff(batch["cu_seqlens"])]
     return [int(n) for n in batch["attention_mask"].sum(axis=1)]
 
 
-def step_flops(shape: ModelShape, batch: dict) -> float:
-    """Model FLOPs of one micro-batch: LLM and merger trained, vision tower frozen (forward only)."""
-    return batch_flops(shape, batch, llm_multiplier=6, vision_multiplier=2)
+def step_flops(shape: ModelShape, batch: dict, train_type: str = "full") -> float:
+    """Model FLOPs of one micro-batch, vision tower frozen (forward only, 2N). The LLM counts 6N per token
+    in full fine-tuning; with LoRA 4N (forward plus the activation gradients; its frozen weights get no
+    weight gradients, and the adapters' own FLOPs are under 1% at r=64)."""
+    return batch_flops(shape, batch, llm_multiplier=6 if train_type == "full" else 4, vision_multiplier=2)
 
 
 def _stock_step(model, optimizer, batch: dict, device: torch.device) -> torch.Tensor:
@@ -124,23 +140,28 @@ def _stock_step(model, optimizer, batch: dict, device: torch.device) -> torch.Te
     return loss.detach()
 
 
-def _time(run_step, warmup: list[dict], batches: list[dict]) -> tuple[float, list[float]]:
-    """Seconds for `batches` (after the untimed `warmup` ones) and their losses."""
-    for batch in warmup:
-        run_step(batch)
+def _time(run_step, warmup: list, steps: list) -> tuple[float, list[float]]:
+    """Seconds for `steps` (after the untimed `warmup` ones) and their losses."""
+    for step in warmup:
+        run_step(step)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    timed = [run_step(batch) for batch in batches]
+    timed = [run_step(step) for step in steps]
     torch.cuda.synchronize()
     return time.perf_counter() - start, [float(x) for x in timed]
 
 
-def _summary(name: str, shape: ModelShape, batches: list[dict], seconds: float, losses: list[float]) -> dict:
-    tokens = [sum(_sequence_lengths(b)) for b in batches]
-    flops = sum(step_flops(shape, b) for b in batches)
-    trained = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
+def _trained(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _summary(name: str, shape: ModelShape, steps: list[list[dict]], seconds: float, losses: list[float], train_type: str) -> dict:
+    batches = [b for step in steps for b in step]
+    tokens = sum(sum(_sequence_lengths(b)) for b in batches)
+    flops = sum(step_flops(shape, b, train_type) for b in batches)
+    trained = [sum(_trained(b) for b in step) for step in steps]
     return {
-        "path": name, "steps": len(batches), "tokens_per_s": round(sum(tokens) / seconds, 1),
+        "path": name, "steps": len(steps), "rows": len(batches), "tokens_per_s": round(tokens / seconds, 1),
         "samples_per_s": round(sum(len(_sequence_lengths(b)) for b in batches) / seconds, 2),
         "mfu": round(flops / seconds / H100_BF16_PEAK, 4), "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "seconds": round(seconds, 2), "mean_loss": round(sum(l * n for l, n in zip(losses, trained)) / sum(trained), 4),
@@ -148,87 +169,128 @@ def _summary(name: str, shape: ModelShape, batches: list[dict], seconds: float, 
     }
 
 
+def _run_stock(shape, seed, device, train_type, padded, padded_warmup, learning_rate: float) -> tuple[dict, dict]:
+    """(a) on padded batches; returns its summary and the initial weights, for (b) to start from."""
+    model = build_model(shape, seed, device)
+    initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    if train_type == "lora":
+        # What a peft user runs: the base in bf16, fp32 adapters (peft's default), the merger trained in full.
+        model.to(torch.bfloat16)
+        torch.manual_seed(seed)  # the adapters' init, as (b) draws it
+        model = apply_lora(model, ModelArgs(model_name_or_path="bench", train_type="lora"))
+        upcast_trainable(model)
+    else:
+        for p in model.model.visual.parameters():
+            p.requires_grad_(False)  # vision tower frozen (qwen-vl-finetune's default), merger trained
+        for p in model.model.visual.merger.parameters():
+            p.requires_grad_(True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+    torch.cuda.reset_peak_memory_stats()
+    seconds, losses = _time(lambda b: _stock_step(model, optimizer, b, device), padded_warmup, padded)
+    summary = _summary("stock", shape, [[b] for b in padded], seconds, losses, train_type)
+    model = optimizer = None  # free the GPU for (b)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return summary, initial
+
+
 def run_bench(
     model_shape: str, *, steps: int = 20, warmup: int = 5, batch_size: int = 2, pack_length: int = 4096,
-    seed: int = 0, command: str = "", train_options: dict | None = None,
+    seed: int = 0, command: str = "", train_type: str = "full", train_options: dict | None = None,
+    with_stock: bool = True, match_steps: bool = False, learning_rate: float = 1e-5,
 ) -> dict:
     """(a) stock on `steps` padded micro-batches of `batch_size`, (b) vltune on the very same samples
     packed into rows of <= `pack_length` tokens; each after untimed warm-up steps on other samples.
-    `train_options`: TrainArgs keys for (b), e.g. {"torch_compile": True} (whose warm-up must be long
-    enough to compile for the row lengths it will see)."""
+
+    `train_type`: full (vision tower frozen) or lora (adapters on the LLM, merger trained; stock runs
+    peft on a bf16 base). `train_options`: TrainArgs keys for (b), e.g. {"torch_compile": True} (whose
+    warm-up must be long enough to compile for the row lengths it will see), {"pure_bf16": True}.
+    `with_stock=False` runs (b) alone (a configuration the stock path cannot fit). `match_steps`: (b) takes
+    one optimizer step per stock micro-batch, over the same samples packed (the loss-curve comparison)
+    instead of one per packed row. `learning_rate` for both paths (a larger one makes the loss curves move)."""
     if not torch.cuda.is_available():
         raise RuntimeError("vltune bench needs a CUDA GPU (speed is claimed only from GPU runs)")
     if model_shape not in SHAPES:
         raise ValueError(f"unknown --model-shape {model_shape!r}; choose one of {', '.join(SHAPES)}")
+    if train_type not in ("full", "lora"):
+        raise ValueError(f"unknown --train-type {train_type!r}; choose full or lora")
     shape, device = SHAPES[model_shape], torch.device("cuda")
     # torch 2.11's cuDNN attention fails on some of these shapes ("mha_graph.execute"); both paths use
     # the flash / memory-efficient sdpa kernels instead.
     torch.backends.cuda.enable_cudnn_sdp(False)
     n_samples = steps * batch_size
-    padded, padded_warmup = _batches(shape, steps, batch_size, seed), _batches(shape, warmup, batch_size, seed + 1)
-    packed, packed_warmup = _packed_rows(shape, n_samples, pack_length, seed), _packed_rows(shape, warmup * batch_size, pack_length, seed + 1)
+    if match_steps:
+        packed = _packed_steps(shape, steps, batch_size, pack_length, seed)
+        packed_warmup = _packed_steps(shape, warmup, batch_size, pack_length, seed + 1)
+    else:
+        packed = [[row] for row in _packed_rows(shape, n_samples, pack_length, seed)]
+        packed_warmup = [[row] for row in _packed_rows(shape, warmup * batch_size, pack_length, seed + 1)]
 
-    # (a) stock
-    model = build_model(shape, seed, device)
-    initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    for p in model.model.visual.parameters():
-        p.requires_grad_(False)  # vision tower frozen (qwen-vl-finetune's default), merger trained
-    for p in model.model.visual.merger.parameters():
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    torch.cuda.reset_peak_memory_stats()
-    seconds, losses = _time(lambda b: _stock_step(model, optimizer, b, device), padded_warmup, padded)
-    stock = _summary("stock", shape, padded, seconds, losses)
-    del model, optimizer
-    gc.collect()
-    torch.cuda.empty_cache()
+    stock_run = None
+    if with_stock:
+        padded, padded_warmup = _batches(shape, steps, batch_size, seed), _batches(shape, warmup, batch_size, seed + 1)
+        stock_run, initial = _run_stock(shape, seed, device, train_type, padded, padded_warmup, learning_rate)
 
     # (b) vltune, same init, same samples
     model = build_model(shape, seed, device)
-    model.load_state_dict(initial)
-    del initial
-    options = dict(train_options or {})
-    backend = TorchBackend(model, Path("."), _info(shape), ModelArgs(model_name_or_path="bench"),
-                           TrainArgs(bf16=True, learning_rate=1e-5, max_grad_norm=1.0, weight_decay=0.0, **options))
+    if with_stock:
+        model.load_state_dict(initial)
+        del initial
+    options = {k: v for k, v in (train_options or {}).items() if v != getattr(TrainArgs, k)}  # only what differs
+    torch.manual_seed(seed)  # the LoRA adapters' init, as (a) drew it
+    backend = TorchBackend(model, Path("."), _info(shape), ModelArgs(model_name_or_path="bench", train_type=train_type),
+                           TrainArgs(bf16=True, learning_rate=learning_rate, max_grad_norm=1.0, weight_decay=0.0, **options))
     torch.cuda.reset_peak_memory_stats()
 
-    def vltune_step(batch: dict) -> float:
-        count = int((batch["labels"][:, 1:] != -100).sum())
-        loss_sum = backend.forward_backward(batch, 1.0 / count)
+    def vltune_step(rows: list[dict]) -> float:
+        count = sum(_trained(row) for row in rows)
+        loss_sum = sum(backend.forward_backward(row, 1.0 / count) for row in rows)
         backend.optimizer_step(1.0, 1.0)
         return loss_sum / count
 
     seconds, losses = _time(vltune_step, packed_warmup, packed)
-    ours = _summary("vltune", shape, packed, seconds, losses)
+    ours = _summary("vltune", shape, packed, seconds, losses, train_type)
+    runs = [r for r in (stock_run, ours) if r is not None]
 
-    extras = "".join(f" + {key}" for key, value in options.items() if value)
-    return {
-        "model": model_shape, "gpu": torch.cuda.get_device_name(),
-        "mode": f"full (vision tower frozen); stock: padded batches of {batch_size}; vltune: packed rows of {pack_length}{extras}",
-        "tokens_per_s": ours["tokens_per_s"], "stock_tokens_per_s": stock["tokens_per_s"],
-        "speedup_vs_stock": round(ours["tokens_per_s"] / stock["tokens_per_s"], 3), "mfu": ours["mfu"], "stock_mfu": stock["mfu"],
-        "peak_mem_gib": ours["peak_mem_gib"], "stock_peak_mem_gib": stock["peak_mem_gib"],
-        "samples": n_samples, "batch_size": batch_size, "pack_length": pack_length, "warmup": warmup, "train_options": options,
-        "command": command,
-        "shape": asdict(shape), "runs": [stock, ours],
+    extras = "".join(f" + {key}" if value is True else f" + {key}={value}" for key, value in options.items() if value)
+    base = " on a bf16 base (peft)" if train_type == "lora" else ""
+    mode = (f"{train_type} (vision tower frozen); stock: padded batches of {batch_size}{base}; "
+            f"vltune: packed rows of {pack_length}{extras}" + ("; one step per stock micro-batch" if match_steps else ""))
+    name = model_shape + ("-lora" if train_type == "lora" else "")
+    result = {
+        "name": name, "model": model_shape, "gpu": torch.cuda.get_device_name(), "mode": mode, "train_type": train_type,
+        "tokens_per_s": ours["tokens_per_s"], "stock_tokens_per_s": None, "speedup_vs_stock": None,
+        "mfu": ours["mfu"], "stock_mfu": None, "peak_mem_gib": ours["peak_mem_gib"], "stock_peak_mem_gib": None,
+        "samples": n_samples, "batch_size": batch_size, "learning_rate": learning_rate, "pack_length": pack_length, "warmup": warmup,
+        "train_options": options, "command": command, "shape": asdict(shape), "runs": runs,
     }
+    if stock_run is not None:
+        a = stock_run
+        result.update(stock_tokens_per_s=a["tokens_per_s"], speedup_vs_stock=round(ours["tokens_per_s"] / a["tokens_per_s"], 3),
+                      stock_mfu=a["mfu"], stock_peak_mem_gib=a["peak_mem_gib"])
+        if match_steps:
+            result["loss_max_rel_diff"] = round(max(abs(x - y) / abs(y) for x, y in zip(ours["losses"], a["losses"])), 5)
+    else:
+        result["mode"] += "; stock not run"
+    return result
 
 
 def write_report(result: dict, out_dir: str | Path) -> Path:
     """docs/bench/NAME.json plus a row in docs/bench/README.md's table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{result['model']}.json"
+    name = result.get("name", result["model"])
+    path = out / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     table = out / "README.md"
-    header = "| model | gpu | mode | tokens/s | stock tokens/s | speedup | MFU | stock MFU | peak GiB | command |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    header = "| name | gpu | mode | tokens/s | stock tokens/s | speedup | MFU | stock MFU | peak GiB | command |\n|---|---|---|---|---|---|---|---|---|---|\n"
     rows = {}
     if table.exists():
         for line in table.read_text().splitlines()[2:]:
             if line.startswith("| "):
                 rows[line.split("|")[1].strip()] = line
     r = result
-    rows[r["model"]] = (f"| {r['model']} | {r['gpu']} | {r['mode']} | {r['tokens_per_s']} | {r['stock_tokens_per_s']} | "
+    rows[name] = (f"| {name} | {r['gpu']} | {r['mode']} | {r['tokens_per_s']} | {r['stock_tokens_per_s']} | "
                         f"{r['speedup_vs_stock']} | {r['mfu']} | {r['stock_mfu']} | {r['peak_mem_gib']} | `{r['command']}` |")
     table.write_text(header + "\n".join(rows[k] for k in sorted(rows)) + "\n")
     return path

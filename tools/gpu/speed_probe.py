@@ -9,10 +9,13 @@ Variants (each on a fresh random-init model of the same seed, the same packed 40
   liger         chunked + use_liger_kernel (RMSNorm / SwiGLU kernels)
   vision_bf16   chunked with the frozen vision blocks held in bf16 (no per-step weight casts, bf16 activations)
   vision_bf16_compile  vision_bf16 + torch_compile
+  bf16_8bit     pure_bf16 + optim adamw_torch_8bit (bf16 weights, 8-bit AdamW); _liger / _compile on top
+  bf16_base     pure_bf16, for --train-type lora (bf16 base, fp32 adapters); _liger / _compile on top
 Also: the bf16 matmul ceiling of this GPU at the model's MLP shape, and (--profile) a torch.profiler
 breakdown of one step of the first variant: device time by kernel class and device-idle share.
 
-Usage (GPU machine, repo root): python3 tools/gpu/speed_probe.py --shape qwen2_5_vl-3b --variants kept_logits,fused_ce
+Usage (GPU machine, repo root): python3 tools/gpu/speed_probe.py --shape qwen2_5_vl-3b --variants chunked,bf16_8bit
+       python3 tools/gpu/speed_probe.py --shape qwen2_5_vl-7b --train-type lora --variants bf16_base,bf16_base_liger
 """
 
 from __future__ import annotations
@@ -41,6 +44,14 @@ VARIANTS = {
     "liger": ({"use_liger_kernel": True}, {}),
     "vision_bf16": ({}, {"vision_bf16": True}),
     "vision_bf16_compile": ({"torch_compile": True}, {"vision_bf16": True}),
+    # bf16 weights with no fp32 copy; full fine-tuning needs the 8-bit AdamW's stochastic rounding with them
+    "bf16_8bit": ({"pure_bf16": True, "optim": "adamw_torch_8bit"}, {}),
+    "bf16_8bit_liger": ({"pure_bf16": True, "optim": "adamw_torch_8bit", "use_liger_kernel": True}, {}),
+    "bf16_8bit_compile": ({"pure_bf16": True, "optim": "adamw_torch_8bit", "torch_compile": True}, {}),
+    # --train-type lora: a bf16 base under fp32 adapters
+    "bf16_base": ({"pure_bf16": True}, {}),
+    "bf16_base_liger": ({"pure_bf16": True, "use_liger_kernel": True}, {}),
+    "bf16_base_compile": ({"pure_bf16": True, "torch_compile": True}, {}),
 }
 
 
@@ -57,10 +68,10 @@ def matmul_ceiling(m: int, k: int, n: int) -> float:
     return 2 * m * k * n * 50 / (start.elapsed_time(end) / 1e3)
 
 
-def make_backend(shape, train: dict, hooks: dict) -> TorchBackend:
+def make_backend(shape, train: dict, hooks: dict, train_type: str) -> TorchBackend:
     model = build_model(shape, seed=0, device=torch.device("cuda"))
     args = TrainArgs(bf16=True, learning_rate=1e-5, max_grad_norm=1.0, weight_decay=0.0, **train)
-    backend = TorchBackend(model, Path("."), _info(shape), ModelArgs(model_name_or_path="bench"), args)
+    backend = TorchBackend(model, Path("."), _info(shape), ModelArgs(model_name_or_path="bench", train_type=train_type), args)
     if "head_loss_after_forward" in hooks:
         backend.head_loss_after_forward = hooks["head_loss_after_forward"]
     if hooks.get("vision_bf16"):
@@ -154,9 +165,9 @@ def profile_step(backend: TorchBackend, batch: dict, out_dir: Path, name: str) -
             "by_class_ms": {k: round(v, 1) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])}}
 
 
-def run_variant(name: str, shape, rows: list[dict], warmup: list[dict], profile: bool, out_dir: Path) -> dict:
+def run_variant(name: str, shape, rows: list[dict], warmup: list[dict], profile: bool, out_dir: Path, train_type: str) -> dict:
     train, hooks = VARIANTS[name]
-    backend = make_backend(shape, train, hooks)
+    backend = make_backend(shape, train, hooks, train_type)
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     for batch in warmup:
@@ -168,7 +179,7 @@ def run_variant(name: str, shape, rows: list[dict], warmup: list[dict], profile:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t
     tokens = sum(int(b["cu_seqlens"][-1]) for b in rows)
-    flops = sum(step_flops(shape, b) for b in rows)
+    flops = sum(step_flops(shape, b, train_type) for b in rows)
     result = {"variant": name, "tokens_per_s": round(tokens / seconds, 1), "mfu": round(flops / seconds / H100_BF16_PEAK, 4),
               "ms_per_row": round(seconds / len(rows) * 1e3, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
               "warmup_s": round(warm_s, 1), "losses": [round(x, 4) for x in losses]}
@@ -188,6 +199,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--samples", type=int, default=60)
     parser.add_argument("--pack-length", type=int, default=4096)
+    parser.add_argument("--train-type", default="full", choices=["full", "lora"])
+    parser.add_argument("--warmup-samples", type=int, default=12)
     parser.add_argument("--profile", default="", help="comma-separated variants to break down (phase times, profile)")
     args = parser.parse_args()
     out_dir = Path(os.environ.get("OUT", "/tmp/vltune-gpu"))
@@ -198,12 +211,12 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; bf16 matmul [4096x{h}]x[{h}x{i}]: "
           f"{matmul_ceiling(4096, h, i) / 1e12:.0f} TFLOP/s, [4096x{i}]x[{i}x{h}]: {matmul_ceiling(4096, i, h) / 1e12:.0f} TFLOP/s", flush=True)
     rows = _packed_rows(shape, args.samples, args.pack_length, seed=0)
-    warmup = _packed_rows(shape, 12, args.pack_length, seed=1)
+    warmup = _packed_rows(shape, args.warmup_samples, args.pack_length, seed=1)
     print(f"{len(rows)} timed rows, {len(warmup)} warm-up rows", flush=True)
     results = []
     for name in args.variants.split(","):
         try:
-            results.append(run_variant(name, shape, rows, warmup, name in args.profile.split(","), out_dir))
+            results.append(run_variant(name, shape, rows, warmup, name in args.profile.split(","), out_dir, args.train_type))
         except Exception as e:  # one failing variant must not cost the others' numbers
             traceback.print_exc()
             results.append({"variant": name, "error": f"{type(e).__name__}: {e}"[:300]})
@@ -211,7 +224,7 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
         print(json.dumps(results[-1]), flush=True)
-    (out_dir / f"speed_probe_{args.shape}.json").write_text(json.dumps(results, indent=2))
+    (out_dir / f"speed_probe_{args.shape}-{args.train_type}.json").write_text(json.dumps(results, indent=2))
     print("\n| variant | tokens/s | MFU | ms/row | peak GiB | first loss |\n|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from vltune.backends.torch.bench import _batches, _packed_rows, hf_config, step_flops  # noqa: E402
+from vltune.backends.torch.bench import _batches, _packed_rows, _packed_steps, hf_config, step_flops  # noqa: E402
 from vltune.core.flops import SHAPES, llm_flops, llm_params, vision_flops  # noqa: E402
 
 
@@ -43,3 +43,26 @@ def test_packed_rows_hold_the_same_samples_and_flops():
     assert sum(int(b["attention_mask"].sum()) for b in padded) == sum(b["input_ids"].shape[1] for b in packed)
     assert all(b["input_ids"].shape[1] <= 4096 for b in packed)
     assert abs(sum(step_flops(shape, b) for b in padded) / sum(step_flops(shape, b) for b in packed) - 1) < 1e-12
+
+
+def test_matched_steps_pack_each_stock_micro_batch_on_its_own():
+    """--match-steps: vltune's step k holds exactly the samples of the stock path's micro-batch k."""
+    shape = SHAPES["qwen2_5_vl-3b"]
+    padded = _batches(shape, steps=5, batch_size=3, seed=4)
+    steps = _packed_steps(shape, steps=5, batch_size=3, pack_length=2048, seed=4)
+    assert len(steps) == len(padded)
+    for batch, rows in zip(padded, steps):
+        lengths = sorted(int(n) for n in batch["attention_mask"].sum(axis=1))
+        packed = sorted(int(n) for row in rows for n in (row["cu_seqlens"][1:] - row["cu_seqlens"][:-1]))
+        assert packed == lengths
+        assert all(row["input_ids"].shape[1] <= 2048 for row in rows)
+        assert sum(int((r["labels"][:, 1:] != -100).sum()) for r in rows) == int((batch["labels"][:, 1:] != -100).sum())
+    assert any(len(rows) > 1 for rows in steps)  # some micro-batches need two rows at 2048: gradients accumulate
+
+
+def test_lora_counts_no_weight_gradient_flops():
+    shape = SHAPES["qwen2_5_vl-7b"]
+    batch = _batches(shape, steps=1, batch_size=2, seed=1)[0]
+    lengths = [int(n) for n in batch["attention_mask"].sum(axis=1)]
+    patches = [int(g.prod()) for g in batch["image_grid_thw"]]
+    assert step_flops(shape, batch, "lora") == llm_flops(shape, lengths, 4) + vision_flops(shape, patches, 2)
