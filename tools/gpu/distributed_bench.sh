@@ -7,7 +7,8 @@
 # peak allocated memory over ranks, appended to $OUT/dist_bench.jsonl (logs in $OUT/RUN.log).
 # The machine's image lacks DeepSpeed / pydantic / hjson and has an older transformers: the wheels in
 # .whl/p6/ (carried; see docs/distributed.md) are installed first.
-# Usage (repo root): [BATCH=40 CKPT=true] bash tools/gpu/distributed_bench.sh [zero2x1 zero2x2 zero3x2 fsdpx2]   (default: all four)
+# Usage (repo root): [BATCH=40 CKPT=true] bash tools/gpu/distributed_bench.sh [zero2x1 zero2x2 zero3x2 fsdpx2 zero2bx1 zero2bx2]
+# (default: the first four)
 set -uo pipefail
 OUT=${OUT:-/tmp/vltune-gpu}
 WORK=${WORK:-/dev/shm/vltune-bench}   # tmpfs: the 3B model is read once per rank and saved once per run
@@ -84,6 +85,11 @@ for run in ${@:-zero2x1 zero2x2 zero3x2 fsdpx2}; do
   case $run in
     zero2x1) nproc=1; engine=(--deepspeed zero2) ;;
     zero2x2) nproc=2; engine=(--deepspeed zero2) ;;
+    # zero2b: the bundled zero2.json with DeepSpeed's own default reduce bucket (5e8 elements) instead of
+    # the HF-style "auto" = hidden^2 (4.2M for the 3B: ~740 buckets of gradients per step)
+    zero2bx1|zero2bx2)
+      python3 -c "import json,sys; c=json.load(open('recipes/deepspeed/zero2.json')); c['zero_optimization']['reduce_bucket_size']=500000000; json.dump(c,open(sys.argv[1],'w'))" "$WORK/zero2_bucket5e8.json"
+      nproc=${run#zero2bx}; engine=(--deepspeed "$WORK/zero2_bucket5e8.json") ;;
     zero3x2) nproc=2; engine=(--deepspeed zero3) ;;
     fsdpx2)  nproc=2; engine=(--fsdp true) ;;
     *) echo "unknown run $run"; exit 2 ;;

@@ -85,6 +85,8 @@ def test_deepspeed_auto_values_come_from_the_recipe(tmp_path):
     zero = cfg["zero_optimization"]
     assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"], zero["stage3_param_persistence_threshold"]) == (4096, 3686, 640)
     assert "optimizer" not in cfg and "scheduler" not in cfg
+    zero2 = deepspeed_config(RECIPE_DIR / "deepspeed" / "zero2.json", args, 8, 64, bf16=True)["zero_optimization"]
+    assert zero2["reduce_bucket_size"] == 500_000_000  # DeepSpeed's default: few buckets, measured faster
     offload = deepspeed_config(RECIPE_DIR / "deepspeed" / "zero3_offload.json", args, 8, 64, bf16=True)
     assert offload["zero_force_ds_cpu_optimizer"] is False  # vltune's torch AdamW runs on the offloaded state
 
