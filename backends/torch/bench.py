@@ -169,15 +169,16 @@ def _summary(name: str, shape: ModelShape, steps: list[list[dict]], seconds: flo
     }
 
 
-def _run_stock(shape, seed, device, train_type, padded, padded_warmup, learning_rate: float) -> tuple[dict, dict]:
+def _run_stock(shape, seed, device, model_args: ModelArgs, padded, padded_warmup, learning_rate: float) -> tuple[dict, dict]:
     """(a) on padded batches; returns its summary and the initial weights, for (b) to start from."""
     model = build_model(shape, seed, device)
     initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    train_type = model_args.train_type
     if train_type == "lora":
         # What a peft user runs: the base in bf16, fp32 adapters (peft's default), the merger trained in full.
         model.to(torch.bfloat16)
         torch.manual_seed(seed)  # the adapters' init, as (b) draws it
-        model = apply_lora(model, ModelArgs(model_name_or_path="bench", train_type="lora"))
+        model = apply_lora(model, model_args)
         upcast_trainable(model)
     else:
         for p in model.model.visual.parameters():
@@ -226,10 +227,13 @@ def run_bench(
         packed = [[row] for row in _packed_rows(shape, n_samples, pack_length, seed)]
         packed_warmup = [[row] for row in _packed_rows(shape, warmup * batch_size, pack_length, seed + 1)]
 
+    # The recipe's LoRA defaults; --match-steps turns LoRA dropout off, whose masks would differ between
+    # the padded and the packed layout and make the curves drift for a reason other than the math.
+    model_args = ModelArgs(model_name_or_path="bench", train_type=train_type, lora_dropout=0.0 if match_steps else ModelArgs.lora_dropout)
     stock_run = None
     if with_stock:
         padded, padded_warmup = _batches(shape, steps, batch_size, seed), _batches(shape, warmup, batch_size, seed + 1)
-        stock_run, initial = _run_stock(shape, seed, device, train_type, padded, padded_warmup, learning_rate)
+        stock_run, initial = _run_stock(shape, seed, device, model_args, padded, padded_warmup, learning_rate)
 
     # (b) vltune, same init, same samples
     model = build_model(shape, seed, device)
@@ -238,7 +242,7 @@ def run_bench(
         del initial
     options = {k: v for k, v in (train_options or {}).items() if v != getattr(TrainArgs, k)}  # only what differs
     torch.manual_seed(seed)  # the LoRA adapters' init, as (a) drew it
-    backend = TorchBackend(model, Path("."), _info(shape), ModelArgs(model_name_or_path="bench", train_type=train_type),
+    backend = TorchBackend(model, Path("."), _info(shape), model_args,
                            TrainArgs(bf16=True, learning_rate=learning_rate, max_grad_norm=1.0, weight_decay=0.0, **options))
     torch.cuda.reset_peak_memory_stats()
 
@@ -256,6 +260,8 @@ def run_bench(
     base = " on a bf16 base (peft)" if train_type == "lora" else ""
     mode = (f"{train_type} (vision tower frozen); stock: padded batches of {batch_size}{base}; "
             f"vltune: packed rows of {pack_length}{extras}" + ("; one step per stock micro-batch" if match_steps else ""))
+    if match_steps and train_type == "lora":
+        mode += "; LoRA dropout 0"
     name = model_shape + ("-lora" if train_type == "lora" else "")
     result = {
         "name": name, "model": model_shape, "gpu": torch.cuda.get_device_name(), "mode": mode, "train_type": train_type,
