@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--liger-kernel", action="store_true", help="vltune path with use_liger_kernel")
     p.add_argument("--train-type", default="full", choices=["full", "lora"], help="full (vision tower frozen) or lora")
     p.add_argument("--pure-bf16", action="store_true", help="vltune path with pure_bf16 (bf16 weights, no fp32 copy)")
-    p.add_argument("--optim", default="adamw_torch", help="vltune path's optimizer: adamw_torch | adamw_torch_8bit")
+    p.add_argument("--optim", default="adamw_torch", choices=["adamw_torch", "adamw_torch_8bit"], help="vltune path's optimizer")
     p.add_argument("--gradient-checkpointing", action="store_true", help="vltune path with gradient_checkpointing")
     p.add_argument("--no-stock", action="store_true", help="run the vltune path alone (e.g. a size the stock path cannot fit)")
     p.add_argument("--match-steps", action="store_true",

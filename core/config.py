@@ -169,10 +169,10 @@ class TrainArgs:
     """adamw_torch (torch AdamW, fused on GPU) | adamw_torch_8bit (torchao's 8-bit AdamW: 2 bytes of
     optimizer state per trained weight instead of 8; torch, one process)."""
     pure_bf16: bool = False
-    """torch, one process: hold the weights in bf16 with no fp32 copy (LLaMA-Factory's pure_bf16), halving
-    weight and gradient memory; LoRA adapters and other LoRA-trained modules stay fp32. Needs bf16: true;
-    full fine-tuning with it needs optim: adamw_torch_8bit, whose stochastic rounding keeps the updates
-    that bf16 would round away."""
+    """torch, without deepspeed / fsdp: hold the weights in bf16 with no fp32 copy (LLaMA-Factory's
+    pure_bf16), halving weight and gradient memory (gradients also accumulate in bf16); LoRA adapters and
+    other LoRA-trained modules stay fp32. Needs bf16: true; full fine-tuning with it needs optim:
+    adamw_torch_8bit, whose stochastic rounding keeps the updates that bf16 would round away."""
     num_threads: int = 0
     """torch intra-op threads on CPU (0 = library default)."""
     deepspeed: str | None = None
@@ -440,8 +440,13 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_8bit")
 
 
 def _precision_problems(cfg: "RecipeConfig") -> list[str]:
-    """optim / pure_bf16: known names, and the combinations that train (or fit) as the user expects."""
-    t, problems = cfg.train, []
+    return precision_problems(cfg.train, cfg.model.train_type)
+
+
+def precision_problems(t: TrainArgs, train_type: str) -> list[str]:
+    """optim / pure_bf16: known names, and the combinations that train (or fit) as the user expects.
+    (Several DDP ranks with adamw_torch_8bit are refused where the world size is known: backends/torch/parallel.py.)"""
+    problems = []
     if t.optim not in OPTIMIZERS:
         problems.append(f"optim: {t.optim!r} is not one of {', '.join(OPTIMIZERS)}")
     sharded = "deepspeed" if t.deepspeed else "fsdp" if t.fsdp else None
@@ -451,7 +456,7 @@ def _precision_problems(cfg: "RecipeConfig") -> list[str]:
         problems.append(f"pure_bf16 is for one process; {sharded} keeps bf16 compute with fp32 master weights itself")
     if t.pure_bf16 and not t.bf16:
         problems.append("pure_bf16 needs bf16: true (it holds the weights in bf16 and computes in bf16)")
-    if t.pure_bf16 and cfg.model.train_type == "full" and t.optim != "adamw_torch_8bit":
+    if t.pure_bf16 and train_type == "full" and t.optim != "adamw_torch_8bit":
         # A bf16 weight of magnitude w moves only in steps of ~w/256: plain AdamW's 1e-5-sized updates round to zero.
         problems.append("pure_bf16 with train_type full needs optim: adamw_torch_8bit (its stochastic rounding keeps "
                         "updates smaller than bf16's resolution; plain AdamW would round them away)")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vltune.core.config import ModelArgs, TrainArgs
+from vltune.core.config import ModelArgs, TrainArgs, precision_problems
 from vltune.core.flops import H100_BF16_PEAK, SHAPES, ModelShape, batch_flops
 from vltune.data.collate import collate_padded
 from vltune.data.model_info import ModelInfo
@@ -35,7 +35,7 @@ from vltune.data.synthetic_workload import WorkloadTokens, mixed_features
 
 from .batch import to_model_inputs
 from .lora import apply_lora
-from .optim import upcast_trainable
+from .optim import bf16_weights, upcast_trainable
 from .trainer import TorchBackend
 
 # The special token ids of the released Qwen2.5-VL / Qwen3-VL tokenizers (the bench has no tokenizer).
@@ -176,7 +176,7 @@ def _run_stock(shape, seed, device, model_args: ModelArgs, padded, padded_warmup
     train_type = model_args.train_type
     if train_type == "lora":
         # What a peft user runs: the base in bf16, fp32 adapters (peft's default), the merger trained in full.
-        model.to(torch.bfloat16)
+        bf16_weights(model)
         torch.manual_seed(seed)  # the adapters' init, as (b) draws it
         model = apply_lora(model, model_args)
         upcast_trainable(model)
@@ -209,12 +209,16 @@ def run_bench(
     `with_stock=False` runs (b) alone (a configuration the stock path cannot fit). `match_steps`: (b) takes
     one optimizer step per stock micro-batch, over the same samples packed (the loss-curve comparison)
     instead of one per packed row. `learning_rate` for both paths (a larger one makes the loss curves move)."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("vltune bench needs a CUDA GPU (speed is claimed only from GPU runs)")
     if model_shape not in SHAPES:
         raise ValueError(f"unknown --model-shape {model_shape!r}; choose one of {', '.join(SHAPES)}")
     if train_type not in ("full", "lora"):
         raise ValueError(f"unknown --train-type {train_type!r}; choose full or lora")
+    options = {k: v for k, v in (train_options or {}).items() if v != getattr(TrainArgs, k)}  # only what differs
+    problems = precision_problems(TrainArgs(bf16=True, **options), train_type)
+    if problems:  # the recipe's own rules: e.g. pure_bf16 full fine-tuning with plain AdamW would not train
+        raise ValueError("; ".join(problems))
+    if not torch.cuda.is_available():
+        raise RuntimeError("vltune bench needs a CUDA GPU (speed is claimed only from GPU runs)")
     shape, device = SHAPES[model_shape], torch.device("cuda")
     # torch 2.11's cuDNN attention fails on some of these shapes ("mha_graph.execute"); both paths use
     # the flash / memory-efficient sdpa kernels instead.
@@ -240,7 +244,6 @@ def run_bench(
     if with_stock:
         model.load_state_dict(initial)
         del initial
-    options = {k: v for k, v in (train_options or {}).items() if v != getattr(TrainArgs, k)}  # only what differs
     torch.manual_seed(seed)  # the LoRA adapters' init, as (a) drew it
     backend = TorchBackend(model, Path("."), _info(shape), model_args,
                            TrainArgs(bf16=True, learning_rate=learning_rate, max_grad_norm=1.0, weight_decay=0.0, **options))

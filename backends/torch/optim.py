@@ -4,7 +4,8 @@ Two implementations, picked by the recipe's `optim`:
 - adamw_torch: torch AdamW (fused on GPU), fp32 state of 8 bytes per trained weight;
 - adamw_torch_8bit: torchao's AdamW8bit (the implementation behind transformers' optim of the same
   name), block-quantised 8-bit moments, 2 bytes per weight. With bf16 weights (pure_bf16) it rounds
-  each update stochastically, so updates far below a bf16 weight's resolution still move it on average.
+  each update stochastically, so updates far below a bf16 weight's resolution still move it on average;
+  the state of the small tensors it does not quantise is kept in fp32 (_adamw_8bit_class).
   This is what lets a 7B full fine-tune fit one 80 GB GPU: bf16 weights + bf16 gradients + 8-bit state
   = 6 bytes per weight, against 16 for fp32 weights with fp32 AdamW.
 torchao is chosen over bitsandbytes because it is plain torch (so it runs and is tested on CPU) and a
@@ -31,6 +32,8 @@ the per-component ratios survive warmup and decay.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from vltune.core.config import ModelArgs, TrainArgs
@@ -41,15 +44,41 @@ def build_optimizer(groups: list[dict], args: TrainArgs, device: torch.device) -
     """The recipe's `optim` over `groups` (build_param_groups)."""
     betas, eps = (args.adam_beta1, args.adam_beta2), args.adam_epsilon
     if args.optim == "adamw_torch_8bit":
-        from torchao.optim import AdamW8bit
-
-        # torchao compiles its update once per parameter shape; a VL model has more shapes than dynamo's
-        # default 8 graphs per function, and the shapes past it would run eager, several times slower.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        return AdamW8bit(groups, lr=args.learning_rate, betas=betas, eps=eps, bf16_stochastic_round=True)
+        return _adamw_8bit_class()(groups, lr=args.learning_rate, betas=betas, eps=eps, bf16_stochastic_round=True)
     if args.optim != "adamw_torch":
         raise ValueError(f"optim: {args.optim!r} is not one of adamw_torch, adamw_torch_8bit")
     return torch.optim.AdamW(groups, betas=betas, eps=eps, fused=device.type == "cuda")
+
+
+@functools.cache
+def _adamw_8bit_class() -> type:
+    """torchao's AdamW8bit, with fp32 (not the weight's dtype) for the state it does not quantise.
+
+    torchao quantises the moments of tensors of >= 4096 values; smaller ones (norm weights, q/k/v
+    biases) get plain state in the weight's dtype. With bf16 weights that state cannot decay:
+    0.999 * v rounds back to v in bf16, so the second moment only grows and those weights' updates
+    shrink for good once gradients do. Their state is tiny; here it is fp32, which torchao's update
+    (computed in fp32, copied back into the state) takes as it is.
+    """
+    from torchao.optim import AdamW8bit
+
+    class AdamW8bitFp32SmallState(AdamW8bit):
+        def _new_buffer(self, p: torch.Tensor, signed: bool) -> torch.Tensor:
+            out = super()._new_buffer(p, signed)
+            return out if hasattr(out, "codes") else out.float()  # `codes`: torchao's quantised state
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            # torch casts floating-point state to its parameter's dtype on load; put the fp32 state of the
+            # small tensors back as saved, so that a resumed run continues exactly.
+            saved = state_dict["state"]
+            super().load_state_dict(state_dict)
+            params = [p for group in self.param_groups for p in group["params"]]
+            for index, entry in saved.items():
+                for key, value in entry.items():
+                    if key != "step" and not hasattr(value, "codes") and torch.is_tensor(value) and value.dtype == torch.float32:
+                        self.state[params[index]][key] = value.to(params[index].device)
+
+    return AdamW8bitFp32SmallState
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, lr_factor: float) -> None:
@@ -60,6 +89,18 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, lr_factor: float) -> No
             group["lr"].fill_(lr)
         else:
             group["lr"] = lr
+
+
+def bf16_weights(model: torch.nn.Module) -> None:
+    """Every parameter to bf16 (pure_bf16), buffers left as they are.
+
+    Not `model.to(torch.bfloat16)`: that also rounds the rotary embeddings' fp32 `inv_freq` buffers,
+    shifting the rotation angle by radians at long positions; training would then see positions
+    that inference (which loads the checkpoint with fp32 `inv_freq`) does not.
+    """
+    for param in model.parameters():
+        if param.dtype.is_floating_point and param.dtype != torch.bfloat16:
+            param.data = param.data.to(torch.bfloat16)
 
 
 def upcast_trainable(model: torch.nn.Module) -> None:

@@ -364,6 +364,11 @@ def build_torch_backend(
 ) -> TorchBackend:
     """The engine the recipe and the launcher ask for: DeepSpeed, FSDP2, DDP (several ranks) or one process."""
     common = (model, model_dir, info, model_args, args, circle_rope)
+    if ctx.world_size > 1 and args.optim == "adamw_torch_8bit":
+        # Stochastic rounding draws random numbers on every rank, and ranks whose batches differ in shape
+        # advance their generators differently: the DDP replicas would drift apart without an error.
+        raise ConfigError("optim: adamw_torch_8bit is for one process (its stochastic rounding would differ between "
+                          "data-parallel ranks); use adamw_torch, or deepspeed / fsdp to shard the optimizer state")
     if args.deepspeed:
         return DeepSpeedBackend(*common, mdlm=mdlm, ctx=ctx)
     if args.fsdp:

@@ -30,7 +30,7 @@ from .mdlm import bidirectional_logits, diffusion_sample, weighted_loss_sum
 from .models.bidirectional import make_bidirectional
 from .models.circle_rope import CircleRopeAdapter
 from .models.varlen import enable_varlen
-from .optim import build_optimizer, build_param_groups, set_learning_rates, upcast_trainable
+from .optim import bf16_weights, build_optimizer, build_param_groups, set_learning_rates, upcast_trainable
 
 def apply_freeze(model: torch.nn.Module, model_args: ModelArgs) -> None:
     """Set requires_grad from tune_mm_llm / tune_mm_vision / tune_mm_mlp.
@@ -90,7 +90,7 @@ class TorchBackend:
             model_args = mdlm_model_args(model_args, mdlm.args)  # freeze_vision / freeze_merger
             make_bidirectional(model)
         if args.pure_bf16:
-            model.to(torch.bfloat16)  # before the adapters: peft then creates them in fp32 (autocast_adapter_dtype)
+            bf16_weights(model)  # before the adapters: peft then creates them in fp32 (autocast_adapter_dtype)
         if self.lora:
             # Freezes the base, adds adapters per tune_mm_* flags; MDLM's mask row trains as well.
             mask_row = (mdlm.mask_token_id,) if mdlm is not None else ()
@@ -188,7 +188,8 @@ class TorchBackend:
         self.optimizer.zero_grad(set_to_none=True)
 
     def learning_rates(self) -> dict[str, float]:
-        return {group["name"]: float(group["lr"]) for group in self.optimizer.param_groups}
+        # torchao keeps each rate as a float32 tensor: 7 significant digits, not 0.0005000000237...
+        return {group["name"]: float(f"{float(group['lr']):.7g}") for group in self.optimizer.param_groups}
 
     def peak_flops(self) -> float | None:
         """bf16 dense peak of this GPU (core/flops.py's table), None on CPU or an unlisted GPU: the `mfu` metric's denominator."""

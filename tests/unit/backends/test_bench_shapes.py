@@ -66,3 +66,12 @@ def test_lora_counts_no_weight_gradient_flops():
     lengths = [int(n) for n in batch["attention_mask"].sum(axis=1)]
     patches = [int(g.prod()) for g in batch["image_grid_thw"]]
     assert step_flops(shape, batch, "lora") == llm_flops(shape, lengths, 4) + vision_flops(shape, patches, 2)
+
+
+def test_bench_refuses_what_the_recipe_refuses_before_it_needs_a_gpu():
+    from vltune.backends.torch.bench import run_bench
+
+    with pytest.raises(ValueError, match="pure_bf16 with train_type full needs optim: adamw_torch_8bit"):
+        run_bench("qwen2_5_vl-3b", train_options={"pure_bf16": True})
+    with pytest.raises(ValueError, match="unknown --train-type"):
+        run_bench("qwen2_5_vl-3b", train_type="qlora")
