@@ -143,12 +143,10 @@ def cmd_bench_model(args: argparse.Namespace, extra: list[str]) -> int:
         result = run_bench(
             args.model_shape, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
             pack_length=args.pack_length, command=command, train_type=args.train_type,
-            with_stock=not args.no_stock, match_steps=args.match_steps, learning_rate=args.learning_rate,
+            with_stock=not args.no_stock, match_steps=args.match_steps, learning_rate=args.learning_rate, name=args.name,
             train_options={"torch_compile": args.torch_compile, "use_liger_kernel": args.liger_kernel, "pure_bf16": args.pure_bf16,
                            "gradient_checkpointing": args.gradient_checkpointing, "optim": args.optim},
         )
-        if args.name:
-            result["name"] = args.name
     except (RuntimeError, ValueError) as e:
         print(f"vltune bench: {e}", file=sys.stderr)
         return 1
@@ -322,6 +320,8 @@ def cmd_pack(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vltune.core.config import OPTIMIZERS
+
     parser = argparse.ArgumentParser(prog="vltune", description="Fine-tune Qwen-family vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--liger-kernel", action="store_true", help="vltune path with use_liger_kernel")
     p.add_argument("--train-type", default="full", choices=["full", "lora"], help="full (vision tower frozen) or lora")
     p.add_argument("--pure-bf16", action="store_true", help="vltune path with pure_bf16 (bf16 weights, no fp32 copy)")
-    p.add_argument("--optim", default="adamw_torch", choices=["adamw_torch", "adamw_torch_8bit"], help="vltune path's optimizer")
+    p.add_argument("--optim", default="adamw_torch", choices=OPTIMIZERS, help="vltune path's optimizer")
     p.add_argument("--gradient-checkpointing", action="store_true", help="vltune path with gradient_checkpointing")
     p.add_argument("--no-stock", action="store_true", help="run the vltune path alone (e.g. a size the stock path cannot fit)")
     p.add_argument("--match-steps", action="store_true",

@@ -410,7 +410,7 @@ def validate(cfg: RecipeConfig) -> None:
         problems.append(f"num_train_epochs: {t.num_train_epochs} must be > 0 when max_steps is -1")
     problems += _packing_problems(cfg)
     problems += _parallel_problems(t)
-    problems += _precision_problems(cfg)
+    problems += precision_problems(t, m.train_type)
     if t.use_liger_kernel and t.torch_compile:
         # Liger's Triton autograd functions inside compiled decoder layers fail in dynamo (torch 2.11).
         problems.append("use_liger_kernel and torch_compile are both set: pick one (compile fuses the same norms and gating)")
@@ -437,10 +437,6 @@ def resolve_deepspeed_config(value: str) -> Path:
 
 
 OPTIMIZERS = ("adamw_torch", "adamw_torch_8bit")
-
-
-def _precision_problems(cfg: "RecipeConfig") -> list[str]:
-    return precision_problems(cfg.train, cfg.model.train_type)
 
 
 def precision_problems(t: TrainArgs, train_type: str) -> list[str]:

@@ -94,23 +94,22 @@ def _batches(shape: ModelShape, steps: int, batch_size: int, seed: int) -> list[
     return [collate_padded(features[i * batch_size:(i + 1) * batch_size], info, pad_token_id=_IDS["bos"]) for i in range(steps)]
 
 
-def _packed_rows(shape: ModelShape, n_samples: int, pack_length: int, seed: int) -> list[dict]:
-    """The same samples as `_batches(..., seed)` packed best-fit-decreasing into rows of <= pack_length."""
-    features, info = _features(shape, n_samples, seed), _info(shape)
+def _pack(features: list, info: ModelInfo, pack_length: int) -> list[dict]:
+    """`features` packed best-fit-decreasing into rows of <= pack_length tokens."""
     packing = best_fit_decreasing([len(f.input_ids) for f in features], pack_length)
     return [collate_packed([features[i] for i in bin_], info) for bin_ in packing.bins]
+
+
+def _packed_rows(shape: ModelShape, n_samples: int, pack_length: int, seed: int) -> list[dict]:
+    """The same samples as `_batches(..., seed)` packed into rows (the bench's vltune path)."""
+    return _pack(_features(shape, n_samples, seed), _info(shape), pack_length)
 
 
 def _packed_steps(shape: ModelShape, steps: int, batch_size: int, pack_length: int, seed: int) -> list[list[dict]]:
     """Step k = the samples of the stock path's micro-batch k, packed into as few rows as fit: the
     optimizer then sees the same samples per step on both paths, so the loss curves compare step by step."""
     features, info = _features(shape, steps * batch_size, seed), _info(shape)
-    out = []
-    for k in range(steps):
-        chunk = features[k * batch_size:(k + 1) * batch_size]
-        packing = best_fit_decreasing([len(f.input_ids) for f in chunk], pack_length)
-        out.append([collate_packed([chunk[i] for i in bin_], info) for bin_ in packing.bins])
-    return out
+    return [_pack(features[k * batch_size:(k + 1) * batch_size], info, pack_length) for k in range(steps)]
 
 
 def _sequence_lengths(batch: dict) -> list[int]:
@@ -198,7 +197,7 @@ def _run_stock(shape, seed, device, model_args: ModelArgs, padded, padded_warmup
 def run_bench(
     model_shape: str, *, steps: int = 20, warmup: int = 5, batch_size: int = 2, pack_length: int = 4096,
     seed: int = 0, command: str = "", train_type: str = "full", train_options: dict | None = None,
-    with_stock: bool = True, match_steps: bool = False, learning_rate: float = 1e-5,
+    with_stock: bool = True, match_steps: bool = False, learning_rate: float = 1e-5, name: str | None = None,
 ) -> dict:
     """(a) stock on `steps` padded micro-batches of `batch_size`, (b) vltune on the very same samples
     packed into rows of <= `pack_length` tokens; each after untimed warm-up steps on other samples.
@@ -208,7 +207,8 @@ def run_bench(
     warm-up must be long enough to compile for the row lengths it will see), {"pure_bf16": True}.
     `with_stock=False` runs (b) alone (a configuration the stock path cannot fit). `match_steps`: (b) takes
     one optimizer step per stock micro-batch, over the same samples packed (the loss-curve comparison)
-    instead of one per packed row. `learning_rate` for both paths (a larger one makes the loss curves move)."""
+    instead of one per packed row. `learning_rate` for both paths (a larger one makes the loss curves move).
+    `name`: the report's file name (default MODEL_SHAPE, or MODEL_SHAPE-lora)."""
     if model_shape not in SHAPES:
         raise ValueError(f"unknown --model-shape {model_shape!r}; choose one of {', '.join(SHAPES)}")
     if train_type not in ("full", "lora"):
@@ -260,12 +260,13 @@ def run_bench(
     runs = [r for r in (stock_run, ours) if r is not None]
 
     extras = "".join(f" + {key}" if value is True else f" + {key}={value}" for key, value in options.items() if value)
-    base = " on a bf16 base (peft)" if train_type == "lora" else ""
-    mode = (f"{train_type} (vision tower frozen); stock: padded batches of {batch_size}{base}; "
-            f"vltune: packed rows of {pack_length}{extras}" + ("; one step per stock micro-batch" if match_steps else ""))
-    if match_steps and train_type == "lora":
-        mode += "; LoRA dropout 0"
-    name = model_shape + ("-lora" if train_type == "lora" else "")
+    stock_text = "not run"
+    if with_stock:
+        stock_text = f"padded batches of {batch_size}" + (" on a bf16 base (peft)" if train_type == "lora" else "")
+    mode = f"{train_type} (vision tower frozen); stock: {stock_text}; vltune: packed rows of {pack_length}{extras}"
+    if match_steps:
+        mode += "; one step per stock micro-batch" + ("; LoRA dropout 0" if train_type == "lora" else "")
+    name = name or model_shape + ("-lora" if train_type == "lora" else "")
     result = {
         "name": name, "model": model_shape, "gpu": torch.cuda.get_device_name(), "mode": mode, "train_type": train_type,
         "tokens_per_s": ours["tokens_per_s"], "stock_tokens_per_s": None, "speedup_vs_stock": None,
@@ -279,8 +280,6 @@ def run_bench(
                       stock_mfu=a["mfu"], stock_peak_mem_gib=a["peak_mem_gib"])
         if match_steps:
             result["loss_max_rel_diff"] = round(max(abs(x - y) / abs(y) for x, y in zip(ours["losses"], a["losses"])), 5)
-    else:
-        result["mode"] += "; stock not run"
     return result
 
 

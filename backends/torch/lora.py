@@ -176,19 +176,17 @@ def apply_lora(model: torch.nn.Module, model_args: ModelArgs, trainable_token_id
     return get_peft_model(model, config)
 
 
-
-def keep_adapter_inputs_in_compute_dtype(model: PeftModel) -> int:
+def keep_adapter_inputs_in_compute_dtype(model: PeftModel) -> None:
     """Stop peft casting each LoRA layer's input to the adapter's fp32 before the adapter runs.
 
     Under bf16 autocast that cast is pure cost: autocast casts the input straight back to bf16 for the
     adapter's matmul, so every adapted linear made two full-size copies of its input (and their
     gradients in the backward). peft documents the switch (`cast_input_dtype_enabled`, the flag behind
     peft.helpers.disable_input_dtype_casting). Only for runs under autocast: without it the input has
-    to match the adapter's dtype. Returns how many layers were switched.
+    to match the adapter's dtype.
     """
     from peft.tuners.lora import LoraLayer
 
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    for layer in layers:
-        layer.cast_input_dtype_enabled = False
-    return len(layers)
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            layer.cast_input_dtype_enabled = False

@@ -36,7 +36,7 @@ import functools
 
 import torch
 
-from vltune.core.config import ModelArgs, TrainArgs
+from vltune.core.config import OPTIMIZERS, ModelArgs, TrainArgs
 from vltune.core.param_groups import COMPONENTS, component_lrs, component_of, decays
 
 
@@ -46,7 +46,7 @@ def build_optimizer(groups: list[dict], args: TrainArgs, device: torch.device) -
     if args.optim == "adamw_torch_8bit":
         return _adamw_8bit_class()(groups, lr=args.learning_rate, betas=betas, eps=eps, bf16_stochastic_round=True)
     if args.optim != "adamw_torch":
-        raise ValueError(f"optim: {args.optim!r} is not one of adamw_torch, adamw_torch_8bit")
+        raise ValueError(f"optim: {args.optim!r} is not one of {', '.join(OPTIMIZERS)}")
     return torch.optim.AdamW(groups, betas=betas, eps=eps, fused=device.type == "cuda")
 
 

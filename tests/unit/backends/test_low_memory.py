@@ -13,37 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torchao")
 
 from vltune.backends.torch.models import load_model  # noqa: E402
-from vltune.backends.torch.trainer import TorchBackend  # noqa: E402
 from vltune.core.config import ConfigError, load_recipe  # noqa: E402
-from vltune.data.collate import collate_padded  # noqa: E402
-from vltune.data.dataset import SFTDataset  # noqa: E402
-from vltune.data.formats import load_samples  # noqa: E402
-
-
-def _recipe(model_dir, **train):
-    return load_recipe({"model_name_or_path": str(model_dir), "dataset_use": "x.jsonl", "learning_rate": 1e-3, **train})
-
-
-def _batches(model_dir, vqa_data):
-    dataset = SFTDataset(load_samples(vqa_data["train_file"])[:4], model_dir, max_length=512, max_pixels=12544)
-    pad = dataset.tokenizer.pad_token_id
-    return [collate_padded([dataset[i], dataset[i + 1]], dataset.info, pad) for i in (0, 2)], dataset.info
-
-
-def _backend(model_dir, info, **train) -> TorchBackend:
-    cfg = _recipe(model_dir, **train)
-    torch.manual_seed(0)
-    return TorchBackend(load_model(model_dir), model_dir, info, cfg.model, cfg.train)
-
-
-def _train(backend: TorchBackend, batches, steps: int) -> list[float]:
-    losses = []
-    for step in range(steps):
-        batch = batches[step % len(batches)]
-        count = int((batch["labels"][:, 1:] != -100).sum())
-        losses.append(backend.forward_backward(batch, 1.0 / count) / count)
-        backend.optimizer_step(1.0, 1.0)
-    return losses
 
 
 def _state_bytes(optimizer) -> int:
@@ -56,14 +26,14 @@ def _state_bytes(optimizer) -> int:
     return total
 
 
-def test_8bit_adamw_trains_like_adamw_in_a_quarter_of_the_state(tiny_qwen2_5_vl, vqa_data):
-    batches, info = _batches(tiny_qwen2_5_vl, vqa_data)
-    plain = _backend(tiny_qwen2_5_vl, info)
-    small = _backend(tiny_qwen2_5_vl, info, optim="adamw_torch_8bit")
+def test_8bit_adamw_trains_like_adamw_in_a_quarter_of_the_state(tiny_qwen2_5_vl, tiny_training):
+    batches, info = tiny_training.batches(tiny_qwen2_5_vl)
+    plain = tiny_training.backend(tiny_qwen2_5_vl, info)
+    small = tiny_training.backend(tiny_qwen2_5_vl, info, optim="adamw_torch_8bit")
     from torchao.optim import AdamW8bit
 
     assert isinstance(small.optimizer, AdamW8bit)
-    reference, losses = _train(plain, batches, 4), _train(small, batches, 4)
+    reference, losses = tiny_training.train(plain, batches, 4), tiny_training.train(small, batches, 4)
     assert losses[0] == pytest.approx(reference[0], rel=1e-6)  # same init, same batch, before any update
     assert losses == pytest.approx(reference, rel=2e-2)  # 8-bit moments: a quantised copy of the same update
     assert losses[3] < losses[0]
@@ -71,43 +41,51 @@ def test_8bit_adamw_trains_like_adamw_in_a_quarter_of_the_state(tiny_qwen2_5_vl,
     assert _state_bytes(small.optimizer) < 0.4 * _state_bytes(plain.optimizer)
 
 
-def test_pure_bf16_full_fine_tune_holds_bf16_weights_and_trains(tiny_qwen2_5_vl, vqa_data):
-    batches, info = _batches(tiny_qwen2_5_vl, vqa_data)
-    reference = _train(_backend(tiny_qwen2_5_vl, info), batches, 4)
-    backend = _backend(tiny_qwen2_5_vl, info, bf16=True, pure_bf16=True, optim="adamw_torch_8bit")
+def test_pure_bf16_full_fine_tune_holds_bf16_weights_and_trains(tiny_qwen2_5_vl, tiny_training):
+    batches, info = tiny_training.batches(tiny_qwen2_5_vl)
+    reference = tiny_training.train(tiny_training.backend(tiny_qwen2_5_vl, info), batches, 4)
+    backend = tiny_training.backend(tiny_qwen2_5_vl, info, bf16=True, pure_bf16=True, optim="adamw_torch_8bit")
     assert {p.dtype for p in backend.model.parameters()} == {torch.bfloat16}
     # buffers keep their dtype: rotary inv_freq rounded to bf16 would shift positions by radians
     inv_freqs = [b for name, b in backend.model.named_buffers() if name.endswith("inv_freq")]
     assert inv_freqs and {b.dtype for b in inv_freqs} == {torch.float32}
     assert backend.autocast_dtype is torch.bfloat16  # bf16 weights compute in bf16 on the CPU too
-    losses = _train(backend, batches, 4)
+    losses = tiny_training.train(backend, batches, 4)
     assert losses[0] == pytest.approx(reference[0], rel=2e-2)  # bf16 rounding of the same model
     assert losses[3] < losses[0] - 0.1  # stochastic rounding lets the 1e-3 updates through
     assert all(p.grad is None for p in backend.trainable)
 
 
-def test_pure_bf16_lora_keeps_a_bf16_base_and_fp32_trained_weights(tiny_qwen2_5_vl, vqa_data):
-    batches, info = _batches(tiny_qwen2_5_vl, vqa_data)
+def test_pure_bf16_lora_keeps_a_bf16_base_and_fp32_trained_weights(tiny_qwen2_5_vl, tiny_training):
+    batches, info = tiny_training.batches(tiny_qwen2_5_vl)
     lora = {"train_type": "lora", "tune_mm_mlp": True, "lora_r": 8, "lora_alpha": 16}
-    reference = _train(_backend(tiny_qwen2_5_vl, info, **lora), batches, 3)
-    backend = _backend(tiny_qwen2_5_vl, info, bf16=True, pure_bf16=True, **lora)
+    reference = tiny_training.train(tiny_training.backend(tiny_qwen2_5_vl, info, **lora), batches, 3)
+    backend = tiny_training.backend(tiny_qwen2_5_vl, info, bf16=True, pure_bf16=True, **lora)
     dtypes = {(p.requires_grad, p.dtype) for p in backend.model.parameters()}
     assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}  # merger copy (modules_to_save) included
     from peft.tuners.lora import LoraLayer
 
     adapted = [m for m in backend.model.modules() if isinstance(m, LoraLayer)]
     assert adapted and not any(m.cast_input_dtype_enabled for m in adapted)  # no fp32 copy of inputs under autocast
-    losses = _train(backend, batches, 3)
+    with torch.no_grad():  # ... and no change to the math: autocast rounds the fp32 copy straight back to bf16
+        without_cast = float(backend._loss_sum(batches[0]))
+        for m in adapted:
+            m.cast_input_dtype_enabled = True
+        with_cast = float(backend._loss_sum(batches[0]))
+        for m in adapted:
+            m.cast_input_dtype_enabled = False
+    assert without_cast == with_cast
+    losses = tiny_training.train(backend, batches, 3)
     assert losses == pytest.approx(reference, rel=3e-2)
     assert losses[2] < losses[0]
 
 
-def test_8bit_state_of_small_bf16_tensors_is_fp32_and_decays():
+def test_8bit_state_of_small_bf16_tensors_is_fp32_and_decays(tiny_training):
     """torchao leaves tensors under 4096 values unquantised, in the weight's dtype; in bf16 the second
     moment could never decay (0.999 * v rounds back to v). vltune keeps that state in fp32."""
     from vltune.backends.torch.optim import build_optimizer
 
-    cfg = _recipe("unused", bf16=True, pure_bf16=True, optim="adamw_torch_8bit")
+    cfg = tiny_training.recipe("unused", bf16=True, pure_bf16=True, optim="adamw_torch_8bit")
     norm = torch.nn.Parameter(torch.ones(3584, dtype=torch.bfloat16))
     matrix = torch.nn.Parameter(torch.randn(64, 256, dtype=torch.bfloat16))
     optimizer = build_optimizer([{"params": [norm, matrix], "lr": 1e-3, "base_lr": 1e-3, "weight_decay": 0.0, "name": "llm"}],
@@ -123,17 +101,17 @@ def test_8bit_state_of_small_bf16_tensors_is_fp32_and_decays():
     assert seen[-1] < 0.99 * seen[19]  # decays once gradients shrink (in bf16 state it stays put)
 
 
-def test_8bit_optimizer_state_resumes_exactly(tiny_qwen2_5_vl, vqa_data, tmp_path):
-    batches, info = _batches(tiny_qwen2_5_vl, vqa_data)
+def test_8bit_optimizer_state_resumes_exactly(tiny_qwen2_5_vl, tiny_training, tmp_path):
+    batches, info = tiny_training.batches(tiny_qwen2_5_vl)
     options = {"bf16": True, "pure_bf16": True, "optim": "adamw_torch_8bit"}
-    first = _backend(tiny_qwen2_5_vl, info, **options)
-    _train(first, batches, 2)
+    first = tiny_training.backend(tiny_qwen2_5_vl, info, **options)
+    tiny_training.train(first, batches, 2)
     first.save_checkpoint(tmp_path)
-    expected = _train(first, batches, 2)
-    resumed = _backend(tiny_qwen2_5_vl, info, **options)
+    expected = tiny_training.train(first, batches, 2)
+    resumed = tiny_training.backend(tiny_qwen2_5_vl, info, **options)
     resumed.load_checkpoint(tmp_path)
     assert type(resumed.optimizer.state[resumed.trainable[0]]["exp_avg"]) is type(first.optimizer.state[first.trainable[0]]["exp_avg"])
-    assert _train(resumed, batches, 2) == expected  # weights, 8-bit moments, step and rounding noise all restored
+    assert tiny_training.train(resumed, batches, 2) == expected  # weights, 8-bit moments, step and rounding noise all restored
 
 
 @pytest.mark.parametrize(
@@ -146,9 +124,9 @@ def test_8bit_optimizer_state_resumes_exactly(tiny_qwen2_5_vl, vqa_data, tmp_pat
         ({"pure_bf16": True, "bf16": True, "train_type": "lora", "deepspeed": "zero2"}, "pure_bf16 is for one process; deepspeed"),
     ],
 )
-def test_low_memory_options_refuse_what_would_not_train(tiny_qwen2_5_vl, train, message):
+def test_low_memory_options_refuse_what_would_not_train(tiny_qwen2_5_vl, tiny_training, train, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        _recipe(tiny_qwen2_5_vl, **train)
+        tiny_training.recipe(tiny_qwen2_5_vl, **train)
 
 
 @pytest.mark.parametrize(("train", "named"), [({"optim": "adamw_torch_8bit"}, "optim: adamw_torch_8bit"),
@@ -163,13 +141,13 @@ def test_mindspore_backend_refuses_low_memory_options(tiny_qwen2_5_vl, tmp_path,
         _build_mindspore_backend(cfg, info=None, circle_rope=None)
 
 
-def test_8bit_optimizer_is_refused_across_ddp_ranks(tiny_qwen2_5_vl):
+def test_8bit_optimizer_is_refused_across_ddp_ranks(tiny_qwen2_5_vl, tiny_training):
     """Stochastic rounding would differ between ranks and the replicas drift: refused before DDP is built."""
     from types import SimpleNamespace
 
     from vltune.backends.torch.parallel import build_torch_backend
 
-    cfg = _recipe(tiny_qwen2_5_vl, optim="adamw_torch_8bit")
+    cfg = tiny_training.recipe(tiny_qwen2_5_vl, optim="adamw_torch_8bit")
     ctx = SimpleNamespace(world_size=2, rank=0, local_rank=0, is_main=True)
     with pytest.raises(ConfigError, match="adamw_torch_8bit is for one process"):
         build_torch_backend(load_model(tiny_qwen2_5_vl), tiny_qwen2_5_vl, None, cfg.model, cfg.train, None, None, ctx)

@@ -17,23 +17,11 @@ from vltune.data.dataset import SFTDataset  # noqa: E402
 from vltune.data.formats import load_samples  # noqa: E402
 
 
-def _losses(tiny_qwen2_5_vl, vqa_data, steps: int, **train) -> tuple[list[float], TorchBackend]:
-    dataset = SFTDataset(load_samples(vqa_data["train_file"])[:4], tiny_qwen2_5_vl, max_length=512, max_pixels=12544)
-    cfg = load_recipe({"model_name_or_path": str(tiny_qwen2_5_vl), "dataset_use": "x.jsonl", "learning_rate": 1e-3, **train})
-    torch.manual_seed(0)
-    backend = TorchBackend(load_model(tiny_qwen2_5_vl), tiny_qwen2_5_vl, dataset.info, cfg.model, cfg.train)
-    losses = []
-    for step in range(steps):
-        batch = collate_padded([dataset[(2 * step) % 4], dataset[(2 * step + 1) % 4]], dataset.info, dataset.tokenizer.pad_token_id)
-        count = int((batch["labels"][:, 1:] != -100).sum())
-        losses.append(backend.forward_backward(batch, 1.0 / count) / count)
-        backend.optimizer_step(1.0, 1.0)
-    return losses, backend
-
-
-def test_compiled_blocks_train_like_eager_ones(tiny_qwen2_5_vl, vqa_data):
-    eager, plain = _losses(tiny_qwen2_5_vl, vqa_data, 3)
-    compiled, backend = _losses(tiny_qwen2_5_vl, vqa_data, 3, torch_compile=True)
+def test_compiled_blocks_train_like_eager_ones(tiny_qwen2_5_vl, tiny_training):
+    batches, info = tiny_training.batches(tiny_qwen2_5_vl)
+    plain = tiny_training.backend(tiny_qwen2_5_vl, info)
+    backend = tiny_training.backend(tiny_qwen2_5_vl, info, torch_compile=True)
+    eager, compiled = tiny_training.train(plain, batches, 3), tiny_training.train(backend, batches, 3)
     assert compiled == pytest.approx(eager, rel=1e-4)
     # the recipe key really compiled the blocks (equal losses alone would also hold without it)
     layers = backend.base.model.language_model.layers
