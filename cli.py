@@ -72,6 +72,11 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     rank = os.environ.get("RANK") or (os.environ.get("RANK_ID") if "MS_ROLE" in os.environ else None) or "0"
     if int(rank) == 0:
         print(json.dumps(summary), flush=True)
+    if summary["backend"] == "torch":
+        from vltune.backends.torch import launch
+
+        if launch.inside_launcher():
+            launch.exit_worker(0)
     return 0
 
 

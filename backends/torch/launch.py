@@ -12,10 +12,12 @@ launch flags: the recipe is read again in every worker, never pickled across.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shlex
 import subprocess
 import sys
+from typing import NoReturn
 
 from vltune.core.launch import LaunchArgs
 
@@ -25,6 +27,21 @@ def inside_launcher() -> bool:
 
     Not LOCAL_RANK: a one-rank DeepSpeed run without a launcher sets that itself."""
     return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def exit_worker(code: int) -> NoReturn:
+    """End a torchrun worker that has finished: atexit handlers, flushed output, then `os._exit`.
+
+    It skips only the interpreter's own teardown. A finished run's process groups are destroyed but
+    not always freed (DDP's reducer and ZeRO-3's hooks keep references from C++), and their gloo
+    worker threads, still holding tensors, meet a half-torn-down interpreter at exit: now and then a
+    rank aborts ("terminate called without an active exception", pytorch/pytorch#190489) after the
+    run itself succeeded, and torchrun then fails the whole launch.
+    """
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def launch_command(launch: LaunchArgs, train_args: list[str], python: str | None = None) -> list[str]:

@@ -1,9 +1,10 @@
-"""The torchrun command `vltune train --nproc` builds, and the DeepSpeed JSON it resolves from a recipe."""
+"""The torchrun command `vltune train --nproc` builds, the DeepSpeed JSON it resolves from a recipe, and how a worker ends."""
 
 from __future__ import annotations
 
 import json
 import shlex
+import subprocess
 import sys
 
 import pytest
@@ -94,3 +95,21 @@ def test_deepspeed_auto_values_come_from_the_recipe(tmp_path):
     fixed.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}))
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is 4 .* the recipe gives 2"):
         deepspeed_config(fixed, args, 8, 64, bf16=False)
+
+
+def test_exit_worker_runs_atexit_flushes_and_keeps_the_code(tmp_path):
+    """A finished worker skips only the interpreter teardown: its atexit handlers still run, buffered
+    output still arrives, and the exit code is the one given."""
+    marker = tmp_path / "atexit-ran"
+    script = (
+        "import atexit, pathlib, sys\n"
+        "from vltune.backends.torch.launch import exit_worker\n"
+        f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')\n"
+        "sys.stdout.write('summary line without a newline')\n"
+        "exit_worker(3)\n"
+        "print('never reached')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "summary line without a newline"
+    assert marker.read_text() == "yes"
