@@ -10,6 +10,11 @@ sharding engines see the stock model.
   replacement expects the (3, B, L, D) cos/sin that transformers no longer passes. Liger's fused
   linear cross-entropy is not used either: on the 3B bench shape it made the step 34% slower than
   vltune's chunked loss (loss.py), see docs/performance.md.
+* `align_vision_mlp` (always on CUDA): Qwen2.5-VL's vision MLP is 3420 wide, not a multiple of 8, so
+  its bf16 rows are not 16-byte aligned and cuBLAS falls back to slower kernels for a quarter of the
+  frozen tower's forward. The forward zero-pads the three weights to a multiple of 64 on the fly: the
+  padded columns give silu(0) * 0 = 0 and multiply zero rows of down_proj, so the output is the same
+  sum, and gradients flow back through the pad into the unpadded parameters.
 * `torch_compile`: each decoder layer (and each vision block) compiled on its own, as torchtitan
   compiles per transformer block: small graphs that compile once and are reused by every layer, with
   dynamic sequence lengths (packed rows differ in length). The elementwise chains between the
@@ -21,6 +26,7 @@ from __future__ import annotations
 import types
 
 import torch
+import torch.nn.functional as F
 
 
 def _liger_modules():
@@ -61,3 +67,33 @@ def compile_blocks(model: torch.nn.Module, vision: bool = True) -> int:
     for block in blocks:
         block.compile(dynamic=True)
     return len(blocks)
+
+
+def _padded_mlp_forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+    """Qwen2_5_VLMLP.forward with the intermediate width zero-padded by `self.vltune_pad` columns."""
+    pad = self.vltune_pad
+    gate = F.linear(hidden_state, F.pad(self.gate_proj.weight, (0, 0, 0, pad)), _pad_bias(self.gate_proj.bias, pad))
+    up = F.linear(hidden_state, F.pad(self.up_proj.weight, (0, 0, 0, pad)), _pad_bias(self.up_proj.bias, pad))
+    return F.linear(self.act_fn(gate) * up, F.pad(self.down_proj.weight, (0, pad)), self.down_proj.bias)
+
+
+def _pad_bias(bias: torch.Tensor | None, pad: int) -> torch.Tensor | None:
+    return None if bias is None else F.pad(bias, (0, pad))
+
+
+def align_vision_mlp(model: torch.nn.Module, multiple: int = 64) -> int:
+    """Zero-pad, in the forward, every vision MLP whose width is not a multiple of `multiple`; returns
+    how many. Only plain gate/up/down linears (a LoRA-wrapped one keeps its own forward)."""
+    visual = getattr(getattr(model, "model", None), "visual", None)
+    count = 0
+    for block in getattr(visual, "blocks", []):
+        mlp = getattr(block, "mlp", None)
+        linears = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+        if not all(type(lin) is torch.nn.Linear for lin in linears):
+            continue
+        width = linears[0].out_features
+        if width % multiple:
+            mlp.vltune_pad = -width % multiple
+            mlp.forward = types.MethodType(_padded_mlp_forward, mlp)
+            count += 1
+    return count

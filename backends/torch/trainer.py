@@ -24,7 +24,7 @@ from .batch import to_model_inputs, to_tensor
 from .checkpoint import OPTIMIZER_FILE, RNG_FILE, load_weights, rng_state, save_hf_model, set_rng_state
 from .infer import generate_greedy, generate_with_positions
 from .lora import apply_lora, keep_adapter_inputs_in_compute_dtype
-from .kernels import apply_liger_kernels, compile_blocks
+from .kernels import align_vision_mlp, apply_liger_kernels, compile_blocks
 from .loss import head_loss_sum, kept_token_loss_sum, trained_positions
 from .mdlm import bidirectional_logits, diffusion_sample, weighted_loss_sum
 from .models.bidirectional import make_bidirectional
@@ -107,6 +107,8 @@ class TorchBackend:
         self.model = model.to(self.device)
         # The plain transformers model under any PEFT wrapper: layers, config, save_pretrained.
         self.base = model.get_base_model() if self.lora else model
+        if not args.deepspeed:  # ZeRO-3 gathers each linear's weight only inside that linear's own forward
+            align_vision_mlp(self.base)
         if args.torch_compile:
             compile_blocks(self.base)
         # Circle-RoPE changes positions only; the adapter gives AGE's M-RoPE layers their own cos/sin.

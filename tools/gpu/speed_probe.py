@@ -7,6 +7,7 @@ Variants (each on a fresh random-init model of the same seed, the same packed 40
   compile_text  chunked + torch.compile of each decoder layer
   compile       chunked + torch_compile (each decoder layer and vision block)
   liger         chunked + use_liger_kernel (RMSNorm / SwiGLU kernels)
+  unaligned     chunked with the stock 3420-wide vision MLP (the default zero-pads it to 3456); _compile on top
   vision_bf16   chunked with the frozen vision blocks held in bf16 (no per-step weight casts, bf16 activations)
   vision_bf16_compile  vision_bf16 + torch_compile
   bf16_8bit     pure_bf16 + optim adamw_torch_8bit (bf16 weights, 8-bit AdamW); _liger / _compile on top
@@ -42,6 +43,8 @@ VARIANTS = {
     "compile_text": ({}, {"compile_text": True}),
     "compile": ({"torch_compile": True}, {}),
     "liger": ({"use_liger_kernel": True}, {}),
+    "unaligned": ({}, {"unaligned_vision_mlp": True}),
+    "unaligned_compile": ({"torch_compile": True}, {"unaligned_vision_mlp": True}),
     "vision_bf16": ({}, {"vision_bf16": True}),
     "vision_bf16_compile": ({"torch_compile": True}, {"vision_bf16": True}),
     # bf16 weights with no fp32 copy; full fine-tuning needs the 8-bit AdamW's stochastic rounding with them
@@ -77,6 +80,12 @@ def make_backend(shape, train: dict, hooks: dict, train_type: str) -> TorchBacke
     if hooks.get("vision_bf16"):
         backend.base.model.visual.blocks.to(torch.bfloat16)
         backend.base.model.visual.patch_embed.to(torch.bfloat16)
+    if hooks.get("unaligned_vision_mlp"):  # the stock 3420-wide vision MLP (before align_vision_mlp)
+        for block in backend.base.model.visual.blocks:
+            block.mlp.__dict__.pop("forward", None)
+            block.mlp._compiled_call_impl = None
+        if train.get("torch_compile"):
+            compile_blocks(backend.base)
     if hooks.get("compile_text"):
         compile_blocks(backend.base, vision=False)
     return backend
@@ -210,6 +219,11 @@ def main() -> None:
     h, i = shape.hidden, shape.intermediate
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; bf16 matmul [4096x{h}]x[{h}x{i}]: "
           f"{matmul_ceiling(4096, h, i) / 1e12:.0f} TFLOP/s, [4096x{i}]x[{i}x{h}]: {matmul_ceiling(4096, i, h) / 1e12:.0f} TFLOP/s", flush=True)
+    if shape.model_type == "qwen2_5_vl":  # the vision MLP at a 10k-patch row: as released, and zero-padded to 3456
+        vh, vi = shape.vision_hidden, shape.vision_intermediate
+        print(f"vision MLP [10240x{vh}]x[{vh}x{vi}]: {matmul_ceiling(10240, vh, vi) / 1e12:.0f} TFLOP/s, padded to 3456: "
+              f"{matmul_ceiling(10240, vh, 3456) / 1e12:.0f}; [10240x{vi}]x[{vi}x{vh}]: {matmul_ceiling(10240, vi, vh) / 1e12:.0f}, "
+              f"padded: {matmul_ceiling(10240, 3456, vh) / 1e12:.0f}", flush=True)
     rows = _packed_rows(shape, args.samples, args.pack_length, seed=0)
     warmup = _packed_rows(shape, args.warmup_samples, args.pack_length, seed=1)
     print(f"{len(rows)} timed rows, {len(warmup)} warm-up rows", flush=True)

@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from vltune.backends.torch.kernels import apply_liger_kernels, compile_blocks  # noqa: E402
+from vltune.backends.torch.kernels import align_vision_mlp, apply_liger_kernels, compile_blocks  # noqa: E402
 from vltune.backends.torch.models import load_model  # noqa: E402
 from vltune.backends.torch.trainer import TorchBackend  # noqa: E402
 from vltune.core.config import ConfigError, load_recipe  # noqa: E402
@@ -36,6 +36,47 @@ def test_compile_blocks_compiles_every_decoder_layer_and_vision_block(tiny_qwen2
     n = compile_blocks(model)
     assert n == len(inner.language_model.layers) + len(inner.visual.blocks)
     assert all(layer._compiled_call_impl is not None for layer in inner.language_model.layers)
+
+
+def test_padded_vision_mlp_gives_the_stock_output_and_gradients(tiny_model_dirs):
+    """The zero-padded MLP (176 wide in the tiny model, padded to 192) is the same function with the same
+    gradients on the unpadded weights; the weights and the checkpoint's tensors keep their shapes."""
+    model_dir = tiny_model_dirs["qwen2_5_vl"]
+    stock, padded = load_model(model_dir), load_model(model_dir)
+    shapes = {k: v.shape for k, v in padded.state_dict().items()}
+    assert align_vision_mlp(padded) == len(padded.model.visual.blocks)
+    assert {k: v.shape for k, v in padded.state_dict().items()} == shapes
+    mlp = padded.model.visual.blocks[0].mlp
+    assert mlp.gate_proj.out_features == 176 and mlp.vltune_pad == 16
+    torch.manual_seed(0)
+    x = torch.randn(37, mlp.gate_proj.in_features)
+    outputs, grads = [], []
+    for model in (stock, padded):
+        block_mlp = model.model.visual.blocks[0].mlp
+        out = block_mlp(x)
+        out.pow(2).sum().backward()
+        outputs.append(out.detach())
+        grads.append([block_mlp.gate_proj.weight.grad, block_mlp.up_proj.bias.grad, block_mlp.down_proj.weight.grad])
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads[1], grads[0]):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_vision_mlp_padding_leaves_aligned_and_adapted_mlps_alone(tiny_model_dirs):
+    model = load_model(tiny_model_dirs["qwen2_5_vl"])
+    assert align_vision_mlp(model, multiple=16) == 0  # 176 is a multiple of 16
+    model.model.visual.blocks[0].mlp.gate_proj = torch.nn.Sequential(model.model.visual.blocks[0].mlp.gate_proj)
+    assert align_vision_mlp(model) == len(model.model.visual.blocks) - 1  # a wrapped linear (LoRA) keeps its forward
+    assert align_vision_mlp(load_model(tiny_model_dirs["qwen3_vl"])) == 0  # fc1/fc2 MLPs: not this layout
+
+
+def test_the_backend_pads_the_vision_mlp_and_trains(tiny_qwen2_5_vl, tiny_training):
+    batches, info = tiny_training.batches(tiny_qwen2_5_vl)
+    backend = tiny_training.backend(tiny_qwen2_5_vl, info)
+    assert all(hasattr(block.mlp, "vltune_pad") for block in backend.base.model.visual.blocks)
+    losses = tiny_training.train(backend, batches, 3)
+    assert losses[2] < losses[0]
 
 
 def test_liger_refuses_a_model_it_has_no_kernels_for(tiny_qwen2_5_vl):
