@@ -148,7 +148,8 @@ def cmd_bench_model(args: argparse.Namespace, extra: list[str]) -> int:
         result = run_bench(
             args.model_shape, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
             pack_length=args.pack_length, command=command, train_type=args.train_type,
-            with_stock=not args.no_stock, match_steps=args.match_steps, learning_rate=args.learning_rate, name=args.name,
+            with_stock=not args.no_stock, match_steps=args.match_steps, samples_per_step=args.samples_per_step,
+            learning_rate=args.learning_rate, name=args.name,
             train_options={"torch_compile": args.torch_compile, "use_liger_kernel": args.liger_kernel, "pure_bf16": args.pure_bf16,
                            "gradient_checkpointing": args.gradient_checkpointing, "optim": args.optim},
         )
@@ -407,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stock", action="store_true", help="run the vltune path alone (e.g. a size the stock path cannot fit)")
     p.add_argument("--match-steps", action="store_true",
                    help="vltune takes one optimizer step per stock micro-batch (same samples per step): compares the loss curves")
+    p.add_argument("--samples-per-step", type=int,
+                   help="one optimizer step per N samples on both paths (stock accumulates its micro-batches; "
+                        "default: stock steps per micro-batch, vltune per packed row); --steps then counts optimizer steps")
     p.add_argument("--learning-rate", type=float, default=1e-5, help="both paths (constant; no warm-up)")
     p.add_argument("--name", help="report name (default MODEL_SHAPE, or MODEL_SHAPE-lora)")
     p.add_argument("--out", default="docs/bench", help="where NAME.json and the README table go")

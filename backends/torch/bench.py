@@ -88,10 +88,12 @@ def _features(shape: ModelShape, n: int, seed: int):
     return mixed_features(n, tokens, patch_size=shape.patch_size, seed=seed, max_pixels=1280 * (shape.patch_size * 2) ** 2)
 
 
-def _batches(shape: ModelShape, steps: int, batch_size: int, seed: int) -> list[dict]:
-    """Padded micro-batches of `batch_size` samples (the stock path's input)."""
-    features, info = _features(shape, steps * batch_size, seed), _info(shape)
-    return [collate_padded(features[i * batch_size:(i + 1) * batch_size], info, pad_token_id=_IDS["bos"]) for i in range(steps)]
+def _batches(shape: ModelShape, steps: int, batch_size: int, seed: int, per_step: int) -> list[list[dict]]:
+    """Step k = `per_step` samples in padded micro-batches of `batch_size` (the stock path's input)."""
+    features, info = _features(shape, steps * per_step, seed), _info(shape)
+    micro = [collate_padded(features[i:i + batch_size], info, pad_token_id=_IDS["bos"]) for i in range(0, len(features), batch_size)]
+    per = per_step // batch_size
+    return [micro[k * per:(k + 1) * per] for k in range(steps)]
 
 
 def _pack(features: list, info: ModelInfo, pack_length: int) -> list[dict]:
@@ -105,11 +107,11 @@ def _packed_rows(shape: ModelShape, n_samples: int, pack_length: int, seed: int)
     return _pack(_features(shape, n_samples, seed), _info(shape), pack_length)
 
 
-def _packed_steps(shape: ModelShape, steps: int, batch_size: int, pack_length: int, seed: int) -> list[list[dict]]:
-    """Step k = the samples of the stock path's micro-batch k, packed into as few rows as fit: the
-    optimizer then sees the same samples per step on both paths, so the loss curves compare step by step."""
-    features, info = _features(shape, steps * batch_size, seed), _info(shape)
-    return [_pack(features[k * batch_size:(k + 1) * batch_size], info, pack_length) for k in range(steps)]
+def _packed_steps(shape: ModelShape, steps: int, per_step: int, pack_length: int, seed: int) -> list[list[dict]]:
+    """Step k = the samples of the stock path's step k, packed into as few rows as fit: the optimizer
+    then sees the same samples per step on both paths, so the loss curves compare step by step."""
+    features, info = _features(shape, steps * per_step, seed), _info(shape)
+    return [_pack(features[k * per_step:(k + 1) * per_step], info, pack_length) for k in range(steps)]
 
 
 def _sequence_lengths(batch: dict) -> list[int]:
@@ -125,18 +127,25 @@ def step_flops(shape: ModelShape, batch: dict, train_type: str = "full") -> floa
     return batch_flops(shape, batch, llm_multiplier=6 if train_type == "full" else 4, vision_multiplier=2)
 
 
-def _stock_step(model, optimizer, batch: dict, device: torch.device) -> torch.Tensor:
-    inputs = to_model_inputs(batch, device, model=model)
-    inputs.pop("position_ids")  # the stock model computes its own M-RoPE ids from mm_token_type_ids
-    ids = inputs["input_ids"]
-    mm_types = (ids == _IDS["image"]).int() + 2 * (ids == _IDS["video"]).int()
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        loss = model(**inputs, mm_token_type_ids=mm_types, labels=torch.as_tensor(batch["labels"]).to(device)).loss
-    loss.backward()
+def _stock_step(model, optimizer, batches: list[dict], device: torch.device) -> torch.Tensor:
+    """One optimizer step over gradients accumulated on `batches`, each micro-batch's loss normalised
+    by the step's trained tokens (transformers' `num_items_in_batch`, as its Trainer does)."""
+    total = sum(_trained(b) for b in batches)
+    step_loss = torch.zeros((), device=device)
+    for batch in batches:
+        inputs = to_model_inputs(batch, device, model=model)
+        inputs.pop("position_ids")  # the stock model computes its own M-RoPE ids from mm_token_type_ids
+        ids = inputs["input_ids"]
+        mm_types = (ids == _IDS["image"]).int() + 2 * (ids == _IDS["video"]).int()
+        labels = torch.as_tensor(batch["labels"]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(**inputs, mm_token_type_ids=mm_types, labels=labels, num_items_in_batch=total).loss
+        loss.backward()
+        step_loss += loss.detach()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return step_loss
 
 
 def _time(run_step, warmup: list, steps: list) -> tuple[float, list[float]]:
@@ -187,7 +196,7 @@ def _run_stock(shape, seed, device, model_args: ModelArgs, padded, padded_warmup
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
     torch.cuda.reset_peak_memory_stats()
     seconds, losses = _time(lambda b: _stock_step(model, optimizer, b, device), padded_warmup, padded)
-    summary = _summary("stock", shape, [[b] for b in padded], seconds, losses, train_type)
+    summary = _summary("stock", shape, padded, seconds, losses, train_type)
     model = optimizer = None  # free the GPU for (b)
     gc.collect()
     torch.cuda.empty_cache()
@@ -197,7 +206,8 @@ def _run_stock(shape, seed, device, model_args: ModelArgs, padded, padded_warmup
 def run_bench(
     model_shape: str, *, steps: int = 20, warmup: int = 5, batch_size: int = 2, pack_length: int = 4096,
     seed: int = 0, command: str = "", train_type: str = "full", train_options: dict | None = None,
-    with_stock: bool = True, match_steps: bool = False, learning_rate: float = 1e-5, name: str | None = None,
+    with_stock: bool = True, match_steps: bool = False, samples_per_step: int | None = None,
+    learning_rate: float = 1e-5, name: str | None = None,
 ) -> dict:
     """(a) stock on `steps` padded micro-batches of `batch_size`, (b) vltune on the very same samples
     packed into rows of <= `pack_length` tokens; each after untimed warm-up steps on other samples.
@@ -205,10 +215,16 @@ def run_bench(
     `train_type`: full (vision tower frozen) or lora (adapters on the LLM, merger trained; stock runs
     peft on a bf16 base). `train_options`: TrainArgs keys for (b), e.g. {"torch_compile": True} (whose
     warm-up must be long enough to compile for the row lengths it will see), {"pure_bf16": True}.
-    `with_stock=False` runs (b) alone (a configuration the stock path cannot fit). `match_steps`: (b) takes
-    one optimizer step per stock micro-batch, over the same samples packed (the loss-curve comparison)
-    instead of one per packed row. `learning_rate` for both paths (a larger one makes the loss curves move).
+    `with_stock=False` runs (b) alone (a configuration the stock path cannot fit). By default (a) steps
+    once per micro-batch and (b) once per packed row. `samples_per_step` (a multiple of `batch_size`):
+    both paths take one optimizer step per that many samples, (a) accumulating gradients over its
+    micro-batches, (b) over those samples packed into rows; `steps` then counts optimizer steps.
+    `match_steps` is `samples_per_step=batch_size` (the loss-curve comparison, step by step).
+    `learning_rate` for both paths (a larger one makes the loss curves move).
     `name`: the report's file name (default MODEL_SHAPE, or MODEL_SHAPE-lora)."""
+    per_step = batch_size if match_steps else samples_per_step
+    if per_step is not None and (per_step < batch_size or per_step % batch_size):
+        raise ValueError(f"--samples-per-step {per_step} must be a multiple of the batch size {batch_size}")
     if model_shape not in SHAPES:
         raise ValueError(f"unknown --model-shape {model_shape!r}; choose one of {', '.join(SHAPES)}")
     if train_type not in ("full", "lora"):
@@ -223,10 +239,10 @@ def run_bench(
     # torch 2.11's cuDNN attention fails on some of these shapes ("mha_graph.execute"); both paths use
     # the flash / memory-efficient sdpa kernels instead.
     torch.backends.cuda.enable_cudnn_sdp(False)
-    n_samples = steps * batch_size
-    if match_steps:
-        packed = _packed_steps(shape, steps, batch_size, pack_length, seed)
-        packed_warmup = _packed_steps(shape, warmup, batch_size, pack_length, seed + 1)
+    n_samples = steps * (per_step or batch_size)
+    if per_step is not None:
+        packed = _packed_steps(shape, steps, per_step, pack_length, seed)
+        packed_warmup = _packed_steps(shape, warmup, per_step, pack_length, seed + 1)
     else:
         packed = [[row] for row in _packed_rows(shape, n_samples, pack_length, seed)]
         packed_warmup = [[row] for row in _packed_rows(shape, warmup * batch_size, pack_length, seed + 1)]
@@ -236,7 +252,8 @@ def run_bench(
     model_args = ModelArgs(model_name_or_path="bench", train_type=train_type, lora_dropout=0.0 if match_steps else ModelArgs.lora_dropout)
     stock_run = None
     if with_stock:
-        padded, padded_warmup = _batches(shape, steps, batch_size, seed), _batches(shape, warmup, batch_size, seed + 1)
+        padded = _batches(shape, steps, batch_size, seed, per_step or batch_size)
+        padded_warmup = _batches(shape, warmup, batch_size, seed + 1, per_step or batch_size)
         stock_run, initial = _run_stock(shape, seed, device, model_args, padded, padded_warmup, learning_rate)
 
     # (b) vltune, same init, same samples
@@ -266,19 +283,21 @@ def run_bench(
     mode = f"{train_type} (vision tower frozen); stock: {stock_text}; vltune: packed rows of {pack_length}{extras}"
     if match_steps:
         mode += "; one step per stock micro-batch" + ("; LoRA dropout 0" if train_type == "lora" else "")
+    elif per_step is not None:
+        mode += f"; one optimizer step per {per_step} samples on both paths"
     name = name or model_shape + ("-lora" if train_type == "lora" else "")
     result = {
         "name": name, "model": model_shape, "gpu": torch.cuda.get_device_name(), "mode": mode, "train_type": train_type,
         "tokens_per_s": ours["tokens_per_s"], "stock_tokens_per_s": None, "speedup_vs_stock": None,
         "mfu": ours["mfu"], "stock_mfu": None, "peak_mem_gib": ours["peak_mem_gib"], "stock_peak_mem_gib": None,
-        "samples": n_samples, "batch_size": batch_size, "learning_rate": learning_rate, "pack_length": pack_length, "warmup": warmup,
+        "samples": n_samples, "batch_size": batch_size, "samples_per_step": per_step, "learning_rate": learning_rate, "pack_length": pack_length, "warmup": warmup,
         "train_options": options, "command": command, "shape": asdict(shape), "runs": runs,
     }
     if stock_run is not None:
         a = stock_run
         result.update(stock_tokens_per_s=a["tokens_per_s"], speedup_vs_stock=round(ours["tokens_per_s"] / a["tokens_per_s"], 3),
                       stock_mfu=a["mfu"], stock_peak_mem_gib=a["peak_mem_gib"])
-        if match_steps:
+        if per_step is not None:  # the same samples per optimizer step: the loss curves compare step by step
             result["loss_max_rel_diff"] = round(max(abs(x - y) / abs(y) for x, y in zip(ours["losses"], a["losses"])), 5)
     return result
 

@@ -27,7 +27,7 @@ def test_shapes_match_the_formula(name):
 
 def test_step_flops_adds_llm_and_vision():
     shape = SHAPES["qwen2_5_vl-3b"]
-    batch = _batches(shape, steps=1, batch_size=3, seed=1)[0]
+    batch = _batches(shape, steps=1, batch_size=3, seed=1, per_step=3)[0][0]
     lengths = [int(n) for n in batch["attention_mask"].sum(axis=1)]
     patches = [int(g.prod()) for g in batch["image_grid_thw"]]
     assert step_flops(shape, batch) == llm_flops(shape, lengths) + vision_flops(shape, patches, 2)
@@ -37,7 +37,7 @@ def test_step_flops_adds_llm_and_vision():
 
 def test_packed_rows_hold_the_same_samples_and_flops():
     shape = SHAPES["qwen2_5_vl-3b"]
-    padded = _batches(shape, steps=4, batch_size=2, seed=3)
+    padded = [b for step in _batches(shape, steps=4, batch_size=2, seed=3, per_step=2) for b in step]
     packed = _packed_rows(shape, 8, 4096, seed=3)
     assert len(packed) < len(padded)
     assert sum(int(b["attention_mask"].sum()) for b in padded) == sum(b["input_ids"].shape[1] for b in packed)
@@ -45,24 +45,28 @@ def test_packed_rows_hold_the_same_samples_and_flops():
     assert abs(sum(step_flops(shape, b) for b in padded) / sum(step_flops(shape, b) for b in packed) - 1) < 1e-12
 
 
-def test_matched_steps_pack_each_stock_micro_batch_on_its_own():
-    """--match-steps: vltune's step k holds exactly the samples of the stock path's micro-batch k."""
+@pytest.mark.parametrize("per_step, pack_length", [(3, 2048), (12, 4096)])
+def test_each_packed_step_holds_the_stock_step_samples(per_step, pack_length):
+    """--match-steps (3 = the batch size) and --samples-per-step 12: vltune's step k holds exactly the
+    samples of the stock path's step k (one micro-batch, or four accumulated ones)."""
     shape = SHAPES["qwen2_5_vl-3b"]
-    padded = _batches(shape, steps=5, batch_size=3, seed=4)
-    steps = _packed_steps(shape, steps=5, batch_size=3, pack_length=2048, seed=4)
-    assert len(steps) == len(padded)
-    for batch, rows in zip(padded, steps):
-        lengths = sorted(int(n) for n in batch["attention_mask"].sum(axis=1))
+    padded = _batches(shape, steps=5, batch_size=3, seed=4, per_step=per_step)
+    steps = _packed_steps(shape, steps=5, per_step=per_step, pack_length=pack_length, seed=4)
+    assert len(steps) == len(padded) == 5
+    for micro_batches, rows in zip(padded, steps):
+        assert len(micro_batches) == per_step // 3 and all(b["input_ids"].shape[0] == 3 for b in micro_batches)
+        lengths = sorted(int(n) for b in micro_batches for n in b["attention_mask"].sum(axis=1))
         packed = sorted(int(n) for row in rows for n in (row["cu_seqlens"][1:] - row["cu_seqlens"][:-1]))
         assert packed == lengths
-        assert all(row["input_ids"].shape[1] <= 2048 for row in rows)
-        assert sum(int((r["labels"][:, 1:] != -100).sum()) for r in rows) == int((batch["labels"][:, 1:] != -100).sum())
-    assert any(len(rows) > 1 for rows in steps)  # some micro-batches need two rows at 2048: gradients accumulate
+        assert all(row["input_ids"].shape[1] <= pack_length for row in rows)
+        trained = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        assert sum(int((r["labels"][:, 1:] != -100).sum()) for r in rows) == trained
+    assert any(len(rows) > 1 for rows in steps)  # some steps need two rows at 2048: gradients accumulate
 
 
 def test_lora_counts_no_weight_gradient_flops():
     shape = SHAPES["qwen2_5_vl-7b"]
-    batch = _batches(shape, steps=1, batch_size=2, seed=1)[0]
+    batch = _batches(shape, steps=1, batch_size=2, seed=1, per_step=2)[0][0]
     lengths = [int(n) for n in batch["attention_mask"].sum(axis=1)]
     patches = [int(g.prod()) for g in batch["image_grid_thw"]]
     assert step_flops(shape, batch, "lora") == llm_flops(shape, lengths, 4) + vision_flops(shape, patches, 2)
@@ -75,3 +79,5 @@ def test_bench_refuses_what_the_recipe_refuses_before_it_needs_a_gpu():
         run_bench("qwen2_5_vl-3b", train_options={"pure_bf16": True})
     with pytest.raises(ValueError, match="unknown --train-type"):
         run_bench("qwen2_5_vl-3b", train_type="qlora")
+    with pytest.raises(ValueError, match="must be a multiple of the batch size 2"):
+        run_bench("qwen2_5_vl-3b", samples_per_step=5)
