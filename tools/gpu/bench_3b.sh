@@ -15,9 +15,9 @@ bench() { python3 -m vltune.cli bench --out "$OUT/bench" "$@" 2>&1 | grep -v -i 
 for item in "$@"; do
   case $item in
     probe) python3 tools/gpu/speed_probe.py --shape qwen2_5_vl-3b --variants chunked,unaligned --profile chunked,unaligned \
-             --samples 60 --warmup-samples 12 2>&1 | grep -v -i warn | tail -8 ;;
+             --samples "${SAMPLES:-60}" --warmup-samples "${WARM_SAMPLES:-12}" 2>&1 | grep -v -i warn | tail -8 ;;
     ga) bench --model-shape qwen2_5_vl-3b --samples-per-step "$SPS" --steps 8 --warmup 3 --name "qwen2_5_vl-3b-sps$SPS" ;;
-    ga_compile) bench --model-shape qwen2_5_vl-3b --samples-per-step "$SPS" --torch-compile --steps 8 --warmup "${WARM:-8}" \
+    ga_compile) bench --model-shape qwen2_5_vl-3b --samples-per-step "$SPS" --torch-compile --steps "${STEPS:-8}" --warmup "${WARM:-8}" \
                   --name "qwen2_5_vl-3b-sps$SPS-compile" ;;
   esac
 done
