@@ -239,7 +239,8 @@ def run_bench(
     # torch 2.11's cuDNN attention fails on some of these shapes ("mha_graph.execute"); both paths use
     # the flash / memory-efficient sdpa kernels instead.
     torch.backends.cuda.enable_cudnn_sdp(False)
-    n_samples = steps * (per_step or batch_size)
+    stock_per_step = per_step or batch_size  # without samples_per_step: a step per stock micro-batch
+    n_samples = steps * stock_per_step
     if per_step is not None:
         packed = _packed_steps(shape, steps, per_step, pack_length, seed)
         packed_warmup = _packed_steps(shape, warmup, per_step, pack_length, seed + 1)
@@ -252,8 +253,8 @@ def run_bench(
     model_args = ModelArgs(model_name_or_path="bench", train_type=train_type, lora_dropout=0.0 if match_steps else ModelArgs.lora_dropout)
     stock_run = None
     if with_stock:
-        padded = _batches(shape, steps, batch_size, seed, per_step or batch_size)
-        padded_warmup = _batches(shape, warmup, batch_size, seed + 1, per_step or batch_size)
+        padded = _batches(shape, steps, batch_size, seed, stock_per_step)
+        padded_warmup = _batches(shape, warmup, batch_size, seed + 1, stock_per_step)
         stock_run, initial = _run_stock(shape, seed, device, model_args, padded, padded_warmup, learning_rate)
 
     # (b) vltune, same init, same samples

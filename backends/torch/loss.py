@@ -48,11 +48,10 @@ def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.
 def head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed next-token CE (fp32 softmax) of `head(hidden)` [N, V] against `targets` [N] (-100 = not trained),
     without materialising the N x V logits."""
-    chunk_rows = CHUNK_ROWS
-    if hidden.shape[0] <= chunk_rows:
+    if hidden.shape[0] <= CHUNK_ROWS:
         return _chunk_loss_sum(head, hidden, targets)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_rows):
-        stop = start + chunk_rows
+    for start in range(0, hidden.shape[0], CHUNK_ROWS):
+        stop = start + CHUNK_ROWS
         total = total + checkpoint(_chunk_loss_sum, head, hidden[start:stop], targets[start:stop], use_reentrant=False)
     return total

@@ -158,7 +158,7 @@ class TorchBackend:
             raise ValueError("objective mdlm: the batch is not masked (wrap the batch source in core.mdlm.MaskedBatches)")
         # The LM head runs on trained positions only (backends/torch/loss.py).
         positions = trained_positions(batch["labels"])
-        keep = torch.as_tensor(positions).to(self.device)
+        keep = to_tensor(positions, self.device, torch.long)
         targets = to_tensor(batch["labels"][:, positions + 1], self.device, torch.long).reshape(-1)
         if not self.head_loss_after_forward:
             logits = self._forward(batch, keep)

@@ -106,8 +106,12 @@ def test_exit_worker_runs_atexit_flushes_and_keeps_the_code(tmp_path):
         "from vltune.backends.torch.launch import exit_worker\n"
         f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')\n"
         "sys.stdout.write('summary line without a newline')\n"
-        "exit_worker(3)\n"
-        "print('never reached')\n"
+        "try:\n"
+        "    exit_worker(3)\n"
+        "except SystemExit:\n"
+        "    print('raised SystemExit')\n"  # sys.exit would pass the rest of this test; os._exit does not unwind
+        "finally:\n"
+        "    print('unwound')\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 3, result.stderr

@@ -7,13 +7,15 @@ the combinations that would not train or not apply.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchao")
 
 from vltune.backends.torch.models import load_model  # noqa: E402
-from vltune.core.config import ConfigError, load_recipe  # noqa: E402
+from vltune.core.config import ConfigError  # noqa: E402
 
 
 def _state_bytes(optimizer) -> int:
@@ -35,7 +37,7 @@ def test_8bit_adamw_trains_like_adamw_in_a_quarter_of_the_state(tiny_qwen2_5_vl,
     assert isinstance(small.optimizer, AdamW8bit)
     reference, losses = tiny_training.train(plain, batches, 4), tiny_training.train(small, batches, 4)
     assert losses[0] == pytest.approx(reference[0], rel=1e-6)  # same init, same batch, before any update
-    assert losses == pytest.approx(reference, rel=2e-2)  # 8-bit moments: a quantised copy of the same update
+    assert losses == pytest.approx(reference, rel=5e-3)  # 8-bit moments: a quantised copy of the same update
     assert losses[3] < losses[0]
     # fp32 AdamW keeps 8 bytes per weight; 8-bit codes + block scales are ~2 (small tensors stay fp32 in torchao)
     assert _state_bytes(small.optimizer) < 0.4 * _state_bytes(plain.optimizer)
@@ -76,7 +78,7 @@ def test_pure_bf16_lora_keeps_a_bf16_base_and_fp32_trained_weights(tiny_qwen2_5_
             m.cast_input_dtype_enabled = False
     assert without_cast == with_cast
     losses = tiny_training.train(backend, batches, 3)
-    assert losses == pytest.approx(reference, rel=3e-2)
+    assert losses == pytest.approx(reference, rel=5e-3)
     assert losses[2] < losses[0]
 
 
@@ -110,7 +112,10 @@ def test_8bit_optimizer_state_resumes_exactly(tiny_qwen2_5_vl, tiny_training, tm
     expected = tiny_training.train(first, batches, 2)
     resumed = tiny_training.backend(tiny_qwen2_5_vl, info, **options)
     resumed.load_checkpoint(tmp_path)
-    assert type(resumed.optimizer.state[resumed.trainable[0]]["exp_avg"]) is type(first.optimizer.state[first.trainable[0]]["exp_avg"])
+    large = next(i for i, p in enumerate(resumed.trainable) if p.numel() >= 4096)
+    small = next(i for i, p in enumerate(resumed.trainable) if p.numel() < 4096)
+    assert hasattr(resumed.optimizer.state[resumed.trainable[large]]["exp_avg"], "codes")  # 8-bit moments restored as 8-bit
+    assert resumed.optimizer.state[resumed.trainable[small]]["exp_avg_sq"].dtype == torch.float32  # not cast to the bf16 weight's
     assert tiny_training.train(resumed, batches, 2) == expected  # weights, 8-bit moments, step and rounding noise all restored
 
 
@@ -125,20 +130,8 @@ def test_8bit_optimizer_state_resumes_exactly(tiny_qwen2_5_vl, tiny_training, tm
     ],
 )
 def test_low_memory_options_refuse_what_would_not_train(tiny_qwen2_5_vl, tiny_training, train, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         tiny_training.recipe(tiny_qwen2_5_vl, **train)
-
-
-@pytest.mark.parametrize(("train", "named"), [({"optim": "adamw_torch_8bit"}, "optim: adamw_torch_8bit"),
-                                              ({"pure_bf16": True, "bf16": True, "train_type": "lora"}, "pure_bf16")])
-def test_mindspore_backend_refuses_low_memory_options(tiny_qwen2_5_vl, tmp_path, train, named):
-    pytest.importorskip("mindspore")
-    from vltune.training import _build_mindspore_backend
-
-    cfg = load_recipe({"model_name_or_path": str(tiny_qwen2_5_vl), "dataset_use": "x.jsonl", "backend": "mindspore",
-                       "output_dir": str(tmp_path), **train})
-    with pytest.raises(ConfigError, match=f"{named} belong to the torch engine"):
-        _build_mindspore_backend(cfg, info=None, circle_rope=None)
 
 
 def test_8bit_optimizer_is_refused_across_ddp_ranks(tiny_qwen2_5_vl, tiny_training):

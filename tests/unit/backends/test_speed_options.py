@@ -8,13 +8,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from vltune.backends.torch.kernels import align_vision_mlp, apply_liger_kernels, compile_blocks  # noqa: E402
+from vltune.backends.torch.kernels import _padded_mlp_forward, align_vision_mlp, apply_liger_kernels, compile_blocks  # noqa: E402
 from vltune.backends.torch.models import load_model  # noqa: E402
-from vltune.backends.torch.trainer import TorchBackend  # noqa: E402
 from vltune.core.config import ConfigError, load_recipe  # noqa: E402
-from vltune.data.collate import collate_padded  # noqa: E402
-from vltune.data.dataset import SFTDataset  # noqa: E402
-from vltune.data.formats import load_samples  # noqa: E402
 
 
 def test_compiled_blocks_train_like_eager_ones(tiny_qwen2_5_vl, tiny_training):
@@ -35,7 +31,7 @@ def test_compile_blocks_compiles_every_decoder_layer_and_vision_block(tiny_qwen2
     inner = model.model
     n = compile_blocks(model)
     assert n == len(inner.language_model.layers) + len(inner.visual.blocks)
-    assert all(layer._compiled_call_impl is not None for layer in inner.language_model.layers)
+    assert all(block._compiled_call_impl is not None for block in [*inner.language_model.layers, *inner.visual.blocks])
 
 
 def test_padded_vision_mlp_gives_the_stock_output_and_gradients(tiny_model_dirs):
@@ -48,6 +44,7 @@ def test_padded_vision_mlp_gives_the_stock_output_and_gradients(tiny_model_dirs)
     assert {k: v.shape for k, v in padded.state_dict().items()} == shapes
     mlp = padded.model.visual.blocks[0].mlp
     assert mlp.gate_proj.out_features == 176 and mlp.vltune_pad == 16
+    assert mlp.forward.__func__ is _padded_mlp_forward  # the padded forward is the one compared below
     torch.manual_seed(0)
     x = torch.randn(37, mlp.gate_proj.in_features)
     outputs, grads = [], []
@@ -68,13 +65,14 @@ def test_vision_mlp_padding_leaves_aligned_and_adapted_mlps_alone(tiny_model_dir
     assert align_vision_mlp(model, multiple=16) == 0  # 176 is a multiple of 16
     model.model.visual.blocks[0].mlp.gate_proj = torch.nn.Sequential(model.model.visual.blocks[0].mlp.gate_proj)
     assert align_vision_mlp(model) == len(model.model.visual.blocks) - 1  # a wrapped linear (LoRA) keeps its forward
+    assert "forward" not in vars(model.model.visual.blocks[0].mlp)
     assert align_vision_mlp(load_model(tiny_model_dirs["qwen3_vl"])) == 0  # fc1/fc2 MLPs: not this layout
 
 
 def test_the_backend_pads_the_vision_mlp_and_trains(tiny_qwen2_5_vl, tiny_training):
     batches, info = tiny_training.batches(tiny_qwen2_5_vl)
     backend = tiny_training.backend(tiny_qwen2_5_vl, info)
-    assert all(hasattr(block.mlp, "vltune_pad") for block in backend.base.model.visual.blocks)
+    assert all(block.mlp.forward.__func__ is _padded_mlp_forward for block in backend.base.model.visual.blocks)
     losses = tiny_training.train(backend, batches, 3)
     assert losses[2] < losses[0]
 
@@ -88,19 +86,15 @@ def test_liger_refuses_a_model_it_has_no_kernels_for(tiny_qwen2_5_vl):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels are Triton (CUDA)")
 @pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
-def test_liger_kernels_give_the_stock_loss_and_gradients(tiny_model_dirs, vqa_data, model_type):
+def test_liger_kernels_give_the_stock_loss_and_gradients(tiny_model_dirs, tiny_training, model_type):
     pytest.importorskip("liger_kernel")
     model_dir = tiny_model_dirs[model_type]
-    dataset = SFTDataset(load_samples(vqa_data["train_file"])[:2], model_dir, max_length=512, max_pixels=12544)
-    batch = collate_padded([dataset[0], dataset[1]], dataset.info, dataset.tokenizer.pad_token_id)
-    cfg = load_recipe({"model_name_or_path": str(model_dir), "dataset_use": "x.jsonl", "bf16": True})
+    (batch, _), info = tiny_training.batches(model_dir)
     from liger_kernel.transformers import LigerRMSNorm
 
     results = []
     for liger in (False, True):
-        torch.manual_seed(0)
-        args = cfg.train.__class__(**{**cfg.train.__dict__, "use_liger_kernel": liger})
-        backend = TorchBackend(load_model(model_dir), model_dir, dataset.info, cfg.model, args)
+        backend = tiny_training.backend(model_dir, info, bf16=True, use_liger_kernel=liger)
         norm = backend.base.model.language_model.norm
         assert (getattr(norm.forward, "__func__", None) is LigerRMSNorm.forward) == liger  # the kernel is the one that ran
         loss = backend._loss_sum(batch)
@@ -117,14 +111,20 @@ def test_liger_without_the_package_says_what_to_install(tiny_qwen2_5_vl):
         apply_liger_kernels(load_model(tiny_qwen2_5_vl))
 
 
-@pytest.mark.parametrize("key", ["use_liger_kernel", "torch_compile"])
-def test_mindspore_backend_refuses_torch_speed_options(tiny_qwen2_5_vl, tmp_path, key):
+@pytest.mark.parametrize(("train", "named"), [
+    ({"use_liger_kernel": True}, "use_liger_kernel"),
+    ({"torch_compile": True}, "torch_compile"),
+    ({"optim": "adamw_torch_8bit"}, "optim: adamw_torch_8bit"),
+    ({"pure_bf16": True, "bf16": True, "train_type": "lora"}, "pure_bf16"),
+])
+def test_mindspore_backend_refuses_torch_only_options(tiny_qwen2_5_vl, tmp_path, train, named):
+    """The speed and low-memory keys of the torch engine (test_low_memory.py) are refused by name."""
     pytest.importorskip("mindspore")
     from vltune.training import _build_mindspore_backend
 
     cfg = load_recipe({"model_name_or_path": str(tiny_qwen2_5_vl), "dataset_use": "x.jsonl", "backend": "mindspore",
-                       "output_dir": str(tmp_path), key: True})
-    with pytest.raises(ConfigError, match=f"{key} belong to the torch engine"):
+                       "output_dir": str(tmp_path), **train})
+    with pytest.raises(ConfigError, match=f"{named} belong to the torch engine"):
         _build_mindspore_backend(cfg, info=None, circle_rope=None)
 
 
