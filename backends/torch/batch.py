@@ -25,9 +25,62 @@ MODEL_INPUTS = {
 
 
 def to_tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The array on `device`. To a GPU through pinned memory, asynchronously: a copy from pageable memory
+    holds the host until the GPU has run everything queued before it (a 47 MB image row costs the GPU
+    its queue), so the next row's kernels could not be launched ahead."""
     if dtype == torch.long and np.issubdtype(array.dtype, np.floating):
         dtype = torch.float32  # Circle-RoPE positions are fractional
-    return torch.as_tensor(np.ascontiguousarray(array)).to(device, dtype)
+    return send(torch.as_tensor(np.ascontiguousarray(array)), device, dtype)
+
+
+def send(host: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A CPU tensor on `device`; to a GPU through pinned memory without waiting (see to_tensor)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, dtype, non_blocking=True)
+    return host.to(device, dtype)
+
+
+VISION_GRID_KWARGS = {
+    "qwen2_vl": ("segments",),
+    "qwen2_5_vl": ("segments", "windows"),
+    "qwen3_vl": ("segments", "interpolation"),
+}
+"""The grid-derived inputs each vision tower takes precomputed (transformers' `vision_utils` keys)."""
+
+
+def vision_tower_kwargs(visual: torch.nn.Module, model_type: str, grid_thw: torch.Tensor, device: torch.device) -> dict:
+    """The vision tower's grid-derived inputs, computed on the host from a CPU `grid_thw` with
+    transformers' own `vision_utils` helpers, then sent to `device`: rotary position ids, the attention
+    segments and their longest, Qwen2.5-VL's window order, Qwen3-VL's position-embedding interpolation.
+
+    The tower pops these from its kwargs instead of deriving them from a grid on the GPU, which reads
+    the grid back a dozen times per forward (each a device sync that drains the launch queue). {} for a
+    model type not listed: its tower computes them itself."""
+    from transformers import vision_utils as vu
+
+    parts = VISION_GRID_KWARGS.get(model_type)
+    if parts is None:
+        return {}
+    merge = visual.spatial_merge_size
+    out: dict = {"position_ids": vu.get_vision_position_ids(grid_thw, merge)}
+    if "segments" in parts:
+        out["cu_seqlens"] = vu.get_vision_cu_seqlens(grid_thw)
+        out["max_seqlen"] = _longest(out["cu_seqlens"])
+    if "windows" in parts:
+        out["window_index"], out["cu_window_seqlens"] = vu.get_vision_window_index(
+            grid_thw, spatial_merge_size=merge, window_size=visual.window_size, patch_size=visual.patch_size
+        )
+        out["max_window_seqlen"] = _longest(out["cu_window_seqlens"])
+    if "interpolation" in parts:
+        out["interp_indices"], out["interp_weights"] = vu.get_vision_interpolation_indices_and_weights(
+            grid_thw, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners, spatial_merge_size=merge,
+        )
+    return {key: send(value, device) if isinstance(value, torch.Tensor) else value for key, value in out.items()}
+
+
+def _longest(cu_seqlens: torch.Tensor) -> int:
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
 @functools.cache

@@ -20,7 +20,7 @@ from vltune.core.mdlm_sampler import SamplerSettings
 from vltune.data.mdlm_tokens import write_mdlm_files
 from vltune.data.model_info import ModelInfo
 
-from .batch import to_model_inputs, to_tensor
+from .batch import to_model_inputs, to_tensor, vision_tower_kwargs
 from .checkpoint import OPTIMIZER_FILE, RNG_FILE, load_weights, rng_state, save_hf_model, set_rng_state
 from .infer import generate_greedy, generate_with_positions
 from .lora import apply_lora, keep_adapter_inputs_in_compute_dtype
@@ -139,9 +139,30 @@ class TorchBackend:
         inputs = to_model_inputs(batch, self.device, model=self.model)
         with layers, self._autocast():
             if hidden:  # the inner model: the stock forward would apply the LM head to every position
-                return self.base.model(**inputs, use_cache=False).last_hidden_state
+                return self.base.model(**self._encode_vision(batch, inputs), use_cache=False).last_hidden_state
             extra = {} if keep is None else {"logits_to_keep": keep}
             return self.model(**inputs, use_cache=False, **extra).logits
+
+    def _encode_vision(self, batch: Batch, inputs: dict) -> dict:
+        """`inputs` with the images and videos run through the vision tower here, its grid-derived
+        inputs computed on the host (batch.vision_tower_kwargs), and handed to the model as its
+        `mm_encoder_outputs`. The one-process path only: a data-parallel engine's forward must enter
+        through its wrapper with the pixels."""
+        inner = self.base.model
+        encoders = (("image", "pixel_values", "image_grid_thw", inner.get_image_features),
+                    ("video", "pixel_values_videos", "video_grid_thw", inner.get_video_features))
+        encoded = {}
+        for modality, pixels, grid, encode in encoders:
+            if pixels not in inputs:
+                continue
+            host_grid = torch.as_tensor(batch[grid])
+            kwargs = vision_tower_kwargs(inner.visual, self.base.config.model_type, host_grid, self.device)
+            if not kwargs:  # a tower vltune does not know: transformers' own path
+                return inputs
+            encoded[modality] = encode(inputs[pixels], host_grid, **kwargs)
+        if not encoded:
+            return inputs
+        return {**{k: v for k, v in inputs.items() if not k.startswith("pixel_values")}, "mm_encoder_outputs": encoded}
 
     def _logits(self, batch: Batch) -> torch.Tensor:
         if self.mdlm is not None:

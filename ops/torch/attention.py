@@ -35,26 +35,22 @@ BACKEND_ENV = "VLTUNE_VARLEN_BACKEND"
 _HALF = (torch.float16, torch.bfloat16)
 
 
-@functools.cache
-def _has_flash_attn() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-@functools.cache
-def _torch_varlen_fn() -> Callable | None:
+def _load_torch_varlen() -> tuple[Callable | None, frozenset[str]]:
+    """torch's `varlen_attn` (None before torch 2.10) and its keywords, which moved between releases: the
+    first takes `is_causal` and no `scale`, 2.10+ `scale` and `window_size`, and `enable_gqa` arrived
+    later (without it, K/V heads are repeated)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
-    except ImportError:  # torch < 2.10
-        return None
-    return varlen_attn
+    except ImportError:
+        return None, frozenset()
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-@functools.cache
-def _torch_varlen_params() -> frozenset[str]:
-    """varlen_attn's keywords, which moved between releases: the first takes `is_causal` and no `scale`,
-    2.10+ `scale` and `window_size`, and `enable_gqa` arrived later (without it, K/V heads are repeated)."""
-    fn = _torch_varlen_fn()
-    return frozenset(inspect.signature(fn).parameters) if fn is not None else frozenset()
+# Looked up once, at import: the call path below runs inside torch.compile'd decoder layers, where an
+# import, `find_spec`, `inspect.signature` or a functools cache would each split the layer's graph in
+# two (a graph break: one more compiled region, with its own guards and launch overhead, per layer).
+_FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
+_TORCH_VARLEN, _TORCH_VARLEN_PARAMS = _load_torch_varlen()
 
 
 def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -62,9 +58,9 @@ def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
     if device.type != "cuda":
         return ["sdpa", "flex"]  # flex runs on CPU unfused (a full score matrix): asked for, never picked
     out = []
-    if dtype in _HALF and _has_flash_attn():
+    if dtype in _HALF and _FLASH_ATTN_INSTALLED:
         out.append("flash_attn")
-    if dtype in _HALF and _torch_varlen_fn() is not None:
+    if dtype in _HALF and _TORCH_VARLEN is not None:
         out.append("torch_varlen")
     return out + ["flex", "sdpa"]
 
@@ -123,7 +119,7 @@ def _flash_attn(q, k, v, cu, max_len, causal, scale):
 
 
 def _torch_varlen(q, k, v, cu, max_len, causal, scale):
-    params = _torch_varlen_params()
+    params = _TORCH_VARLEN_PARAMS
     extra: dict = {"window_size": (-1, 0) if causal else (-1, -1)} if "window_size" in params else {"is_causal": causal}
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in params:
@@ -134,7 +130,7 @@ def _torch_varlen(q, k, v, cu, max_len, causal, scale):
         extra["scale"] = scale
     else:  # the kernel's own 1/sqrt(D): fold the wanted scale into q
         q = q * (scale * q.shape[-1] ** 0.5)
-    return _torch_varlen_fn()(q, k, v, cu, cu, max_len, max_len, **extra)
+    return _TORCH_VARLEN(q, k, v, cu, cu, max_len, max_len, **extra)
 
 
 @functools.cache

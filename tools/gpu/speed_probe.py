@@ -12,6 +12,11 @@ Variants (each on a fresh random-init model of the same seed, the same packed 40
   vision_bf16_compile  vision_bf16 + torch_compile
   bf16_8bit     pure_bf16 + optim adamw_torch_8bit (bf16 weights, 8-bit AdamW); _liger / _compile on top
   bf16_base     pure_bf16, for --train-type lora (bf16 base, fp32 adapters); _liger / _compile on top
+  *_nosync      the row's loss stays on the device (no host read per row; one per optimizer step)
+  *_pad         every row padded to --pack-length with one padding sub-sequence (one shape for the
+                compiled layers); decoder layers compiled with automatic dynamic shapes, not dynamic=True
+--rows-per-step K: K rows' gradients per optimizer step (an accumulated step); --steady: warm up on
+the timed rows themselves, so every shape they meet is compiled before the clock starts.
 Also: the bf16 matmul ceiling of this GPU at the model's MLP shape, and (--profile) a torch.profiler
 breakdown of one step of the first variant: device time by kernel class and device-idle share.
 
@@ -55,7 +60,42 @@ VARIANTS = {
     "bf16_base": ({"pure_bf16": True}, {}),
     "bf16_base_liger": ({"pure_bf16": True, "use_liger_kernel": True}, {}),
     "bf16_base_compile": ({"pure_bf16": True, "torch_compile": True}, {}),
+    "chunked_nosync": ({}, {"nosync": True}),
+    "compile_nosync": ({"torch_compile": True}, {"nosync": True}),
+    "compile_pad_nosync": ({"torch_compile": True}, {"nosync": True, "pad": True}),
+    "chunked_pad_nosync": ({}, {"nosync": True, "pad": True}),
 }
+
+
+def pad_row(batch: dict, length: int, pad_id: int = 151643) -> dict:
+    """The row with one more sub-sequence of padding (labels -100, text positions from 0) up to `length`."""
+    import numpy as np
+
+    n = length - batch["input_ids"].shape[1]
+    if n <= 0:
+        return batch
+    out = dict(batch)
+    out["input_ids"] = np.concatenate([batch["input_ids"], np.full((1, n), pad_id, dtype=batch["input_ids"].dtype)], axis=1)
+    out["labels"] = np.concatenate([batch["labels"], np.full((1, n), -100, dtype=batch["labels"].dtype)], axis=1)
+    pos = np.broadcast_to(np.arange(n, dtype=batch["position_ids"].dtype), (3, 1, n))
+    out["position_ids"] = np.concatenate([batch["position_ids"], pos], axis=2)
+    out["cu_seqlens"] = np.append(batch["cu_seqlens"], np.int32(length)).astype(np.int32)
+    out["max_seqlen"] = np.asarray(max(int(batch["max_seqlen"]), n), dtype=np.int64)
+    out["real_tokens"] = int(batch["cu_seqlens"][-1])
+    return out
+
+
+def row_tokens(batch: dict) -> int:
+    return batch.get("real_tokens", int(batch["cu_seqlens"][-1]))
+
+
+def unpadded(batch: dict) -> dict:
+    """The row as packed, for the FLOPs count (padding is not model work)."""
+    if "real_tokens" not in batch:
+        return batch
+    out = dict(batch)
+    out["cu_seqlens"] = batch["cu_seqlens"][:-1]
+    return out
 
 
 def matmul_ceiling(m: int, k: int, n: int) -> float:
@@ -88,12 +128,26 @@ def make_backend(shape, train: dict, hooks: dict, train_type: str) -> TorchBacke
             compile_blocks(backend.base)
     if hooks.get("compile_text"):
         compile_blocks(backend.base, vision=False)
+    if hooks.get("pad") and train.get("torch_compile"):  # rows of one length: automatic dynamic for the decoder layers
+        for layer in backend.base.model.language_model.layers:
+            layer._compiled_call_impl = None
+            layer.compile()
+    if hooks.get("nosync"):  # the summed loss as a device tensor: read once per optimizer step
+        def forward_backward(batch, loss_scale, backend=backend):
+            backend.model.train()
+            loss_sum = backend._loss_sum(batch)
+            (loss_sum * loss_scale).backward()
+            return loss_sum.detach()
+        backend.forward_backward = forward_backward
     return backend
 
 
-def step(backend: TorchBackend, batch: dict) -> float:
-    count = int((batch["labels"][:, 1:] != -100).sum())
-    loss = backend.forward_backward(batch, 1.0 / count)
+def step(backend: TorchBackend, batch: dict | list[dict]) -> float:
+    """One optimizer step over one row or a list of rows (accumulated), as core/loop.py runs it."""
+    rows = batch if isinstance(batch, list) else [batch]
+    count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in rows)
+    loss = sum(backend.forward_backward(b, 1.0 / count) for b in rows)
+    loss = float(loss)  # the loop reads the step's loss once (its finiteness decides the step)
     backend.optimizer_step(1.0, 1.0)
     return loss / count
 
@@ -111,12 +165,11 @@ def phase_times(backend: TorchBackend, batch: dict) -> dict:
         torch.cuda.synchronize()
         return round((time.perf_counter() - t) / n * 1e3, 2)
 
-    visual = backend.base.model.visual
     inputs = to_model_inputs(batch, backend.device, model=backend.model)
 
-    def vision():
+    def vision():  # the tower as the training forward runs it (its grid-derived inputs from the host)
         with torch.no_grad(), backend._autocast():
-            visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+            backend._encode_vision(batch, dict(inputs))
 
     count = int((batch["labels"][:, 1:] != -100).sum())
 
@@ -138,7 +191,7 @@ def phase_times(backend: TorchBackend, batch: dict) -> dict:
     return out
 
 
-def profile_step(backend: TorchBackend, batch: dict, out_dir: Path, name: str) -> dict:
+def profile_step(backend: TorchBackend, batch: dict | list[dict], out_dir: Path, name: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -168,33 +221,52 @@ def profile_step(backend: TorchBackend, batch: dict, out_dir: Path, name: str) -
             kind = "other_elementwise"
         classes[kind] = classes.get(kind, 0.0) + device_us / 1e3
         total += device_us / 1e3
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
-    (out_dir / f"profile_{name}.txt").write_text(table)
+    averages = prof.key_averages()
+    table = averages.table(sort_by="self_cuda_time_total", row_limit=40)
+    cpu_table = averages.table(sort_by="self_cpu_time_total", row_limit=40)
+    (out_dir / f"profile_{name}.txt").write_text(table + "\n\nHost side, by self CPU time:\n" + cpu_table)
+    host = {e.key: e.count for e in averages if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item",
+                                                          "aten::_local_scalar_dense", "cudaMemcpyAsync", "aten::nonzero")}
     return {"wall_ms": round(wall * 1e3, 1), "device_busy_ms": round(total, 1), "idle_share": round(1 - total / (wall * 1e3), 3),
-            "by_class_ms": {k: round(v, 1) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])}}
+            "by_class_ms": {k: round(v, 1) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])}, "host_calls": host}
 
 
-def run_variant(name: str, shape, rows: list[dict], warmup: list[dict], profile: bool, out_dir: Path, train_type: str) -> dict:
+def run_variant(name: str, shape, rows: list[dict], warmup: list[dict], profile: bool, out_dir: Path, train_type: str,
+                rows_per_step: int = 1, steady: bool = False, pack_length: int = 4096) -> dict:
     train, hooks = VARIANTS[name]
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    if hooks.get("pad"):
+        rows, warmup = [pad_row(b, pack_length) for b in rows], [pad_row(b, pack_length) for b in warmup]
+    if steady:
+        warmup = warmup + rows
+    k = rows_per_step
+    steps, warm_steps = [rows[i:i + k] for i in range(0, len(rows), k)], [warmup[i:i + k] for i in range(0, len(warmup), k)]
     backend = make_backend(shape, train, hooks, train_type)
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    for batch in warmup:
+    for batch in warm_steps:
         step(backend, batch)
     torch.cuda.synchronize()
     warm_s = time.perf_counter() - t
+    graphs_warm = counters["stats"]["unique_graphs"]
+    breaks = {str(reason)[:160]: n for reason, n in counters["graph_break"].items()}
     t = time.perf_counter()
-    losses = [step(backend, batch) for batch in rows]
+    losses = [step(backend, batch) for batch in steps]
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t
-    tokens = sum(int(b["cu_seqlens"][-1]) for b in rows)
-    flops = sum(step_flops(shape, b, train_type) for b in rows)
-    result = {"variant": name, "tokens_per_s": round(tokens / seconds, 1), "mfu": round(flops / seconds / H100_BF16_PEAK, 4),
+    tokens = sum(row_tokens(b) for b in rows)
+    flops = sum(step_flops(shape, unpadded(b), train_type) for b in rows)
+    result = {"variant": name, "rows_per_step": k, "steady": steady, "tokens_per_s": round(tokens / seconds, 1),
+              "mfu": round(flops / seconds / H100_BF16_PEAK, 4),
               "ms_per_row": round(seconds / len(rows) * 1e3, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-              "warmup_s": round(warm_s, 1), "losses": [round(x, 4) for x in losses]}
+              "warmup_s": round(warm_s, 1), "graphs_after_warmup": graphs_warm,
+              "graphs_compiled_in_timed_steps": counters["stats"]["unique_graphs"] - graphs_warm, "graph_breaks": breaks,
+              "losses": [round(x, 4) for x in losses]}
     if profile:
         result["phases"] = phase_times(backend, rows[0])
-        result["profile"] = profile_step(backend, rows[0], out_dir, name)
+        result["profile"] = profile_step(backend, steps[0], out_dir, name)
     del backend
     torch._dynamo.reset()
     gc.collect()
@@ -211,6 +283,8 @@ def main() -> None:
     parser.add_argument("--train-type", default="full", choices=["full", "lora"])
     parser.add_argument("--warmup-samples", type=int, default=12)
     parser.add_argument("--profile", default="", help="comma-separated variants to break down (phase times, profile)")
+    parser.add_argument("--rows-per-step", type=int, default=1)
+    parser.add_argument("--steady", action="store_true", help="warm up on the timed rows too: no compile in the timed steps")
     args = parser.parse_args()
     out_dir = Path(os.environ.get("OUT", "/tmp/vltune-gpu"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +304,8 @@ def main() -> None:
     results = []
     for name in args.variants.split(","):
         try:
-            results.append(run_variant(name, shape, rows, warmup, name in args.profile.split(","), out_dir, args.train_type))
+            results.append(run_variant(name, shape, rows, warmup, name in args.profile.split(","), out_dir, args.train_type,
+                                       args.rows_per_step, args.steady, args.pack_length))
         except Exception as e:  # one failing variant must not cost the others' numbers
             traceback.print_exc()
             results.append({"variant": name, "error": f"{type(e).__name__}: {e}"[:300]})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -177,3 +179,66 @@ def test_vision_tower_one_varlen_call_equals_the_stock_window_loop(tiny_model_di
     assert len(calls) == len(vision_attention_modules(model)), "one attention call per layer"
     assert max(calls) > len(features), "window layers split each image into several windows"
     torch.testing.assert_close(switched, stock, rtol=0, atol=1e-5)
+
+
+PRECOMPUTED_KEYS = {"position_ids", "cu_seqlens", "window_index", "interp_indices"}
+
+
+def _spy(helper, name: str, computed: list):
+    """`helper`, noting `name` in `computed` whenever it is called without its precomputed input."""
+    def call(*args, **kwargs):
+        if not (kwargs.get("kwargs") or {}).keys() & PRECOMPUTED_KEYS:
+            computed.append(name)
+        return helper(*args, **kwargs)
+    return call
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_vision_inputs_computed_on_the_host_give_the_stock_forward(request, tiny_model_dirs, corpus, model_type, monkeypatch):
+    """The one-process forward runs the tower itself with grid-derived inputs computed on the host
+    (batch.vision_tower_kwargs); images and videos, padded and packed, give the stock model's hidden states."""
+    model_dir = tiny_model_dirs.get(model_type) or request.getfixturevalue("tiny_qwen2_vl")
+    dataset, features = _features(corpus, model_dir, ("single-0", "image_video-9", "multi-1"))
+    backend = _backend(model_dir, dataset.info)
+    backend.model.eval()
+    padded = Collator(dataset.info, dataset.tokenizer.pad_token_id)(features)
+    packed = collate_packed(features, dataset.info)
+    # Every tower consumes the precomputed inputs: none of transformers' grid helpers computes anything
+    # while our forward runs (handed its precomputed key, a helper returns it without computing).
+    computed = []
+    modeling = sys.modules[type(backend.base.model.visual).__module__]
+    for name in ("get_vision_position_ids", "get_vision_cu_seqlens", "get_vision_window_index",
+                 "get_vision_interpolation_indices_and_weights"):
+        if hasattr(modeling, name):
+            monkeypatch.setattr(modeling, name, _spy(getattr(modeling, name), name, computed))
+    enable_varlen(backend.base)
+    for batch in (padded, packed):
+        inputs = to_model_inputs(batch, backend.device, model=backend.model)
+        routed = backend._encode_vision(batch, dict(inputs))
+        assert "mm_encoder_outputs" in routed and "pixel_values" not in routed and "pixel_values_videos" not in routed
+        assert set(routed["mm_encoder_outputs"]) == {"image", "video"}
+        with torch.no_grad():
+            ours = backend.base.model(**routed, use_cache=False).last_hidden_state
+            assert computed == [], computed
+            stock = backend.base.model(**inputs, use_cache=False).last_hidden_state
+        assert computed, "the stock path computes them from the grid (the spy works)"
+        computed.clear()
+        torch.testing.assert_close(ours, stock, rtol=0, atol=1e-6)
+
+
+def test_compiled_packed_step_has_no_graph_breaks(tiny_model_dirs, corpus, monkeypatch):
+    """Each compiled decoder layer and vision block is one graph: a graph break would split it into
+    several compiled regions, each with its own guards and launch overhead per layer and step."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("VLTUNE_VARLEN_BACKEND", "reference")  # traceable on CPU, like the CUDA kernels (the sdpa loop is not)
+    model_dir = tiny_model_dirs["qwen2_5_vl"]
+    dataset, features = _features(corpus, model_dir, ("single-0", "text-3", "multi-1"))
+    packed = collate_packed(features, dataset.info)
+    args = ModelArgs(model_name_or_path=str(model_dir))
+    backend = TorchBackend(load_model(model_dir), model_dir, dataset.info, args, TrainArgs(torch_compile=True))
+    torch._dynamo.reset()
+    counters.clear()
+    backend.forward_backward(packed, 1.0)
+    assert counters["stats"]["unique_graphs"] >= 2, "the decoder layers and vision blocks were compiled"
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
