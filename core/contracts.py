@@ -9,7 +9,7 @@ torch and MindSpore engines train on byte-identical inputs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, SupportsFloat
 
 import numpy as np
 
@@ -37,11 +37,14 @@ def loss_denominator(batch: Batch) -> int:
 class TrainBackend(Protocol):
     """The engine side of the training loop: tensors, autograd, optimizer, weights on disk."""
 
-    def forward_backward(self, batch: Batch, loss_scale: float) -> float:
+    def forward_backward(self, batch: Batch, loss_scale: float) -> SupportsFloat:
         """Run forward + backward on one micro-batch and return its *summed* token loss.
 
         Gradients of `summed_loss * loss_scale` are accumulated, so the loop can normalise by the
-        number of trained tokens of the whole accumulated batch, not per micro-batch.
+        number of trained tokens of the whole accumulated batch, not per micro-batch. The value may
+        still live on the device (anything `float()` and `+` accept): the loop sums the micro-batches'
+        losses and reads the sum once per step, so a GPU engine need not wait for each micro-batch's
+        backward before it queues the next forward.
         """
         ...
 

@@ -123,6 +123,7 @@ def run_training(
         (n_trained,) = backend.reduce_sum([sum(loss_denominator(b) for b in micro)])
         if n_trained == 0:
             raise RuntimeError(f"step {state.step + 1}: no trained tokens in the batch (every label is -100)")
+        # The micro-batches' losses may still be device values: summed there, read once by reduce_sum.
         local_loss = sum(backend.forward_backward(b, 1.0 / n_trained) for b in micro)
         local_counts = [sum(_input_tokens(b) for b in micro), sum(_num_samples(b) for b in micro)]
         local_flops = sum(flops(b) for b in micro) if flops else 0.0

@@ -269,7 +269,8 @@ def run_bench(
 
     def vltune_step(rows: list[dict]) -> float:
         count = sum(_trained(row) for row in rows)
-        loss_sum = sum(backend.forward_backward(row, 1.0 / count) for row in rows)
+        # As core/loop.py: the losses stay on the device until the step's sum is read once.
+        loss_sum = float(sum(backend.forward_backward(row, 1.0 / count) for row in rows))
         backend.optimizer_step(1.0, 1.0)
         return loss_sum / count
 

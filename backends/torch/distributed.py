@@ -58,7 +58,7 @@ class DistContext:
         if self.world_size == 1 or not values:
             return [float(v) for v in values]
         device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)  # a loss may be a device scalar
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return tensor.tolist()
 

@@ -188,11 +188,13 @@ class TorchBackend:
         with self._autocast():  # the LM head in checkpointed chunks
             return head_loss_sum(self.base.lm_head, hidden.reshape(-1, hidden.shape[-1]), targets)
 
-    def forward_backward(self, batch: Batch, loss_scale: float) -> float:
+    def forward_backward(self, batch: Batch, loss_scale: float) -> torch.Tensor:
+        """The summed loss stays on the device (core.contracts): reading it here would make the host
+        wait for this backward before it could queue the next micro-batch's forward."""
         self.model.train()
         loss_sum = self._loss_sum(batch)
         (loss_sum * loss_scale).backward()
-        return float(loss_sum.detach())
+        return loss_sum.detach()
 
     def reduce_sum(self, values: list[float]) -> list[float]:
         return [float(v) for v in values]  # one process: its sums are the global ones

@@ -38,7 +38,7 @@ def tiny_training(vqa_data):
         for step in range(steps):
             batch = batches[step % len(batches)]
             count = int((batch["labels"][:, 1:] != -100).sum())
-            losses.append(backend.forward_backward(batch, 1.0 / count) / count)
+            losses.append(float(backend.forward_backward(batch, 1.0 / count)) / count)
             backend.optimizer_step(1.0, 1.0)
         return losses
 

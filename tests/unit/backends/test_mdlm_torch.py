@@ -81,7 +81,7 @@ def test_loss_equals_a_direct_numpy_computation(tiny_model_dirs, data, normaliza
     t = np.array([0.3, 0.05, 0.8])
     prepared = masked_batch(batch, t, masked, maskable, mask_token_id=objective.mask_token_id, schedule="linear", normalization=normalization)
     backend = _backend(model_dir, dataset.info, objective)
-    loss = backend.forward_backward(prepared, 1.0) / int(prepared["loss_denominator"])
+    loss = float(backend.forward_backward(prepared, 1.0)) / int(prepared["loss_denominator"])
     with torch.no_grad():
         logits = bidirectional_logits(backend.model, prepared, backend.device).double().cpu().numpy()
 
@@ -106,7 +106,7 @@ def test_nothing_masked_still_gives_every_trainable_parameter_a_gradient(tiny_mo
     prepared = masked_batch(batch, np.full(3, 0.5), np.zeros_like(maskable), maskable,
                             mask_token_id=objective.mask_token_id, schedule="linear", normalization="sequence")
     backend = _backend(model_dir, dataset.info, objective)
-    assert backend.forward_backward(prepared, 1.0) == 0.0
+    assert float(backend.forward_backward(prepared, 1.0)) == 0.0
     assert all(p.grad is not None and float(p.grad.abs().max()) == 0.0 for p in backend.trainable)
 
 

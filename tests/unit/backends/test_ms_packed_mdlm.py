@@ -71,7 +71,7 @@ def test_mdlm_loss_and_gradient_step_match_torch(tiny_qwen2_5_vl, features):
     (ms_loss, ms_n), (torch_loss, torch_n) = ms_backend.eval_loss(batch), torch_backend.eval_loss(batch)
     assert ms_n == torch_n
     assert abs(ms_loss - torch_loss) / denominator <= 1e-5
-    assert abs(ms_backend.forward_backward(batch, 1.0) - torch_backend.forward_backward(batch, 1.0)) / denominator <= 1e-5
+    assert abs(ms_backend.forward_backward(batch, 1.0) - float(torch_backend.forward_backward(batch, 1.0))) / denominator <= 1e-5
 
 
 def test_mdlm_attention_is_bidirectional(tiny_qwen2_5_vl):

@@ -61,7 +61,7 @@ def test_one_step_matches_torch(tiny_qwen2_5_vl, batch):
     ms_after = parameter_arrays(ms_backend.model)
 
     torch_backend = TorchBackend(load_torch_model(tiny_qwen2_5_vl), tiny_qwen2_5_vl, info, margs, targs)
-    torch_loss = torch_backend.forward_backward(data, 1.0 / _n(data))
+    torch_loss = float(torch_backend.forward_backward(data, 1.0 / _n(data)))
     torch_grads = {n: p.grad.numpy().copy() for n, p in torch_backend.model.named_parameters()}
     torch_norm = torch_backend.optimizer_step(1.0, 1.0)
     torch_after = {n: p.detach().numpy() for n, p in torch_backend.model.named_parameters()}

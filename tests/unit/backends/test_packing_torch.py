@@ -72,10 +72,10 @@ def test_packed_row_equals_samples_one_by_one(request, tiny_model_dirs, corpus, 
     assert packed_losses.shape == single_losses.shape == (n_tokens,)
     torch.testing.assert_close(packed_losses, single_losses, rtol=0, atol=1e-5)
 
-    loss_packed = backend.forward_backward(packed, 1.0 / n_tokens)
+    loss_packed = float(backend.forward_backward(packed, 1.0 / n_tokens))
     grads_packed = {n: p.grad.clone() for n, p in backend.model.named_parameters()}
     backend.zero_grad()
-    loss_single = sum(backend.forward_backward(b, 1.0 / n_tokens) for b in singles)
+    loss_single = float(sum(backend.forward_backward(b, 1.0 / n_tokens) for b in singles))
     grads_single = {n: p.grad.clone() for n, p in backend.model.named_parameters()}
     assert abs(loss_packed - loss_single) <= 1e-5 * n_tokens
     assert grads_packed.keys() == grads_single.keys() and len(grads_packed) > 0

@@ -111,3 +111,13 @@ def test_python_api_is_the_command(tiny_qwen2_5_vl, vqa_data, tmp_path):
     assert summary["steps"] == 2 and (tmp_path / "model.safetensors").exists()
     rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert ("peak_rss_gib" in rows[-1] or "peak_mem_gib" in rows[-1]) and "lr_llm" in rows[-1]
+
+
+def test_forward_backward_leaves_the_loss_on_the_device(tiny_qwen2_5_vl, batch):
+    """The summed loss comes back as a detached 0-d tensor (core.contracts): the loop reads it once per
+    step, so the engine never waits for a micro-batch's backward before queueing the next forward."""
+    data, info = batch
+    backend = TorchBackend(load_model(tiny_qwen2_5_vl), tiny_qwen2_5_vl, info, ModelArgs(model_name_or_path=str(tiny_qwen2_5_vl)), TrainArgs())
+    loss = backend.forward_backward(data, 1.0)
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0 and not loss.requires_grad
+    assert loss.device == backend.device and float(loss) > 0
