@@ -151,7 +151,7 @@ def cmd_bench_model(args: argparse.Namespace, extra: list[str]) -> int:
             with_stock=not args.no_stock, match_steps=args.match_steps, samples_per_step=args.samples_per_step,
             learning_rate=args.learning_rate, name=args.name,
             train_options={"torch_compile": args.torch_compile, "use_liger_kernel": args.liger_kernel, "pure_bf16": args.pure_bf16,
-                           "gradient_checkpointing": args.gradient_checkpointing, "optim": args.optim},
+                           "bf16_master_weights": args.bf16_master_weights, "gradient_checkpointing": args.gradient_checkpointing, "optim": args.optim},
         )
     except (RuntimeError, ValueError) as e:
         print(f"vltune bench: {e}", file=sys.stderr)
@@ -403,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--liger-kernel", action="store_true", help="vltune path with use_liger_kernel")
     p.add_argument("--train-type", default="full", choices=["full", "lora"], help="full (vision tower frozen) or lora")
     p.add_argument("--pure-bf16", action="store_true", help="vltune path with pure_bf16 (bf16 weights, no fp32 copy)")
+    p.add_argument("--bf16-master-weights", action="store_true",
+                   help="vltune path with bf16_master_weights (bf16 weights for compute, fp32 masters for AdamW)")
     p.add_argument("--optim", default="adamw_torch", choices=OPTIMIZERS, help="vltune path's optimizer")
     p.add_argument("--gradient-checkpointing", action="store_true", help="vltune path with gradient_checkpointing")
     p.add_argument("--no-stock", action="store_true", help="run the vltune path alone (e.g. a size the stock path cannot fit)")

@@ -81,7 +81,7 @@ def _build_mindspore_backend(cfg: RecipeConfig, info, circle_rope: dict | None, 
     from vltune.backends.mindspore.models import load_model
     from vltune.backends.mindspore.trainer import MindSporeBackend
 
-    torch_only = [key for key in ("deepspeed", "fsdp", "use_liger_kernel", "torch_compile", "pure_bf16") if getattr(cfg.train, key, None)]
+    torch_only = [key for key in ("deepspeed", "fsdp", "use_liger_kernel", "torch_compile", "pure_bf16", "bf16_master_weights") if getattr(cfg.train, key, None)]
     torch_only += [f"optim: {cfg.train.optim}"] if cfg.train.optim != "adamw_torch" else []
     if torch_only:
         raise ConfigError(f"backend mindspore: {' / '.join(torch_only)} belong to the torch engine; remove them or use backend: torch")

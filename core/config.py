@@ -173,6 +173,11 @@ class TrainArgs:
     pure_bf16), halving weight and gradient memory (gradients also accumulate in bf16); LoRA adapters and
     other LoRA-trained modules stay fp32. Needs bf16: true; full fine-tuning with it needs optim:
     adamw_torch_8bit, whose stochastic rounding keeps the updates that bf16 would round away."""
+    bf16_master_weights: bool = False
+    """torch, one process, full fine-tuning: the model's weights in bf16 for compute, fp32 master copies
+    for AdamW (DeepSpeed's and Megatron's bf16 mode). No fp32 -> bf16 weight casts in every forward and
+    backward, a bf16 residual stream; gradients accumulate in fp32 on the masters, the checkpoint is
+    written from the masters (fp32). 2 more bytes per trained weight than bf16 autocast. Needs bf16: true."""
     num_threads: int = 0
     """torch intra-op threads on CPU (0 = library default)."""
     deepspeed: str | None = None
@@ -450,6 +455,17 @@ def precision_problems(t: TrainArgs, train_type: str) -> list[str]:
         problems.append(f"optim: {t.optim} is for one process; {sharded} shards torch AdamW's state instead")
     if sharded and t.pure_bf16:
         problems.append(f"pure_bf16 is for one process; {sharded} keeps bf16 compute with fp32 master weights itself")
+    if t.bf16_master_weights:
+        if sharded:
+            problems.append(f"bf16_master_weights is for one process; {sharded} keeps bf16 compute with fp32 master weights itself")
+        if not t.bf16:
+            problems.append("bf16_master_weights needs bf16: true (it computes in bf16)")
+        if t.pure_bf16:
+            problems.append("bf16_master_weights and pure_bf16 are both set: pure_bf16 keeps no fp32 copy; pick one")
+        if train_type != "full":
+            problems.append("bf16_master_weights is for train_type full: LoRA's adapters already train in fp32 (pure_bf16 puts the base in bf16)")
+        if t.optim != "adamw_torch":
+            problems.append("bf16_master_weights updates fp32 masters with adamw_torch; adamw_torch_8bit is for pure_bf16")
     if t.pure_bf16 and not t.bf16:
         problems.append("pure_bf16 needs bf16: true (it holds the weights in bf16 and computes in bf16)")
     if t.pure_bf16 and train_type == "full" and t.optim != "adamw_torch_8bit":

@@ -80,9 +80,14 @@ def load_weights(model: torch.nn.Module, directory: Path, lora: bool) -> None:
         if result.unexpected_keys:
             raise ValueError(f"{directory}: adapter has keys the model lacks: {result.unexpected_keys[:5]}")
         return
-    # The saved names are the checkpoint's (transformers renames on save and load), so read them back
-    # through transformers itself and copy the tensors: exact, and independent of the naming scheme.
-    if not any(directory.glob("model*.safetensors")):
+    model.load_state_dict(saved_state(model, directory, next(model.parameters()).dtype))
+
+
+def saved_state(model: torch.nn.Module, directory: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The full model a checkpoint saved, as `model`'s state_dict in `dtype`.
+
+    The saved names are the checkpoint's (transformers renames on save and load), so they are read back
+    through transformers itself: exact, and independent of the naming scheme."""
+    if not any(Path(directory).glob("model*.safetensors")):
         raise FileNotFoundError(f"{directory}: no model*.safetensors to resume from")
-    saved = type(model).from_pretrained(str(directory), dtype=next(model.parameters()).dtype)
-    model.load_state_dict(saved.state_dict())
+    return type(model).from_pretrained(str(directory), dtype=dtype).state_dict()

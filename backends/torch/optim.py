@@ -110,6 +110,73 @@ def upcast_trainable(model: torch.nn.Module) -> None:
             param.data = param.data.float()
 
 
+class MasterWeights:
+    """bf16 weights in the model, fp32 master copies for the optimizer (bf16_master_weights).
+
+    Under bf16 autocast with fp32 weights, every forward casts each weight to bf16 and the compiled
+    backward casts it again, the residual stream runs in fp32, and each micro-batch's bf16 weight
+    gradient is cast up before it is added to the fp32 one. Here the model holds bf16 weights, so
+    none of that happens; the fp32 masters keep the updates bf16 would round away (a weight of
+    magnitude w moves only in steps of ~w/256 in bf16):
+
+    * each trained parameter's fp32 tensor becomes its master (no copy), the parameter itself bf16;
+    * a hook folds each micro-batch's bf16 gradient into the master's fp32 gradient as soon as it is
+      accumulated, and frees it: gradients accumulate in fp32 across micro-batches;
+    * AdamW and clipping run on the masters; `copy_to_model` rounds them back into the model;
+    * frozen parameters go to bf16 too when that is exact (released checkpoints are bf16), so a
+      saved model still holds the weights it was given.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.master_of: dict[torch.nn.Parameter, torch.nn.Parameter] = {}
+        for param in dict.fromkeys(model.parameters()):  # tied weights once
+            if not param.dtype.is_floating_point or param.dtype == torch.bfloat16:
+                continue
+            if param.requires_grad:
+                self.master_of[param] = torch.nn.Parameter(param.data.float())  # the fp32 tensor itself, not a copy
+                param.data = param.data.to(torch.bfloat16)
+                param.register_post_accumulate_grad_hook(self._fold)
+            else:
+                rounded = param.data.to(torch.bfloat16)
+                if torch.equal(rounded.float(), param.data.float()):
+                    param.data = rounded
+
+    @property
+    def masters(self) -> list[torch.nn.Parameter]:
+        return list(self.master_of.values())
+
+    def groups(self, groups: list[dict]) -> list[dict]:
+        """build_param_groups' groups over the model's parameters, as the same groups over their masters."""
+        return [{**group, "params": [self.master_of[p] for p in group["params"]]} for group in groups]
+
+    @torch.no_grad()
+    def _fold(self, param: torch.nn.Parameter) -> None:
+        master = self.master_of[param]
+        if master.grad is None:
+            master.grad = param.grad.float()
+        else:
+            master.grad.add_(param.grad)
+        param.grad = None
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        torch._foreach_copy_(list(self.master_of), self.masters)
+
+    def full_precision_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """`model`'s state_dict with every trained weight taken from its fp32 master: what is saved."""
+        state = model.state_dict(keep_vars=True)
+        return {key: (self.master_of[value] if value in self.master_of else value).detach() for key, value in state.items()}
+
+    @torch.no_grad()
+    def load(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Weights saved by `full_precision_state` into the masters (exactly) and the model (rounded)."""
+        model.load_state_dict(state)
+        own = model.state_dict(keep_vars=True)
+        for key, value in own.items():
+            if value in self.master_of:
+                self.master_of[value].copy_(state[key])
+
+
 def build_param_groups(model: torch.nn.Module, model_args: ModelArgs, train_args: TrainArgs) -> list[dict]:
     """AdamW groups for the trainable parameters of `model`, named llm, llm_no_decay, vision, ...
 

@@ -369,6 +369,11 @@ def build_torch_backend(
         # advance their generators differently: the DDP replicas would drift apart without an error.
         raise ConfigError("optim: adamw_torch_8bit is for one process (its stochastic rounding would differ between "
                           "data-parallel ranks); use adamw_torch, or deepspeed / fsdp to shard the optimizer state")
+    if ctx.world_size > 1 and args.bf16_master_weights:
+        # DDP reduces each parameter's gradient from its own hook on the bf16 weights; the masters' fp32
+        # gradients are folded in beside it, outside what DDP reduces.
+        raise ConfigError("bf16_master_weights is for one process; with several ranks use deepspeed or fsdp, "
+                          "which keep bf16 compute with fp32 master weights themselves")
     if args.deepspeed:
         return DeepSpeedBackend(*common, mdlm=mdlm, ctx=ctx)
     if args.fsdp:

@@ -21,7 +21,7 @@ from vltune.data.mdlm_tokens import write_mdlm_files
 from vltune.data.model_info import ModelInfo
 
 from .batch import to_model_inputs, to_tensor, vision_tower_kwargs
-from .checkpoint import OPTIMIZER_FILE, RNG_FILE, load_weights, rng_state, save_hf_model, set_rng_state
+from .checkpoint import OPTIMIZER_FILE, RNG_FILE, load_weights, rng_state, save_hf_model, saved_state, set_rng_state
 from .infer import generate_greedy, generate_with_positions
 from .lora import apply_lora, keep_adapter_inputs_in_compute_dtype
 from .kernels import align_vision_mlp, apply_liger_kernels, compile_blocks
@@ -30,7 +30,7 @@ from .mdlm import bidirectional_logits, diffusion_sample, weighted_loss_sum
 from .models.bidirectional import make_bidirectional
 from .models.circle_rope import CircleRopeAdapter
 from .models.varlen import enable_varlen
-from .optim import bf16_weights, build_optimizer, build_param_groups, set_learning_rates, upcast_trainable
+from .optim import MasterWeights, bf16_weights, build_optimizer, build_param_groups, set_learning_rates, upcast_trainable
 
 def apply_freeze(model: torch.nn.Module, model_args: ModelArgs) -> None:
     """Set requires_grad from tune_mm_llm / tune_mm_vision / tune_mm_mlp.
@@ -107,14 +107,17 @@ class TorchBackend:
         self.model = model.to(self.device)
         # The plain transformers model under any PEFT wrapper: layers, config, save_pretrained.
         self.base = model.get_base_model() if self.lora else model
+        # bf16 weights for compute, fp32 masters for AdamW; on the device already, so the masters are there too.
+        self.masters = MasterWeights(self.base) if args.bf16_master_weights else None
         if not args.deepspeed:  # ZeRO-3 gathers each linear's weight only inside that linear's own forward
             align_vision_mlp(self.base)
         if args.torch_compile:
             compile_blocks(self.base)
         # Circle-RoPE changes positions only; the adapter gives AGE's M-RoPE layers their own cos/sin.
         self.circle = CircleRopeAdapter(self.base, circle_rope) if circle_rope else None
-        # CPU runs fp32, except with pure_bf16, whose bf16 weights need bf16 compute on any device.
-        self.autocast_dtype = torch.bfloat16 if args.bf16 and (self.device.type == "cuda" or args.pure_bf16) else None
+        # CPU runs fp32, except with bf16 weights (pure_bf16, bf16_master_weights), which need bf16 compute on any device.
+        bf16_held = args.pure_bf16 or args.bf16_master_weights
+        self.autocast_dtype = torch.bfloat16 if args.bf16 and (self.device.type == "cuda" or bf16_held) else None
         if self.lora and self.autocast_dtype is not None:
             keep_adapter_inputs_in_compute_dtype(self.model)
         self.model_args, self.args = model_args, args
@@ -122,8 +125,11 @@ class TorchBackend:
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the per-component groups; a sharding engine calls it again once parameters are sharded."""
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        return build_optimizer(build_param_groups(self.model, self.model_args, self.args), self.args, self.device)
+        groups = build_param_groups(self.model, self.model_args, self.args)
+        if self.masters is not None:
+            groups = self.masters.groups(groups)
+        self.trainable = [p for group in groups for p in group["params"]]
+        return build_optimizer(groups, self.args, self.device)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
@@ -206,6 +212,8 @@ class TorchBackend:
         else:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.trainable if p.grad is not None]))
         self.optimizer.step()
+        if self.masters is not None:
+            self.masters.copy_to_model()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
@@ -257,6 +265,8 @@ class TorchBackend:
         """The model files; `state_dict`: weights a sharding engine gathered (else the live module's)."""
         # A PeftModel's save_pretrained writes the adapter (adapter_config.json + safetensors).
         circle = self.circle.config if self.circle else None
+        if state_dict is None and self.masters is not None:
+            state_dict = self.masters.full_precision_state(self.model)
         save_hf_model(self.model, self.model_dir, out_dir, circle_rope=circle, state_dict=state_dict)
         if self.mdlm is not None:  # <|mask|> in the tokenizer files and mdlm.json, for vltune infer
             write_mdlm_files(out_dir, self.mdlm.args.mask_token, self.mdlm.mask_token_id, self.mdlm.saved_settings())
@@ -267,6 +277,9 @@ class TorchBackend:
         torch.save(rng_state(), directory / RNG_FILE)
 
     def load_checkpoint(self, directory: Path) -> None:
-        load_weights(self.model, directory, lora=self.lora)
+        if self.masters is not None:  # the fp32 masters exactly, the model's bf16 weights rounded from them
+            self.masters.load(self.model, saved_state(self.model, directory, torch.float32))
+        else:
+            load_weights(self.model, directory, lora=self.lora)
         self.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location=self.device))
         set_rng_state(torch.load(directory / RNG_FILE, weights_only=False))

@@ -12,6 +12,7 @@ Variants (each on a fresh random-init model of the same seed, the same packed 40
   vision_bf16_compile  vision_bf16 + torch_compile
   bf16_8bit     pure_bf16 + optim adamw_torch_8bit (bf16 weights, 8-bit AdamW); _liger / _compile on top
   bf16_base     pure_bf16, for --train-type lora (bf16 base, fp32 adapters); _liger / _compile on top
+  master        bf16_master_weights (bf16 weights, fp32 masters for AdamW); compile_master with torch_compile
   *_nosync      the row's loss stays on the device (no host read per row; one per optimizer step)
   *_pad         every row padded to --pack-length with one padding sub-sequence (one shape for the
                 compiled layers); decoder layers compiled with automatic dynamic shapes, not dynamic=True
@@ -63,6 +64,8 @@ VARIANTS = {
     "chunked_nosync": ({}, {"nosync": True}),
     "compile_nosync": ({"torch_compile": True}, {"nosync": True}),
     "compile_pad_nosync": ({"torch_compile": True}, {"nosync": True, "pad": True}),
+    "compile_master": ({"torch_compile": True, "bf16_master_weights": True}, {}),
+    "master": ({"bf16_master_weights": True}, {}),
     "chunked_pad_nosync": ({}, {"nosync": True, "pad": True}),
 }
 

@@ -1,8 +1,9 @@
-"""Speed options of the torch engine (backends/torch/kernels.py): the same math, or a clear refusal."""
+"""Speed options of the torch engine (backends/torch/kernels.py, bf16 master weights in optim.py): the same math, or a clear refusal."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 
@@ -116,6 +117,7 @@ def test_liger_without_the_package_says_what_to_install(tiny_qwen2_5_vl):
     ({"torch_compile": True}, "torch_compile"),
     ({"optim": "adamw_torch_8bit"}, "optim: adamw_torch_8bit"),
     ({"pure_bf16": True, "bf16": True, "train_type": "lora"}, "pure_bf16"),
+    ({"bf16_master_weights": True, "bf16": True}, "bf16_master_weights"),
 ])
 def test_mindspore_backend_refuses_torch_only_options(tiny_qwen2_5_vl, tmp_path, train, named):
     """The speed and low-memory keys of the torch engine (test_low_memory.py) are refused by name."""
@@ -131,3 +133,102 @@ def test_mindspore_backend_refuses_torch_only_options(tiny_qwen2_5_vl, tmp_path,
 def test_liger_and_compile_together_are_refused(tiny_qwen2_5_vl):
     with pytest.raises(ConfigError, match="use_liger_kernel and torch_compile are both set"):
         load_recipe({"model_name_or_path": str(tiny_qwen2_5_vl), "dataset_use": "x.jsonl", "use_liger_kernel": True, "torch_compile": True})
+
+
+def _master_options() -> dict:
+    return {"bf16": True, "bf16_master_weights": True}
+
+
+def test_bf16_master_weights_compute_in_bf16_and_update_fp32_masters(tiny_qwen2_5_vl, tiny_training):
+    batches, info = tiny_training.batches(tiny_qwen2_5_vl)
+    reference = tiny_training.train(tiny_training.backend(tiny_qwen2_5_vl, info), batches, 4)  # fp32 on the CPU
+    backend = tiny_training.backend(tiny_qwen2_5_vl, info, **_master_options())
+    trained = [p for p in backend.model.parameters() if p.requires_grad]
+    assert trained and {p.dtype for p in trained} == {torch.bfloat16}
+    assert len(backend.masters.masters) == len(trained) and {m.dtype for m in backend.trainable} == {torch.float32}
+    assert {id(p) for p in backend.trainable} == {id(m) for m in backend.masters.masters}  # AdamW and clipping see the masters
+    assert backend.autocast_dtype is torch.bfloat16
+    losses = tiny_training.train(backend, batches, 4)
+    assert losses[0] == pytest.approx(reference[0], rel=2e-2)  # bf16 compute of the same model
+    assert losses[3] < losses[0] - 0.1
+    for param, master in backend.masters.master_of.items():
+        assert torch.equal(param, master.to(torch.bfloat16))  # the model holds the rounded masters
+        assert param.grad is None and master.grad is None  # folded, then zeroed by the step
+
+
+def test_bf16_master_weights_accumulate_micro_batches_in_fp32(tiny_qwen2_5_vl, tiny_training):
+    (first, second), info = tiny_training.batches(tiny_qwen2_5_vl)
+    backend = tiny_training.backend(tiny_qwen2_5_vl, info, **_master_options())
+
+    def master_grads(*batches):
+        for batch in batches:
+            backend.forward_backward(batch, 1.0)
+        grads = [m.grad.clone() for m in backend.masters.masters]
+        backend.zero_grad()
+        return grads
+
+    alone = [master_grads(first), master_grads(second)]
+    together = master_grads(first, second)
+    assert all(g.dtype == torch.float32 for g in together)
+    assert all(torch.equal(t, a + b) for t, a, b in zip(together, *alone))  # fp32 sums of the bf16 gradients
+    assert all(p.grad is None for p in backend.masters.master_of)  # no bf16 gradient is kept
+
+
+def test_master_weights_keep_updates_below_bf16_resolution():
+    from vltune.backends.torch.optim import MasterWeights
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    model[1].requires_grad_(False)
+    exact = model[1].weight.data.to(torch.bfloat16).float()
+    model[1].weight.data = exact.clone()  # a frozen weight bf16 holds exactly: goes to bf16
+    masters = MasterWeights(model)
+    assert model[0].weight.dtype == torch.bfloat16 and model[1].weight.dtype == torch.bfloat16
+    assert model[1].bias.dtype == torch.float32  # frozen and not exact in bf16: stays fp32, unrounded
+    optimizer = torch.optim.SGD(masters.masters, lr=1.0)
+    start = [m.detach().clone() for m in masters.masters]
+    for _ in range(4):  # steps of 1e-4 on weights of ~0.3: each below bf16's resolution there (~1e-3)
+        for m in masters.masters:
+            m.grad = torch.full_like(m, -1e-4)
+        optimizer.step()
+        masters.copy_to_model()
+    moved = [float((m - s).abs().min()) for m, s in zip(masters.masters, start)]
+    assert min(moved) == pytest.approx(4e-4, rel=1e-3)  # every master moved by the full 4 x 1e-4
+    assert torch.equal(model[0].weight, masters.master_of[model[0].weight].to(torch.bfloat16))
+
+
+def test_bf16_master_weights_resume_exactly_and_save_the_masters(tiny_qwen2_5_vl, tiny_training, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    batches, info = tiny_training.batches(tiny_qwen2_5_vl)
+    first = tiny_training.backend(tiny_qwen2_5_vl, info, **_master_options())
+    tiny_training.train(first, batches, 2)
+    first.save_checkpoint(tmp_path)
+    saved = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32).state_dict()
+    for key, value in first.masters.full_precision_state(first.model).items():
+        assert torch.equal(saved[key], value.float()), key  # fp32 masters on disk, not their bf16 rounding
+    expected = tiny_training.train(first, batches, 2)
+    resumed = tiny_training.backend(tiny_qwen2_5_vl, info, **_master_options())
+    resumed.load_checkpoint(tmp_path)
+    assert tiny_training.train(resumed, batches, 2) == expected
+
+
+@pytest.mark.parametrize(("train", "message"), [
+    ({"bf16_master_weights": True}, "bf16_master_weights needs bf16: true"),
+    ({**_master_options(), "pure_bf16": True, "optim": "adamw_torch_8bit"}, "bf16_master_weights and pure_bf16 are both set"),
+    ({**_master_options(), "train_type": "lora"}, "bf16_master_weights is for train_type full"),
+    ({**_master_options(), "deepspeed": "zero2"}, "bf16_master_weights is for one process; deepspeed"),
+])
+def test_bf16_master_weights_refuse_what_does_not_apply(tiny_qwen2_5_vl, tiny_training, train, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        tiny_training.recipe(tiny_qwen2_5_vl, **train)
+
+
+def test_bf16_master_weights_are_refused_across_ddp_ranks(tiny_qwen2_5_vl, tiny_training):
+    from types import SimpleNamespace
+
+    from vltune.backends.torch.parallel import build_torch_backend
+
+    cfg = tiny_training.recipe(tiny_qwen2_5_vl, **_master_options())
+    ctx = SimpleNamespace(world_size=2, rank=0, local_rank=0, is_main=True)
+    with pytest.raises(ConfigError, match="bf16_master_weights is for one process"):
+        build_torch_backend(load_model(tiny_qwen2_5_vl), tiny_qwen2_5_vl, None, cfg.model, cfg.train, None, None, ctx)
