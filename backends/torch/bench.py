@@ -76,6 +76,9 @@ def build_model(shape: ModelShape, seed: int, device: torch.device):
     torch.manual_seed(seed)
     with device:  # initialise on the GPU: minutes faster than on the host for billions of weights
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    with torch.no_grad():  # values a released (bf16) checkpoint can hold, loaded in fp32 as both paths load it
+        for param in model.parameters():
+            param.copy_(param.to(torch.bfloat16))
     return model
 
 
