@@ -120,8 +120,9 @@ class MasterWeights:
     magnitude w moves only in steps of ~w/256 in bf16):
 
     * each trained parameter's fp32 tensor becomes its master (no copy), the parameter itself bf16;
-    * a hook folds each micro-batch's bf16 gradient into the master's fp32 gradient as soon as it is
-      accumulated, and frees it: gradients accumulate in fp32 across micro-batches;
+    * after each micro-batch's backward, `fold` adds its bf16 gradients into the masters' fp32 ones
+      (two foreach calls, not a Python hook per parameter: 439 hooks cost a 3B step ~17 ms of host
+      time per row) and frees them: gradients accumulate in fp32 across micro-batches;
     * AdamW and clipping run on the masters; `copy_to_model` rounds them back into the model;
     * frozen parameters go to bf16 too when that is exact (released checkpoints are bf16), so a
       saved model still holds the weights it was given.
@@ -135,7 +136,6 @@ class MasterWeights:
             if param.requires_grad:
                 self.master_of[param] = torch.nn.Parameter(param.data.float())  # the fp32 tensor itself, not a copy
                 param.data = param.data.to(torch.bfloat16)
-                param.register_post_accumulate_grad_hook(self._fold)
             else:
                 rounded = param.data.to(torch.bfloat16)
                 if torch.equal(rounded.float(), param.data.float()):
@@ -150,13 +150,16 @@ class MasterWeights:
         return [{**group, "params": [self.master_of[p] for p in group["params"]]} for group in groups]
 
     @torch.no_grad()
-    def _fold(self, param: torch.nn.Parameter) -> None:
-        master = self.master_of[param]
-        if master.grad is None:
-            master.grad = param.grad.float()
-        else:
-            master.grad.add_(param.grad)
-        param.grad = None
+    def fold(self) -> None:
+        """Add the model's bf16 gradients into the masters' fp32 gradients and free them."""
+        params = [p for p in self.master_of if p.grad is not None]
+        masters = [self.master_of[p] for p in params]
+        for master in masters:
+            if master.grad is None:
+                master.grad = torch.zeros_like(master)
+        torch._foreach_add_([m.grad for m in masters], [p.grad for p in params])
+        for param in params:
+            param.grad = None
 
     @torch.no_grad()
     def copy_to_model(self) -> None:

@@ -111,7 +111,7 @@ class DDPBackend(_DistributedBackend):
         self.ddp = DistributedDataParallel(self.model, device_ids=device_ids, broadcast_buffers=False)
         self.training_forward = _TrainingForward(self.ddp, self.base)
 
-    def forward_backward(self, batch: Batch, loss_scale: float) -> float:
+    def forward_backward(self, batch: Batch, loss_scale: float) -> torch.Tensor:
         self.vision.prepare(batch)
         with self._forward_through(self.training_forward):
             return super().forward_backward(batch, loss_scale * self.ctx.world_size)
@@ -165,7 +165,7 @@ class FSDPBackend(_DistributedBackend):
         fully_shard(self.model, mesh=mesh, mp_policy=root_policy)
         self.optimizer = self._build_optimizer()  # over the sharded (DTensor) parameters
 
-    def forward_backward(self, batch: Batch, loss_scale: float) -> float:
+    def forward_backward(self, batch: Batch, loss_scale: float) -> torch.Tensor:
         self.vision.prepare(batch)
         return super().forward_backward(batch, loss_scale * self.ctx.world_size)
 
@@ -301,7 +301,7 @@ class DeepSpeedBackend(_DistributedBackend):
         )
         self.training_forward = _TrainingForward(self.engine, self.base)
 
-    def forward_backward(self, batch: Batch, loss_scale: float) -> float:
+    def forward_backward(self, batch: Batch, loss_scale: float) -> torch.Tensor:
         self.vision.prepare(batch)
         with self._forward_through(self.training_forward):
             self.model.train()
@@ -309,7 +309,7 @@ class DeepSpeedBackend(_DistributedBackend):
         self.engine.backward(loss_sum * (loss_scale * self.ctx.world_size), scale_wrt_gas=False)
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # counts the micro-step; the update waits for optimizer_step
-        return float(loss_sum.detach())
+        return loss_sum.detach()  # read once per step by the loop (core.contracts)
 
     def optimizer_step(self, lr_factor: float, max_grad_norm: float) -> float:
         set_learning_rates(self.optimizer, lr_factor)

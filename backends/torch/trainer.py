@@ -200,6 +200,8 @@ class TorchBackend:
         self.model.train()
         loss_sum = self._loss_sum(batch)
         (loss_sum * loss_scale).backward()
+        if self.masters is not None:
+            self.masters.fold()
         return loss_sum.detach()
 
     def reduce_sum(self, values: list[float]) -> list[float]:

@@ -8,6 +8,8 @@ tiny kernels per 1008^2 image). flash-attn is optional in vltune (DESIGN.md: pac
 without it), so the kernels are tried in this order:
 
     flash_attn    flash-attn's `flash_attn_varlen_func`          CUDA, fp16/bf16, if installed
+    aten_flash    the FA2 op under torch's varlen_attn, called    CUDA, fp16/bf16, torch >= 2.10
+                  directly (`aten::_flash_attention_forward`)
     torch_varlen  `torch.nn.attention.varlen.varlen_attn`        CUDA, fp16/bf16, torch >= 2.10
     flex          FlexAttention with a document block mask       CUDA (compiled), any dtype; CPU on request
     sdpa          `scaled_dot_product_attention` per sub-sequence anywhere (the CPU path)
@@ -28,7 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("flash_attn", "torch_varlen", "flex", "sdpa", "reference")
+BACKENDS = ("flash_attn", "aten_flash", "torch_varlen", "flex", "sdpa", "reference")
 BACKEND_ENV = "VLTUNE_VARLEN_BACKEND"
 """Environment override of the automatic choice (benchmarks and tests compare kernels with it)."""
 
@@ -61,7 +63,7 @@ def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
     if dtype in _HALF and _FLASH_ATTN_INSTALLED:
         out.append("flash_attn")
     if dtype in _HALF and _TORCH_VARLEN is not None:
-        out.append("torch_varlen")
+        out += ["aten_flash", "torch_varlen"]
     return out + ["flex", "sdpa"]
 
 
@@ -116,6 +118,14 @@ def _flash_attn(q, k, v, cu, max_len, causal, scale):
     from flash_attn import flash_attn_varlen_func
 
     return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=0.0, softmax_scale=scale, causal=causal)
+
+
+def _aten_flash(q, k, v, cu, max_len, causal, scale):
+    """The kernel torch's `varlen_attn` runs, without its Python custom op around it: that wrapper costs
+    about 0.25 ms of host time per call (forward and backward alike, plus a kernel to zero an unused
+    RNG state), some 25 ms per 4096-token row of a 3B model, which a compiled step cannot hide. The
+    aten op is C++ with its own derivative (FA2's backward), takes grouped-query K/V as they are."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, 0.0, causal, False, scale=scale)[0]
 
 
 def _torch_varlen(q, k, v, cu, max_len, causal, scale):
@@ -208,6 +218,7 @@ def varlen_attention_reference(q, k, v, cu, max_len, causal, scale):
 
 _KERNELS: dict[str, Callable] = {
     "flash_attn": _flash_attn,
+    "aten_flash": _aten_flash,
     "torch_varlen": _torch_varlen,
     "flex": _flex,
     "sdpa": _sdpa,
