@@ -153,11 +153,14 @@ class MasterWeights:
     def fold(self) -> None:
         """Add the model's bf16 gradients into the masters' fp32 gradients and free them."""
         params = [p for p in self.master_of if p.grad is not None]
-        masters = [self.master_of[p] for p in params]
-        for master in masters:
-            if master.grad is None:
-                master.grad = torch.zeros_like(master)
-        torch._foreach_add_([m.grad for m in masters], [p.grad for p in params])
+        fresh = [p for p in params if self.master_of[p].grad is None]  # the step's first micro-batch: a copy
+        seen = [p for p in params if self.master_of[p].grad is not None]
+        for param in fresh:
+            self.master_of[param].grad = torch.empty_like(self.master_of[param])
+        if fresh:
+            torch._foreach_copy_([self.master_of[p].grad for p in fresh], [p.grad for p in fresh])
+        if seen:
+            torch._foreach_add_([self.master_of[p].grad for p in seen], [p.grad for p in seen])
         for param in params:
             param.grad = None
 

@@ -196,6 +196,30 @@ def phase_times(backend: TorchBackend, batch: dict) -> dict:
     return out
 
 
+def sync_sites(backend: TorchBackend, batch: dict | list[dict]) -> dict[str, int]:
+    """Where one step makes the host wait for the GPU (torch's sync debug mode), by call site."""
+    import traceback
+    import warnings
+    from collections import Counter
+
+    sites: Counter = Counter()
+
+    def record(message, *args, **kwargs):
+        if "synchroniz" in str(message):
+            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename or "/optim/" in f.filename]
+            sites[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(backend, batch)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return dict(sites.most_common())
+
+
 def profile_step(backend: TorchBackend, batch: dict | list[dict], out_dir: Path, name: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -273,6 +297,7 @@ def run_variant(name: str, shape, rows: list[dict], warmup: list[dict], profile:
     if profile:
         result["phases"] = phase_times(backend, rows[0])
         result["profile"] = profile_step(backend, steps[0], out_dir, name)
+        result["sync_sites"] = sync_sites(backend, steps[0])
     del backend
     torch._dynamo.reset()
     gc.collect()
