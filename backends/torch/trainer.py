@@ -9,6 +9,7 @@ import resource
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -151,10 +152,15 @@ class TorchBackend:
 
     def _encode_vision(self, batch: Batch, inputs: dict) -> dict:
         """`inputs` with the images and videos run through the vision tower here, its grid-derived
-        inputs computed on the host (batch.vision_tower_kwargs), and handed to the model as its
-        `mm_encoder_outputs`. The one-process path only: a data-parallel engine's forward must enter
-        through its wrapper with the pixels."""
+        inputs computed on the host (batch.vision_tower_kwargs). The one-process path only: a
+        data-parallel engine's forward must enter through its wrapper with the pixels.
+
+        Qwen2-VL / Qwen2.5-VL: the features replace the placeholder embeddings here (`inputs_embeds`), as
+        the stock forward does, with the count check on the host; the stock forward's own check reads
+        two values back from the GPU per modality. Qwen3-VL's features also feed its deepstack layers,
+        so they go to the stock forward as `mm_encoder_outputs`."""
         inner = self.base.model
+        model_type = self.base.config.model_type
         encoders = (("image", "pixel_values", "image_grid_thw", inner.get_image_features),
                     ("video", "pixel_values_videos", "video_grid_thw", inner.get_video_features))
         encoded = {}
@@ -162,13 +168,26 @@ class TorchBackend:
             if pixels not in inputs:
                 continue
             host_grid = torch.as_tensor(batch[grid])
-            kwargs = vision_tower_kwargs(inner.visual, self.base.config.model_type, host_grid, self.device)
+            kwargs = vision_tower_kwargs(inner.visual, model_type, host_grid, self.device)
             if not kwargs:  # a tower vltune does not know: transformers' own path
                 return inputs
             encoded[modality] = encode(inputs[pixels], host_grid, **kwargs)
         if not encoded:
             return inputs
-        return {**{k: v for k, v in inputs.items() if not k.startswith("pixel_values")}, "mm_encoder_outputs": encoded}
+        rest = {k: v for k, v in inputs.items() if not k.startswith("pixel_values")}
+        if model_type == "qwen3_vl":
+            return {**rest, "mm_encoder_outputs": encoded}
+        ids = rest.pop("input_ids")
+        embeds = inner.get_input_embeddings()(ids)
+        for modality, output in encoded.items():
+            token = self.info.image_token_id if modality == "image" else self.info.video_token_id
+            features = torch.cat(output.pooler_output).to(embeds.dtype)
+            placeholders = int((np.asarray(batch["input_ids"]) == token).sum())
+            if placeholders != features.shape[0]:
+                raise ValueError(f"{modality} placeholders and features disagree: {placeholders} tokens, "
+                                 f"{features.shape[0]} features from the tower")
+            embeds = embeds.masked_scatter((ids == token).unsqueeze(-1), features)
+        return {**rest, "inputs_embeds": embeds}
 
     def _logits(self, batch: Batch) -> torch.Tensor:
         if self.mdlm is not None:

@@ -206,7 +206,7 @@ def sync_sites(backend: TorchBackend, batch: dict | list[dict]) -> dict[str, int
 
     def record(message, *args, **kwargs):
         if "synchroniz" in str(message):
-            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename or "/optim/" in f.filename]
+            frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith(torch.__path__[0]) or "/optim/" in f.filename]
             sites[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))] += 1
 
     with warnings.catch_warnings():

@@ -166,7 +166,9 @@ def enable_varlen(model: torch.nn.Module, vision: bool = True) -> str:
 
 def packed_attention_kwargs(cu_seqlens: np.ndarray, max_seqlen: int | np.ndarray, device: torch.device) -> dict:
     """The keyword arguments that make the text attention treat a [1, L] row as packed sub-sequences."""
-    cu = torch.as_tensor(np.asarray(cu_seqlens, dtype=np.int32)).to(device)
+    from ..batch import send  # pinned and non-blocking: a plain copy to the GPU waits for its queue
+
+    cu = send(torch.as_tensor(np.asarray(cu_seqlens, dtype=np.int32)), device)
     longest = int(max_seqlen)
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 

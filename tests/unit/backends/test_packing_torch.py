@@ -215,8 +215,11 @@ def test_vision_inputs_computed_on_the_host_give_the_stock_forward(request, tiny
     for batch in (padded, packed):
         inputs = to_model_inputs(batch, backend.device, model=backend.model)
         routed = backend._encode_vision(batch, dict(inputs))
-        assert "mm_encoder_outputs" in routed and "pixel_values" not in routed and "pixel_values_videos" not in routed
-        assert set(routed["mm_encoder_outputs"]) == {"image", "video"}
+        assert "pixel_values" not in routed and "pixel_values_videos" not in routed
+        if model_type == "qwen3_vl":  # its features also feed the deepstack layers: the stock forward places them
+            assert set(routed["mm_encoder_outputs"]) == {"image", "video"}
+        else:  # placed into the embeddings here, with no device read-back
+            assert "inputs_embeds" in routed and "input_ids" not in routed and "mm_encoder_outputs" not in routed
         with torch.no_grad():
             ours = backend.base.model(**routed, use_cache=False).last_hidden_state
             assert computed == [], computed
@@ -242,3 +245,14 @@ def test_compiled_packed_step_has_no_graph_breaks(tiny_model_dirs, corpus, monke
     backend.forward_backward(packed, 1.0)
     assert counters["stats"]["unique_graphs"] >= 2, "the decoder layers and vision blocks were compiled"
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+
+
+def test_vision_features_and_placeholders_that_disagree_are_refused(tiny_model_dirs, corpus):
+    model_dir = tiny_model_dirs["qwen2_5_vl"]
+    dataset, features = _features(corpus, model_dir, ("single-0", "text-3"))
+    backend = _backend(model_dir, dataset.info)
+    batch = Collator(dataset.info, dataset.tokenizer.pad_token_id)(features)
+    ids = batch["input_ids"]
+    ids[ids == dataset.info.image_token_id] = [dataset.info.image_token_id] * (int((ids == dataset.info.image_token_id).sum()) - 1) + [0]
+    with pytest.raises(ValueError, match=r"image placeholders and features disagree: \d+ tokens, \d+ features"):
+        backend._encode_vision(batch, to_model_inputs(batch, backend.device, model=backend.model))
