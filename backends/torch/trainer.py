@@ -177,16 +177,17 @@ class TorchBackend:
         rest = {k: v for k, v in inputs.items() if not k.startswith("pixel_values")}
         if model_type == "qwen3_vl":
             return {**rest, "mm_encoder_outputs": encoded}
-        ids = rest.pop("input_ids")
-        embeds = inner.get_input_embeddings()(ids)
+        embeds = inner.get_input_embeddings()(rest.pop("input_ids"))
         for modality, output in encoded.items():
             token = self.info.image_token_id if modality == "image" else self.info.video_token_id
             features = torch.cat(output.pooler_output).to(embeds.dtype)
-            placeholders = int((np.asarray(batch["input_ids"]) == token).sum())
-            if placeholders != features.shape[0]:
-                raise ValueError(f"{modality} placeholders and features disagree: {placeholders} tokens, "
+            # The placeholders' positions from the host's ids: `masked_scatter` (the stock forward's) has a
+            # backward that reads its mask's count back from the GPU; indexing at known positions does not.
+            where = np.nonzero(np.asarray(batch["input_ids"]) == token)
+            if len(where[0]) != features.shape[0]:
+                raise ValueError(f"{modality} placeholders and features disagree: {len(where[0])} tokens, "
                                  f"{features.shape[0]} features from the tower")
-            embeds = embeds.masked_scatter((ids == token).unsqueeze(-1), features)
+            embeds = embeds.index_put(tuple(to_tensor(w, self.device, torch.long) for w in where), features)
         return {**rest, "inputs_embeds": embeds}
 
     def _logits(self, batch: Batch) -> torch.Tensor:
