@@ -159,8 +159,8 @@ class MasterWeights:
             self.master_of[param].grad = torch.empty_like(self.master_of[param])
         if fresh:
             torch._foreach_copy_([self.master_of[p].grad for p in fresh], [p.grad for p in fresh])
-        if seen:
-            _accumulate([self.master_of[p].grad for p in seen], [p.grad for p in seen])
+        if seen:  # (compiled, this add measured slower on an H100: 206 against 202 ms per row, docs/performance.md)
+            torch._foreach_add_([self.master_of[p].grad for p in seen], [p.grad for p in seen])
         for param in params:
             param.grad = None
 
@@ -181,19 +181,6 @@ class MasterWeights:
         for key, value in own.items():
             if value in self.master_of:
                 self.master_of[value].copy_(state[key])
-
-
-def _accumulate_eager(totals: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-    torch._foreach_add_(totals, grads)
-
-
-_accumulate_compiled = torch.compile(_accumulate_eager, dynamic=False)
-
-
-def _accumulate(totals: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-    """fp32 totals += bf16 gradients. On a GPU compiled: torch's mixed-dtype foreach add falls back to one
-    unvectorised kernel per tensor (~2.1 TB/s on an H100); Inductor's kernels read and write at full width."""
-    (_accumulate_compiled if totals[0].is_cuda else _accumulate_eager)(totals, grads)
 
 
 def build_param_groups(model: torch.nn.Module, model_args: ModelArgs, train_args: TrainArgs) -> list[dict]:

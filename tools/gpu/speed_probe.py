@@ -13,8 +13,7 @@ Variants (each on a fresh random-init model of the same seed, the same packed 40
   bf16_8bit     pure_bf16 + optim adamw_torch_8bit (bf16 weights, 8-bit AdamW); _liger / _compile on top
   bf16_base     pure_bf16, for --train-type lora (bf16 base, fp32 adapters); _liger / _compile on top
   master        bf16_master_weights (bf16 weights, fp32 masters for AdamW); compile_master with torch_compile;
-                compile_master_cpp with Inductor's C++ wrapper (kernel launches from C++, not Python);
-                compile_master_eager_fold with the masters' gradients accumulated by torch's eager foreach add
+                compile_master_cpp with Inductor's C++ wrapper (kernel launches from C++, not Python)
   *_nosync      the row's loss stays on the device (no host read per row; one per optimizer step)
   *_pad         every row padded to --pack-length with one padding sub-sequence (one shape for the
                 compiled layers); decoder layers compiled with automatic dynamic shapes, not dynamic=True
@@ -69,7 +68,6 @@ VARIANTS = {
     "compile_master": ({"torch_compile": True, "bf16_master_weights": True}, {}),
     "master": ({"bf16_master_weights": True}, {}),
     "compile_master_cpp": ({"torch_compile": True, "bf16_master_weights": True}, {"cpp_wrapper": True}),
-    "compile_master_eager_fold": ({"torch_compile": True, "bf16_master_weights": True}, {"eager_fold": True}),
     "chunked_pad_nosync": ({}, {"nosync": True, "pad": True}),
 }
 
@@ -275,9 +273,6 @@ def run_variant(name: str, shape, rows: list[dict], warmup: list[dict], profile:
     k = rows_per_step
     steps, warm_steps = [rows[i:i + k] for i in range(0, len(rows), k)], [warmup[i:i + k] for i in range(0, len(warmup), k)]
     torch._inductor.config.cpp_wrapper = bool(hooks.get("cpp_wrapper"))
-    from vltune.backends.torch import optim
-
-    optim._accumulate_compiled = torch.compile(optim._accumulate_eager, dynamic=False, disable=bool(hooks.get("eager_fold")))
     backend = make_backend(shape, train, hooks, train_type)
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()

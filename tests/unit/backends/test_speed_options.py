@@ -232,15 +232,3 @@ def test_bf16_master_weights_are_refused_across_ddp_ranks(tiny_qwen2_5_vl, tiny_
     ctx = SimpleNamespace(world_size=2, rank=0, local_rank=0, is_main=True)
     with pytest.raises(ConfigError, match="bf16_master_weights is for one process"):
         build_torch_backend(load_model(tiny_qwen2_5_vl), tiny_qwen2_5_vl, None, cfg.model, cfg.train, None, None, ctx)
-
-
-def test_compiled_gradient_accumulation_adds_like_foreach():
-    """The GPU's compiled fp32 += bf16 fold (optim._accumulate) against torch's foreach add, run here on the CPU."""
-    from vltune.backends.torch import optim
-
-    totals = [torch.randn(64, 48), torch.randn(3000)]
-    grads = [torch.randn(64, 48).bfloat16(), torch.randn(3000).bfloat16()]
-    expected = [t.clone() for t in totals]
-    optim._accumulate_eager(expected, grads)
-    optim._accumulate_compiled(totals, grads)
-    assert all(torch.equal(t, e) for t, e in zip(totals, expected))
