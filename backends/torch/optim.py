@@ -122,7 +122,7 @@ class MasterWeights:
     * each trained parameter's fp32 tensor becomes its master (no copy), the parameter itself bf16;
     * after each micro-batch's backward, `fold` adds its bf16 gradients into the masters' fp32 ones
       (two foreach calls, not a Python hook per parameter: 439 hooks cost a 3B step ~17 ms of host
-      time per row) and frees them: gradients accumulate in fp32 across micro-batches;
+      time per row, docs/design-notes.md) and frees them: gradients accumulate in fp32 across micro-batches;
     * AdamW and clipping run on the masters; `copy_to_model` rounds them back into the model;
     * frozen parameters go to bf16 too when that is exact (released checkpoints are bf16), so a
       saved model still holds the weights it was given.

@@ -370,8 +370,8 @@ def build_torch_backend(
         raise ConfigError("optim: adamw_torch_8bit is for one process (its stochastic rounding would differ between "
                           "data-parallel ranks); use adamw_torch, or deepspeed / fsdp to shard the optimizer state")
     if ctx.world_size > 1 and args.bf16_master_weights:
-        # DDP reduces each parameter's gradient from its own hook on the bf16 weights; the masters' fp32
-        # gradients are folded in beside it, outside what DDP reduces.
+        # DDP would all-reduce the bf16 gradients (in bf16) before they are folded into the fp32 masters;
+        # that path has not been tested with several ranks, so it is refused rather than left to chance.
         raise ConfigError("bf16_master_weights is for one process; with several ranks use deepspeed or fsdp, "
                           "which keep bf16 compute with fp32 master weights themselves")
     if args.deepspeed:

@@ -171,7 +171,7 @@ class TorchBackend:
             kwargs = vision_tower_kwargs(inner.visual, model_type, host_grid, self.device)
             if not kwargs:  # a tower vltune does not know: transformers' own path
                 return inputs
-            encoded[modality] = encode(inputs[pixels], host_grid, **kwargs)
+            encoded[modality] = encode(inputs[pixels], host_grid, return_dict=True, **kwargs)
         if not encoded:
             return inputs
         rest = {k: v for k, v in inputs.items() if not k.startswith("pixel_values")}

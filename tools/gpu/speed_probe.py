@@ -14,9 +14,10 @@ Variants (each on a fresh random-init model of the same seed, the same packed 40
   bf16_base     pure_bf16, for --train-type lora (bf16 base, fp32 adapters); _liger / _compile on top
   master        bf16_master_weights (bf16 weights, fp32 masters for AdamW); compile_master with torch_compile;
                 compile_master_cpp with Inductor's C++ wrapper (kernel launches from C++, not Python)
-  *_nosync      the row's loss stays on the device (no host read per row; one per optimizer step)
   *_pad         every row padded to --pack-length with one padding sub-sequence (one shape for the
                 compiled layers); decoder layers compiled with automatic dynamic shapes, not dynamic=True
+(The `*_nosync` variants of docs/performance.md's 2026-11-23 table kept each row's loss on the device
+before TorchBackend did so itself; since then every variant does, and they were removed.)
 --rows-per-step K: K rows' gradients per optimizer step (an accumulated step); --steady: warm up on
 the timed rows themselves, so every shape they meet is compiled before the clock starts.
 Also: the bf16 matmul ceiling of this GPU at the model's MLP shape, and (--profile) a torch.profiler
@@ -62,13 +63,11 @@ VARIANTS = {
     "bf16_base": ({"pure_bf16": True}, {}),
     "bf16_base_liger": ({"pure_bf16": True, "use_liger_kernel": True}, {}),
     "bf16_base_compile": ({"pure_bf16": True, "torch_compile": True}, {}),
-    "chunked_nosync": ({}, {"nosync": True}),
-    "compile_nosync": ({"torch_compile": True}, {"nosync": True}),
-    "compile_pad_nosync": ({"torch_compile": True}, {"nosync": True, "pad": True}),
+    "compile_pad": ({"torch_compile": True}, {"pad": True}),
     "compile_master": ({"torch_compile": True, "bf16_master_weights": True}, {}),
     "master": ({"bf16_master_weights": True}, {}),
     "compile_master_cpp": ({"torch_compile": True, "bf16_master_weights": True}, {"cpp_wrapper": True}),
-    "chunked_pad_nosync": ({}, {"nosync": True, "pad": True}),
+    "chunked_pad": ({}, {"pad": True}),
 }
 
 
@@ -137,13 +136,6 @@ def make_backend(shape, train: dict, hooks: dict, train_type: str) -> TorchBacke
         for layer in backend.base.model.language_model.layers:
             layer._compiled_call_impl = None
             layer.compile()
-    if hooks.get("nosync"):  # the summed loss as a device tensor: read once per optimizer step
-        def forward_backward(batch, loss_scale, backend=backend):
-            backend.model.train()
-            loss_sum = backend._loss_sum(batch)
-            (loss_sum * loss_scale).backward()
-            return loss_sum.detach()
-        backend.forward_backward = forward_backward
     return backend
 
 

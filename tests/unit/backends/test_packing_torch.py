@@ -181,13 +181,20 @@ def test_vision_tower_one_varlen_call_equals_the_stock_window_loop(tiny_model_di
     torch.testing.assert_close(switched, stock, rtol=0, atol=1e-5)
 
 
-PRECOMPUTED_KEYS = {"position_ids", "cu_seqlens", "window_index", "interp_indices"}
+PRECOMPUTED_KEYS = {
+    "get_vision_position_ids": ("position_ids",),
+    "get_vision_cu_seqlens": ("cu_seqlens",),
+    "get_vision_window_index": ("window_index", "cu_window_seqlens"),
+    "get_vision_interpolation_indices_and_weights": ("interp_indices", "interp_weights"),
+}
+"""Each transformers grid helper and the precomputed keys that make it return without computing."""
 
 
 def _spy(helper, name: str, computed: list):
-    """`helper`, noting `name` in `computed` whenever it is called without its precomputed input."""
+    """`helper`, noting `name` in `computed` whenever it is called without every one of its precomputed inputs."""
     def call(*args, **kwargs):
-        if not (kwargs.get("kwargs") or {}).keys() & PRECOMPUTED_KEYS:
+        given = kwargs.get("kwargs") or {}
+        if not all(given.get(key) is not None for key in PRECOMPUTED_KEYS[name]):
             computed.append(name)
         return helper(*args, **kwargs)
     return call
@@ -207,8 +214,7 @@ def test_vision_inputs_computed_on_the_host_give_the_stock_forward(request, tiny
     # while our forward runs (handed its precomputed key, a helper returns it without computing).
     computed = []
     modeling = sys.modules[type(backend.base.model.visual).__module__]
-    for name in ("get_vision_position_ids", "get_vision_cu_seqlens", "get_vision_window_index",
-                 "get_vision_interpolation_indices_and_weights"):
+    for name in PRECOMPUTED_KEYS:
         if hasattr(modeling, name):
             monkeypatch.setattr(modeling, name, _spy(getattr(modeling, name), name, computed))
     enable_varlen(backend.base)

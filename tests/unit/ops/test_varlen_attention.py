@@ -82,23 +82,25 @@ def test_document_ids():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("causal", [True, False])
 def test_cuda_kernels_match_the_reference(dtype, causal):
-    """Every CUDA kernel (flash_attn if installed, torch's varlen_attn, compiled flex, sdpa) in bf16 and
-    fp32, forward and backward, at a vision-tower-like size with GQA."""
+    """Every CUDA kernel (flash_attn if installed, aten_flash and torch's varlen_attn in bf16, compiled flex
+    and sdpa in bf16 and fp32), forward and the gradients of q, k and v, at a vision-tower-like size with GQA."""
     g = torch.Generator(device="cuda").manual_seed(0)
     lengths = [64, 1, 256, 200, 31, 1024]
     cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
     total = int(cu[-1])
     q = torch.randn(total, 8, 64, device="cuda", generator=g, dtype=dtype)
     k, v = (torch.randn(total, 2, 64, device="cuda", generator=g, dtype=dtype) for _ in range(2))
-    qf = q.float().requires_grad_()
-    ref = varlen_attention_reference(qf, k.float(), v.float(), cu, max(lengths), causal, 0.125)
-    ref_grad, = torch.autograd.grad(ref.square().sum(), qf)
+    qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+    ref = varlen_attention_reference(qf, kf, vf, cu, max(lengths), causal, 0.125)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (qf, kf, vf))
     atol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     backends = available_backends(q.device, dtype)
     assert "flex" in backends and (dtype == torch.float32 or {"aten_flash", "torch_varlen"} <= set(backends))
     for backend in backends:
-        qb = q.clone().requires_grad_()
-        out = varlen_attention(qb, k, v, cu, max(lengths), causal=causal, scale=0.125, backend=backend)
+        qb, kb, vb = (t.clone().requires_grad_() for t in (q, k, v))
+        out = varlen_attention(qb, kb, vb, cu, max(lengths), causal=causal, scale=0.125, backend=backend)
         torch.testing.assert_close(out.float(), ref, rtol=0, atol=atol, msg=lambda m, b=backend: f"{b}: {m}")
-        grad, = torch.autograd.grad(out.float().square().sum(), qb)
-        torch.testing.assert_close(grad.float(), ref_grad, rtol=0, atol=atol * 10, msg=lambda m, b=backend: f"{b} grad: {m}")
+        grads = torch.autograd.grad(out.float().square().sum(), (qb, kb, vb))
+        for name, grad, ref_grad in zip("qkv", grads, ref_grads):  # dk, dv: summed over the query heads sharing them
+            torch.testing.assert_close(grad.float(), ref_grad, rtol=0, atol=atol * 10,
+                                       msg=lambda m, b=backend, n=name: f"{b} d{n}: {m}")
