@@ -40,12 +40,9 @@ def send(host: torch.Tensor, device: torch.device, dtype: torch.dtype | None = N
     return host.to(device, dtype)
 
 
-VISION_GRID_KWARGS = {
-    "qwen2_vl": ("segments",),
-    "qwen2_5_vl": ("segments", "windows"),
-    "qwen3_vl": ("segments", "interpolation"),
-}
-"""The grid-derived inputs each vision tower takes precomputed (transformers' `vision_utils` keys)."""
+VISION_GRID_EXTRAS = {"qwen2_vl": (), "qwen2_5_vl": ("windows",), "qwen3_vl": ("interpolation",)}
+"""The towers whose grid-derived inputs vltune precomputes, and what each takes beyond the rotary ids
+and attention segments that all of them take."""
 
 
 def vision_tower_kwargs(visual: torch.nn.Module, model_type: str, grid_thw: torch.Tensor, device: torch.device) -> dict:
@@ -54,18 +51,14 @@ def vision_tower_kwargs(visual: torch.nn.Module, model_type: str, grid_thw: torc
     segments and their longest, Qwen2.5-VL's window order, Qwen3-VL's position-embedding interpolation.
 
     The tower pops these from its kwargs instead of deriving them from a grid on the GPU, which reads
-    the grid back a dozen times per forward (each a device sync that drains the launch queue). {} for a
-    model type not listed: its tower computes them itself."""
+    the grid back a dozen times per forward (each a device sync that drains the launch queue).
+    `model_type` must be one of VISION_GRID_EXTRAS."""
     from transformers import vision_utils as vu
 
-    parts = VISION_GRID_KWARGS.get(model_type)
-    if parts is None:
-        return {}
+    parts = VISION_GRID_EXTRAS[model_type]
     merge = visual.spatial_merge_size
-    out: dict = {"position_ids": vu.get_vision_position_ids(grid_thw, merge)}
-    if "segments" in parts:
-        out["cu_seqlens"] = vu.get_vision_cu_seqlens(grid_thw)
-        out["max_seqlen"] = _longest(out["cu_seqlens"])
+    out: dict = {"position_ids": vu.get_vision_position_ids(grid_thw, merge), "cu_seqlens": vu.get_vision_cu_seqlens(grid_thw)}
+    out["max_seqlen"] = _longest(out["cu_seqlens"])
     if "windows" in parts:
         out["window_index"], out["cu_window_seqlens"] = vu.get_vision_window_index(
             grid_thw, spatial_merge_size=merge, window_size=visual.window_size, patch_size=visual.patch_size

@@ -151,16 +151,28 @@ def _stock_step(model, optimizer, batches: list[dict], device: torch.device) -> 
     return step_loss
 
 
-def _time(run_step, warmup: list, steps: list, after_warmup=lambda: None) -> tuple[float, list[float]]:
-    """Seconds for `steps` (after the untimed `warmup` ones) and their losses."""
+def _time(run_step, warmup: list, steps: list) -> tuple[float, list[float], int]:
+    """Seconds for `steps` (after the untimed `warmup` ones), their losses, and how many graphs
+    torch.compile built inside them (each costs seconds: a warm-up that missed a row length)."""
+    from torch._dynamo.utils import counters
+
     for step in warmup:
         run_step(step)
     torch.cuda.synchronize()
-    after_warmup()
+    graphs = counters["stats"]["unique_graphs"]
     start = time.perf_counter()
     timed = [run_step(step) for step in steps]
     torch.cuda.synchronize()
-    return time.perf_counter() - start, [float(x) for x in timed]
+    return time.perf_counter() - start, [float(x) for x in timed], counters["stats"]["unique_graphs"] - graphs
+
+
+def packed_step(backend, rows: list[dict]) -> float:
+    """One optimizer step of `backend` over `rows`, as core/loop.py runs it: each row's loss scaled by the
+    step's trained tokens, the summed loss read once (the losses stay on the device until then)."""
+    count = sum(_trained(row) for row in rows)
+    loss_sum = float(sum(backend.forward_backward(row, 1.0 / count) for row in rows))
+    backend.optimizer_step(1.0, 1.0)
+    return loss_sum / count
 
 
 def _trained(batch: dict) -> int:
@@ -199,7 +211,7 @@ def _run_stock(shape, seed, device, model_args: ModelArgs, padded, padded_warmup
             p.requires_grad_(True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
     torch.cuda.reset_peak_memory_stats()
-    seconds, losses = _time(lambda b: _stock_step(model, optimizer, b, device), padded_warmup, padded)
+    seconds, losses, _ = _time(lambda b: _stock_step(model, optimizer, b, device), padded_warmup, padded)
     summary = _summary("stock", shape, padded, seconds, losses, train_type)
     model = optimizer = None  # free the GPU for (b)
     gc.collect()
@@ -271,20 +283,10 @@ def run_bench(
                            TrainArgs(bf16=True, learning_rate=learning_rate, max_grad_norm=1.0, weight_decay=0.0, **options))
     torch.cuda.reset_peak_memory_stats()
 
-    def vltune_step(rows: list[dict]) -> float:
-        count = sum(_trained(row) for row in rows)
-        # As core/loop.py: the losses stay on the device until the step's sum is read once.
-        loss_sum = float(sum(backend.forward_backward(row, 1.0 / count) for row in rows))
-        backend.optimizer_step(1.0, 1.0)
-        return loss_sum / count
-
-    from torch._dynamo.utils import counters
-
-    warmed: list[int] = []
-    seconds, losses = _time(vltune_step, packed_warmup, packed, after_warmup=lambda: warmed.append(counters["stats"]["unique_graphs"]))
+    seconds, losses, compiled = _time(lambda rows: packed_step(backend, rows), packed_warmup, packed)
     ours = _summary("vltune", shape, packed, seconds, losses, train_type)
-    if options.get("torch_compile"):  # graphs first compiled inside the timed steps: each costs seconds
-        ours["graphs_compiled_while_timed"] = counters["stats"]["unique_graphs"] - warmed[0]
+    if options.get("torch_compile"):
+        ours["graphs_compiled_while_timed"] = compiled
     runs = [r for r in (stock_run, ours) if r is not None]
 
     extras = "".join(f" + {key}" if value is True else f" + {key}={value}" for key, value in options.items() if value)

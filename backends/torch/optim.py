@@ -168,19 +168,20 @@ class MasterWeights:
     def copy_to_model(self) -> None:
         torch._foreach_copy_(list(self.master_of), self.masters)
 
+    def _masters_by_key(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        """The masters under `model`'s state_dict keys (a tied weight under each of its keys)."""
+        return {key: self.master_of[value] for key, value in model.state_dict(keep_vars=True).items() if value in self.master_of}
+
     def full_precision_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """`model`'s state_dict with every trained weight taken from its fp32 master: what is saved."""
-        state = model.state_dict(keep_vars=True)
-        return {key: (self.master_of[value] if value in self.master_of else value).detach() for key, value in state.items()}
+        return {**model.state_dict(), **{key: master.detach() for key, master in self._masters_by_key(model).items()}}
 
     @torch.no_grad()
     def load(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Weights saved by `full_precision_state` into the masters (exactly) and the model (rounded)."""
         model.load_state_dict(state)
-        own = model.state_dict(keep_vars=True)
-        for key, value in own.items():
-            if value in self.master_of:
-                self.master_of[value].copy_(state[key])
+        for key, master in self._masters_by_key(model).items():
+            master.copy_(state[key])
 
 
 def build_param_groups(model: torch.nn.Module, model_args: ModelArgs, train_args: TrainArgs) -> list[dict]:

@@ -21,7 +21,7 @@ from vltune.core.mdlm_sampler import SamplerSettings
 from vltune.data.mdlm_tokens import write_mdlm_files
 from vltune.data.model_info import ModelInfo
 
-from .batch import to_model_inputs, to_tensor, vision_tower_kwargs
+from .batch import VISION_GRID_EXTRAS, to_model_inputs, to_tensor, vision_tower_kwargs
 from .checkpoint import OPTIMIZER_FILE, RNG_FILE, load_weights, rng_state, save_hf_model, saved_state, set_rng_state
 from .infer import generate_greedy, generate_with_positions
 from .lora import apply_lora, keep_adapter_inputs_in_compute_dtype
@@ -161,6 +161,8 @@ class TorchBackend:
         so they go to the stock forward as `mm_encoder_outputs`."""
         inner = self.base.model
         model_type = self.base.config.model_type
+        if model_type not in VISION_GRID_EXTRAS:  # a tower vltune does not know: transformers' own path
+            return inputs
         encoders = (("image", "pixel_values", "image_grid_thw", inner.get_image_features),
                     ("video", "pixel_values_videos", "video_grid_thw", inner.get_video_features))
         encoded = {}
@@ -169,8 +171,6 @@ class TorchBackend:
                 continue
             host_grid = torch.as_tensor(batch[grid])
             kwargs = vision_tower_kwargs(inner.visual, model_type, host_grid, self.device)
-            if not kwargs:  # a tower vltune does not know: transformers' own path
-                return inputs
             encoded[modality] = encode(inputs[pixels], host_grid, return_dict=True, **kwargs)
         if not encoded:
             return inputs

@@ -48,9 +48,10 @@ def _load_torch_varlen() -> tuple[Callable | None, frozenset[str]]:
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-# Looked up once, at import: the call path below runs inside torch.compile'd decoder layers, where an
-# import, `find_spec`, `inspect.signature` or a functools cache would each split the layer's graph in
-# two (a graph break: one more compiled region, with its own guards and launch overhead, per layer).
+# Looked up once, at import: the call path below runs inside torch.compile'd decoder layers. With the
+# lookups (import, `find_spec`, `inspect.signature` behind functools caches) in that path, torch 2.11
+# split each compiled 3B decoder layer into six regions; with them here, into one (docs/design-notes.md;
+# which lookup broke the graph was not isolated).
 _FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
 _TORCH_VARLEN, _TORCH_VARLEN_PARAMS = _load_torch_varlen()
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from vltune.backends.torch.bench import _info, _packed_rows, build_model, step_flops
+from vltune.backends.torch.bench import _info, _packed_rows, build_model, packed_step, step_flops
 from vltune.backends.torch.kernels import compile_blocks
 from vltune.backends.torch.trainer import TorchBackend
 from vltune.core.config import ModelArgs, TrainArgs
@@ -140,13 +140,8 @@ def make_backend(shape, train: dict, hooks: dict, train_type: str) -> TorchBacke
 
 
 def step(backend: TorchBackend, batch: dict | list[dict]) -> float:
-    """One optimizer step over one row or a list of rows (accumulated), as core/loop.py runs it."""
-    rows = batch if isinstance(batch, list) else [batch]
-    count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in rows)
-    loss = sum(backend.forward_backward(b, 1.0 / count) for b in rows)
-    loss = float(loss)  # the loop reads the step's loss once (its finiteness decides the step)
-    backend.optimizer_step(1.0, 1.0)
-    return loss / count
+    """One optimizer step over one row or a list of rows (accumulated), as the bench and core/loop.py run it."""
+    return packed_step(backend, batch if isinstance(batch, list) else [batch])
 
 
 def phase_times(backend: TorchBackend, batch: dict) -> dict:
