@@ -20,6 +20,11 @@ sharding engines see the stock model.
   compiles per transformer block: small graphs that compile once and are reused by every layer, with
   dynamic sequence lengths (packed rows differ in length). The elementwise chains between the
   matmuls (norms, rotary, gating, residuals) fuse, and the step launches far fewer kernels.
+  Inductor's "mix-order reduction" fusion is off (`COMPILE_OPTIONS`): it decides on the row length
+  (fused from 4096 rows, worth it from 2560) and guards on that, so a 3B decoder layer compiled for
+  one length range was compiled again, seconds each, for rows of 2-2559 and 2560-4095 tokens, inside
+  timed steps of `vltune bench` (docs/performance.md). Packed rows are at most 4096 tokens, so the
+  fusion only ever applied to a row of exactly 4096.
 """
 
 from __future__ import annotations
@@ -61,12 +66,16 @@ def apply_liger_kernels(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
+COMPILE_OPTIONS = {"triton.mix_order_reduction": False}
+"""Inductor options of the compiled blocks: no fusion decision that depends on the row length."""
+
+
 def compile_blocks(model: torch.nn.Module, vision: bool = True) -> int:
     """torch.compile every decoder layer (and with `vision` every vision block) in place; returns the count."""
     inner = model.model
     blocks = list(inner.language_model.layers) + (list(inner.visual.blocks) if vision else [])
     for block in blocks:
-        block.compile(dynamic=True)
+        block.compile(dynamic=True, options=COMPILE_OPTIONS)
     return len(blocks)
 
 

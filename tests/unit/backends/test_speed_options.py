@@ -35,6 +35,20 @@ def test_compile_blocks_compiles_every_decoder_layer_and_vision_block(tiny_qwen2
     assert all(block._compiled_call_impl is not None for block in [*inner.language_model.layers, *inner.visual.blocks])
 
 
+def test_compiled_blocks_take_no_fusion_decision_on_the_row_length(tiny_qwen2_5_vl, monkeypatch):
+    """Inductor's mix-order reduction fusion guards on the row length (2560 and 4096 tokens for the 3B
+    model), which recompiled the decoder layers inside timed steps on an H100: every block is compiled
+    with it off, and the option is one this torch has (an unknown key fails at the first forward)."""
+    import torch._inductor.config as inductor_config
+
+    model = load_model(tiny_qwen2_5_vl)
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append(kwargs))
+    n = compile_blocks(model)
+    assert len(calls) == n and all(c == {"dynamic": True, "options": {"triton.mix_order_reduction": False}} for c in calls)
+    assert isinstance(inductor_config.triton.mix_order_reduction, bool)
+
+
 def test_padded_vision_mlp_gives_the_stock_output_and_gradients(tiny_model_dirs):
     """The zero-padded MLP (176 wide in the tiny model, padded to 192) is the same function with the same
     gradients on the unpadded weights; the weights and the checkpoint's tensors keep their shapes."""
