@@ -11,12 +11,19 @@ without it), so the kernels are tried in this order:
     aten_flash    the FA2 op under torch's varlen_attn, called    CUDA, fp16/bf16, torch >= 2.10
                   directly (`aten::_flash_attention_forward`)
     torch_varlen  `torch.nn.attention.varlen.varlen_attn`        CUDA, fp16/bf16, torch >= 2.10
+    fa4           FlashAttention-4 (flash-attn-4, CuTe DSL)       sm90+ (Hopper, Blackwell), fp16/bf16, if installed
     flex          FlexAttention with a document block mask       CUDA (compiled), any dtype; CPU on request
     sdpa          `scaled_dot_product_attention` per sub-sequence anywhere (the CPU path)
 
 and `reference` (a dense block-diagonal mask, fp32 softmax) is the eager definition the others are
-tested against. All take q [T, Hq, D], k/v [T, Hkv, D] (Hq a multiple of Hkv: grouped-query attention)
-and int32 `cu_seqlens` [N+1], and return [T, Hq, D].
+tested against. `fa4` comes after torch's own FA2 although its kernels are faster: on an H100 its
+forward over a Qwen2.5-VL-3B row's full-attention vision segments ran at 550 TFLOP/s against FA2's 255,
+but its Python interface costs host time: 0.9-1.4 ms to issue a text layer's forward and backward
+(FA2 through aten: 0.3-0.6 ms), and the compiled 3B step, whose host is about as busy as its GPU, got
+1.2% slower with it (docs/performance.md). Pick it with VLTUNE_VARLEN_BACKEND=fa4.
+
+All take q [T, Hq, D], k/v [T, Hkv, D] (Hq a multiple of Hkv: grouped-query attention) and int32
+`cu_seqlens` [N+1], and return [T, Hq, D].
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("flash_attn", "aten_flash", "torch_varlen", "flex", "sdpa", "reference")
+BACKENDS = ("flash_attn", "aten_flash", "torch_varlen", "fa4", "flex", "sdpa", "reference")
 BACKEND_ENV = "VLTUNE_VARLEN_BACKEND"
 """Environment override of the automatic choice (benchmarks and tests compare kernels with it)."""
 
@@ -52,12 +59,13 @@ def _load_torch_varlen() -> tuple[Callable | None, frozenset[str]]:
 # lookups (import, `find_spec`, `inspect.signature` behind functools caches) in that path, torch 2.11
 # split each compiled 3B decoder layer into six regions; with them here, into one (docs/design-notes.md;
 # which lookup broke the graph was not isolated).
-_FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
+_FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn_2_cuda") is not None  # FA2's extension
+_FA4_INSTALLED = importlib.util.find_spec("flash_attn") is not None and importlib.util.find_spec("flash_attn.cute") is not None
 _TORCH_VARLEN, _TORCH_VARLEN_PARAMS = _load_torch_varlen()
 
 
 def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
-    """The kernels usable for tensors on `device` of `dtype`, fastest first (`reference` excluded)."""
+    """The kernels usable for tensors on `device` of `dtype`, in the order "auto" prefers them (`reference` excluded)."""
     if device.type != "cuda":
         return ["sdpa", "flex"]  # flex runs on CPU unfused (a full score matrix): asked for, never picked
     out = []
@@ -65,6 +73,10 @@ def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
         out.append("flash_attn")
     if dtype in _HALF and _TORCH_VARLEN is not None:
         out += ["aten_flash", "torch_varlen"]
+    # FA4 has forward and backward kernels for sm90 (Hopper) and sm100+ only. get_device_properties
+    # is constant-folded by torch.compile (no graph break in the compiled layers).
+    if dtype in _HALF and _FA4_INSTALLED and torch.cuda.get_device_properties(device).major >= 9:
+        out.append("fa4")
     return out + ["flex", "sdpa"]
 
 
@@ -119,6 +131,59 @@ def _flash_attn(q, k, v, cu, max_len, causal, scale):
     from flash_attn import flash_attn_varlen_func
 
     return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=0.0, softmax_scale=scale, causal=causal)
+
+
+@torch.library.custom_op("vltune::fa4_varlen_forward", mutates_args=())
+def _fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, causal: bool,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FA4's forward as one opaque op: its Python interface (argument checks, the CuTe kernel cache, the
+    TVM-FFI launch) stays out of torch.compile's trace, and its autograd.Function with it."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    out, lse = _flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
+                               softmax_scale=scale, causal=causal, return_lse=True)[:2]
+    return out, lse
+
+
+@_fa4_forward.register_fake
+def _(q, k, v, cu, max_len, causal, scale):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)  # lse: [H, T] for varlen
+
+
+@torch.library.custom_op("vltune::fa4_varlen_backward", mutates_args=())
+def _fa4_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                  cu: torch.Tensor, max_len: int, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, grad, lse, scale, causal, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                 max_seqlen_q=max_len, max_seqlen_k=max_len)
+    return dq, dk, dv
+
+
+@_fa4_backward.register_fake
+def _(grad, q, k, v, out, lse, cu, max_len, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fa4_save(ctx, inputs, output):
+    q, k, v, cu, max_len, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu)
+    ctx.args = (max_len, causal, scale)
+
+
+def _fa4_grad(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu = ctx.saved_tensors
+    dq, dk, dv = _fa4_backward(grad_out.contiguous(), q, k, v, out, lse, cu, *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+_fa4_forward.register_autograd(_fa4_grad, setup_context=_fa4_save)
+
+
+def _fa4(q, k, v, cu, max_len, causal, scale):
+    """FlashAttention-4 (the CuTe DSL kernels of `pip install flash-attn-4`): its sm90/sm100 forward and
+    backward, compared with FA2 on the bench's rows by tools/gpu/attention_kernels.py."""
+    return _fa4_forward(q, k, v, cu, max_len, causal, scale)[0]
 
 
 def _aten_flash(q, k, v, cu, max_len, causal, scale):
@@ -218,6 +283,7 @@ def varlen_attention_reference(q, k, v, cu, max_len, causal, scale):
 
 
 _KERNELS: dict[str, Callable] = {
+    "fa4": _fa4,
     "flash_attn": _flash_attn,
     "aten_flash": _aten_flash,
     "torch_varlen": _torch_varlen,

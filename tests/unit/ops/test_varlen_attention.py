@@ -104,3 +104,18 @@ def test_cuda_kernels_match_the_reference(dtype, causal):
         for name, grad, ref_grad in zip("qkv", grads, ref_grads):  # dk, dv: summed over the query heads sharing them
             torch.testing.assert_close(grad.float(), ref_grad, rtol=0, atol=atol * 10,
                                        msg=lambda m, b=backend, n=name: f"{b} d{n}: {m}")
+
+
+def test_fa4_ops_shapes_for_torch_compile():
+    """The FA4 kernel runs as two custom ops so that torch.compile traces around it: their fake (meta)
+    versions must give the shapes FA4 returns (out like q, the log-sum-exp [H, T] in fp32, grads like
+    q, k, v), without flash-attn-4 installed. The kernels themselves: the CUDA test above, on sm90+."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, k, v = torch.empty(37, 8, 64, dtype=torch.bfloat16), torch.empty(37, 2, 64, dtype=torch.bfloat16), torch.empty(37, 2, 64, dtype=torch.bfloat16)
+        cu = torch.empty(4, dtype=torch.int32)
+        out, lse = torch.ops.vltune.fa4_varlen_forward(q, k, v, cu, 17, True, 0.125)
+        dq, dk, dv = torch.ops.vltune.fa4_varlen_backward(out, q, k, v, out, lse, cu, 17, True, 0.125)
+    assert (out.shape, out.dtype, lse.shape, lse.dtype) == (q.shape, q.dtype, (8, 37), torch.float32)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
