@@ -149,6 +149,7 @@ def cmd_bench_model(args: argparse.Namespace, extra: list[str]) -> int:
             args.model_shape, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
             pack_length=args.pack_length, command=command, train_type=args.train_type,
             with_stock=not args.no_stock, match_steps=args.match_steps, samples_per_step=args.samples_per_step,
+            rows_per_step=args.rows_per_step,
             learning_rate=args.learning_rate, name=args.name,
             train_options={"torch_compile": args.torch_compile, "use_liger_kernel": args.liger_kernel, "pure_bf16": args.pure_bf16,
                            "bf16_master_weights": args.bf16_master_weights, "gradient_checkpointing": args.gradient_checkpointing, "optim": args.optim},
@@ -413,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-step", type=int,
                    help="one optimizer step per N samples on both paths (stock accumulates its micro-batches; "
                         "default: stock steps per micro-batch, vltune per packed row); --steps then counts optimizer steps")
+    p.add_argument("--rows-per-step", type=int,
+                   help="with --samples-per-step: vltune packs all samples together into full rows (as vltune train "
+                        "packs a data set) and steps once per N rows; only the mean losses then compare")
     p.add_argument("--learning-rate", type=float, default=1e-5, help="both paths (constant; no warm-up)")
     p.add_argument("--name", help="report name (default MODEL_SHAPE, or MODEL_SHAPE-lora)")
     p.add_argument("--out", default="docs/bench", help="where NAME.json and the README table go")

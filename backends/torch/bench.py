@@ -117,6 +117,13 @@ def _packed_steps(shape: ModelShape, steps: int, per_step: int, pack_length: int
     return [_pack(features[k * per_step:(k + 1) * per_step], info, pack_length) for k in range(steps)]
 
 
+def _row_steps(shape: ModelShape, n_samples: int, pack_length: int, seed: int, rows_per_step: int) -> list[list[dict]]:
+    """The same samples as `_batches(..., seed)`, packed all together (as `vltune train` packs a data set:
+    full rows) and taken `rows_per_step` rows per optimizer step."""
+    rows = _packed_rows(shape, n_samples, pack_length, seed)
+    return [rows[i:i + rows_per_step] for i in range(0, len(rows), rows_per_step)]
+
+
 def _sequence_lengths(batch: dict) -> list[int]:
     if "cu_seqlens" in batch:
         return [int(n) for n in np.diff(batch["cu_seqlens"])]
@@ -223,7 +230,7 @@ def run_bench(
     model_shape: str, *, steps: int = 20, warmup: int = 5, batch_size: int = 2, pack_length: int = 4096,
     seed: int = 0, command: str = "", train_type: str = "full", train_options: dict | None = None,
     with_stock: bool = True, match_steps: bool = False, samples_per_step: int | None = None,
-    learning_rate: float = 1e-5, name: str | None = None,
+    learning_rate: float = 1e-5, name: str | None = None, rows_per_step: int | None = None,
 ) -> dict:
     """(a) stock on `steps` padded micro-batches of `batch_size`, (b) vltune on the very same samples
     packed into rows of <= `pack_length` tokens; each after untimed warm-up steps on other samples.
@@ -236,11 +243,16 @@ def run_bench(
     both paths take one optimizer step per that many samples, (a) accumulating gradients over its
     micro-batches, (b) over those samples packed into rows; `steps` then counts optimizer steps.
     `match_steps` is `samples_per_step=batch_size` (the loss-curve comparison, step by step).
+    `rows_per_step` (with `samples_per_step`, which sets the stock path's step): vltune packs all the
+    samples together into full rows, as `vltune train` packs a data set, and steps once per that many
+    rows; its steps then hold other groupings of the same samples, so only the mean losses compare.
     `learning_rate` for both paths (a larger one makes the loss curves move).
     `name`: the report's file name (default MODEL_SHAPE, or MODEL_SHAPE-lora)."""
     per_step = batch_size if match_steps else samples_per_step
     if per_step is not None and (per_step < batch_size or per_step % batch_size):
         raise ValueError(f"--samples-per-step {per_step} must be a multiple of the batch size {batch_size}")
+    if rows_per_step is not None and (samples_per_step is None or match_steps or rows_per_step < 1):
+        raise ValueError("--rows-per-step N (N >= 1) goes with --samples-per-step, which sets the stock path's step")
     if model_shape not in SHAPES:
         raise ValueError(f"unknown --model-shape {model_shape!r}; choose one of {', '.join(SHAPES)}")
     if train_type not in ("full", "lora"):
@@ -257,7 +269,10 @@ def run_bench(
     torch.backends.cuda.enable_cudnn_sdp(False)
     stock_per_step = per_step or batch_size  # without samples_per_step: a step per stock micro-batch
     n_samples = steps * stock_per_step
-    if per_step is not None:
+    if rows_per_step is not None:
+        packed = _row_steps(shape, n_samples, pack_length, seed, rows_per_step)
+        packed_warmup = _row_steps(shape, warmup * per_step, pack_length, seed + 1, rows_per_step)
+    elif per_step is not None:
         packed = _packed_steps(shape, steps, per_step, pack_length, seed)
         packed_warmup = _packed_steps(shape, warmup, per_step, pack_length, seed + 1)
     else:
@@ -296,6 +311,9 @@ def run_bench(
     mode = f"{train_type} (vision tower frozen); stock: {stock_text}; vltune: packed rows of {pack_length}{extras}"
     if match_steps:
         mode += "; one step per stock micro-batch" + ("; LoRA dropout 0" if train_type == "lora" else "")
+    elif rows_per_step is not None:
+        mode += (f"; stock: one optimizer step per {per_step} samples; vltune: all samples packed together, "
+                 f"one optimizer step per {rows_per_step} rows")
     elif per_step is not None:
         mode += f"; one optimizer step per {per_step} samples on both paths"
     name = name or model_shape + ("-lora" if train_type == "lora" else "")
@@ -303,14 +321,15 @@ def run_bench(
         "name": name, "model": model_shape, "gpu": torch.cuda.get_device_name(), "mode": mode, "train_type": train_type,
         "tokens_per_s": ours["tokens_per_s"], "stock_tokens_per_s": None, "speedup_vs_stock": None,
         "mfu": ours["mfu"], "stock_mfu": None, "peak_mem_gib": ours["peak_mem_gib"], "stock_peak_mem_gib": None,
-        "samples": n_samples, "batch_size": batch_size, "samples_per_step": per_step, "learning_rate": learning_rate, "pack_length": pack_length, "warmup": warmup,
+        "samples": n_samples, "batch_size": batch_size, "samples_per_step": per_step, "rows_per_step": rows_per_step, "learning_rate": learning_rate, "pack_length": pack_length, "warmup": warmup,
         "train_options": options, "command": command, "shape": asdict(shape), "runs": runs,
     }
     if stock_run is not None:
         a = stock_run
         result.update(stock_tokens_per_s=a["tokens_per_s"], speedup_vs_stock=round(ours["tokens_per_s"] / a["tokens_per_s"], 3),
                       stock_mfu=a["mfu"], stock_peak_mem_gib=a["peak_mem_gib"])
-        if per_step is not None:  # the same samples per optimizer step: the loss curves compare step by step
+        result["mean_loss_rel_diff"] = round(abs(ours["mean_loss"] - a["mean_loss"]) / abs(a["mean_loss"]), 5)
+        if per_step is not None and rows_per_step is None:  # the same samples per step: the loss curves compare step by step
             result["loss_max_rel_diff"] = round(max(abs(x - y) / abs(y) for x, y in zip(ours["losses"], a["losses"])), 5)
     return result
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from vltune.backends.torch.bench import _batches, _packed_rows, _packed_steps, hf_config, step_flops  # noqa: E402
+from vltune.backends.torch.bench import _batches, _packed_rows, _packed_steps, _row_steps, hf_config, step_flops  # noqa: E402
 from vltune.core.flops import SHAPES, llm_flops, llm_params, vision_flops  # noqa: E402
 
 
@@ -64,6 +65,22 @@ def test_each_packed_step_holds_the_stock_step_samples(per_step, pack_length):
     assert any(len(rows) > 1 for rows in steps)  # some steps need two rows at 2048: gradients accumulate
 
 
+def test_row_steps_pack_every_stock_sample_once_into_full_rows():
+    """--rows-per-step 4: vltune's steps hold all the stock path's samples once, packed together into
+    rows of at most pack_length, 4 rows per step (the last step may hold fewer), fuller than rows
+    packed one stock step at a time."""
+    shape = SHAPES["qwen2_5_vl-3b"]
+    padded = [b for step in _batches(shape, steps=6, batch_size=1, seed=5, per_step=16) for b in step]
+    steps = _row_steps(shape, 96, 4096, seed=5, rows_per_step=4)
+    assert all(len(rows) == 4 for rows in steps[:-1]) and 1 <= len(steps[-1]) <= 4
+    rows = [row for step in steps for row in step]
+    lengths = sorted(int(n) for b in padded for n in b["attention_mask"].sum(axis=1))
+    assert sorted(int(n) for row in rows for n in np.diff(row["cu_seqlens"])) == lengths
+    assert all(row["input_ids"].shape[1] <= 4096 for row in rows)
+    per_step_rows = [row for step in _packed_steps(shape, steps=6, per_step=16, pack_length=4096, seed=5) for row in step]
+    assert len(rows) < len(per_step_rows)
+
+
 def test_lora_counts_no_weight_gradient_flops():
     shape = SHAPES["qwen2_5_vl-7b"]
     batch = _batches(shape, steps=1, batch_size=2, seed=1, per_step=2)[0][0]
@@ -81,3 +98,5 @@ def test_bench_refuses_what_the_recipe_refuses_before_it_needs_a_gpu():
         run_bench("qwen2_5_vl-3b", train_type="qlora")
     with pytest.raises(ValueError, match="must be a multiple of the batch size 2"):
         run_bench("qwen2_5_vl-3b", samples_per_step=5)
+    with pytest.raises(ValueError, match="--rows-per-step N .* goes with --samples-per-step"):
+        run_bench("qwen2_5_vl-3b", rows_per_step=4)
