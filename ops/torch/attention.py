@@ -16,11 +16,12 @@ without it), so the kernels are tried in this order:
     sdpa          `scaled_dot_product_attention` per sub-sequence anywhere (the CPU path)
 
 and `reference` (a dense block-diagonal mask, fp32 softmax) is the eager definition the others are
-tested against. `fa4` comes after torch's own FA2 although its kernels are faster: on an H100 its
-forward over a Qwen2.5-VL-3B row's full-attention vision segments ran at 550 TFLOP/s against FA2's 255,
-but its Python interface costs host time: 0.9-1.4 ms to issue a text layer's forward and backward
-(FA2 through aten: 0.3-0.6 ms), and the compiled 3B step, whose host is about as busy as its GPU, got
-1.2% slower with it (docs/performance.md). Pick it with VLTUNE_VARLEN_BACKEND=fa4.
+tested against. `fa4` comes after torch's own FA2 (so "auto" picks it only without torch >= 2.10 and
+flash-attn) although its kernels are faster: on an H100 its forward over a Qwen2.5-VL-3B row's
+full-attention vision segments ran at 550 TFLOP/s against FA2's 255, but issuing a text layer's forward
+and backward through it took 0.9-1.4 ms of host time (FA2 through aten: 0.3-0.6 ms), and the compiled
+3B step, whose host is about as busy as its GPU, ran 207.9 against 205.5 ms per row with it
+(docs/performance.md). Pick it with VLTUNE_VARLEN_BACKEND=fa4.
 
 All take q [T, Hq, D], k/v [T, Hkv, D] (Hq a multiple of Hkv: grouped-query attention) and int32
 `cu_seqlens` [N+1], and return [T, Hq, D].
@@ -59,8 +60,16 @@ def _load_torch_varlen() -> tuple[Callable | None, frozenset[str]]:
 # lookups (import, `find_spec`, `inspect.signature` behind functools caches) in that path, torch 2.11
 # split each compiled 3B decoder layer into six regions; with them here, into one (docs/design-notes.md;
 # which lookup broke the graph was not isolated).
-_FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn_2_cuda") is not None  # FA2's extension
-_FA4_INSTALLED = importlib.util.find_spec("flash_attn") is not None and importlib.util.find_spec("flash_attn.cute") is not None
+def _fa4_installed() -> bool:
+    """flash-attn-4 ships `flash_attn/cute/`. Found without importing `flash_attn`: that package may be
+    FA2's, whose import loads its CUDA extension (and fails outright on an ABI mismatch)."""
+    spec = importlib.util.find_spec("flash_attn")
+    locations = (spec.submodule_search_locations or []) if spec is not None else []
+    return any(os.path.isfile(os.path.join(location, "cute", "interface.py")) for location in locations)
+
+
+_FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn_2_cuda") is not None  # FA2's extension, not FA4's package
+_FA4_INSTALLED = _fa4_installed()
 _TORCH_VARLEN, _TORCH_VARLEN_PARAMS = _load_torch_varlen()
 
 
@@ -147,7 +156,8 @@ def _fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Te
 
 @_fa4_forward.register_fake
 def _(q, k, v, cu, max_len, causal, scale):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)  # lse: [H, T] for varlen
+    # FA4 allocates its outputs contiguous whatever q's strides: out [T, H, Dv], lse [H, T] in fp32.
+    return q.new_empty((q.shape[0], q.shape[1], v.shape[-1])), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("vltune::fa4_varlen_backward", mutates_args=())
@@ -162,7 +172,7 @@ def _fa4_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 
 @_fa4_backward.register_fake
 def _(grad, q, k, v, out, lse, cu, max_len, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as FA4 allocates them
 
 
 def _fa4_save(ctx, inputs, output):

@@ -106,16 +106,79 @@ def test_cuda_kernels_match_the_reference(dtype, causal):
                                        msg=lambda m, b=backend, n=name: f"{b} d{n}: {m}")
 
 
-def test_fa4_ops_shapes_for_torch_compile():
-    """The FA4 kernel runs as two custom ops so that torch.compile traces around it: their fake (meta)
-    versions must give the shapes FA4 returns (out like q, the log-sum-exp [H, T] in fp32, grads like
-    q, k, v), without flash-attn-4 installed. The kernels themselves: the CUDA test above, on sm90+."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def _stub_fa4(monkeypatch):
+    """flash_attn.cute.interface stand-in (CPU, the reference math) with FA4's calling convention:
+    `_flash_attn_fwd(q, k, v, cu_seqlens_q=, ..., return_lse=)` returns (out, lse, ...) with contiguous
+    outputs, `_flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale, causal, cu_seqlens_q=, ...)`
+    returns (dq, dk, dv)."""
+    import sys
+    import types
 
-    with FakeTensorMode():
-        q, k, v = torch.empty(37, 8, 64, dtype=torch.bfloat16), torch.empty(37, 2, 64, dtype=torch.bfloat16), torch.empty(37, 2, 64, dtype=torch.bfloat16)
-        cu = torch.empty(4, dtype=torch.int32)
-        out, lse = torch.ops.vltune.fa4_varlen_forward(q, k, v, cu, 17, True, 0.125)
-        dq, dk, dv = torch.ops.vltune.fa4_varlen_backward(out, q, k, v, out, lse, cu, 17, True, 0.125)
-    assert (out.shape, out.dtype, lse.shape, lse.dtype) == (q.shape, q.dtype, (8, 37), torch.float32)
-    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+    def fwd(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, return_lse):
+        assert cu_seqlens_q is cu_seqlens_k and max_seqlen_q == max_seqlen_k and return_lse
+        out = varlen_attention_reference(q, k, v, cu_seqlens_q, max_seqlen_q, causal, softmax_scale)
+        return out.contiguous(), torch.zeros(q.shape[1], q.shape[0]), None, None, None
+
+    def bwd(q, k, v, out, dout, lse, softmax_scale, causal, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        # Attention's gradients in closed form (a custom op's kernel runs below autograd).
+        assert lse.shape == (q.shape[1], q.shape[0])
+        doc = document_ids(cu_seqlens_q, q.shape[0])
+        allowed = doc[:, None] == doc[None, :]
+        if causal:
+            allowed &= torch.ones_like(allowed).tril()
+        groups = q.shape[1] // k.shape[1]
+        kr, vr = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+        p = (torch.einsum("qhd,khd->hqk", q, kr) * softmax_scale).masked_fill(~allowed, float("-inf")).softmax(-1)
+        dv = torch.einsum("hqk,qhd->khd", p, dout)
+        dp = torch.einsum("qhd,khd->hqk", dout, vr)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        dq = torch.einsum("hqk,khd->qhd", ds, kr) * softmax_scale
+        dk = torch.einsum("hqk,qhd->khd", ds, q) * softmax_scale
+        fold = lambda t: t.unflatten(1, (k.shape[1], groups)).sum(2)  # noqa: E731 -- the query heads sharing a K/V head
+        return dq, fold(dk), fold(dv)
+
+    interface = types.ModuleType("flash_attn.cute.interface")
+    interface._flash_attn_fwd, interface._flash_attn_bwd = fwd, bwd
+    for name, module in (("flash_attn", types.ModuleType("flash_attn")), ("flash_attn.cute", types.ModuleType("flash_attn.cute")),
+                         ("flash_attn.cute.interface", interface)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fa4_kernel_wiring_forward_backward_and_compile_contract(monkeypatch, causal):
+    """The fa4 kernel's two custom ops around FA4 (stubbed here with the reference math; the real
+    kernels: the CUDA test above, on sm90+): they pass FA4 its arguments, return its output, send the
+    gradients through its backward, and their fake versions agree with the real ones (opcheck: shapes,
+    strides, the autograd registration, an AOT-compiled run), also for a non-contiguous q."""
+    from vltune.ops.torch.attention import _KERNELS
+
+    _stub_fa4(monkeypatch)
+    q, k, v, cu = _qkv(4, 2, seed=2)
+    q = q.transpose(0, 1).contiguous().transpose(0, 1)  # [T, H, D] with the heads outermost in memory
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    out = _KERNELS["fa4"](qs, ks, vs, cu, max(LENGTHS), causal, 0.3)
+    ref = varlen_attention_reference(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu, max(LENGTHS), causal, 0.3)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(out.square().sum(), (qs, ks, vs)), torch.autograd.grad(ref.square().sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.library.opcheck(torch.ops.vltune.fa4_varlen_forward.default, (qs, ks, vs, cu, max(LENGTHS), causal, 0.3))
+
+
+def test_fa4_is_found_without_importing_flash_attn(tmp_path, monkeypatch):
+    """flash-attn-4 is recognised by its `flash_attn/cute/interface.py`; the `flash_attn` package is not
+    imported to find it (FA2's __init__ loads a CUDA extension, or fails on an ABI mismatch)."""
+    import importlib
+    import sys
+
+    from vltune.ops.torch.attention import _fa4_installed
+
+    (tmp_path / "flash_attn").mkdir()
+    (tmp_path / "flash_attn" / "__init__.py").write_text("raise ImportError('a broken FA2 install')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    importlib.invalidate_caches()
+    assert not _fa4_installed()
+    (tmp_path / "flash_attn" / "cute").mkdir()
+    (tmp_path / "flash_attn" / "cute" / "interface.py").write_text("")
+    assert _fa4_installed()
+    assert "flash_attn" not in sys.modules
