@@ -246,6 +246,8 @@ def run_bench(
     `rows_per_step` (with `samples_per_step`, which sets the stock path's step): vltune packs all the
     samples together into full rows, as `vltune train` packs a data set, and steps once per that many
     rows; its steps then hold other groupings of the same samples, so only the mean losses compare.
+    Its warm-up: the `warmup` x `samples_per_step` warm-up samples packed the same way; a last step
+    may hold fewer rows.
     `learning_rate` for both paths (a larger one makes the loss curves move).
     `name`: the report's file name (default MODEL_SHAPE, or MODEL_SHAPE-lora)."""
     per_step = batch_size if match_steps else samples_per_step

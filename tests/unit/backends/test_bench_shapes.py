@@ -100,3 +100,22 @@ def test_bench_refuses_what_the_recipe_refuses_before_it_needs_a_gpu():
         run_bench("qwen2_5_vl-3b", samples_per_step=5)
     with pytest.raises(ValueError, match="--rows-per-step N .* goes with --samples-per-step"):
         run_bench("qwen2_5_vl-3b", rows_per_step=4)
+
+
+def test_bench_cli_passes_the_step_layout_through(monkeypatch, tmp_path):
+    """`vltune bench` hands --samples-per-step, --rows-per-step and the speed flags to run_bench as given."""
+    import vltune.backends.torch.bench as bench
+    from vltune.cli import main
+
+    seen = {}
+
+    def fake_run_bench(model_shape, **kwargs):
+        seen.update(kwargs, model_shape=model_shape)
+        return {"name": "x", "model": model_shape}
+
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    monkeypatch.setattr(bench, "write_report", lambda result, out: None)
+    assert main(["bench", "--model-shape", "qwen2_5_vl-3b", "--samples-per-step", "16", "--rows-per-step", "4", "--batch-size", "1",
+                 "--torch-compile", "--bf16-master-weights", "--out", str(tmp_path)]) in (0, None)
+    assert (seen["model_shape"], seen["samples_per_step"], seen["rows_per_step"], seen["batch_size"]) == ("qwen2_5_vl-3b", 16, 4, 1)
+    assert seen["train_options"]["torch_compile"] and seen["train_options"]["bf16_master_weights"]
