@@ -26,7 +26,8 @@ from vltune.ops.torch.attention import varlen_attention
 
 def _cudnn(q, k, v, cu, max_len, causal, scale):
     """cuDNN's fused attention with cumulative offsets (`aten::_cudnn_attention_forward`, no GQA: K/V
-    heads repeated). Forward only: its backward op failed on these inputs with torch 2.11 + cuDNN 9.19."""
+    heads repeated). Forward only: a first try at its backward (torch 2.11, cuDNN 9.19) raised an IndexError,
+    not investigated further."""
     groups = q.shape[1] // k.shape[1]
     k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
     return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, max_len, max_len, True, 0.0, causal, False, scale=scale)[0]
