@@ -214,10 +214,20 @@ class TorchBackend:
         with self._autocast():  # the LM head in checkpointed chunks
             return head_loss_sum(self.base.lm_head, hidden.reshape(-1, hidden.shape[-1]), targets)
 
+    def train_mode(self) -> None:
+        """The model in training mode. `Module.train()` visits every submodule: 839 per call on the 3B
+        model, 14 ms of host time per row under cProfile on an H100
+        (docs/bench/h100-2026-11-23-s2/host_profile_compile_master.txt), in a step whose host work
+        is nearly as long as its GPU work. Every switch to eval mode here goes through the root
+        (`eval_loss`, generation), so its flag says whether the walk is needed. (DDP's and
+        DeepSpeed's micro-step forward is a wrapper without the flag: walked every time, as before.)"""
+        if not getattr(self.model, "training", False):
+            self.model.train()
+
     def forward_backward(self, batch: Batch, loss_scale: float) -> torch.Tensor:
         """The summed loss stays on the device (core.contracts): reading it here would make the host
         wait for this backward before it could queue the next micro-batch's forward."""
-        self.model.train()
+        self.train_mode()
         loss_sum = self._loss_sum(batch)
         (loss_sum * loss_scale).backward()
         if self.masters is not None:

@@ -121,3 +121,21 @@ def test_forward_backward_leaves_the_loss_on_the_device(tiny_qwen2_5_vl, batch):
     loss = backend.forward_backward(data, 1.0)
     assert isinstance(loss, torch.Tensor) and loss.ndim == 0 and not loss.requires_grad
     assert loss.device == backend.device and float(loss) > 0
+
+
+def test_training_mode_is_set_only_when_something_left_it(tiny_qwen2_5_vl, batch, monkeypatch):
+    """forward_backward walks the module tree with `train()` only after evaluation switched the model
+    to eval mode (the walk is host time in every micro-batch otherwise); after eval_loss every module
+    trains again."""
+    data, info = batch
+    backend = TorchBackend(load_model(tiny_qwen2_5_vl), tiny_qwen2_5_vl, info, ModelArgs(model_name_or_path=str(tiny_qwen2_5_vl)), TrainArgs())
+    backend.forward_backward(data, 1.0)
+    walks = []
+    original = torch.nn.Module.train
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: walks.append(mode) or original(self, mode))
+    backend.forward_backward(data, 1.0)
+    assert walks == []
+    backend.eval_loss(data)
+    assert not any(m.training for m in backend.model.modules())
+    backend.forward_backward(data, 1.0)
+    assert walks and all(m.training for m in backend.model.modules())
