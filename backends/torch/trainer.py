@@ -219,8 +219,9 @@ class TorchBackend:
         model, 14 ms of host time per row under cProfile on an H100
         (docs/bench/h100-2026-11-23-s2/host_profile_compile_master.txt), in a step whose host work
         is nearly as long as its GPU work. Every switch to eval mode here goes through the root
-        (`eval_loss`, generation), so its flag says whether the walk is needed. (DDP's and
-        DeepSpeed's micro-step forward is a wrapper without the flag: walked every time, as before.)"""
+        (`eval_loss`, generation), so its flag says whether the walk is needed. (Under DDP the
+        micro-step's `self.model` is a wrapper without the flag: switched every time, as before;
+        DeepSpeed's forward_backward switches its engine itself.)"""
         if not getattr(self.model, "training", False):
             self.model.train()
 

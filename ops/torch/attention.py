@@ -56,10 +56,6 @@ def _load_torch_varlen() -> tuple[Callable | None, frozenset[str]]:
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-# Looked up once, at import: the call path below runs inside torch.compile'd decoder layers. With the
-# lookups (import, `find_spec`, `inspect.signature` behind functools caches) in that path, torch 2.11
-# split each compiled 3B decoder layer into six regions; with them here, into one (docs/design-notes.md;
-# which lookup broke the graph was not isolated).
 def _fa4_installed() -> bool:
     """flash-attn-4 ships `flash_attn/cute/`. Found without importing `flash_attn`: that package may be
     FA2's, whose import loads its CUDA extension (and fails outright on an ABI mismatch)."""
@@ -68,6 +64,10 @@ def _fa4_installed() -> bool:
     return any(os.path.isfile(os.path.join(location, "cute", "interface.py")) for location in locations)
 
 
+# Looked up once, at import: the call path below runs inside torch.compile'd decoder layers. With the
+# lookups (import, `find_spec`, `inspect.signature` behind functools caches) in that path, torch 2.11
+# split each compiled 3B decoder layer into six regions; with them here, into one (docs/design-notes.md;
+# which lookup broke the graph was not isolated).
 _FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn_2_cuda") is not None  # FA2's extension, not FA4's package
 _FA4_INSTALLED = _fa4_installed()
 _TORCH_VARLEN, _TORCH_VARLEN_PARAMS = _load_torch_varlen()
@@ -293,10 +293,10 @@ def varlen_attention_reference(q, k, v, cu, max_len, causal, scale):
 
 
 _KERNELS: dict[str, Callable] = {
-    "fa4": _fa4,
     "flash_attn": _flash_attn,
     "aten_flash": _aten_flash,
     "torch_varlen": _torch_varlen,
+    "fa4": _fa4,
     "flex": _flex,
     "sdpa": _sdpa,
     "reference": varlen_attention_reference,

@@ -40,6 +40,8 @@ def kernel(name: str):
 
 
 def reference(q, k, v, cu, causal, scale):
+    """fp32 SDPA one sub-sequence at a time: ops' `varlen_attention_reference` builds a dense T x T mask and
+    score matrix, some 10 GB for a 12k-patch vision row."""
     outs = []
     groups = q.shape[1] // k.shape[1]
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
@@ -49,18 +51,17 @@ def reference(q, k, v, cu, causal, scale):
     return torch.cat(outs)
 
 
-def vision_segments(grids: np.ndarray, window_patches: int = 8, merge: int = 2) -> tuple[list[int], list[int]]:
-    """Qwen2.5-VL tower segment lengths per image: full attention (t*h*w patches per frame) and windows
-    of `window_patches` x `window_patches` patches (112 px), cut at the image's edge."""
-    full, windows = [], []
-    for t, h, w in grids.tolist():
-        full += [h * w] * t
-        mh, mw, mwin = h // merge, w // merge, window_patches // merge
-        for _ in range(t):
-            for i in range(0, mh, mwin):
-                for j in range(0, mw, mwin):
-                    windows.append(min(mwin, mh - i) * min(mwin, mw - j) * merge * merge)
-    return full, windows
+def vision_segments(shape, row: dict) -> tuple[list[int], list[int]]:
+    """A packed row's Qwen2.5-VL tower segments, in patches: full attention (one per frame, data/packing.py)
+    and the windows transformers' own helper cuts (zero-length windows dropped, as the tower does)."""
+    from transformers import vision_utils as vu
+
+    from vltune.data.packing import vision_cu_seqlens
+
+    _, cu_windows = vu.get_vision_window_index(torch.as_tensor(row["image_grid_thw"]), spatial_merge_size=2,
+                                               window_size=shape.window_size, patch_size=shape.patch_size)
+    windows = torch.unique_consecutive(torch.as_tensor(cu_windows))
+    return np.diff(vision_cu_seqlens(row)).tolist(), torch.diff(windows).tolist()
 
 
 def cases(rows: int) -> list[dict]:
@@ -74,7 +75,7 @@ def cases(rows: int) -> list[dict]:
         out.append({"name": f"text row {i}", "lengths": text, "heads": shape.heads, "kv_heads": shape.kv_heads,
                     "dim": shape.hidden // shape.heads, "causal": True, "backward": True})
         if "image_grid_thw" in row:
-            full, windows = vision_segments(np.asarray(row["image_grid_thw"]))
+            full, windows = vision_segments(shape, row)
             vh = shape.vision_hidden // shape.vision_heads
             out.append({"name": f"vision full row {i}", "lengths": full, "heads": shape.vision_heads, "kv_heads": shape.vision_heads,
                         "dim": vh, "causal": False, "backward": False})
