@@ -26,6 +26,7 @@ from vltune.data.collate import Collator
 from vltune.data.packing import PackedCollator, packed_rows
 from vltune.data.prepare import build_dataset
 from vltune.data.loader import BatchIterator
+from vltune.data.prefetch import Prefetcher
 from vltune.data.model_info import read_model_info
 from vltune.data.synthetic import SyntheticVQAConfig, generate_vqa_dataset
 from vltune.evaluation import Evaluator
@@ -224,7 +225,7 @@ def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
         )
         train_collate = PackedCollator(info, circle_rope)
     batches = BatchIterator(rows, per_row, train_collate, seed=cfg.train.seed, skip_bad_samples=cfg.data.skip_bad_samples,
-        rank=ctx.rank, world_size=ctx.world_size)
+        rank=ctx.rank, world_size=ctx.world_size, num_workers=cfg.data.dataloader_num_workers)
     steps_per_epoch = max(1, batches.batches_per_epoch // cfg.train.gradient_accumulation_steps)
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.num_train_epochs * steps_per_epoch)
 
@@ -232,6 +233,8 @@ def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
     # Under mdlm every training micro-batch is masked in core/ (seeded), before any engine sees it.
     source = MaskedBatches(batches, mdlm) if mdlm is not None else batches
     backend = _build_backend(cfg, info, circle_rope, mdlm, ctx)
+    if cfg.data.dataloader_prefetch:  # made ahead on a thread, pinned there on a GPU (data/prefetch.py)
+        source = Prefetcher(source, cfg.data.dataloader_prefetch, stage=backend.stage_batch)
     evaluator = None
     if cfg.data.eval_dataset:
         eval_set, _ = build_dataset(cfg, cfg.data.eval_dataset, limit=cfg.data.num_eval_samples)
@@ -252,11 +255,14 @@ def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
             print(f"[vltune] resuming from {resume_from} (step {state.step})", flush=True)
     writer = MetricsWriter(out_dir / "metrics.jsonl", resume_step=state.step if state else None) if ctx.is_main else _NoWriter()
     flops, peak = _mfu_inputs(cfg, backend, ctx.world_size)
-    result = run_training(
-        cfg.train, backend, source, total_steps, writer, evaluate=evaluator,
-        checkpoints=_checkpoint_manager(cfg, out_dir, ctx), state=state, show_progress=show_progress and ctx.is_main,
-        flops=flops, peak_flops=peak,
-    )
+    try:
+        result = run_training(
+            cfg.train, backend, source, total_steps, writer, evaluate=evaluator,
+            checkpoints=_checkpoint_manager(cfg, out_dir, ctx), state=state, show_progress=show_progress and ctx.is_main,
+            flops=flops, peak_flops=peak,
+        )
+    finally:
+        source.close()  # the prefetch thread and the worker processes
     writer.close()
     backend.save_model(out_dir)  # every rank: sharded engines gather the weights, rank 0 writes them
 
@@ -280,7 +286,7 @@ def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
         "world_size": ctx.world_size,
         "engine": _engine_name(cfg, ctx.world_size),
         "objective": cfg.train.objective,
-        "data": {**train_report.summary(), "skipped_while_training": len(batches.skipped)},
+        "data": {**train_report.summary(), "skipped_while_training": len(source.skipped)},
     }
     if ctx.is_main:
         (out_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

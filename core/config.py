@@ -102,6 +102,12 @@ class DataArgs:
     max_tokens_per_batch: int = 0
     """With data_flatten: rows of up to this many tokens, filled by best-fit decreasing over the measured
     lengths (a longer sample gets a row alone), instead of per_device_train_batch_size samples; 0 = off."""
+    dataloader_prefetch: int = 2
+    """Training micro-batches made ahead on a background thread (collated, packed, masked, and on a GPU
+    copied into pinned memory) while the step runs; 0 = made on the training thread when needed."""
+    dataloader_num_workers: int = 0
+    """Processes that build the training samples (decode, resize, tokenise) ahead of need, as HF's
+    dataloader_num_workers; 0 = built by the data loader itself. Same order, skips and resume either way."""
 
 
 @dataclass
@@ -405,6 +411,9 @@ def validate(cfg: RecipeConfig) -> None:
     for key in ("save_steps", "early_stopping_patience", "max_bad_steps"):
         if getattr(t, key) < 0:
             problems.append(f"{key}: {getattr(t, key)} must be >= 0")
+    for key in ("dataloader_prefetch", "dataloader_num_workers"):
+        if getattr(d, key) < 0:
+            problems.append(f"{key}: {getattr(d, key)} must be >= 0")
     if t.save_total_limit is not None and t.save_total_limit < 1:
         problems.append(f"save_total_limit: {t.save_total_limit} must be >= 1 (or null for no limit)")
     if t.early_stopping_patience and not (t.eval_steps and d.eval_dataset):

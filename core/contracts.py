@@ -70,6 +70,12 @@ class TrainBackend(Protocol):
         """Current learning rate per parameter group name, for the logs."""
         ...
 
+    def stage_batch(self, batch: Batch) -> Batch:
+        """Host-side preparation of a micro-batch before the step takes it (a GPU engine: copy it into
+        pinned memory). The data loader's thread calls it (data/prefetch.py), so it must not touch the
+        device or the model."""
+        ...
+
     def memory_stats(self) -> dict[str, float]:
         """Peak memory figures for the logs (e.g. {"peak_mem_gib": ...}); may be empty."""
         ...

@@ -223,8 +223,17 @@ class MaskedBatches:
     def batches_per_epoch(self) -> int:
         return self.batches.batches_per_epoch
 
+    @property
+    def skipped(self) -> list[str]:
+        return getattr(self.batches, "skipped", [])
+
     def state_dict(self) -> dict:
         return {**self.batches.state_dict(), "mdlm_draws": self.draws}
+
+    def close(self) -> None:
+        close = getattr(self.batches, "close", None)
+        if close is not None:
+            close()
 
     def load_state_dict(self, state: dict) -> None:
         self.batches.load_state_dict({k: v for k, v in state.items() if k != "mdlm_draws"})

@@ -70,7 +70,7 @@ class ChatTokenizer:
         """`template_kwargs`: extra variables for every render of the chat template, e.g.
         `{"enable_thinking": True}` for templates with a thinking switch."""
         self.template_kwargs = dict(template_kwargs or {})
-        model_dir = Path(model_dir)
+        self.model_dir = model_dir = Path(model_dir)
         tokenizer_file = model_dir / "tokenizer.json"
         if not tokenizer_file.exists():
             raise FileNotFoundError(f"{model_dir}: no tokenizer.json")
@@ -94,6 +94,11 @@ class ChatTokenizer:
         self.vision_end_token_id = token_id("<|vision_end|>")
         self.im_end_id = token_id("<|im_end|>")
         self.pad_token_id = token_id("<|endoftext|>")
+
+    def __reduce__(self):
+        """Pickled as its arguments (the template's helpers are lambdas): the data loader's worker
+        processes (data/workers.py) rebuild it from the model directory."""
+        return ChatTokenizer, (self.model_dir, self.template_kwargs)
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, **kwargs) -> str:
         return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **{**self.template_kwargs, **kwargs})

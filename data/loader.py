@@ -10,6 +10,7 @@ from ..core.contracts import IGNORE_INDEX, Batch
 from .dataset import Features, SFTDataset
 from .formats import SampleError
 from .malloc import reuse_freed_buffers
+from .workers import SampleWorkers
 
 
 class BatchIterator:
@@ -22,6 +23,9 @@ class BatchIterator:
     per-rank shuffles) and a global micro-batch of `batch_size * world_size` samples; rank r takes
     the r-th slice. So the samples of a step are those a single process with a `world_size` times
     larger batch would see, and `position` (a global index) resumes under any world size.
+
+    With `num_workers` > 0 the samples are built in worker processes (data/workers.py), planned
+    `lookahead` samples ahead; the order and the skips are the same as without.
     """
 
     def __init__(
@@ -34,6 +38,7 @@ class BatchIterator:
         skip_bad_samples: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        num_workers: int = 0,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size {world_size})")
@@ -57,6 +62,10 @@ class BatchIterator:
         self.epoch = 0
         self.position = 0
         self._order = self._permutation(0)
+        self._workers = SampleWorkers(dataset, num_workers) if num_workers > 0 else None
+        self.lookahead = batch_size + 2 * num_workers
+        """Samples planned ahead with workers: this rank's current micro-batch and two per worker."""
+        self._next_order: tuple[int, np.ndarray] | None = None
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -85,11 +94,49 @@ class BatchIterator:
         return self
 
     def _new_epoch(self) -> None:
+        self._order = self._order_of(self.epoch + 1)
         self.epoch += 1
         self.position = 0
-        self._order = self._permutation(self.epoch)
+
+    def _order_of(self, epoch: int) -> np.ndarray:
+        """The permutation of `epoch`: the current one, or the next, drawn once when the plan first reaches it."""
+        if epoch == self.epoch:
+            return self._order
+        if self._next_order is None or self._next_order[0] != epoch:
+            self._next_order = (epoch, self._permutation(epoch))
+        return self._next_order[1]
+
+    def _upcoming(self, n: int) -> list[tuple[tuple[int, int], int]]:
+        """The next `n` ((epoch, position), dataset index) reads of this rank if no sample fails: the
+        position arithmetic of __next__ / _next_shard, without building anything."""
+        global_batch = self.batch_size * self.world_size
+        epoch, position, order = self.epoch, self.position, self._order
+        slots: list[tuple[tuple[int, int], int]] = []
+        while len(slots) < n:
+            if position + global_batch > len(order):
+                epoch, position = epoch + 1, 0
+                order = self._order_of(epoch)
+            start = position + self.rank * self.batch_size
+            slots += [((epoch, p), int(order[p])) for p in range(start, start + self.batch_size)]
+            position += global_batch
+        return slots[:n]
+
+    def _sample(self, position: int) -> Features:
+        """The sample at `position` of the current epoch's order (SampleError when it cannot be built)."""
+        index = int(self._order[position])
+        if self._workers is None:
+            return self.dataset[index]
+        return self._workers.get((self.epoch, position), index)
+
+    def close(self) -> None:
+        """Stop the worker processes, if any."""
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
 
     def __next__(self) -> Batch:
+        if self._workers is not None:
+            self._workers.plan(self._upcoming(self.lookahead))
         if self.world_size > 1:
             return self._next_shard()
         if self.position + self.batch_size > len(self._order):
@@ -98,10 +145,10 @@ class BatchIterator:
         while len(features) < self.batch_size:
             if self.position >= len(self._order):  # only after skips: fill the batch from the next epoch
                 self._new_epoch()
-            index = int(self._order[self.position])
+            position = self.position
             self.position += 1
             try:
-                features.append(self.dataset[index])
+                features.append(self._sample(position))
             except SampleError as e:
                 if not self.skip_bad_samples:
                     raise
@@ -123,12 +170,11 @@ class BatchIterator:
         if self.position + global_batch > len(self._order):
             self._new_epoch()
         start = self.position + self.rank * self.batch_size
-        indices = self._order[start : start + self.batch_size]
         self.position += global_batch
         features: list[Features] = []
-        for index in indices:
+        for position in range(start, start + self.batch_size):
             try:
-                features.append(self.dataset[int(index)])
+                features.append(self._sample(position))
             except SampleError as e:
                 if not self.skip_bad_samples:
                     raise

@@ -156,6 +156,10 @@ class MindSporeBackend:
     def learning_rates(self) -> dict[str, float]:
         return {group.name: group.lr for group in self.optimizer.groups}
 
+    def stage_batch(self, batch: Batch) -> Batch:
+        """Nothing to prepare ahead: MindSpore copies each numpy input to the device when the step takes it."""
+        return batch
+
     def memory_stats(self) -> dict[str, float]:
         # CPU: the process' peak resident set (Linux reports KiB), as the torch backend reports.
         return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}

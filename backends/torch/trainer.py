@@ -21,7 +21,7 @@ from vltune.core.mdlm_sampler import SamplerSettings
 from vltune.data.mdlm_tokens import write_mdlm_files
 from vltune.data.model_info import ModelInfo
 
-from .batch import VISION_GRID_EXTRAS, to_model_inputs, to_tensor, vision_tower_kwargs
+from .batch import VISION_GRID_EXTRAS, pin_batch, to_model_inputs, to_tensor, vision_tower_kwargs
 from .checkpoint import OPTIMIZER_FILE, RNG_FILE, load_weights, rng_state, save_hf_model, saved_state, set_rng_state
 from .infer import generate_greedy, generate_with_positions
 from .lora import apply_lora, keep_adapter_inputs_in_compute_dtype
@@ -262,6 +262,13 @@ class TorchBackend:
         if self.device.type != "cuda":
             return None
         return gpu_peak_flops(torch.cuda.get_device_name(self.device))
+
+    def stage_batch(self, batch: Batch) -> Batch:
+        """On a GPU: the batch in pinned host memory, made on the data loader's thread (batch.pin_batch)."""
+        if self.device.type != "cuda":
+            return batch
+        torch.cuda.set_device(self.device)  # the thread's own current device: else it opens a context on GPU 0
+        return pin_batch(batch)
 
     def memory_stats(self) -> dict[str, float]:
         if self.device.type == "cuda":

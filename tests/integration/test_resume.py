@@ -65,6 +65,20 @@ def test_resume_from_step_10_is_bit_exact(straight, tmp_path, tiny_qwen2_5_vl, v
     _assert_same_weights(straight, out)
 
 
+@pytest.mark.parametrize("loader", [{"dataloader_prefetch": 0}, {"dataloader_num_workers": 1}], ids=["synchronous", "workers"])
+def test_every_data_loader_resumes_the_prefetching_run(loader, straight, tmp_path, tiny_qwen2_5_vl, vqa_data):
+    """The straight run made batches ahead on a thread (the default) when it saved checkpoint-10: its data
+    position is the trainer's, so a synchronous loader or worker processes continue its very curve."""
+    from vltune.training import train
+
+    out = tmp_path / "resumed"
+    train(_recipe(tiny_qwen2_5_vl, Path(vqa_data["data_path"]), out, resume_from_checkpoint=str(straight / "checkpoint-10"),
+                  **loader), show_progress=False)
+    a, b = _losses(straight), _losses(out)
+    assert all(a[s] == b[s] for s in range(11, 21)), [(s, a[s], b[s]) for s in range(11, 21) if a[s] != b[s]]
+    _assert_same_weights(straight, out)
+
+
 def test_sigkill_while_saving_leaves_the_previous_checkpoint_and_resumes(straight, tmp_path, tiny_qwen2_5_vl, vqa_data):
     out = tmp_path / "killed"
     recipe = _recipe(tiny_qwen2_5_vl, Path(vqa_data["data_path"]), out)

@@ -42,3 +42,11 @@ def test_missing_recipe_is_a_clear_error(tmp_path):
         load_recipe("nope")
     with pytest.raises(ConfigError, match="does not exist"):
         load_recipe(str(tmp_path / "missing.yaml"))
+
+
+def test_data_loader_settings():
+    cfg = load_recipe("demo", {"dataloader_num_workers": "4", "dataloader_prefetch": "0"})
+    assert cfg.data.dataloader_num_workers == 4 and cfg.data.dataloader_prefetch == 0
+    with pytest.raises(ConfigError) as err:
+        load_recipe("demo", {"dataloader_num_workers": "-1", "dataloader_prefetch": "-2"})
+    assert "dataloader_num_workers: -1 must be >= 0" in str(err.value) and "dataloader_prefetch: -2 must be >= 0" in str(err.value)

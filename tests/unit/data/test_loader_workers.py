@@ -1,0 +1,122 @@
+"""BatchIterator with worker processes (dataloader_num_workers): the very batches, skips and resume
+positions of the synchronous path, and a clear error when a worker dies."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from vltune.data.formats import SampleError
+from vltune.data.loader import BatchIterator
+
+
+class Numbers:
+    """Sample i is the number i and the worker's pid; `bad` ones fail as a corrupt image would, `fatal`
+    ones kill the process building them."""
+
+    def __init__(self, n: int, bad: frozenset[int] = frozenset(), fatal: frozenset[int] = frozenset()):
+        self.n, self.bad, self.fatal = n, bad, fatal
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        if i in self.fatal:
+            os._exit(3)
+        if i in self.bad:
+            raise SampleError(f"sample {i}: corrupt_media", kind="corrupt_media")
+        return i, os.getpid()
+
+
+def collate(features: list[tuple[int, int]]) -> dict:
+    ids = np.array([i for i, _ in features], dtype=np.int64)[:, None]
+    return {"input_ids": ids, "labels": ids.copy(), "pids": np.array([p for _, p in features])}
+
+
+def _draw(iterator: BatchIterator, n: int) -> list[list[int]]:
+    return [next(iterator)["input_ids"][:, 0].tolist() for _ in range(n)]
+
+
+def test_workers_give_the_synchronous_batches_skips_and_positions():
+    """Across two epoch ends (7 samples, batches of 3: one sample dropped per epoch) and two skipped
+    samples, whose refills shift every later batch off the plan the workers were given."""
+    bad = frozenset({2, 5})
+    sync = BatchIterator(Numbers(7, bad), 3, collate, seed=3, skip_bad_samples=True)
+    pooled = BatchIterator(Numbers(7, bad), 3, collate, seed=3, skip_bad_samples=True, num_workers=2)
+    try:
+        for _ in range(7):
+            expected, got = next(sync), next(pooled)
+            assert got["input_ids"].tolist() == expected["input_ids"].tolist()
+            assert pooled.state_dict() == sync.state_dict()
+            assert os.getpid() not in got["pids"]  # built in the workers
+        assert pooled.skipped == sync.skipped and len(sync.skipped) >= 2
+        assert "sample 2: corrupt_media" in sync.skipped
+    finally:
+        pooled.close()
+
+
+def test_workers_under_data_parallelism_and_resume():
+    ranks = [BatchIterator(Numbers(10), 2, collate, seed=1, rank=r, world_size=2, num_workers=1) for r in range(2)]
+    single = BatchIterator(Numbers(10), 4, collate, seed=1)
+    try:
+        for _ in range(4):  # past the epoch end (10 samples, global batches of 4)
+            assert sum(_draw(ranks[0], 1) + _draw(ranks[1], 1), []) == _draw(single, 1)[0]
+        resumed = BatchIterator(Numbers(10), 4, collate, seed=1, num_workers=2)
+        resumed.load_state_dict(ranks[0].state_dict())
+        try:
+            assert _draw(resumed, 3) == _draw(single, 3)
+        finally:
+            resumed.close()
+    finally:
+        for it in ranks:
+            it.close()
+
+
+def test_a_bad_sample_without_skipping_raises_its_own_error():
+    order = np.random.default_rng([0, 0]).permutation(6)
+    pooled = BatchIterator(Numbers(6, frozenset({int(order[4])})), 2, collate, seed=0, num_workers=2)
+    try:
+        _draw(pooled, 2)
+        with pytest.raises(SampleError, match=f"sample {int(order[4])}: corrupt_media") as e:
+            next(pooled)
+        assert e.value.kind == "corrupt_media"
+    finally:
+        pooled.close()
+
+
+def test_a_dead_worker_is_reported():
+    order = np.random.default_rng([0, 0]).permutation(6)
+    pooled = BatchIterator(Numbers(6, fatal=frozenset({int(order[0])})), 2, collate, seed=0, num_workers=1)
+    try:
+        with pytest.raises(RuntimeError, match="data loader worker process died while building sample"):
+            next(pooled)
+    finally:
+        pooled.close()
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_each_epoch_reads_its_own_permutation(num_workers):
+    iterator = BatchIterator(Numbers(5), 2, collate, seed=4, num_workers=num_workers)
+    try:
+        epochs = [np.random.default_rng([4, e]).permutation(5).tolist() for e in range(3)]
+        assert _draw(iterator, 6) == [epochs[e][p : p + 2] for e in range(3) for p in (0, 2)]  # the 5th is dropped
+    finally:
+        iterator.close()
+
+
+def test_a_real_dataset_pickles_for_the_workers(tiny_qwen2_5_vl, vqa_data):
+    """Spawned workers get the dataset by pickle: the chat template's helpers are lambdas, so the
+    tokenizer travels as its model directory and is rebuilt there, giving the very same features."""
+    import pickle
+
+    from vltune.data.dataset import SFTDataset
+    from vltune.data.formats import load_samples
+
+    dataset = SFTDataset(load_samples(vqa_data["eval_file"])[:2], tiny_qwen2_5_vl, max_length=512, max_pixels=12544)
+    copy = pickle.loads(pickle.dumps(dataset))
+    for i in range(2):
+        a, b = dataset[i], copy[i]
+        assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
+        assert np.array_equal(a.pixel_values, b.pixel_values)

@@ -1,0 +1,155 @@
+"""`vltune train` itself, timed on a GPU: the 3B recipe's layout on real JPEG files, with each data loader.
+
+`vltune bench` times prebuilt batches, so it leaves out what a training run also does between two GPU
+steps: read and decode the images, resize and normalise them, tokenise, pack and copy to the GPU. This
+tool measures that with the trainer as users run it (training.train on recipes/qwen2_5_vl_3b_full_1gpu.yaml),
+so the data loaders (dataloader_prefetch, dataloader_num_workers) can be compared on the same machine.
+
+    python tools/gpu/train_speed.py assets --dir /tmp/ts            # the model and the data, once
+    python tools/gpu/train_speed.py run --dir /tmp/ts --name thread dataloader_prefetch=2
+
+`assets` writes a random-init model of the released Qwen2.5-VL-3B shape (core/flops.py SHAPES), with the
+tiny model's tokenizer (its token ids go into the config), and a JSONL set of the bench's mixed workload
+(data/synthetic_workload.py's sizes: texts of 64-1024 tokens, 80% of the samples with one 448-1280 px
+JPEG). `run` trains with the recipe plus the given keys, then writes $OUT/train_speed_NAME.json: the
+tokens/s and MFU of the logged windows after the warm-up steps (compilation), and the peak memory.
+The final model is not written (15 GB of fp32 masters would dominate the run); nothing else is changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+
+SHAPE = "qwen2_5_vl-3b"
+RECIPE = "qwen2_5_vl_3b_full_1gpu"
+
+
+def _model(out: Path, seed: int) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from vltune.backends.torch.bench import hf_config
+    from vltune.backends.torch.tiny import make_tiny
+    from vltune.core.flops import SHAPES
+
+    tiny = out.parent / "tiny"
+    make_tiny("qwen2_5_vl", tiny, seed=seed)
+    shutil.copytree(tiny, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    ids = json.loads((tiny / "config.json").read_text())
+    config = hf_config(SHAPES[SHAPE])
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        config[key] = ids[key]
+    text_ids = ids.get("text_config", ids)
+    config["text_config"].update({k: text_ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in text_ids})
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**config), dtype=torch.bfloat16)
+    model.save_pretrained(out)
+
+
+def _image(job: tuple[int, int, int, str]) -> None:
+    """A smooth random JPEG (8-px blocks, blurred by the codec): decodes like a photo, unlike pure noise."""
+    from PIL import Image
+
+    seed, h, w, path = job
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+    Image.fromarray(np.kron(blocks, np.ones((8, 8, 1), np.uint8))[:h, :w]).save(path, quality=90)
+
+
+def _data(out: Path, model_dir: Path, n: int, seed: int) -> None:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    # Tokens that decode to printable text of their own (no partial UTF-8, no tag brackets), so that the
+    # decoded text tokenises back to about as many tokens.
+    words = [i for i in tokenizer.get_vocab().values()
+             if (s := tokenizer.decode([i])).isprintable() and s.strip() and not set(s) & {"\ufffd", "<", ">"}]
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs, records = [], []
+    for k in range(n):
+        n_text = int(np.clip(rng.lognormal(np.log(256), 0.7), 64, 1024))
+        text = tokenizer.decode(rng.choice(words, size=n_text).tolist())
+        cut = int(len(text) * 0.7)
+        prompt, answer = text[:cut], text[cut:]
+        record = {"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]}
+        if rng.random() < 0.8:
+            h, w = (int(x) for x in rng.integers(448, 1281, size=2))
+            jobs.append((seed * 100003 + k, h, w, str(out / f"{k}.jpg")))
+            record = {"image": f"{k}.jpg", "conversations": [{"from": "human", "value": "<image>\n" + prompt},
+                                                               {"from": "gpt", "value": answer}]}
+        records.append(record)
+    with Pool(os.cpu_count()) as pool:
+        pool.map(_image, jobs)
+    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _summary(out_dir: Path, name: str, warmup_steps: int, keys: dict, seconds: float) -> dict:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "tokens_per_s" in r]
+    timed = [r for r in rows if r["step"] > warmup_steps]
+    return {
+        "name": name, "model": SHAPE, "recipe": RECIPE, "keys": keys,
+        "tokens_per_s": round(float(np.mean([r["tokens_per_s"] for r in timed])), 1),
+        "mfu": round(float(np.mean([r["mfu"] for r in timed])), 4) if all("mfu" in r for r in timed) else None,
+        "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r in rows),
+        "windows": [{k: r[k] for k in ("step", "loss", "tokens_per_s", "mfu") if k in r} for r in rows],
+        "timed_after_step": warmup_steps, "wall_s": round(seconds, 1),
+    }
+
+
+def _run(args: argparse.Namespace) -> None:
+    from vltune.backends.torch.trainer import TorchBackend
+    from vltune.training import train
+
+    TorchBackend.save_model = lambda self, out_dir: print("[train_speed] final model not written")
+    keys = dict(kv.split("=", 1) for kv in args.keys)
+    out_dir = Path(args.dir) / "runs" / args.name
+    shutil.rmtree(out_dir, ignore_errors=True)
+    overrides = {
+        "model_name_or_path": str(Path(args.dir) / "model"), "dataset_use": str(Path(args.dir) / "data" / "train.jsonl"),
+        "max_pixels": 1280 * 28 * 28, "max_steps": args.steps, "logging_steps": args.log_every, "save_steps": 0,
+        "output_dir": str(out_dir), "warmup_ratio": 0.0, **keys,
+    }
+    start = time.perf_counter()
+    train(RECIPE, overrides, show_progress=False)
+    summary = _summary(out_dir, args.name, args.warmup_steps, keys, time.perf_counter() - start)
+    print(json.dumps({k: v for k, v in summary.items() if k != "windows"}), flush=True)
+    target = Path(os.environ.get("OUT", "/tmp")) / f"train_speed_{args.name}.json"
+    target.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    assets = sub.add_parser("assets")
+    assets.add_argument("--dir", required=True)
+    assets.add_argument("--samples", type=int, default=400)
+    assets.add_argument("--seed", type=int, default=0)
+    run = sub.add_parser("run")
+    run.add_argument("--dir", required=True)
+    run.add_argument("--name", required=True)
+    run.add_argument("--steps", type=int, default=20)
+    run.add_argument("--log-every", type=int, default=4)
+    run.add_argument("--warmup-steps", type=int, default=8, help="steps left out of the averages (compilation)")
+    run.add_argument("keys", nargs="*", help="recipe keys, KEY=VALUE")
+    args = parser.parse_args()
+    if args.command == "assets":
+        root = Path(args.dir)
+        _model(root / "model", args.seed)
+        _data(root / "data", root / "model", args.samples, args.seed)
+    else:
+        _run(args)
+
+
+if __name__ == "__main__":
+    main()
