@@ -90,7 +90,7 @@ def run_training(
     greater = args.greater_is_better if args.greater_is_better is not None else not args.metric_for_best_model.endswith("loss")
     last_loss = float("nan")
     window_tokens = window_samples = total_tokens = total_samples = 0
-    window_flops = 0.0
+    window_flops = window_data_s = 0.0
     window_start = run_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not show_progress, dynamic_ncols=True)
 
@@ -117,7 +117,9 @@ def run_training(
         return bool(args.early_stopping_patience) and state.evals_without_improvement >= args.early_stopping_patience
 
     while state.step < total_steps:
+        data_start = time.perf_counter()
         micro = [next(batches) for _ in range(args.gradient_accumulation_steps)]
+        window_data_s += time.perf_counter() - data_start  # building them, or waiting for the prefetch thread
         # Under data parallelism each rank holds a slice of the global batch: the denominator, the
         # loss and the counts are sums over ranks, so every rank scales by the same global count.
         (n_trained,) = backend.reduce_sum([sum(loss_denominator(b) for b in micro)])
@@ -163,6 +165,7 @@ def run_training(
                 "grad_norm": round(grad_norm, 6) if math.isfinite(grad_norm) else str(grad_norm),
                 "tokens_per_s": round(window_tokens / elapsed, 1),
                 "samples_per_s": round(window_samples / elapsed, 2),
+                "data_wait_s": round(window_data_s, 3),
                 **backend.memory_stats(),
             }
             if flops and peak_flops:
@@ -170,7 +173,7 @@ def run_training(
             writer.write(row)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             window_tokens = window_samples = 0
-            window_flops = 0.0
+            window_flops = window_data_s = 0.0
             window_start = time.perf_counter()
 
         evaluated = False

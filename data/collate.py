@@ -14,15 +14,16 @@ from .model_info import ModelInfo
 
 
 def vision_arrays(features: list[Features]) -> Batch:
-    """The batch's image and video arrays: every sample's patches and grids concatenated in order."""
+    """The batch's image and video arrays: every sample's patches and grids concatenated in order (into the
+    target dtype directly: a 47 MB row of patches is copied once, not concatenated and then cast)."""
     out: Batch = {}
     with_images = [f for f in features if f.pixel_values is not None]
     if with_images:
-        out["pixel_values"] = np.concatenate([f.pixel_values for f in with_images]).astype(np.float32)
+        out["pixel_values"] = np.concatenate([f.pixel_values for f in with_images], dtype=np.float32)
         out["image_grid_thw"] = np.concatenate([f.image_grid_thw for f in with_images]).astype(np.int64)
     with_videos = [f for f in features if f.pixel_values_videos is not None]
     if with_videos:
-        out["pixel_values_videos"] = np.concatenate([f.pixel_values_videos for f in with_videos]).astype(np.float32)
+        out["pixel_values_videos"] = np.concatenate([f.pixel_values_videos for f in with_videos], dtype=np.float32)
         out["video_grid_thw"] = np.concatenate([f.video_grid_thw for f in with_videos]).astype(np.int64)
         out["second_per_grid_ts"] = np.concatenate([f.second_per_grid_ts for f in with_videos]).astype(np.float32)
     return out

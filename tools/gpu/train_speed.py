@@ -12,7 +12,9 @@ so the data loaders (dataloader_prefetch, dataloader_num_workers) can be compare
 tiny model's tokenizer (its token ids go into the config), and a JSONL set of the bench's mixed workload
 (data/synthetic_workload.py's sizes: texts of 64-1024 tokens, 80% of the samples with one 448-1280 px
 JPEG). `run` trains with the recipe plus the given keys, then writes $OUT/train_speed_NAME.json: the
-tokens/s and MFU of the logged windows after the warm-up steps (compilation), and the peak memory.
+tokens/s, MFU and data wait of the logged windows after the warm-up steps (compilation), and the peak
+memory. `run --prebuilt` makes every micro-batch of the run before step 1 and serves them from memory:
+the trainer without any data work, the ceiling that a data loader can reach (and `vltune bench`'s setting).
 The final model is not written (15 GB of fp32 masters would dominate the run); nothing else is changed.
 """
 
@@ -101,10 +103,29 @@ def _summary(out_dir: Path, name: str, warmup_steps: int, keys: dict, seconds: f
         "name": name, "model": SHAPE, "recipe": RECIPE, "keys": keys,
         "tokens_per_s": round(float(np.mean([r["tokens_per_s"] for r in timed])), 1),
         "mfu": round(float(np.mean([r["mfu"] for r in timed])), 4) if all("mfu" in r for r in timed) else None,
+        "data_wait_s_per_step": round(sum(r["data_wait_s"] for r in timed) / (rows[-1]["step"] - warmup_steps), 4),
         "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r in rows),
-        "windows": [{k: r[k] for k in ("step", "loss", "tokens_per_s", "mfu") if k in r} for r in rows],
+        "windows": [{k: r[k] for k in ("step", "loss", "tokens_per_s", "mfu", "data_wait_s") if k in r} for r in rows],
         "timed_after_step": warmup_steps, "wall_s": round(seconds, 1),
     }
+
+
+def _prebuild(micro_batches: int) -> None:
+    """Make training.py's batch iterator draw `micro_batches` batches when built and serve them from memory."""
+    import vltune.training
+    from vltune.data.loader import BatchIterator
+
+    class Prebuilt(BatchIterator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.made = [super(Prebuilt, self).__next__() for _ in range(micro_batches)]
+            self.served = 0
+
+        def __next__(self):
+            self.served += 1
+            return self.made[(self.served - 1) % len(self.made)]
+
+    vltune.training.BatchIterator = Prebuilt
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -113,6 +134,8 @@ def _run(args: argparse.Namespace) -> None:
 
     TorchBackend.save_model = lambda self, out_dir: print("[train_speed] final model not written")
     keys = dict(kv.split("=", 1) for kv in args.keys)
+    if args.prebuilt:
+        _prebuild(args.steps * 4)  # the recipe's gradient_accumulation_steps
     out_dir = Path(args.dir) / "runs" / args.name
     shutil.rmtree(out_dir, ignore_errors=True)
     overrides = {
@@ -122,7 +145,7 @@ def _run(args: argparse.Namespace) -> None:
     }
     start = time.perf_counter()
     train(RECIPE, overrides, show_progress=False)
-    summary = _summary(out_dir, args.name, args.warmup_steps, keys, time.perf_counter() - start)
+    summary = {**_summary(out_dir, args.name, args.warmup_steps, keys, time.perf_counter() - start), "prebuilt": args.prebuilt}
     print(json.dumps({k: v for k, v in summary.items() if k != "windows"}), flush=True)
     target = Path(os.environ.get("OUT", "/tmp")) / f"train_speed_{args.name}.json"
     target.write_text(json.dumps(summary, indent=2) + "\n")
@@ -141,6 +164,7 @@ def main() -> None:
     run.add_argument("--steps", type=int, default=20)
     run.add_argument("--log-every", type=int, default=4)
     run.add_argument("--warmup-steps", type=int, default=8, help="steps left out of the averages (compilation)")
+    run.add_argument("--prebuilt", action="store_true", help="every micro-batch made before step 1 (no data work while timed)")
     run.add_argument("keys", nargs="*", help="recipe keys, KEY=VALUE")
     args = parser.parse_args()
     if args.command == "assets":

@@ -101,6 +101,22 @@ def test_mfu_is_logged_when_flops_and_peak_are_given(tmp_path, monkeypatch):
     assert all("mfu" not in r for r in _rows(tmp_path / "cpu" / "m.jsonl"))
 
 
+def test_time_spent_getting_batches_is_logged(tmp_path):
+    """data_wait_s: the window's seconds in next(batches), so a data loader that cannot keep up shows."""
+    import time
+
+    class SlowBatches(Batches):
+        def __next__(self):
+            time.sleep(0.02)
+            return super().__next__()
+
+    args = TrainArgs(gradient_accumulation_steps=2, lr_scheduler_type="constant", logging_steps=2)
+    run_training(args, FakeBackend(), SlowBatches([3]), 4, MetricsWriter(tmp_path / "m.jsonl", tensorboard=False),
+                 show_progress=False)
+    rows = [r for r in _rows(tmp_path / "m.jsonl") if "loss" in r]
+    assert len(rows) == 2 and all(0.08 <= r["data_wait_s"] < 1.0 for r in rows)  # 4 draws of >= 20 ms each
+
+
 def test_schedule_and_eval_cadence(tmp_path):
     backend = FakeBackend()
     args = TrainArgs(learning_rate=0.1, warmup_steps=2, lr_scheduler_type="linear", eval_steps=3, logging_steps=4)
