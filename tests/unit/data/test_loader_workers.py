@@ -4,6 +4,8 @@ positions of the synchronous path, and a clear error when a worker dies."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +30,25 @@ class Numbers:
         if i in self.bad:
             raise SampleError(f"sample {i}: corrupt_media", kind="corrupt_media")
         return i, os.getpid()
+
+
+class Images(Numbers):
+    """Sample i: a dataclass with a 2 MiB array of value i (it travels through shared memory) and a small one."""
+
+    def __getitem__(self, i: int):
+        if i in self.bad:
+            raise SampleError(f"sample {i}: corrupt_media")
+        return Patches(np.full((512, 1024), i, np.float32), np.array([i]))
+
+
+@dataclass
+class Patches:
+    pixels: np.ndarray
+    ids: np.ndarray
+
+
+def _shared_blocks() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("psm_*")}
 
 
 def collate(features: list[tuple[int, int]]) -> dict:
@@ -120,3 +141,18 @@ def test_a_real_dataset_pickles_for_the_workers(tiny_qwen2_5_vl, vqa_data):
         a, b = dataset[i], copy[i]
         assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
         assert np.array_equal(a.pixel_values, b.pixel_values)
+
+
+def test_large_arrays_come_back_through_shared_memory_and_no_block_is_left():
+    """Across skips (planned samples dropped while being built) and an early close."""
+    before = _shared_blocks()
+    pooled = BatchIterator(Images(12, frozenset({3, 8})), 2, lambda fs: fs, seed=2, skip_bad_samples=True, num_workers=2)
+    sync = BatchIterator(Images(12, frozenset({3, 8})), 2, lambda fs: fs, seed=2, skip_bad_samples=True)
+    try:
+        for _ in range(7):
+            for got, expected in zip(next(pooled), next(sync)):
+                assert got.pixels.flags.owndata and np.array_equal(got.pixels, expected.pixels)
+                assert np.array_equal(got.ids, expected.ids)
+    finally:
+        pooled.close()
+    assert _shared_blocks() <= before
