@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Iterator
 
 import numpy as np
@@ -25,7 +26,8 @@ class BatchIterator:
     larger batch would see, and `position` (a global index) resumes under any world size.
 
     With `num_workers` > 0 the samples are built in worker processes (data/workers.py), planned
-    `lookahead` samples ahead; the order and the skips are the same as without.
+    `lookahead` samples ahead; the order and the skips are the same as without. A micro-batch of one
+    item (a packed row) is collated there too: only the finished batch comes back.
     """
 
     def __init__(
@@ -62,7 +64,9 @@ class BatchIterator:
         self.epoch = 0
         self.position = 0
         self._order = self._permutation(0)
-        self._workers = SampleWorkers(dataset, num_workers) if num_workers > 0 else None
+        self._collated_by_workers = num_workers > 0 and batch_size == 1
+        finish = partial(_collate_one, collate) if self._collated_by_workers else None
+        self._workers = SampleWorkers(dataset, num_workers, finish) if num_workers > 0 else None
         self.lookahead = batch_size + 2 * num_workers
         """Samples planned ahead with workers: this rank's current micro-batch and two per worker."""
         self._next_order: tuple[int, np.ndarray] | None = None
@@ -128,6 +132,10 @@ class BatchIterator:
             return self.dataset[index]
         return self._workers.get((self.epoch, position), index)
 
+    def _batch(self, items: list) -> Batch:
+        """The micro-batch of the items read: collated here, or already by a worker."""
+        return items[0] if self._collated_by_workers else self.collate(items)
+
     def close(self) -> None:
         """Stop the worker processes, if any."""
         if self._workers is not None:
@@ -154,7 +162,7 @@ class BatchIterator:
                     raise
                 self.skipped.append(str(e))
                 print(f"[vltune] skipped a bad sample: {e}", flush=True)
-        return self.collate(features)
+        return self._batch(features)
 
     def _next_shard(self) -> Batch:
         """This rank's slice of the next global micro-batch.
@@ -182,9 +190,14 @@ class BatchIterator:
                 print(f"[vltune] rank {self.rank} skipped a bad sample: {e}", flush=True)
         if features:
             self._last_good = features
-            return self.collate(features)
+            return self._batch(features)
         if not self._last_good:
             raise RuntimeError(f"rank {self.rank}: every sample of its first micro-batch failed; nothing to stand in")
-        batch = self.collate(self._last_good)
+        batch = dict(self._batch(self._last_good))
         batch["labels"] = np.full_like(batch["labels"], IGNORE_INDEX)
         return batch
+
+
+def _collate_one(collate: Callable[[list[Features]], Batch], item: Features) -> Batch:
+    """A worker's collate of a one-item micro-batch (module level, so that it pickles)."""
+    return collate([item])

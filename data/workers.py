@@ -45,11 +45,13 @@ class _Shared:
 
 def _map_arrays(value: Any, fn: Callable[[Any], Any]) -> Any:
     """`value` with `fn` applied to every array or _Shared inside it: a sample (a dataclass of arrays), a
-    pack (a list of samples) or anything else (returned as it is)."""
+    pack (a list of samples), a batch (a dict of arrays) or anything else (returned as it is)."""
     if isinstance(value, (np.ndarray, _Shared)):
         return fn(value)
     if isinstance(value, (list, tuple)):
         return type(value)(_map_arrays(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_arrays(v, fn) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.replace(value, **{f.name: _map_arrays(getattr(value, f.name), fn) for f in dataclasses.fields(value)})
     return value
@@ -80,28 +82,34 @@ def _take(shared: Any) -> Any:
     return array
 
 
-def _start_worker(dataset: Any) -> None:
+def _start_worker(dataset: Any, finish: Callable[[Any], Any] | None) -> None:
     from .malloc import reuse_freed_buffers
 
-    global _DATASET
-    _DATASET = dataset
+    global _DATASET, _FINISH
+    _DATASET, _FINISH = dataset, finish
     reuse_freed_buffers()
 
 
+_FINISH: Callable[[Any], Any] | None = None
+
+
 def _build(index: int) -> Any:
-    return _map_arrays(_DATASET[index], _share)
+    item = _DATASET[index]
+    return _map_arrays(item if _FINISH is None else _FINISH(item), _share)
 
 
 class SampleWorkers:
-    """`dataset[index]` computed in `num_workers` spawned processes, each holding a copy of the dataset.
+    """`dataset[index]` computed in `num_workers` spawned processes, each holding a copy of the dataset;
+    with `finish`, `finish(dataset[index])` (the batch iterator's collate of a one-sample batch).
 
     Processes are spawned, not forked: the trainer that owns the pool may already hold a CUDA context
     and threads, which a forked child would inherit in an undefined state. The dataset must pickle."""
 
-    def __init__(self, dataset: Any, num_workers: int):
+    def __init__(self, dataset: Any, num_workers: int, finish: Callable[[Any], Any] | None = None):
         if num_workers < 1:
             raise ValueError(f"num_workers {num_workers} must be >= 1")
         self.dataset = dataset
+        self.finish = finish
         self.num_workers = num_workers
         self._pool: ProcessPoolExecutor | None = None  # started at the first request, so only a run that trains has one
         self._pending: dict[Hashable, Future] = {}
@@ -131,7 +139,7 @@ class SampleWorkers:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 self.num_workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_worker, initargs=(self.dataset,),
+                initializer=_start_worker, initargs=(self.dataset, self.finish),
             )
         try:
             return self._pool.submit(_build, index)

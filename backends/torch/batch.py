@@ -40,16 +40,21 @@ def send(host: torch.Tensor, device: torch.device, dtype: torch.dtype | None = N
     return host.to(device, dtype)
 
 
+PIN_MIN_BYTES = 1 << 16
+
+
 def pin_batch(batch: Batch) -> Batch:
-    """The batch with every numeric array copied into page-locked (pinned) host memory, still as numpy
-    arrays (views of pinned tensors, which they keep alive).
+    """The batch with its numeric arrays of PIN_MIN_BYTES or more copied into page-locked (pinned) host
+    memory, still as numpy arrays (views of pinned tensors, which they keep alive).
 
     Runs on the data loader's thread (data/prefetch.py), so the copy into pinned memory, 5-10 ms for a
     47 MB image row, is not the training thread's: when `send` later meets the pinned array it issues
-    the asynchronous copy to the GPU directly (`Tensor.pin_memory` returns an already pinned tensor as it is)."""
+    the asynchronous copy to the GPU directly (`Tensor.pin_memory` returns an already pinned tensor as it is).
+    Small arrays are left to `send`: each call here gives up and takes back the GIL, and the thread
+    then waits for the training thread to let go of it (up to its switch interval, 5 ms)."""
     pinned = {}
     for key, value in batch.items():
-        if isinstance(value, np.ndarray) and value.dtype.kind in "biuf" and value.size:
+        if isinstance(value, np.ndarray) and value.dtype.kind in "biuf" and value.nbytes >= PIN_MIN_BYTES:
             host = torch.empty(value.shape, dtype=torch.from_numpy(np.empty(0, value.dtype)).dtype, pin_memory=True).numpy()
             np.copyto(host, value)
             value = host

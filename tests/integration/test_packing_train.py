@@ -83,3 +83,7 @@ def test_packed_file_and_token_budget_rows_train(tiny_qwen2_5_vl, vqa_data, tmp_
         result = train(_recipe(tiny_qwen2_5_vl, vqa_data, tmp_path / name, **extra), show_progress=False)
         losses = _losses(tmp_path / name)
         assert result["steps"] == 2 and len(losses) == 2 and all(np.isfinite(losses)), name
+    # The token-budget rows again, each built and packed in a worker process: the very same losses.
+    train(_recipe(tiny_qwen2_5_vl, vqa_data, tmp_path / "workers", data_flatten=True, max_tokens_per_batch=300,
+                  dataloader_num_workers=2), show_progress=False)
+    assert _losses(tmp_path / "workers") == _losses(tmp_path / "budget")

@@ -56,6 +56,10 @@ def collate(features: list[tuple[int, int]]) -> dict:
     return {"input_ids": ids, "labels": ids.copy(), "pids": np.array([p for _, p in features])}
 
 
+def collate_with_pid(features: list[tuple[int, int]]) -> dict:
+    return {**collate(features), "collated_by": np.array([os.getpid()])}
+
+
 def _draw(iterator: BatchIterator, n: int) -> list[list[int]]:
     return [next(iterator)["input_ids"][:, 0].tolist() for _ in range(n)]
 
@@ -156,3 +160,29 @@ def test_large_arrays_come_back_through_shared_memory_and_no_block_is_left():
     finally:
         pooled.close()
     assert _shared_blocks() <= before
+
+
+def test_one_item_micro_batches_are_collated_in_the_workers():
+    """Packed rows (one item per micro-batch): the worker collates, only the finished batch comes back."""
+    order = np.random.default_rng([5, 0]).permutation(9)
+    bad = frozenset({int(order[2])})
+    pooled = BatchIterator(Numbers(9, bad), 1, collate_with_pid, seed=5, skip_bad_samples=True, num_workers=2)
+    sync = BatchIterator(Numbers(9, bad), 1, collate_with_pid, seed=5, skip_bad_samples=True)
+    try:
+        for _ in range(12):
+            got, expected = next(pooled), next(sync)
+            assert got["input_ids"].tolist() == expected["input_ids"].tolist()
+            assert got["collated_by"][0] == got["pids"][0] != os.getpid()
+        assert pooled.skipped == sync.skipped and pooled.state_dict() == sync.state_dict()
+    finally:
+        pooled.close()
+    ranks = [BatchIterator(Numbers(8, frozenset({int(np.random.default_rng([0, 0]).permutation(8)[2])})), 1, collate_with_pid,
+                           seed=0, rank=r, world_size=2, skip_bad_samples=True, num_workers=1) for r in range(2)]
+    try:
+        first = next(ranks[0])
+        stand_in = next(ranks[0])  # its sample failed: the last good batch, every label ignored
+        assert stand_in["input_ids"].tolist() == first["input_ids"].tolist() and (stand_in["labels"] == -100).all()
+        assert (first["labels"] != -100).all()  # the batch handed out before is not changed
+    finally:
+        for it in ranks:
+            it.close()
