@@ -72,8 +72,8 @@ class TrainBackend(Protocol):
 
     def stage_batch(self, batch: Batch) -> Batch:
         """Host-side preparation of a micro-batch before the step takes it (a GPU engine: copy it into
-        pinned memory). The data loader's thread calls it (data/prefetch.py), so it must not touch the
-        device or the model."""
+        pinned memory). The data loader's thread calls it (data/prefetch.py), so it must not launch
+        device work or touch the model."""
         ...
 
     def memory_stats(self) -> dict[str, float]:

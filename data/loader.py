@@ -64,6 +64,9 @@ class BatchIterator:
         self.epoch = 0
         self.position = 0
         self._order = self._permutation(0)
+        self._closed = False
+        # With workers and one item per micro-batch, what _sample returns (and `features`, `_last_good`
+        # hold) is the item already collated into its batch.
         self._collated_by_workers = num_workers > 0 and batch_size == 1
         finish = partial(_collate_one, collate) if self._collated_by_workers else None
         self._workers = SampleWorkers(dataset, num_workers, finish) if num_workers > 0 else None
@@ -137,12 +140,15 @@ class BatchIterator:
         return items[0] if self._collated_by_workers else self.collate(items)
 
     def close(self) -> None:
-        """Stop the worker processes, if any."""
+        """Stop the worker processes, if any; the iterator cannot be drawn from afterwards."""
+        self._closed = True
         if self._workers is not None:
             self._workers.close()
             self._workers = None
 
     def __next__(self) -> Batch:
+        if self._closed:
+            raise RuntimeError("the batch iterator is closed")
         if self._workers is not None:
             self._workers.plan(self._upcoming(self.lookahead))
         if self.world_size > 1:

@@ -105,11 +105,15 @@ class Prefetcher:
                 continue
         return False
 
-    def close(self) -> None:
-        """Stop the thread (a batch being made is finished first) and close the source."""
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the thread (a batch being made is finished first) and close the source. A thread still
+        busy after `timeout` seconds (a hung read) is left behind, a daemon, with its source open."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                print(f"[vltune] the data loader thread did not stop within {timeout:.0f} s; leaving it", flush=True)
+                return
         close = getattr(self.source, "close", None)
         if close is not None:
             close()

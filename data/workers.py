@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.shared_memory import SharedMemory
@@ -30,8 +31,12 @@ from typing import Any, Callable, Hashable
 import numpy as np
 
 _DATASET: Any = None  # the worker's own copy of the dataset, set once per process by _start_worker
+_FINISH: Callable[[Any], Any] | None = None  # and what it applies to each item (the collate of a one-item batch)
 SHARED_MIN_BYTES = 1 << 20
 """Arrays at least this large travel through shared memory; smaller ones are pickled."""
+SHARED_RESERVE_BYTES = 256 << 20
+"""Room left free in /dev/shm: a block is written only when this much more is free, else the array is
+pickled (slower, but a write into a full /dev/shm kills the worker with SIGBUS; Docker gives 64 MB)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +50,8 @@ class _Shared:
 
 def _map_arrays(value: Any, fn: Callable[[Any], Any]) -> Any:
     """`value` with `fn` applied to every array or _Shared inside it: a sample (a dataclass of arrays), a
-    pack (a list of samples), a batch (a dict of arrays) or anything else (returned as it is)."""
+    pack (a list of samples), a batch (a dict of arrays) or anything else (returned as it is). Dataclasses
+    are rebuilt with `dataclasses.replace`, so every field must be an `__init__` argument."""
     if isinstance(value, (np.ndarray, _Shared)):
         return fn(value)
     if isinstance(value, (list, tuple)):
@@ -61,11 +67,21 @@ def _share(array: Any) -> Any:
     """Worker side: a large array into a new shared-memory block (the trainer's side unlinks it)."""
     if not isinstance(array, np.ndarray) or array.nbytes < SHARED_MIN_BYTES or array.dtype.hasobject:
         return array
+    if _shared_memory_free() < array.nbytes + SHARED_RESERVE_BYTES:
+        return array
     block = SharedMemory(create=True, size=array.nbytes)
     np.copyto(np.ndarray(array.shape, array.dtype, buffer=block.buf), array)
     shared = _Shared(block.name, array.shape, array.dtype.str)
     block.close()
     return shared
+
+
+def _shared_memory_free() -> int:
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:  # no /dev/shm (not Linux): let SharedMemory find its own place
+        return 1 << 62
+    return stat.f_bavail * stat.f_frsize
 
 
 def _take(shared: Any) -> Any:
@@ -88,9 +104,6 @@ def _start_worker(dataset: Any, finish: Callable[[Any], Any] | None) -> None:
     global _DATASET, _FINISH
     _DATASET, _FINISH = dataset, finish
     reuse_freed_buffers()
-
-
-_FINISH: Callable[[Any], Any] | None = None
 
 
 def _build(index: int) -> Any:
@@ -131,8 +144,9 @@ class SampleWorkers:
             return _map_arrays(future.result(), _take)
         except BrokenProcessPool as e:
             raise RuntimeError(
-                f"a data loader worker process died while building sample {index} (killed for memory? "
-                "lower dataloader_num_workers)"
+                f"a data loader worker process died while building sample {index}: killed for memory (lower "
+                "dataloader_num_workers), or a crash in image decoding; dataloader_num_workers: 0 builds the "
+                "samples in this process, where the error shows"
             ) from e
 
     def _submit(self, index: int) -> Future:

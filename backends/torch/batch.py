@@ -51,7 +51,11 @@ def pin_batch(batch: Batch) -> Batch:
     47 MB image row, is not the training thread's: when `send` later meets the pinned array it issues
     the asynchronous copy to the GPU directly (`Tensor.pin_memory` returns an already pinned tensor as it is).
     Small arrays are left to `send`: each call here gives up and takes back the GIL, and the thread
-    then waits for the training thread to let go of it (up to its switch interval, 5 ms)."""
+    then waits for the training thread to let go of it (up to its switch interval, 5 ms).
+
+    Each array is a view of its whole pinned tensor, starting at its first byte: the non-blocking copy
+    finds the pinned block by that pointer and records its event there, so the block is not handed out
+    again while the copy is in flight."""
     pinned = {}
     for key, value in batch.items():
         if isinstance(value, np.ndarray) and value.dtype.kind in "biuf" and value.nbytes >= PIN_MIN_BYTES:

@@ -148,7 +148,7 @@ def _run(args: argparse.Namespace) -> None:
     recipe = json.loads((out_dir / "recipe.json").read_text())  # the effective settings, recipe and overrides
     loader = {k: recipe[k] for k in ("dataloader_prefetch", "dataloader_num_workers")}
     summary = {**_summary(out_dir, args.name, args.warmup_steps, keys, time.perf_counter() - start),
-               "prebuilt": args.prebuilt, "loader": loader}
+               "prebuilt": args.prebuilt, "loader": loader, "overrides": overrides}
     print(json.dumps({k: v for k, v in summary.items() if k != "windows"}), flush=True)
     target = Path(os.environ.get("OUT", "/tmp")) / f"train_speed_{args.name}.json"
     target.write_text(json.dumps(summary, indent=2) + "\n")

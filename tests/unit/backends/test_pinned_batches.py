@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from vltune.backends.torch.batch import pin_batch, send  # noqa: E402
+from vltune.backends.torch.batch import send  # noqa: E402
 from vltune.backends.torch.trainer import TorchBackend  # noqa: E402
 
 
@@ -37,7 +37,9 @@ def test_on_cpu_the_batch_is_left_as_it_is():
 def test_pinned_arrays_hold_the_same_values_and_are_sent_without_another_copy():
     batch = _batch()
     staged = {}
-    worker = threading.Thread(target=lambda: staged.update(pin_batch(batch)))  # as on the loader's thread
+    backend = SimpleNamespace(device=torch.device("cuda", torch.cuda.current_device()))
+    # As on the loader's thread, through the engine's hook (which sets the thread's device first).
+    worker = threading.Thread(target=lambda: staged.update(TorchBackend.stage_batch(backend, batch)))
     worker.start()
     worker.join()
     assert staged.keys() == batch.keys()

@@ -109,6 +109,8 @@ def test_a_bad_sample_without_skipping_raises_its_own_error():
         assert e.value.kind == "corrupt_media"
     finally:
         pooled.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        next(pooled)
 
 
 def test_a_dead_worker_is_reported():
@@ -147,19 +149,43 @@ def test_a_real_dataset_pickles_for_the_workers(tiny_qwen2_5_vl, vqa_data):
         assert np.array_equal(a.pixel_values, b.pixel_values)
 
 
-def test_large_arrays_come_back_through_shared_memory_and_no_block_is_left():
-    """Across skips (planned samples dropped while being built) and an early close."""
+def test_large_arrays_come_back_through_shared_memory_and_no_block_is_left(monkeypatch):
+    """A skip late in the epoch shifts the next batches onto the next epoch's order: samples planned for
+    the old layout are dropped, some while a worker builds them. Their blocks are freed too, as are those
+    of the samples still planned at close."""
+    from vltune.data.workers import SampleWorkers
+
+    drops = []
+    drop = SampleWorkers._drop
+    monkeypatch.setattr(SampleWorkers, "_drop", staticmethod(lambda future: drops.append(future) or drop(future)))
+    bad = frozenset({int(np.random.default_rng([2, 0]).permutation(12)[9])})
     before = _shared_blocks()
-    pooled = BatchIterator(Images(12, frozenset({3, 8})), 2, lambda fs: fs, seed=2, skip_bad_samples=True, num_workers=2)
-    sync = BatchIterator(Images(12, frozenset({3, 8})), 2, lambda fs: fs, seed=2, skip_bad_samples=True)
+    pooled = BatchIterator(Images(12, bad), 2, lambda fs: fs, seed=2, skip_bad_samples=True, num_workers=2)
+    sync = BatchIterator(Images(12, bad), 2, lambda fs: fs, seed=2, skip_bad_samples=True)
     try:
-        for _ in range(7):
+        for _ in range(8):
             for got, expected in zip(next(pooled), next(sync)):
                 assert got.pixels.flags.owndata and np.array_equal(got.pixels, expected.pixels)
                 assert np.array_equal(got.ids, expected.ids)
+            assert pooled._workers._pending  # the following samples are being built already
+        assert drops  # the skip abandoned planned samples during the run
     finally:
         pooled.close()
     assert _shared_blocks() <= before
+
+
+def test_arrays_are_pickled_when_shared_memory_is_short(monkeypatch):
+    """A write into a full /dev/shm (Docker's is 64 MB) would kill the worker: below the reserve the
+    array travels by pickle; above it, through a block that taking it removes."""
+    import vltune.data.workers as workers
+
+    array = np.arange(1 << 19, dtype=np.float32)  # 2 MiB
+    monkeypatch.setattr(workers, "_shared_memory_free", lambda: workers.SHARED_RESERVE_BYTES)
+    assert workers._share(array) is array
+    monkeypatch.setattr(workers, "_shared_memory_free", lambda: 1 << 40)
+    shared = workers._share(array)
+    assert isinstance(shared, workers._Shared) and shared.name.lstrip("/") in {p.lstrip("/") for p in _shared_blocks()}
+    assert np.array_equal(workers._take(shared), array) and shared.name.lstrip("/") not in _shared_blocks()
 
 
 def test_one_item_micro_batches_are_collated_in_the_workers():

@@ -112,10 +112,13 @@ def test_skips_count_only_the_batches_handed_out():
 def test_masked_batches_prefetch_and_resume_with_their_draws():
     """MDLM: the masks are drawn on the thread, and the draw count resumes with the position."""
 
+    threads = []
+
     class Objective:
         seed = 0
 
         def mask(self, batch, rng):
+            threads.append(threading.current_thread().name)
             return {**batch, "noise": rng.random(1)}
 
     ahead = Prefetcher(MaskedBatches(BatchIterator(Numbers(8), 2, collate, seed=1), Objective()), depth=3)
@@ -124,8 +127,29 @@ def test_masked_batches_prefetch_and_resume_with_their_draws():
         for _ in range(2):
             assert next(ahead)["noise"] == next(sync)["noise"]
         assert ahead.state_dict() == sync.state_dict() and ahead.state_dict()["mdlm_draws"] == 2
+        assert threads[0] == "vltune-prefetch"
     finally:
         ahead.close()
+
+
+def test_close_leaves_a_hung_thread_behind_with_its_source_open(capsys):
+    release, closed = threading.Event(), []
+
+    class Hung(BatchIterator):
+        def __next__(self):
+            release.wait()
+            return super().__next__()
+
+        def close(self):
+            closed.append(True)
+
+    ahead = Prefetcher(Hung(Numbers(4), 1, collate, seed=0), depth=1)
+    ahead._thread = threading.Thread(target=ahead._fill, daemon=True)
+    ahead._thread.start()
+    ahead.close(timeout=0.2)
+    assert "did not stop within" in capsys.readouterr().out and not closed
+    release.set()
+    ahead._thread.join(5)
 
 
 def test_close_stops_the_thread_and_the_source():
