@@ -6,28 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vltune.data.formats import SampleError
 from vltune.data.loader import BatchIterator
 
-
-class Numbers:
-    """A dataset whose sample i is the number i; samples in `bad` fail as a corrupt image would."""
-
-    def __init__(self, n: int, bad: frozenset[int] = frozenset()):
-        self.n, self.bad = n, bad
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        if i in self.bad:
-            raise SampleError(f"sample {i}: corrupt_media")
-        return i
-
-
-def collate(features: list[int]) -> dict:
-    ids = np.array(features, dtype=np.int64)[:, None]
-    return {"input_ids": ids, "labels": ids.copy()}
+from numbered_samples import Numbers, collate
 
 
 def test_ranks_split_the_single_process_batches():

@@ -15,25 +15,7 @@ from vltune.data.formats import SampleError
 from vltune.data.loader import BatchIterator
 from vltune.data.prefetch import Prefetcher
 
-
-class Numbers:
-    def __init__(self, n: int, bad: frozenset[int] = frozenset()):
-        self.n, self.bad = n, bad
-        self.reads: list[int] = []
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        self.reads.append(i)
-        if i in self.bad:
-            raise SampleError(f"sample {i}: corrupt_media")
-        return i
-
-
-def collate(features: list[int]) -> dict:
-    ids = np.array(features, dtype=np.int64)[:, None]
-    return {"input_ids": ids, "labels": ids.copy()}
+from numbered_samples import Numbers, collate
 
 
 def _ids(batch: dict) -> list[int]:
