@@ -225,15 +225,13 @@ class MaskedBatches:
 
     @property
     def skipped(self) -> list[str]:
-        return getattr(self.batches, "skipped", [])
+        return self.batches.skipped
 
     def state_dict(self) -> dict:
         return {**self.batches.state_dict(), "mdlm_draws": self.draws}
 
     def close(self) -> None:
-        close = getattr(self.batches, "close", None)
-        if close is not None:
-            close()
+        self.batches.close()
 
     def load_state_dict(self, state: dict) -> None:
         self.batches.load_state_dict({k: v for k, v in state.items() if k != "mdlm_draws"})

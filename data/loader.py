@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable, Iterator
 
 import numpy as np
@@ -72,12 +72,9 @@ class BatchIterator:
         self._workers = SampleWorkers(dataset, num_workers, finish) if num_workers > 0 else None
         self.lookahead = batch_size + 2 * num_workers
         """Samples planned ahead with workers: this rank's current micro-batch and two per worker."""
-        self._next_order: tuple[int, np.ndarray] | None = None
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self.dataset))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+        return _epoch_order(self.seed, epoch, len(self.dataset), self.shuffle)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -101,17 +98,9 @@ class BatchIterator:
         return self
 
     def _new_epoch(self) -> None:
-        self._order = self._order_of(self.epoch + 1)
         self.epoch += 1
         self.position = 0
-
-    def _order_of(self, epoch: int) -> np.ndarray:
-        """The permutation of `epoch`: the current one, or the next, drawn once when the plan first reaches it."""
-        if epoch == self.epoch:
-            return self._order
-        if self._next_order is None or self._next_order[0] != epoch:
-            self._next_order = (epoch, self._permutation(epoch))
-        return self._next_order[1]
+        self._order = self._permutation(self.epoch)
 
     def _upcoming(self, n: int) -> list[tuple[tuple[int, int], int]]:
         """The next `n` ((epoch, position), dataset index) reads of this rank if no sample fails: the
@@ -122,7 +111,7 @@ class BatchIterator:
         while len(slots) < n:
             if position + global_batch > len(order):
                 epoch, position = epoch + 1, 0
-                order = self._order_of(epoch)
+                order = self._permutation(epoch)
             start = position + self.rank * self.batch_size
             slots += [((epoch, p), int(order[p])) for p in range(start, start + self.batch_size)]
             position += global_batch
@@ -202,6 +191,16 @@ class BatchIterator:
         batch = dict(self._batch(self._last_good))
         batch["labels"] = np.full_like(batch["labels"], IGNORE_INDEX)
         return batch
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, size: int, shuffle: bool) -> np.ndarray:
+    """The sample order of an epoch, a function of (seed, epoch) only. Cached: near an epoch's end the
+    workers' plan reaches into the next epoch at every micro-batch, and a permutation of a million
+    samples takes tens of milliseconds. Read-only: the cache hands the same array to every caller."""
+    order = np.random.default_rng([seed, epoch]).permutation(size) if shuffle else np.arange(size)
+    order.flags.writeable = False
+    return order
 
 
 def _collate_one(collate: Callable[[list[Features]], Batch], item: Features) -> Batch:

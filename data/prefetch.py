@@ -28,7 +28,8 @@ class _Failure:
 
 
 class Prefetcher:
-    """Wraps a batch source (`__next__`, `state_dict`, `load_state_dict`): up to `depth` batches are
+    """Wraps a batch source (`__next__`, `state_dict`, `load_state_dict`, `skipped`, `close`: a
+    BatchIterator or MaskedBatches): up to `depth` batches are
     made ahead on one thread; each goes through `stage` there (the engine's host-side preparation,
     e.g. copying into pinned memory) before the trainer gets it.
 
@@ -45,7 +46,7 @@ class Prefetcher:
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._state = source.state_dict()
-        self._n_skipped = len(getattr(source, "skipped", ()))
+        self._n_skipped = len(source.skipped)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -54,7 +55,7 @@ class Prefetcher:
     @property
     def skipped(self) -> list[str]:
         """The source's skipped samples, up to the last batch handed out (not those of batches made ahead)."""
-        return list(getattr(self.source, "skipped", ()))[: self._n_skipped]
+        return self.source.skipped[: self._n_skipped]
 
     def state_dict(self) -> dict:
         return dict(self._state)
@@ -88,9 +89,7 @@ class Prefetcher:
         while not self._stop.is_set():
             try:
                 batch = next(self.source)
-                item: Any = (batch, self.source.state_dict(), len(getattr(self.source, "skipped", ())))
-                if self.stage is not None:
-                    item = (self.stage(batch), *item[1:])
+                item: Any = (batch if self.stage is None else self.stage(batch), self.source.state_dict(), len(self.source.skipped))
             except BaseException as e:  # handed to the trainer, which raises it
                 item = _Failure(e)
             if not self._put(item) or isinstance(item, _Failure):
@@ -114,6 +113,4 @@ class Prefetcher:
             if self._thread.is_alive():
                 print(f"[vltune] the data loader thread did not stop within {timeout:.0f} s; leaving it", flush=True)
                 return
-        close = getattr(self.source, "close", None)
-        if close is not None:
-            close()
+        self.source.close()

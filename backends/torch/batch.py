@@ -59,9 +59,7 @@ def pin_batch(batch: Batch) -> Batch:
     pinned = {}
     for key, value in batch.items():
         if isinstance(value, np.ndarray) and value.dtype.kind in "biuf" and value.nbytes >= PIN_MIN_BYTES:
-            host = torch.empty(value.shape, dtype=torch.from_numpy(np.empty(0, value.dtype)).dtype, pin_memory=True).numpy()
-            np.copyto(host, value)
-            value = host
+            value = torch.as_tensor(np.ascontiguousarray(value)).pin_memory().numpy()
         pinned[key] = value
     return pinned
 

@@ -13,31 +13,27 @@ import pytest
 from vltune.data.formats import SampleError
 from vltune.data.loader import BatchIterator
 
+import numbered_samples
 
-class Numbers:
-    """Sample i is the number i and the worker's pid; `bad` ones fail as a corrupt image would, `fatal`
-    ones kill the process building them."""
+
+class Numbers(numbered_samples.Numbers):
+    """Sample i is (i, the pid of the process that built it); `fatal` ones kill that process."""
 
     def __init__(self, n: int, bad: frozenset[int] = frozenset(), fatal: frozenset[int] = frozenset()):
-        self.n, self.bad, self.fatal = n, bad, fatal
-
-    def __len__(self) -> int:
-        return self.n
+        super().__init__(n, bad)
+        self.fatal = fatal
 
     def __getitem__(self, i: int) -> tuple[int, int]:
         if i in self.fatal:
             os._exit(3)
-        if i in self.bad:
-            raise SampleError(f"sample {i}: corrupt_media", kind="corrupt_media")
-        return i, os.getpid()
+        return super().__getitem__(i), os.getpid()
 
 
-class Images(Numbers):
+class Images(numbered_samples.Numbers):
     """Sample i: a dataclass with a 2 MiB array of value i (it travels through shared memory) and a small one."""
 
     def __getitem__(self, i: int):
-        if i in self.bad:
-            raise SampleError(f"sample {i}: corrupt_media")
+        i = super().__getitem__(i)
         return Patches(np.full((512, 1024), i, np.float32), np.array([i]))
 
 
