@@ -2,7 +2,7 @@
 
     vltune train RECIPE [--key value ...]
     vltune infer --model DIR [--image P ...] [--video P] --prompt T | --input IN.jsonl --output OUT.jsonl [--backend torch|ms]
-    vltune make-tiny --model-type qwen2_vl|qwen2_5_vl|qwen3_vl --out DIR
+    vltune make-tiny --model-type FAMILY --out DIR   (FAMILY: a model_type of core/families)
     vltune merge-lora --model DIR --adapter DIR --out DIR
     vltune convert hf-to-mindspeed|mindspeed-to-hf ...   (backends/torch/convert)
     vltune data check RECIPE [--key value ...]
@@ -19,6 +19,8 @@ import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+from vltune.core.families import DEFAULT_FAMILY, all_shapes, family_names
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
@@ -376,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_infer)
 
     p = sub.add_parser("make-tiny", help="write a tiny random-init HF-format model directory")
-    p.add_argument("--model-type", required=True, choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+    p.add_argument("--model-type", required=True, choices=family_names())
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_make_tiny)
@@ -395,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_data_check)
 
     p = sub.add_parser("bench", help="`bench --model-shape NAME`: training speed vs stock transformers (GPU); `bench data`: data loading")
-    p.add_argument("--model-shape", help="qwen2_5_vl-3b | qwen2_5_vl-7b | qwen3_vl-2b | qwen3_vl-8b")
+    p.add_argument("--model-shape", help=" | ".join(all_shapes()))
     p.add_argument("--steps", type=int, default=20, help="timed steps per path (after --warmup)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=2, help="samples per padded micro-batch of the stock path (2 fits a 3B on 80 GB)")
@@ -427,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=300)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--model", help="model directory whose tokenizer and processor config to use (default: a tiny one)")
-    p.add_argument("--model-type", default="qwen2_5_vl", choices=("qwen2_5_vl", "qwen3_vl"), help="tiny model to build")
+    p.add_argument("--model-type", default=DEFAULT_FAMILY, choices=family_names(), help="tiny model to build")
     p.add_argument("--work-dir", default="runs/bench-data")
     p.set_defaults(run=cmd_bench_data)
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from vltune.core.config import ConfigError, RecipeConfig, circle_rope_settings, load_recipe
+from vltune.core.config import ConfigError, RecipeConfig, check_family, circle_rope_settings, load_recipe
 from vltune.core.checkpointing import CheckpointManager, DistributedCheckpointManager, read_trainer_state, resolve_resume
+from vltune.core.families import read_config
 from vltune.core.flops import batch_flops, shape_from_config
 from vltune.core.loop import LoopState, run_training
 from vltune.core.mdlm import MaskedBatches
@@ -165,7 +166,7 @@ def _mfu_inputs(cfg: RecipeConfig, backend, world_size: int):
     if not peak:
         return None, None
     m = cfg.model
-    shape = shape_from_config(json.loads((Path(m.model_name_or_path) / "config.json").read_text()))
+    shape = shape_from_config(read_config(m.model_name_or_path))
     lora = m.train_type == "lora"
     llm = 6 if (m.tune_mm_llm and not lora) else 4
     vision = 6 if (m.tune_mm_vision and not lora) else 4 if (m.tune_mm_vision and lora) else 2
@@ -205,6 +206,7 @@ def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
         prepare_assets(cfg)
     ctx.barrier()
     info = read_model_info(cfg.model.model_name_or_path)  # fail here, clearly, on a wrong model directory
+    check_family(cfg, info.family)  # its capability flags, before any model loads
     circle_rope = circle_rope_settings(cfg.model, info.model_type)
     out_dir = Path(cfg.train.output_dir)
     if ctx.is_main:

@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from .circle_rope import resolve_config
+from .families import FAMILIES, FamilySpec, family_names, get_family
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -31,7 +32,9 @@ class ModelArgs:
     model_name_or_path: str = ""
     """Local HF-format model directory (config.json, weights, tokenizer, preprocessor_config.json)."""
     make_tiny_model: str | None = None
-    """If set (qwen2_5_vl | qwen3_vl) and `model_name_or_path` does not exist, build a tiny random-init model there."""
+    """If set (a family's model_type, see core/families) and `model_name_or_path` does not exist, build a tiny
+    random-init model of that family there. A `model_type` of another family (e.g. the demo with
+    `--model_type <another family>`) switches the tiny model to that family, in `tiny-<family>` beside the given path."""
     train_type: str = "full"
     """full | lora (LoRA adapters through peft; the base weights stay frozen)."""
     tune_mm_llm: bool = True
@@ -53,7 +56,7 @@ class ModelArgs:
     lora_modules_to_save: str | None = None
     """Comma-separated modules trained in full next to the adapters (e.g. embed_tokens,lm_head)."""
     model_type: str | None = None
-    """None = config.json's model_type; `<that>_circle_rope` (e.g. qwen2_5_vl_circle_rope) turns Circle-RoPE on."""
+    """None = config.json's model_type; `<that>_circle_rope` (a family name + `_circle_rope`) turns Circle-RoPE on."""
     circle_rope: dict | None = None
     """Circle-RoPE settings {alpha, radius, method, move_to_origin, move_to_positive, dff_rate, AGE_mode};
     keys left out take the released configuration's values."""
@@ -221,6 +224,43 @@ def circle_rope_settings(model: "ModelArgs", config_model_type: str) -> dict | N
     return settings
 
 
+def deepspeed_stage(value: str | None) -> int | None:
+    """The ZeRO stage of a recipe's `deepspeed` value (None: no DeepSpeed, or a JSON that cannot be read)."""
+    if not value:
+        return None
+    try:
+        ds = json.loads(resolve_deepspeed_config(value).read_text())
+    except (ConfigError, OSError, ValueError):
+        return None  # _parallel_problems reports it
+    return int((ds.get("zero_optimization") or {}).get("stage", 0))
+
+
+def family_problems(cfg: "RecipeConfig", spec: FamilySpec) -> list[str]:
+    """What the recipe asks of its model family that the family's capability flags do not allow."""
+    d, t = cfg.data, cfg.train
+    asks = (
+        ("packing", d.data_flatten or d.data_packing, "data_flatten / data_packing (packed rows)"),
+        ("mdlm", t.objective == "mdlm", "objective: mdlm"),
+        ("circle_rope", bool(cfg.model.model_type and cfg.model.model_type.endswith(CIRCLE_ROPE_SUFFIX)), "Circle-RoPE"),
+        ("liger", t.use_liger_kernel, "use_liger_kernel"),
+        ("mindspore", t.backend == "mindspore", "backend: mindspore"),
+        ("zero3", deepspeed_stage(t.deepspeed) == 3, "DeepSpeed ZeRO-3"),
+        ("fsdp2", t.fsdp, "fsdp"),
+    )
+    return [
+        f"{what}: vltune does not support it for {spec.name} (families that have it: {', '.join(family_names(flag)) or 'none'})"
+        for flag, asked, what in asks
+        if asked and not getattr(spec.capabilities, flag)
+    ]
+
+
+def check_family(cfg: "RecipeConfig", spec: FamilySpec) -> None:
+    """Raise once for everything the recipe asks that the model directory's family cannot do."""
+    problems = family_problems(cfg, spec)
+    if problems:
+        raise ConfigError(f"invalid recipe for a {spec.name} model:\n  - " + "\n  - ".join(problems))
+
+
 @dataclass
 class MdlmArgs:
     """Masked diffusion (`objective: mdlm`, REFERENCE.md s4): noising, loss and sampler. Unused under `ar`."""
@@ -368,8 +408,25 @@ def load_recipe(recipe: str | os.PathLike | dict | None, overrides: dict[str, An
         raise ConfigError("invalid recipe:\n  - " + "\n  - ".join(problems))
 
     cfg = RecipeConfig(**{name: cls(**values[name]) for name, cls in SECTIONS.items()})
+    _tiny_follows_model_type(cfg.model)
     validate(cfg)
     return cfg
+
+
+def base_model_type(model_type: str) -> str:
+    """The family of a recipe `model_type` (the Circle-RoPE suffix dropped)."""
+    return model_type[: -len(CIRCLE_ROPE_SUFFIX)] if model_type.endswith(CIRCLE_ROPE_SUFFIX) else model_type
+
+
+def _tiny_follows_model_type(m: ModelArgs) -> None:
+    """With `make_tiny_model`, a `model_type` of another known family picks the tiny model's family."""
+    if not (m.make_tiny_model and m.model_type):
+        return
+    wanted = base_model_type(m.model_type)
+    if wanted == m.make_tiny_model or wanted not in FAMILIES:
+        return
+    m.model_name_or_path = str(Path(m.model_name_or_path).parent / f"tiny-{wanted}")
+    m.make_tiny_model = wanted
 
 
 def validate(cfg: RecipeConfig) -> None:
@@ -378,8 +435,16 @@ def validate(cfg: RecipeConfig) -> None:
     problems = []
     if not m.model_name_or_path:
         problems.append("model_name_or_path is empty: give a local HF-format model directory")
-    if m.make_tiny_model not in (None, "qwen2_5_vl", "qwen3_vl"):
-        problems.append(f"make_tiny_model: {m.make_tiny_model!r} is not one of qwen2_5_vl, qwen3_vl")
+    if m.make_tiny_model is not None and m.make_tiny_model not in FAMILIES:
+        problems.append(f"make_tiny_model: {m.make_tiny_model!r} is not one of {', '.join(FAMILIES)}")
+    if m.model_type is not None and base_model_type(m.model_type) not in FAMILIES:
+        problems.append(f"model_type: {m.model_type!r} is not a supported family (one of {', '.join(FAMILIES)}, "
+                        f"optionally with {CIRCLE_ROPE_SUFFIX})")
+    known = m.make_tiny_model if m.make_tiny_model in FAMILIES else None
+    if m.model_type is not None and base_model_type(m.model_type) in FAMILIES:
+        known = base_model_type(m.model_type)
+    if known is not None:  # the family is known before any model directory is read
+        problems += family_problems(cfg, get_family(known))
     if m.train_type not in ("full", "lora"):
         problems.append(f"train_type: {m.train_type!r} is not one of full, lora")
     if m.train_type == "lora" and (m.lora_r < 1 or m.lora_alpha <= 0 or not 0.0 <= m.lora_dropout < 1.0):

@@ -1,7 +1,8 @@
 """Which optimizer group a parameter joins, the same rule on both backends.
 
 Groups are (component, decays): component llm | vision | merger from the parameter's name (plain or
-peft-wrapped), each with its own learning rate (`learning_rate`, `vision_tower_lr`,
+peft-wrapped) through the family's module map (`ModuleMap.component_of`, the one parameter-role rule,
+which freezing uses too), each with its own learning rate (`learning_rate`, `vision_tower_lr`,
 `mm_projector_lr`); weight matrices decay, norms, biases and other 1-D parameters do not.
 """
 
@@ -10,17 +11,14 @@ from __future__ import annotations
 from typing import Sequence
 
 from .config import TrainArgs
+from .families import ModuleMap
 
 COMPONENTS = ("llm", "vision", "merger")
 
 
-def component_of(name: str) -> str:
-    """llm | vision | merger for a parameter name."""
-    if "visual.merger" in name or "visual.deepstack_merger_list" in name:
-        return "merger"
-    if "visual." in name:
-        return "vision"
-    return "llm"
+def component_of(name: str, modules: ModuleMap) -> str:
+    """llm | vision | merger for a parameter name, by the family's module map."""
+    return modules.component_of(name)
 
 
 def decays(name: str, shape: Sequence[int]) -> bool:

@@ -17,8 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from .circle_rope import circle_rope_positions
-
-ROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+from .families import PositionRule, get_family
 
 
 def _vision_ids(t: int, h: int, w: int, t_index: np.ndarray, start: int) -> np.ndarray:
@@ -31,7 +30,7 @@ def _vision_ids(t: int, h: int, w: int, t_index: np.ndarray, start: int) -> np.n
 
 def _media_items(
     ids: np.ndarray,
-    model_type: str,
+    rule: PositionRule,
     image_grid_thw: Sequence,
     video_grid_thw: Sequence,
     second_per_grid_ts: Sequence | None,
@@ -62,7 +61,7 @@ def _media_items(
             t, h, w = (int(x) for x in image_grid_thw[counters[0]])
             spt = 0.0
             counters[0] += 1
-        if model_type == "qwen2_5_vl":
+        if rule.video_time == "seconds":
             t_index = (np.arange(t) * spt * tokens_per_second).astype(np.int64)
         else:
             t_index = np.arange(t)
@@ -97,8 +96,7 @@ def get_rope_index(
     Circle-RoPE ring: positions P + text_len + s, and the next text starts at max(all channels) + 1,
     a float, as the reference implementation does. Text positions are unchanged.
     """
-    if model_type not in ROPE_MODEL_TYPES:
-        raise ValueError(f"get_rope_index: model_type {model_type!r} is not one of {ROPE_MODEL_TYPES}")
+    rule = get_family(model_type, "get_rope_index model_type").position
     del vision_start_token_id  # spans are found from the pad tokens themselves
     input_ids = np.asarray(input_ids)
     batch, length = input_ids.shape
@@ -114,7 +112,7 @@ def get_rope_index(
     images = merged(image_grid_thw)
     videos = merged(video_grid_thw)
     spts = None if second_per_grid_ts is None else list(second_per_grid_ts)
-    if model_type == "qwen3_vl" and videos:
+    if rule.video_time == "per_frame" and videos:
         videos = [(1, h, w) for t, h, w in videos for _ in range(t)]
         spts = None
 
@@ -126,7 +124,7 @@ def get_rope_index(
         keep = mask[b].astype(bool)
         ids = input_ids[b][keep]
         items = _media_items(
-            ids, model_type, images, videos, spts, image_token_id, video_token_id, tokens_per_second, counters
+            ids, rule, images, videos, spts, image_token_id, video_token_id, tokens_per_second, counters
         )
         pieces = []
         cursor = 0

@@ -129,7 +129,7 @@ class SFTDataset:
         `<t seconds><|vision_start|>pads<|vision_end|>` (Qwen3-VL's processor, outer wrapper kept)."""
         t, h, w = (int(x) for x in video.grid_thw)
         per_frame = h * w // self.vision.merge_size**2
-        if self.info.model_type != "qwen3_vl":
+        if self.info.family.media.video_placeholder == "pads":
             return VIDEO_PAD * (t * per_frame)
         return "".join(f"<{video.timestamps[i]:.1f} seconds><|vision_start|>{VIDEO_PAD * per_frame}<|vision_end|>" for i in range(t))
 

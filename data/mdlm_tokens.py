@@ -16,6 +16,8 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer
 
+from ..core.families import read_config
+
 MDLM_FILE = "mdlm.json"
 
 
@@ -49,7 +51,7 @@ def _eos_ids(model_dir: Path, config: dict) -> tuple[int, ...]:
 def resolve_mdlm_tokens(model_dir: str | Path, mask_token: str = "<|mask|>") -> MdlmTokens:
     """The mask id (the tokenizer's, or else the first spare embedding row) and the other ids MDLM uses."""
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_config(model_dir)
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     rows = _embedding_rows(config)
     known = tokenizer.token_to_id(mask_token)

@@ -57,6 +57,7 @@ from typing import Any, Mapping, Union
 
 import numpy as np
 
+from ..core.families import get_family, read_config
 from .vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, smart_resize
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -102,8 +103,9 @@ class VideoConfig:
     """How videos are sampled and patchified. Defaults: transformers' ``Qwen2VLVideoProcessor``
     class defaults, with qwen-vl-finetune's ``base_interval`` of 2 s."""
 
-    model_type: str = "qwen2_5_vl"
-    """qwen2_vl / qwen2_5_vl (Qwen2VLVideoProcessor rules) or qwen3_vl (Qwen3VLVideoProcessor rules)."""
+    processor: str = "Qwen2VLVideoProcessor"
+    """Whose rules: Qwen2VLVideoProcessor (interval sampling, per-frame pixel bounds) or Qwen3VLVideoProcessor
+    (fps sampling, bounds on frames x height x width); a family's `media.video_processor`."""
     patch_size: int = 14
     temporal_patch_size: int = 2
     merge_size: int = 2
@@ -145,7 +147,7 @@ class VideoConfig:
 
     @property
     def is_qwen3(self) -> bool:
-        return self.model_type.startswith("qwen3")
+        return self.processor == "Qwen3VLVideoProcessor"
 
     @property
     def factor(self) -> int:
@@ -160,13 +162,14 @@ class VideoConfig:
         A directory is read as transformers' ``AutoVideoProcessor`` does: ``processor_config.json``'s
         ``video_processor`` entry, else ``video_preprocessor_config.json``, else the image
         ``preprocessor_config.json`` (Qwen2/2.5-VL releases ship only that one, so their video pixel
-        bounds are the image ones). ``model_type`` defaults to the directory's ``config.json``.
+        bounds are the image ones). ``model_type`` (a family, whose ``media.video_processor`` picks the
+        rules) defaults to the directory's ``config.json``; a bare processor JSON names its class.
         ``recipe`` takes the recipe's names (``video_min_pixels``, ``video_max_pixels``,
         ``video_min_frames``, ``video_max_frames``, ``base_interval``, ``video_fps``); None means
         "keep the processor's value". For Qwen3-VL a ``base_interval`` sets fps = 1 / base_interval.
         """
-        raw, model_type = _read_video_processor_config(source, model_type)
-        qwen3 = model_type.startswith("qwen3")
+        raw, processor = _read_video_processor_config(source, model_type)
+        qwen3 = processor == "Qwen3VLVideoProcessor"
         for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
             if raw.get(flag, True) is False:
                 raise ValueError(f"video processor config sets {flag}=false, which vltune does not support")
@@ -184,7 +187,7 @@ class VideoConfig:
                 "image_mean", "image_std", "rescale_factor", "min_frames", "max_frames",
                 "cap_pixels_per_frame", "max_video_tokens"}
         cfg = cls(
-            model_type=model_type,
+            processor=processor,
             patch_size=int(_first(raw.get("patch_size"), defaults["patch_size"])),
             temporal_patch_size=int(_first(raw.get("temporal_patch_size"), 2)),
             merge_size=int(_first(raw.get("merge_size"), 2)),
@@ -226,6 +229,7 @@ def _first(*values: Any) -> Any:
 
 
 def _read_video_processor_config(source: PathLike | Mapping[str, Any], model_type: str | None) -> tuple[dict, str]:
+    """(the processor JSON, the video processor class whose rules apply)."""
     if isinstance(source, Mapping):
         raw = dict(source)
         directory = None
@@ -245,11 +249,11 @@ def _read_video_processor_config(source: PathLike | Mapping[str, Any], model_typ
         else:
             raw = json.loads(path.read_text(encoding="utf-8"))
     if model_type is None and directory is not None and (directory / "config.json").is_file():
-        model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
-    if model_type is None:
-        kinds = " ".join(str(raw.get(k, "")) for k in ("video_processor_type", "processor_class", "image_processor_type"))
-        model_type = "qwen3_vl" if "Qwen3VL" in kinds else "qwen2_5_vl"
-    return raw, str(model_type)
+        model_type = read_config(directory).get("model_type")
+    if model_type is not None:
+        return raw, get_family(model_type).media.video_processor
+    kinds = " ".join(str(raw.get(k, "")) for k in ("video_processor_type", "processor_class", "image_processor_type"))
+    return raw, "Qwen3VLVideoProcessor" if "Qwen3VL" in kinds else "Qwen2VLVideoProcessor"
 
 
 # --- frame sampling ------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def smart_resize(
     """Target (height, width): both multiples of ``factor``, area within
     [min_pixels, max_pixels], aspect ratio kept as closely as possible.
 
-    A line-for-line copy of transformers' ``qwen2_vl.smart_resize`` (including
+    A line-for-line copy of transformers' Qwen2-VL ``smart_resize`` (including
     Python's banker's ``round``), because the token count of every sample
     depends on it and must agree with the processor used at inference time.
     """

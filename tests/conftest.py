@@ -7,12 +7,28 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
-    from vltune.backends.torch.tiny import make_tiny
+class TinyModels:
+    """Tiny model directories of any registered family, each built once per session on first use."""
 
-    root = tmp_path_factory.mktemp("tiny")
-    return {mt: make_tiny(mt, root / mt, seed=0) for mt in ("qwen2_5_vl", "qwen3_vl")}
+    def __init__(self, root: Path):
+        self.root, self.dirs = root, {}
+
+    def __getitem__(self, model_type: str) -> Path:
+        if model_type not in self.dirs:
+            from vltune.backends.torch.tiny import make_tiny
+
+            self.dirs[model_type] = make_tiny(model_type, self.root / model_type, seed=0)
+        return self.dirs[model_type]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> TinyModels:
+    return TinyModels(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tiny_models) -> dict[str, Path]:
+    return {mt: tiny_models[mt] for mt in ("qwen2_5_vl", "qwen3_vl")}
 
 
 @pytest.fixture(scope="session")
@@ -29,11 +45,9 @@ def vqa_data(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2_vl(tmp_path_factory) -> Path:
+def tiny_qwen2_vl(tiny_models) -> Path:
     """Qwen2-VL (plain ViT): kept out of `tiny_model_dirs` so tests opt into the third family."""
-    from vltune.backends.torch.tiny import make_tiny
-
-    return make_tiny("qwen2_vl", tmp_path_factory.mktemp("tiny") / "qwen2_vl", seed=0)
+    return tiny_models["qwen2_vl"]
 
 
 @pytest.fixture(scope="session")

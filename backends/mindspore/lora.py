@@ -29,11 +29,11 @@ import numpy as np
 from mindspore import Tensor, nn
 
 from vltune.core.config import ModelArgs
+from vltune.core.families import get_family
 
 from .checkpoint import read_safetensors, write_atomically, write_safetensors
 from .models.layers import Linear
 
-DEFAULT_LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -63,15 +63,17 @@ def _split_csv(value: str | None) -> list[str]:
     return [item.strip() for item in (value or "").split(",") if item.strip()]
 
 
-def llm_target_regex(targets: list[str]) -> str:
+def llm_target_regex(targets: list[str], layers: str) -> str:
     """The peft target_modules regex (the torch backend writes the same one for the same recipe)."""
-    return rf"(?:model\.language_model\.layers\.\d+\.(?:[^.]+\.)*(?:{'|'.join(re.escape(t) for t in targets)}))"
+    return rf"(?:{re.escape(layers)}\.\d+\.(?:[^.]+\.)*(?:{'|'.join(re.escape(t) for t in targets)}))"
 
 
-def merger_modules(model: nn.Cell) -> list[str]:
-    visual = model.model.visual
-    names = ["model.visual.merger"]
-    names += [f"model.visual.deepstack_merger_list.{i}" for i in range(len(getattr(visual, "deepstack_merger_list", [])))]
+def merger_modules(model: nn.Cell, projectors: tuple[str, ...]) -> list[str]:
+    """Full names of the projectors, a cell list (Qwen3-VL's DeepStack mergers) entry by entry."""
+    names = []
+    for path in projectors:
+        cell = _sub_cell(model, path)
+        names += [f"{path}.{i}" for i in range(len(cell))] if isinstance(cell, nn.CellList) else [path]
     return names
 
 
@@ -86,14 +88,15 @@ class LoraState:
         if not (model_args.tune_mm_llm or model_args.tune_mm_mlp):
             raise ValueError("LoRA has nothing to train: set tune_mm_llm: true (LLM adapters) or tune_mm_mlp: true (the merger)")
         self.model, self.args = model, model_args
-        self.targets = _split_csv(model_args.lora_target_modules) or list(DEFAULT_LLM_TARGETS)
+        self.modules = get_family(model.cfg.model_type).modules
+        self.targets = _split_csv(model_args.lora_target_modules) or list(self.modules.lora_targets)
         self.layers: list[LoraLinear] = []
         rng = np.random.default_rng(seed)
         for param in model.get_parameters():
             param.requires_grad = False
         if model_args.tune_mm_llm:
             self._wrap(rng)
-        self.modules_to_save = merger_modules(model) if model_args.tune_mm_mlp else []
+        self.modules_to_save = merger_modules(model, self.modules.projectors) if model_args.tune_mm_mlp else []
         for name, param in model.parameters_and_names():
             param.name = name  # wrapped cells got new paths
             if any(name.startswith(m + ".") for m in self.modules_to_save):
@@ -102,7 +105,7 @@ class LoraState:
             layer.lora_A.weight.requires_grad = layer.lora_B.weight.requires_grad = True
 
     def _wrap(self, rng: np.random.Generator) -> None:
-        pattern = re.compile(llm_target_regex(self.targets))
+        pattern = re.compile(llm_target_regex(self.targets, self.modules.decoder_layers))
         found = set()
         for name, cell in list(self.model.cells_and_names()):
             if isinstance(cell, Linear) and pattern.fullmatch(name):
@@ -143,7 +146,7 @@ class LoraState:
             "r": self.args.lora_r,
             "lora_alpha": self.args.lora_alpha,
             "lora_dropout": self.args.lora_dropout,
-            "target_modules": llm_target_regex(self.targets) if self.layers else "dummy-target-modules",
+            "target_modules": llm_target_regex(self.targets, self.modules.decoder_layers) if self.layers else "dummy-target-modules",
             "modules_to_save": self.modules_to_save or None,
             "bias": "none",
             "fan_in_fan_out": False,

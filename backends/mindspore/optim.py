@@ -23,6 +23,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, ops
 
 from vltune.core.config import TrainArgs
+from vltune.core.families import ModuleMap
 from vltune.core.param_groups import COMPONENTS, component_lrs, component_of, decays
 
 
@@ -38,12 +39,12 @@ class ParamGroup:
         self.lr = self.base_lr
 
 
-def build_param_groups(named_params: list[tuple[str, Parameter]], args: TrainArgs) -> list[ParamGroup]:
+def build_param_groups(named_params: list[tuple[str, Parameter]], modules: ModuleMap, args: TrainArgs) -> list[ParamGroup]:
     """Groups named llm, llm_no_decay, vision, ... over the trainable parameters; empty ones dropped."""
     lrs = component_lrs(args)
     buckets: dict[tuple[str, bool], list[Parameter]] = {(c, d): [] for c in COMPONENTS for d in (True, False)}
     for name, param in named_params:
-        buckets[(component_of(name), decays(name, param.shape))].append(param)
+        buckets[(component_of(name, modules), decays(name, param.shape))].append(param)
     return [
         ParamGroup(c if d else f"{c}_no_decay", params, lrs[c], args.weight_decay if d else 0.0)
         for (c, d), params in buckets.items()

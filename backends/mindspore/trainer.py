@@ -19,6 +19,7 @@ from mindspore import Tensor, nn
 from vltune.core.circle_rope import age_layer_mask
 from vltune.core.config import ModelArgs, TrainArgs
 from vltune.core.contracts import Batch, loss_denominator
+from vltune.core.families import get_family
 from vltune.core.mdlm import MdlmObjective, mdlm_model_args
 from vltune.data.mdlm_tokens import write_mdlm_files
 from vltune.data.model_info import ModelInfo
@@ -46,13 +47,10 @@ from .optim import AdamW, build_param_groups, clip_grads, global_norm
 def apply_freeze(model: nn.Cell, model_args: ModelArgs) -> None:
     """requires_grad from tune_mm_llm / tune_mm_vision / tune_mm_mlp (the torch backend's rule: the LM
     head follows tune_mm_llm, tied or not)."""
+    modules = get_family(model.cfg.model_type).modules
+    train = {"vision": model_args.tune_mm_vision, "merger": model_args.tune_mm_mlp, "llm": model_args.tune_mm_llm}
     for name, param in model.parameters_and_names():
-        if name.startswith("model.visual."):
-            part = name[len("model.visual.") :].split(".")[0]
-            train = model_args.tune_mm_mlp if part in ("merger", "deepstack_merger_list") else model_args.tune_mm_vision
-        else:
-            train = model_args.tune_mm_llm
-        param.requires_grad = train
+        param.requires_grad = train[modules.component_of(name)]
     if not any(p.requires_grad for p in model.get_parameters()):
         raise ValueError("tune_mm_llm, tune_mm_vision and tune_mm_mlp are all false: nothing to train")
 
@@ -91,7 +89,7 @@ class MindSporeBackend:
             layers = model.cfg.text.num_hidden_layers
             model.model.language_model.set_alt_layers(age_layer_mask(self.circle.get("AGE_mode", "strategy_1"), layers))
         trainable = [(n, p) for n, p in model.parameters_and_names() if p.requires_grad]
-        self.optimizer = AdamW(build_param_groups(trainable, args), (args.adam_beta1, args.adam_beta2), args.adam_epsilon)
+        self.optimizer = AdamW(build_param_groups(trainable, get_family(model.cfg.model_type).modules, args), (args.adam_beta1, args.adam_beta2), args.adam_epsilon)
         self.params = self.optimizer.params
         self.grads: list[Tensor] | None = None
         self.micro_steps = 0

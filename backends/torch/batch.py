@@ -10,6 +10,8 @@ import torch
 
 from vltune.core.contracts import Batch
 
+from .models.varlen import require_varlen
+
 # Batch keys the transformers forward takes, and their dtypes. `labels` stay out: vltune computes
 # the loss itself so it can normalise over the whole accumulated batch.
 MODEL_INPUTS = {
@@ -64,22 +66,16 @@ def pin_batch(batch: Batch) -> Batch:
     return pinned
 
 
-VISION_GRID_EXTRAS = {"qwen2_vl": (), "qwen2_5_vl": ("windows",), "qwen3_vl": ("interpolation",)}
-"""The towers whose grid-derived inputs vltune precomputes, and what each takes beyond the rotary ids
-and attention segments that all of them take."""
-
-
-def vision_tower_kwargs(visual: torch.nn.Module, model_type: str, grid_thw: torch.Tensor, device: torch.device) -> dict:
+def vision_tower_kwargs(visual: torch.nn.Module, parts: tuple[str, ...], grid_thw: torch.Tensor, device: torch.device) -> dict:
     """The vision tower's grid-derived inputs, computed on the host from a CPU `grid_thw` with
     transformers' own `vision_utils` helpers, then sent to `device`: rotary position ids, the attention
     segments and their longest, Qwen2.5-VL's window order, Qwen3-VL's position-embedding interpolation.
 
     The tower pops these from its kwargs instead of deriving them from a grid on the GPU, which reads
     the grid back a dozen times per forward (each a device sync that drains the launch queue).
-    `model_type` must be one of VISION_GRID_EXTRAS."""
+    `parts` are the family's extras (backends/torch/models entry `vision_inputs`): "windows", "interpolation"."""
     from transformers import vision_utils as vu
 
-    parts = VISION_GRID_EXTRAS[model_type]
     merge = visual.spatial_merge_size
     out: dict = {"position_ids": vu.get_vision_position_ids(grid_thw, merge), "cu_seqlens": vu.get_vision_cu_seqlens(grid_thw)}
     out["max_seqlen"] = _longest(out["cu_seqlens"])
@@ -106,6 +102,13 @@ def _forward_parameters(model_class: type) -> frozenset[str]:
     return frozenset(inspect.signature(model_class.forward).parameters)
 
 
+def packed_attention_kwargs(cu_seqlens: np.ndarray, max_seqlen: int | np.ndarray, device: torch.device) -> dict:
+    """The keyword arguments that make the text attention treat a [1, L] row as packed sub-sequences."""
+    cu = send(torch.as_tensor(np.asarray(cu_seqlens, dtype=np.int32)), device)  # pinned, non-blocking
+    longest = int(max_seqlen)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
 def to_model_inputs(batch: Batch, device: torch.device, keys=MODEL_INPUTS, model=None) -> dict[str, torch.Tensor]:
     """The batch's model inputs as tensors; with `model`, only those its forward() names.
 
@@ -118,8 +121,6 @@ def to_model_inputs(batch: Batch, device: torch.device, keys=MODEL_INPUTS, model
         keys = {k: v for k, v in keys.items() if k in accepted}
     inputs = {key: to_tensor(batch[key], device, dtype) for key, dtype in keys.items() if key in batch}
     if "cu_seqlens" in batch:  # a packed [1, L] row: transformers forwards these to every text attention call
-        from .models.varlen import packed_attention_kwargs, require_varlen
-
         require_varlen(model)
         inputs.update(packed_attention_kwargs(batch["cu_seqlens"], batch["max_seqlen"], device))
     return inputs

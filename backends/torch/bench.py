@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from vltune.core.config import ModelArgs, TrainArgs, precision_problems
+from vltune.core.families import TokenIds, get_family
 from vltune.core.flops import H100_BF16_PEAK, SHAPES, ModelShape, batch_flops
 from vltune.data.collate import collate_padded
 from vltune.data.model_info import ModelInfo
@@ -44,28 +45,9 @@ _IDS = {"image": 151655, "video": 151656, "vision_start": 151652, "vision_end": 
 
 def hf_config(shape: ModelShape) -> dict:
     """A config.json dict of that shape, as the released checkpoint's."""
-    ids = {"image_token_id": _IDS["image"], "video_token_id": _IDS["video"],
-           "vision_start_token_id": _IDS["vision_start"], "vision_end_token_id": _IDS["vision_end"],
-           "tie_word_embeddings": shape.tie_word_embeddings}
-    text = {"vocab_size": shape.vocab, "hidden_size": shape.hidden, "intermediate_size": shape.intermediate,
-            "num_hidden_layers": shape.layers, "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads,
-            "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "bos_token_id": _IDS["bos"], "eos_token_id": _IDS["eos"],
-            "tie_word_embeddings": shape.tie_word_embeddings}
-    if shape.model_type == "qwen2_5_vl":
-        return {"model_type": "qwen2_5_vl", **ids,
-                "text_config": {**text, "model_type": "qwen2_5_vl_text",
-                                "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}},
-                "vision_config": {"model_type": "qwen2_5_vl_vision", "depth": shape.vision_depth, "hidden_size": shape.vision_hidden,
-                                  "intermediate_size": shape.vision_intermediate, "num_heads": shape.vision_heads, "hidden_act": "silu",
-                                  "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2, "window_size": shape.window_size,
-                                  "fullatt_block_indexes": list(shape.fullatt_blocks), "tokens_per_second": 2, "out_hidden_size": shape.hidden}}
-    return {"model_type": "qwen3_vl", **ids,
-            "text_config": {**text, "model_type": "qwen3_vl_text", "head_dim": shape.text_head_dim,
-                            "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20], "mrope_interleaved": True}},
-            "vision_config": {"model_type": "qwen3_vl", "depth": shape.vision_depth, "hidden_size": shape.vision_hidden,
-                              "intermediate_size": shape.vision_intermediate, "num_heads": shape.vision_heads,
-                              "hidden_act": "gelu_pytorch_tanh", "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2,
-                              "out_hidden_size": shape.hidden, "num_position_embeddings": 2304, "deepstack_visual_indexes": list(shape.deepstack)}}
+    ids = TokenIds(image=_IDS["image"], video=_IDS["video"], vision_start=_IDS["vision_start"],
+                   vision_end=_IDS["vision_end"], bos=_IDS["bos"], eos=_IDS["eos"], pad=_IDS["bos"])
+    return get_family(shape.model_type).config_json(shape, ids)
 
 
 def build_model(shape: ModelShape, seed: int, device: torch.device):

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .models import part
+
 
 
 def env_world_size() -> int:
@@ -122,14 +124,14 @@ class VisionSync:
 
     def __init__(self, model: torch.nn.Module, ctx: DistContext):
         self.ctx = ctx
-        self.visual = model.model.visual
+        self.visual = part(model, "vision_tower")
         cfg = self.visual.config
         merge = cfg.spatial_merge_size
         self.grid = torch.tensor([[1, merge, merge]], dtype=torch.long)
         patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
         self.n_patches, self.patch_dim = merge * merge, patch_dim
         self.pending = 0
-        model.model.language_model.register_forward_pre_hook(self._run_pending, with_kwargs=True)
+        part(model, "llm").register_forward_pre_hook(self._run_pending, with_kwargs=True)
 
     @staticmethod
     def tower_calls(batch: dict) -> int:

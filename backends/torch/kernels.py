@@ -6,8 +6,8 @@ sharding engines see the stock model.
 
 * `use_liger_kernel`: Liger's fused RMSNorm (every norm of the language model and the vision blocks,
   Qwen3-VL's q/k norms included) and SwiGLU (the language model's MLPs) forwards, bound to this
-  model's modules. Not through Liger's `apply_liger_kernel_to_qwen2_5_vl`: with transformers 5.23 that
-  function fails to import (it names an output class transformers removed) and its M-RoPE
+  model's modules. Not through Liger's per-model `apply_liger_kernel_to_*` functions: with transformers 5.23 they
+  fail to import (they name an output class transformers removed) and their M-RoPE
   replacement expects the (3, B, L, D) cos/sin that transformers no longer passes. Liger's fused
   linear cross-entropy is not used either: on the 3B bench shape it made the step 34% slower than
   vltune's chunked loss (loss.py), see docs/performance.md.
@@ -34,6 +34,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from vltune.core.families import family_names, get_family
+
 
 def _liger_modules():
     try:
@@ -45,22 +47,23 @@ def _liger_modules():
 
 def apply_liger_kernels(model: torch.nn.Module) -> dict[str, int]:
     """Bind Liger's RMSNorm and SwiGLU forwards to a transformers Qwen VL model's modules; returns counts."""
-    model_type = model.config.model_type
-    if model_type not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        raise ValueError(f"use_liger_kernel: vltune has Liger kernels for qwen2_vl, qwen2_5_vl and qwen3_vl, not model_type {model_type!r}")
+    spec = get_family(model.config.model_type)
+    if not spec.capabilities.liger:
+        raise ValueError(f"use_liger_kernel: vltune has no Liger wiring for {spec.name} (families that have it: "
+                         f"{', '.join(family_names('liger'))})")
     rms_norm, swiglu = _liger_modules()
     counts = {"rms_norm": 0, "swiglu": 0}
-    inner = model.model
-    for module in list(inner.language_model.modules()) + list(inner.visual.blocks.modules()):
+    llm = model.get_submodule(spec.modules.llm)
+    for module in list(llm.modules()) + list(model.get_submodule(spec.modules.vision_blocks).modules()):
         if type(module).__name__.endswith("RMSNorm"):
             # LigerRMSNorm's forward reads these; "llama" casting = the stock norm's fp32 math.
             eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
             module.variance_epsilon, module.offset, module.casting_mode, module.in_place, module.row_mode = eps, 0.0, "llama", True, None
             module.forward = types.MethodType(rms_norm.forward, module)
             counts["rms_norm"] += 1
-    text_act = getattr(inner.language_model.config, "hidden_act", None)
+    text_act = getattr(llm.config, "hidden_act", None)
     if text_act in ("silu", "swish"):
-        for layer in inner.language_model.layers:
+        for layer in model.get_submodule(spec.modules.decoder_layers):
             layer.mlp.forward = types.MethodType(swiglu.forward, layer.mlp)
             counts["swiglu"] += 1
     return counts
@@ -72,8 +75,9 @@ COMPILE_OPTIONS = {"triton.mix_order_reduction": False}
 
 def compile_blocks(model: torch.nn.Module, vision: bool = True) -> int:
     """torch.compile every decoder layer (and with `vision` every vision block) in place; returns the count."""
-    inner = model.model
-    blocks = list(inner.language_model.layers) + (list(inner.visual.blocks) if vision else [])
+    modules = get_family(model.config.model_type).modules
+    blocks = list(model.get_submodule(modules.decoder_layers))
+    blocks += list(model.get_submodule(modules.vision_blocks)) if vision else []
     for block in blocks:
         block.compile(dynamic=True, options=COMPILE_OPTIONS)
     return len(blocks)
@@ -94,9 +98,8 @@ def _pad_bias(bias: torch.Tensor | None, pad: int) -> torch.Tensor | None:
 def align_vision_mlp(model: torch.nn.Module, multiple: int = 64) -> int:
     """Zero-pad, in the forward, every vision MLP whose width is not a multiple of `multiple`; returns
     how many. Only plain gate/up/down linears (a LoRA-wrapped one keeps its own forward)."""
-    visual = getattr(getattr(model, "model", None), "visual", None)
     count = 0
-    for block in getattr(visual, "blocks", []):
+    for block in model.get_submodule(get_family(model.config.model_type).modules.vision_blocks):
         mlp = getattr(block, "mlp", None)
         linears = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
         if not all(type(lin) is torch.nn.Linear for lin in linears):

@@ -46,9 +46,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.constants import DUMMY_TARGET_MODULES
 
 from vltune.core.config import ModelArgs
+from vltune.core.families import FamilySpec, ModuleMap, get_family
 
-DEFAULT_LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MERGER_NAMES = ("merger", "deepstack_merger_list")
+DEFAULT_LLM_TARGETS = ModuleMap().lora_targets
 
 
 def _split_csv(value: str | None) -> list[str]:
@@ -63,17 +63,17 @@ def _module_name(model: torch.nn.Module, target: torch.nn.Module) -> str:
     raise ValueError(f"{type(target).__name__} is not a submodule of {type(model).__name__}")
 
 
-def _towers(model: torch.nn.Module) -> tuple[str, str]:
-    """Dotted names of the vision tower and the language model (model.visual, model.language_model)."""
-    inner = getattr(model, "model", None)
-    visual = getattr(inner, "visual", None)
-    language_model = getattr(inner, "language_model", None)
-    if visual is None or language_model is None:
-        raise ValueError(
-            f"{type(model).__name__} has no model.visual / model.language_model: apply_lora expects a transformers "
-            "Qwen VL ...ForConditionalGeneration model (and not one already wrapped by peft)"
-        )
-    return _module_name(model, visual), _module_name(model, language_model)
+def _family(model: torch.nn.Module) -> FamilySpec:
+    """The model's family; its module map names the parts LoRA treats differently."""
+    if isinstance(model, PeftModel):
+        raise ValueError("apply_lora expects a transformers ...ForConditionalGeneration model, not one already wrapped by peft")
+    spec = get_family(getattr(getattr(model, "config", None), "model_type", None), "apply_lora: the model's config model_type")
+    for role, path in spec.modules.all_paths().items():
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"apply_lora: {type(model).__name__} has no {path} (the {role} of {spec.name})") from None
+    return spec
 
 
 def _linear_suffixes(model: torch.nn.Module, prefix: str) -> list[str]:
@@ -82,9 +82,9 @@ def _linear_suffixes(model: torch.nn.Module, prefix: str) -> list[str]:
     return sorted({re.sub(prefix, "", n, count=1) for n in linears if re.match(prefix, n)})
 
 
-def _llm_target_regex(model: torch.nn.Module, llm: str, targets: list[str]) -> str:
+def _llm_target_regex(model: torch.nn.Module, layers: str, targets: list[str]) -> str:
     """Regex for the LLM decoder layers' modules named in `targets`; unknown names are an error."""
-    layer_prefix = rf"{re.escape(llm)}\.layers\.\d+\."
+    layer_prefix = rf"{re.escape(layers)}\.\d+\."
     known = _linear_suffixes(model, layer_prefix)  # e.g. self_attn.q_proj, mlp.gate_proj
     for target in targets:
         if not any(re.fullmatch(rf"(?:[^.]+\.)*{re.escape(target)}", k) for k in known):
@@ -92,23 +92,24 @@ def _llm_target_regex(model: torch.nn.Module, llm: str, targets: list[str]) -> s
     return rf"{layer_prefix}(?:[^.]+\.)*(?:{'|'.join(re.escape(t) for t in targets)})"
 
 
-def _vision_target_regex(model: torch.nn.Module, visual: str) -> str:
+def _vision_target_regex(model: torch.nn.Module, blocks: str) -> str:
     """Regex for every linear layer inside the vision blocks, with the suffixes read off the model."""
-    block_prefix = rf"{re.escape(visual)}\.blocks\.\d+\."
+    block_prefix = rf"{re.escape(blocks)}\.\d+\."
     suffixes = _linear_suffixes(model, block_prefix)
     if not suffixes:
-        raise ValueError(f"tune_mm_vision: found no linear layers under {visual}.blocks")
+        raise ValueError(f"tune_mm_vision: found no linear layers under {blocks}")
     return rf"{block_prefix}(?:{'|'.join(re.escape(s) for s in suffixes)})"
 
 
-def _merger_modules(model: torch.nn.Module, visual: str) -> list[str]:
-    """Full names of the merger and of each deepstack merger (Qwen3-VL)."""
-    tower = model.get_submodule(visual)
-    names = [f"{visual}.merger"] if hasattr(tower, "merger") else []
-    for i, _ in enumerate(getattr(tower, "deepstack_merger_list", [])):
-        names.append(f"{visual}.deepstack_merger_list.{i}")
-    if not names:
-        raise ValueError(f"tune_mm_mlp: {visual} has no merger")
+def _merger_modules(model: torch.nn.Module, projectors: tuple[str, ...]) -> list[str]:
+    """Full names of the projectors, a module list (Qwen3-VL's DeepStack mergers) entry by entry."""
+    names = []
+    for path in projectors:
+        module = model.get_submodule(path)
+        if isinstance(module, torch.nn.ModuleList):
+            names += [f"{path}.{i}" for i in range(len(module))]
+        else:
+            names.append(path)
     return names
 
 
@@ -134,14 +135,14 @@ def lora_config(model: torch.nn.Module, model_args: ModelArgs, trainable_token_i
     them into the LM head when the embeddings are tied. A fully trained embedding (embed_tokens in
     lora_modules_to_save) already covers them.
     """
-    visual, llm = _towers(model)
+    modules = _family(model).modules
     patterns = []
     if model_args.tune_mm_llm:
-        targets = _split_csv(model_args.lora_target_modules) or list(DEFAULT_LLM_TARGETS)
-        patterns.append(_llm_target_regex(model, llm, targets))
+        targets = _split_csv(model_args.lora_target_modules) or list(modules.lora_targets)
+        patterns.append(_llm_target_regex(model, modules.decoder_layers, targets))
     if model_args.tune_mm_vision:
-        patterns.append(_vision_target_regex(model, visual))
-    modules_to_save = _merger_modules(model, visual) if model_args.tune_mm_mlp else []
+        patterns.append(_vision_target_regex(model, modules.vision_blocks))
+    modules_to_save = _merger_modules(model, modules.projectors) if model_args.tune_mm_mlp else []
     modules_to_save += _resolve_modules_to_save(model, _split_csv(model_args.lora_modules_to_save))
     modules_to_save = list(dict.fromkeys(modules_to_save))
     if not patterns and not modules_to_save:

@@ -36,7 +36,8 @@ import functools
 
 import torch
 
-from vltune.core.config import OPTIMIZERS, ModelArgs, TrainArgs
+from vltune.core.config import OPTIMIZERS, TrainArgs
+from vltune.core.families import ModuleMap
 from vltune.core.param_groups import COMPONENTS, component_lrs, component_of, decays
 
 
@@ -184,14 +185,13 @@ class MasterWeights:
             master.copy_(state[key])
 
 
-def build_param_groups(model: torch.nn.Module, model_args: ModelArgs, train_args: TrainArgs) -> list[dict]:
+def build_param_groups(model: torch.nn.Module, modules: ModuleMap, train_args: TrainArgs) -> list[dict]:
     """AdamW groups for the trainable parameters of `model`, named llm, llm_no_decay, vision, ...
 
-    `model_args` is accepted so that callers pass the full recipe; the grouping itself only needs
-    the names, because freezing (apply_freeze / apply_lora) has already decided what trains.
+    The split is by name through the family's module map; freezing (apply_freeze / apply_lora) has
+    already decided what trains.
     Each trainable parameter lands in exactly one group; frozen ones in none; empty groups are dropped.
     """
-    del model_args  # the split is by name; see the docstring
     lrs = component_lrs(train_args)
     buckets: dict[tuple[str, bool], list[torch.nn.Parameter]] = {(c, d): [] for c in COMPONENTS for d in (True, False)}
     seen: set[int] = set()
@@ -199,7 +199,7 @@ def build_param_groups(model: torch.nn.Module, model_args: ModelArgs, train_args
         if not param.requires_grad or id(param) in seen:
             continue  # named_parameters already drops tied duplicates; `seen` guards custom modules
         seen.add(id(param))
-        buckets[(component_of(name), decays(name, param.shape))].append(param)
+        buckets[(component_of(name, modules), decays(name, param.shape))].append(param)
 
     groups = []
     for (component, decay), params in buckets.items():

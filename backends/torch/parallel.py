@@ -32,6 +32,7 @@ from vltune.core.contracts import Batch
 
 from .checkpoint import OPTIMIZER_FILE, RNG_FILE, rng_state, set_rng_state
 from .distributed import DistContext, VisionSync
+from .models import part
 from .optim import set_learning_rates
 from .trainer import TorchBackend
 
@@ -154,11 +155,10 @@ class FSDPBackend(_DistributedBackend):
             self.autocast_dtype = None  # FSDP casts the gathered parameters itself
         else:
             policy = MixedPrecisionPolicy()
-        base = self.base.model
-        for block in base.visual.blocks:
+        for block in part(self.base, "vision_blocks"):
             fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(base.visual, mesh=mesh, mp_policy=policy)
-        for layer in base.language_model.layers:
+        fully_shard(part(self.base, "vision_tower"), mesh=mesh, mp_policy=policy)
+        for layer in part(self.base, "decoder_layers"):
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         # The root's inputs stay as given: float position ids (Circle-RoPE) must not become bf16.
         root_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype, cast_forward_inputs=False)

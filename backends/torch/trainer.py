@@ -15,19 +15,21 @@ import torch.nn.functional as F
 
 from vltune.core.config import ModelArgs, TrainArgs
 from vltune.core.contracts import IGNORE_INDEX, Batch, loss_denominator
+from vltune.core.families import get_family
 from vltune.core.flops import gpu_peak_flops
 from vltune.core.mdlm import MdlmObjective, mdlm_model_args
 from vltune.core.mdlm_sampler import SamplerSettings
 from vltune.data.mdlm_tokens import write_mdlm_files
 from vltune.data.model_info import ModelInfo
 
-from .batch import VISION_GRID_EXTRAS, pin_batch, to_model_inputs, to_tensor, vision_tower_kwargs
+from .batch import pin_batch, to_model_inputs, to_tensor, vision_tower_kwargs
 from .checkpoint import OPTIMIZER_FILE, RNG_FILE, load_weights, rng_state, save_hf_model, saved_state, set_rng_state
 from .infer import generate_greedy, generate_with_positions
 from .lora import apply_lora, keep_adapter_inputs_in_compute_dtype
 from .kernels import align_vision_mlp, apply_liger_kernels, compile_blocks
 from .loss import head_loss_sum, kept_token_loss_sum, trained_positions
 from .mdlm import bidirectional_logits, diffusion_sample, weighted_loss_sum
+from .models import model_entry, module_at
 from .models.bidirectional import make_bidirectional
 from .models.circle_rope import CircleRopeAdapter
 from .models.varlen import enable_varlen
@@ -39,15 +41,10 @@ def apply_freeze(model: torch.nn.Module, model_args: ModelArgs) -> None:
     The LM head follows tune_mm_llm whether or not it is tied to the embedding (the official
     scripts leave an untied head trainable with tune_mm_llm=False).
     """
-    visual = model.model.visual
-    mlp_names = ("merger", "deepstack_merger_list")
-    for name, param in visual.named_parameters():
-        is_mlp = name.split(".")[0] in mlp_names
-        param.requires_grad_(model_args.tune_mm_mlp if is_mlp else model_args.tune_mm_vision)
-    for param in model.model.language_model.parameters():
-        param.requires_grad_(model_args.tune_mm_llm)
-    for param in model.lm_head.parameters():
-        param.requires_grad_(model_args.tune_mm_llm)
+    modules = get_family(model.config.model_type).modules
+    train = {"vision": model_args.tune_mm_vision, "merger": model_args.tune_mm_mlp, "llm": model_args.tune_mm_llm}
+    for name, param in model.named_parameters():
+        param.requires_grad_(train[modules.component_of(name)])
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("tune_mm_llm, tune_mm_vision and tune_mm_mlp are all false: nothing to train")
 
@@ -126,7 +123,7 @@ class TorchBackend:
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the per-component groups; a sharding engine calls it again once parameters are sharded."""
-        groups = build_param_groups(self.model, self.model_args, self.args)
+        groups = build_param_groups(self.model, self.info.family.modules, self.args)
         if self.masters is not None:
             groups = self.masters.groups(groups)
         self.trainable = [p for group in groups for p in group["params"]]
@@ -160,8 +157,8 @@ class TorchBackend:
         two values back from the GPU per modality. Qwen3-VL's features also feed its deepstack layers,
         so they go to the stock forward as `mm_encoder_outputs`."""
         inner = self.base.model
-        model_type = self.base.config.model_type
-        if model_type not in VISION_GRID_EXTRAS:  # a tower vltune does not know: transformers' own path
+        entry = model_entry(self.info.model_type)
+        if entry.vision_inputs is None:  # a tower vltune does not precompute for: transformers' own path
             return inputs
         encoders = (("image", "pixel_values", "image_grid_thw", inner.get_image_features),
                     ("video", "pixel_values_videos", "video_grid_thw", inner.get_video_features))
@@ -170,12 +167,13 @@ class TorchBackend:
             if pixels not in inputs:
                 continue
             host_grid = torch.as_tensor(batch[grid])
-            kwargs = vision_tower_kwargs(inner.visual, model_type, host_grid, self.device)
+            kwargs = vision_tower_kwargs(module_at(self.base, self.info.family.modules.vision_tower), entry.vision_inputs,
+                                         host_grid, self.device)
             encoded[modality] = encode(inputs[pixels], host_grid, return_dict=True, **kwargs)
         if not encoded:
             return inputs
         rest = {k: v for k, v in inputs.items() if not k.startswith("pixel_values")}
-        if model_type == "qwen3_vl":
+        if entry.features_to_forward:
             return {**rest, "mm_encoder_outputs": encoded}
         embeds = inner.get_input_embeddings()(rest.pop("input_ids"))
         for modality, output in encoded.items():

@@ -205,7 +205,7 @@ def test_thinking_budget_cuts_and_answers_on_mindspore(tiny_model_dirs, tmp_path
     """The rewired Qwen3-VL that never stops thinking (tests/integration/test_infer_thinking.py): cut
     at N tokens, closing phrase, answer -- streamed, and the same Answer as the torch backend's."""
     from test_infer_thinking import ANSWER_WORD, THINK_WORD, _edit_into_a_thinker
-    from vltune.backends.torch.tiny.templates import QWEN3_VL_THINKING_CHAT_TEMPLATE
+    from vltune.core.families.chat_templates import QWEN3_VL_THINKING_CHAT_TEMPLATE
 
     thinker = _edit_into_a_thinker(tiny_model_dirs["qwen3_vl"], tmp_path / "m", QWEN3_VL_THINKING_CHAT_TEMPLATE)
     answers, streamed = {}, {}

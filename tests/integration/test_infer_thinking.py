@@ -22,7 +22,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from vltune.backends.torch.tiny.templates import QWEN3_VL_THINKING_CHAT_TEMPLATE  # noqa: E402
+from vltune.core.families.chat_templates import QWEN3_VL_THINKING_CHAT_TEMPLATE  # noqa: E402
 from vltune.cli import main  # noqa: E402
 from vltune.core.generation import THINKING_CLOSE, GenerationSettings  # noqa: E402
 from vltune.inference import Predictor, answer_prompt  # noqa: E402

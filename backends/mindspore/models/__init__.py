@@ -1,8 +1,8 @@
 """Model registry of the MindSpore backend: config.json's `model_type` -> native MindSpore model.
 
 Mirrors backends/torch/models: the class is chosen from the model's own config, never from its path.
-Qwen2.5-VL and Qwen3-VL share one module tree (the differences are config switches), so the registry
-maps both onto `QwenVLForConditionalGeneration`; Qwen2-VL has no MindSpore model yet.
+Each family with a native model has a file here named after it whose `ENTRY` (entry.py) names the class
+and the switches it needs; Qwen2.5-VL and Qwen3-VL share one module tree (qwen_vl.py).
 """
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..attention import Kernels, kernels_for
-from .config import SUPPORTED_MODEL_TYPES, VLConfig
+from .config import VLConfig
+from .entry import model_entry
 from .qwen_vl import ModelInputs, QwenVLForConditionalGeneration
 from .text import KVCache
 
-MODEL_CLASSES = {model_type: QwenVLForConditionalGeneration for model_type in SUPPORTED_MODEL_TYPES}
 
 
 def build_model(cfg: VLConfig, kernels: Kernels | None = None) -> QwenVLForConditionalGeneration:
     """An uninitialised (zero) model for `cfg`, its parameters named with their HF names."""
-    model = MODEL_CLASSES[cfg.model_type](cfg, kernels or kernels_for())
+    model = model_entry(cfg.model_type).cls(cfg, kernels or kernels_for())
     for name, param in model.parameters_and_names():
         param.name = name  # cells assigned after their parent was built keep short names otherwise
     return model
@@ -35,4 +35,4 @@ def load_model(model_dir: str | Path, kernels: Kernels | None = None) -> QwenVLF
     return model
 
 
-__all__ = ["MODEL_CLASSES", "KVCache", "ModelInputs", "QwenVLForConditionalGeneration", "VLConfig", "build_model", "load_model"]
+__all__ = ["KVCache", "ModelInputs", "QwenVLForConditionalGeneration", "VLConfig", "build_model", "load_model"]

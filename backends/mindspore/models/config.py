@@ -11,7 +11,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
+from vltune.core.families import family_names, get_family
+
+from .entry import model_entry
+
+SUPPORTED_MODEL_TYPES = family_names("mindspore")
 
 
 @dataclass(frozen=True)
@@ -74,13 +78,14 @@ class VLConfig:
     @classmethod
     def from_dict(cls, cfg: dict) -> "VLConfig":
         model_type = cfg.get("model_type")
+        spec = get_family(model_type, "config.json model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} has no MindSpore model (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        entry = model_entry(model_type)
         text = cfg.get("text_config") or cfg  # released Qwen2.5-VL configs are flat
         vision = cfg["vision_config"]
         rope = text.get("rope_parameters") or {}
         scaling = text.get("rope_scaling") or {}
-        qwen3 = model_type == "qwen3_vl"
         heads = text["num_attention_heads"]
         text_cfg = TextConfig(
             vocab_size=text["vocab_size"],
@@ -91,11 +96,11 @@ class VLConfig:
             num_key_value_heads=text.get("num_key_value_heads", heads),
             head_dim=text.get("head_dim") or text["hidden_size"] // heads,
             rms_norm_eps=text.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 5000000.0 if qwen3 else 1000000.0))),
-            mrope_section=tuple(rope.get("mrope_section") or scaling.get("mrope_section") or ([24, 20, 20] if qwen3 else [16, 24, 24])),
-            mrope_interleaved=bool(rope.get("mrope_interleaved", scaling.get("mrope_interleaved", qwen3))),
-            attention_bias=bool(text.get("attention_bias", False)) if qwen3 else True,
-            qk_norm=qwen3,
+            rope_theta=float(rope.get("rope_theta", text.get("rope_theta", entry.text_defaults["rope_theta"]))),
+            mrope_section=tuple(rope.get("mrope_section") or scaling.get("mrope_section") or entry.text_defaults["mrope_section"]),
+            mrope_interleaved=bool(rope.get("mrope_interleaved", scaling.get("mrope_interleaved", spec.position.mrope_interleaved))),
+            attention_bias=bool(text.get("attention_bias", False)) if entry.attention_bias is None else entry.attention_bias,
+            qk_norm=entry.qk_norm,
             hidden_act=text.get("hidden_act", "silu"),
         )
         vrope = vision.get("rope_parameters") or {}
@@ -105,11 +110,11 @@ class VLConfig:
             intermediate_size=vision["intermediate_size"],
             num_heads=vision["num_heads"],
             out_hidden_size=vision["out_hidden_size"],
-            patch_size=vision.get("patch_size", 16 if qwen3 else 14),
+            patch_size=vision.get("patch_size", entry.vision_defaults["patch_size"]),
             temporal_patch_size=vision.get("temporal_patch_size", 2),
             spatial_merge_size=vision.get("spatial_merge_size", 2),
             in_channels=vision.get("in_channels", vision.get("in_chans", 3)),
-            hidden_act=vision.get("hidden_act", "gelu_pytorch_tanh" if qwen3 else "silu"),
+            hidden_act=vision.get("hidden_act", entry.vision_defaults["hidden_act"]),
             rope_theta=float(vrope.get("rope_theta", 10000.0)),
             window_size=vision.get("window_size", 112),
             fullatt_block_indexes=tuple(vision.get("fullatt_block_indexes", ())),

@@ -20,6 +20,7 @@ from vltune.core.contracts import Batch
 
 from ..attention import Kernels, TextAttentionLayout
 from .config import VLConfig
+from .entry import model_entry
 from .layers import Linear
 from .text import KVCache, TextModel
 from .vision import VisionTransformer
@@ -101,7 +102,7 @@ class QwenVLModel(nn.Cell):
     def __init__(self, cfg: VLConfig, kernels: Kernels):
         super().__init__()
         self.cfg = cfg
-        self.visual = VisionTransformer(cfg.vision, kernels, qwen3=cfg.model_type == "qwen3_vl")
+        self.visual = VisionTransformer(cfg.vision, kernels, qwen3=model_entry(cfg.model_type).siglip_tower)
         self.language_model = TextModel(cfg.text, kernels)
 
     def construct(self, inputs: ModelInputs, cache: KVCache | None = None) -> Tensor:

@@ -13,7 +13,9 @@ from itertools import accumulate, groupby
 
 import numpy as np
 
-SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
+from vltune.core.families import family_names
+
+SUPPORTED_MODEL_TYPES = family_names("mindspeed")
 
 
 class ConvertError(ValueError):

@@ -1,23 +1,53 @@
-"""Model registry of the torch backend: config.json's `model_type` -> transformers class.
+"""Model registry of the torch backend: a family (core/families) -> transformers class + `TorchModel` entry.
 
-The class is chosen from the model's own config, never from a substring of its path (the official
-scripts do the latter and pick the wrong class for renamed directories).
+The class is the one config.json's `model_type` names through its family spec, never a guess from
+the model directory's path (the official scripts do the latter and pick the wrong class for renamed
+directories). Each family has a file here named after it that defines `ENTRY`.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 from pathlib import Path
 
 import torch
 
-from vltune.data.model_info import read_model_info
+from vltune.core.families import FamilySpec, family_names, get_family, read_model_info
 
-MODEL_CLASSES = {
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration",
-}
+from .entry import TorchModel
+
+
+def model_entry(model_type: str) -> TorchModel:
+    """The torch entry of a family; an error naming the family if this backend has none."""
+    spec = get_family(model_type)
+    try:
+        module = importlib.import_module(f"{__name__}.{spec.name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{spec.name}":
+            raise
+        raise ValueError(f"model_type {spec.name!r} has no torch model entry (backends/torch/models/{spec.name}.py)") from None
+    return module.ENTRY
+
+
+def model_class(spec: FamilySpec):
+    import transformers
+
+    return getattr(transformers, spec.architecture)
+
+
+def module_at(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The module at a module-map path (core/families ModuleMap) of a plain or peft-wrapped model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_submodule(path)
+
+
+def part(model: torch.nn.Module, role: str) -> torch.nn.Module:
+    """The module playing `role` of the family's module map ("vision_tower", "decoder_layers", "llm",
+    ...) in a plain or peft-wrapped transformers model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_submodule(getattr(get_family(base.config.model_type).modules, role))
 
 
 def load_model(
@@ -26,11 +56,9 @@ def load_model(
     attn_implementation: str = "sdpa",
     adapter: str | Path | None = None,
 ):
-    """Load an HF-format Qwen VL directory with the class its config.json names (plus a PEFT adapter)."""
-    import transformers
-
+    """Load an HF-format model directory with the class its config.json's family names (plus a PEFT adapter)."""
     info = read_model_info(model_dir)
-    cls = getattr(transformers, MODEL_CLASSES[info.model_type])
+    cls = model_class(info.family)
     model = cls.from_pretrained(str(model_dir), dtype=dtype, attn_implementation=attn_implementation)
     if adapter is not None:
         from peft import PeftModel
@@ -42,7 +70,7 @@ def load_model(
 
 
 def merge_lora(model_dir: str | Path, adapter: str | Path, out_dir: str | Path) -> Path:
-    """Fold a LoRA adapter into its base weights and save a full HF-format model directory."""
+    """Fold a LoRA adapter into its base weights and save a full HF-format directory."""
     from ..checkpoint import CIRCLE_ROPE_FILE, save_hf_model
 
     merged = load_model(model_dir, adapter=adapter).merge_and_unload()
@@ -50,3 +78,8 @@ def merge_lora(model_dir: str | Path, adapter: str | Path, out_dir: str | Path) 
     circle = json.loads(circle_file.read_text()) if circle_file.exists() else None
     save_hf_model(merged, Path(model_dir), Path(out_dir), circle_rope=circle)
     return Path(out_dir)
+
+
+def torch_families() -> tuple[str, ...]:
+    """The families that have a torch entry."""
+    return tuple(name for name in family_names() if importlib.util.find_spec(f"{__name__}.{name}") is not None)

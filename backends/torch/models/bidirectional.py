@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import torch
 
+from . import part
+
 
 def text_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The attention modules of the language model's decoder layers (peft-wrapped or not)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = base.model.language_model.layers
-    return [layer.self_attn for layer in layers]
+    return [layer.self_attn for layer in part(model, "decoder_layers")]
 
 
 def make_bidirectional(model: torch.nn.Module) -> int:

@@ -15,12 +15,14 @@ import torch
 
 from vltune.core.circle_rope import age_layer_mask
 
+from . import part
+
 
 class CircleRopeAdapter:
     """Per-layer rotary embeddings for a transformers Qwen2.5-VL / Qwen3-VL model."""
 
     def __init__(self, model: torch.nn.Module, circle_rope: dict):
-        self.text_model = model.model.language_model
+        self.text_model = part(model, "llm")
         self.config = dict(circle_rope)
         self.layer_mask = age_layer_mask(self.config.get("AGE_mode", "strategy_1"), len(self.text_model.layers))
         self._alt_ids: torch.Tensor | None = None

@@ -26,6 +26,8 @@ import torch
 
 from vltune.ops.torch.attention import varlen_attention
 
+from . import part
+
 VARLEN_PREFIX = "vltune_varlen_"
 FALLBACKS = ("sdpa", "eager")
 """The implementations a model may have had; padded batches keep using it."""
@@ -129,8 +131,8 @@ def _vision_attention_forward(self, hidden_states: torch.Tensor, cu_seqlens: tor
 def vision_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The attention modules of the vision tower's blocks; `model` is the VL model or the tower itself."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    visual = base if hasattr(base, "blocks") else base.model.visual
-    return [block.attn for block in visual.blocks]
+    blocks = base.blocks if hasattr(base, "blocks") else part(base, "vision_blocks")
+    return [block.attn for block in blocks]
 
 
 def enable_varlen_vision(model: torch.nn.Module) -> int:
@@ -143,8 +145,7 @@ def enable_varlen_vision(model: torch.nn.Module) -> int:
 
 
 def text_config(model: torch.nn.Module):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.language_model.config
+    return part(model, "llm").config
 
 
 def enable_varlen(model: torch.nn.Module, vision: bool = True) -> str:
@@ -162,15 +163,6 @@ def enable_varlen(model: torch.nn.Module, vision: bool = True) -> str:
     if vision:
         enable_varlen_vision(model)
     return config._attn_implementation
-
-
-def packed_attention_kwargs(cu_seqlens: np.ndarray, max_seqlen: int | np.ndarray, device: torch.device) -> dict:
-    """The keyword arguments that make the text attention treat a [1, L] row as packed sub-sequences."""
-    from ..batch import send  # pinned and non-blocking: a plain copy to the GPU waits for its queue
-
-    cu = send(torch.as_tensor(np.asarray(cu_seqlens, dtype=np.int32)), device)
-    longest = int(max_seqlen)
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def require_varlen(model: torch.nn.Module | None) -> None:

@@ -20,6 +20,7 @@ from vltune.backends.torch.lora import DEFAULT_LLM_TARGETS, apply_lora  # noqa: 
 from vltune.backends.torch.models import load_model  # noqa: E402
 from vltune.backends.torch.optim import build_param_groups  # noqa: E402
 from vltune.core.config import ModelArgs, TrainArgs  # noqa: E402
+from vltune.core.families import get_family  # noqa: E402
 from vltune.data.collate import collate_padded  # noqa: E402
 from vltune.data.dataset import SFTDataset  # noqa: E402
 from vltune.data.formats import load_samples  # noqa: E402
@@ -64,7 +65,7 @@ def _loss(model, batch) -> torch.Tensor:
 def _train(model, batch, model_args: ModelArgs, steps: int = 2) -> None:
     """`steps` AdamW steps at lr 1e-2 over build_param_groups. LoRA's B starts at zero, so A only gets
     a gradient from the second step on: two steps are the fewest that move every adapter weight."""
-    opt = torch.optim.AdamW(build_param_groups(model, model_args, TrainArgs(learning_rate=1e-2)))
+    opt = torch.optim.AdamW(build_param_groups(model, get_family(model.config.model_type).modules, TrainArgs(learning_rate=1e-2)))
     model.train()
     for _ in range(steps):
         _loss(model, batch).backward()
@@ -178,7 +179,7 @@ def test_groups_of_a_full_model(tiny_model_dirs, vision_lr, projector_lr):
     model = load_model(tiny_model_dirs[family])
     model.model.visual.patch_embed.requires_grad_(False)  # a frozen part must appear in no group
     train = TrainArgs(learning_rate=1e-5, vision_tower_lr=vision_lr, mm_projector_lr=projector_lr, weight_decay=0.1)
-    groups = build_param_groups(model, _args(tiny_model_dirs[family]), train)
+    groups = build_param_groups(model, get_family(family).modules, train)
     lrs = {"llm": 1e-5, "vision": vision_lr or 1e-5, "merger": projector_lr or 1e-5}
     _check_groups(model, groups, lrs, 0.1)
     assert {g["name"] for g in groups} == {f"{c}{s}" for c in ("llm", "vision", "merger") for s in ("", "_no_decay")}
@@ -191,7 +192,7 @@ def test_groups_of_a_lora_model(tiny_model_dirs):
     model_dir = tiny_model_dirs["qwen3_vl"]
     model = apply_lora(load_model(model_dir), _args(model_dir))
     train = TrainArgs(learning_rate=1e-4, vision_tower_lr=2e-5, mm_projector_lr=5e-4, weight_decay=0.01)
-    groups = build_param_groups(model, _args(model_dir), train)
+    groups = build_param_groups(model, get_family(model.config.model_type).modules, train)
     _check_groups(model, groups, {"llm": 1e-4, "vision": 2e-5, "merger": 5e-4}, 0.01)
     names = {id(p): n for n, p in model.named_parameters()}
     by_group = {g["name"]: [names[id(p)] for p in g["params"]] for g in groups}
@@ -227,7 +228,7 @@ def test_groups_split_by_name_not_by_module_type():
     toy = _toy_model(dict(zip(names, [(4, 4), (4,), (2, 4), (4, 2), (4, 4), (4, 4)])))
     toy.get_parameter(names[4]).requires_grad_(False)
     train = TrainArgs(learning_rate=1.0, vision_tower_lr=2.0, mm_projector_lr=3.0, weight_decay=0.5)
-    groups = build_param_groups(toy, ModelArgs(), train)
+    groups = build_param_groups(toy, get_family("qwen3_vl").modules, train)
     index = {id(p): names.index(n) for n, p in toy.named_parameters()}
     got = {g["name"]: ([index[id(p)] for p in g["params"]], g["lr"], g["weight_decay"]) for g in groups}
     assert got == {

@@ -13,11 +13,12 @@ pytest.importorskip("av")  # the corpus has videos
 import torch.nn.functional as F  # noqa: E402
 
 from vltune.backends.torch.batch import to_model_inputs  # noqa: E402
-from vltune.backends.torch.models import load_model  # noqa: E402
+from vltune.backends.torch.models import load_model, model_entry  # noqa: E402
 from vltune.backends.torch.models.varlen import enable_varlen, vision_attention_modules  # noqa: E402
 from vltune.backends.torch.trainer import TorchBackend  # noqa: E402
 from vltune.core.config import CIRCLE_ROPE_DEFAULTS, ModelArgs, TrainArgs  # noqa: E402
 from vltune.core.contracts import count_trained_tokens  # noqa: E402
+from vltune.core.families import FAMILIES, family_names  # noqa: E402
 from vltune.data.collate import Collator  # noqa: E402
 from vltune.data.dataset import SFTDataset  # noqa: E402
 from vltune.data.formats import read_annotation  # noqa: E402
@@ -52,9 +53,9 @@ def _token_losses(logits: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
     return ce[labels[1:] != -100]
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-def test_packed_row_equals_samples_one_by_one(request, tiny_model_dirs, corpus, model_type):
-    model_dir = tiny_model_dirs.get(model_type) or request.getfixturevalue("tiny_qwen2_vl")
+@pytest.mark.parametrize("model_type", family_names("packing"))  # every family that packs: a new one is covered
+def test_packed_row_equals_samples_one_by_one(tiny_models, corpus, model_type):
+    model_dir = tiny_models[model_type]
     dataset, features = _features(corpus, model_dir)
     assert {f.pixel_values is not None for f in features} == {True, False}
     assert any(f.pixel_values_videos is not None for f in features)
@@ -66,12 +67,16 @@ def test_packed_row_equals_samples_one_by_one(request, tiny_model_dirs, corpus, 
     assert n_tokens == sum(count_trained_tokens(b) for b in singles)
 
     backend = _backend(model_dir, dataset.info)
+    # An MoE router's load-balancing loss is a statistic of the whole micro-batch (expert shares over
+    # all its tokens), not a sum over samples: the per-sample CE below is compared with it on, the summed
+    # loss and the gradients without it.
     with torch.no_grad():
         packed_losses = _token_losses(backend._logits(packed)[0], packed["labels"])
         single_losses = torch.cat([_token_losses(backend._logits(b)[0], b["labels"]) for b in singles])
     assert packed_losses.shape == single_losses.shape == (n_tokens,)
     torch.testing.assert_close(packed_losses, single_losses, rtol=0, atol=1e-5)
 
+    backend.router_aux_coef = 0.0
     loss_packed = float(backend.forward_backward(packed, 1.0 / n_tokens))
     grads_packed = {n: p.grad.clone() for n, p in backend.model.named_parameters()}
     backend.zero_grad()
@@ -200,11 +205,11 @@ def _spy(helper, name: str, computed: list):
     return call
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-def test_vision_inputs_computed_on_the_host_give_the_stock_forward(request, tiny_model_dirs, corpus, model_type, monkeypatch):
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_vision_inputs_computed_on_the_host_give_the_stock_forward(tiny_models, corpus, model_type, monkeypatch):
     """The one-process forward runs the tower itself with grid-derived inputs computed on the host
     (batch.vision_tower_kwargs); images and videos, padded and packed, give the stock model's hidden states."""
-    model_dir = tiny_model_dirs.get(model_type) or request.getfixturevalue("tiny_qwen2_vl")
+    model_dir = tiny_models[model_type]
     dataset, features = _features(corpus, model_dir, ("single-0", "image_video-9", "multi-1"))
     backend = _backend(model_dir, dataset.info)
     backend.model.eval()
@@ -222,7 +227,7 @@ def test_vision_inputs_computed_on_the_host_give_the_stock_forward(request, tiny
         inputs = to_model_inputs(batch, backend.device, model=backend.model)
         routed = backend._encode_vision(batch, dict(inputs))
         assert "pixel_values" not in routed and "pixel_values_videos" not in routed
-        if model_type == "qwen3_vl":  # its features also feed the deepstack layers: the stock forward places them
+        if model_entry(model_type).features_to_forward:  # DeepStack: the stock forward places them
             assert set(routed["mm_encoder_outputs"]) == {"image", "video"}
         else:  # placed into the embeddings here, with no device read-back
             assert "inputs_embeds" in routed and "input_ids" not in routed and "mm_encoder_outputs" not in routed

@@ -121,5 +121,5 @@ def test_make_tiny_is_deterministic(tmp_path, tiny_qwen2_5_vl):
 def test_make_tiny_rejects_unknown_type(tmp_path):
     from vltune.backends.torch.tiny import make_tiny
 
-    with pytest.raises(ValueError, match="unknown --model-type 'llava'"):
+    with pytest.raises(ValueError, match="make-tiny --model-type: 'llava' is not a model family"):
         make_tiny("llava", tmp_path)

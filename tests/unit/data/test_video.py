@@ -48,9 +48,9 @@ try:
 except ImportError:  # decoding tests skip; the pixel tests need no decoder
     av = None
 
-QWEN2 = VideoConfig(model_type="qwen2_5_vl", min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28)
+QWEN2 = VideoConfig(processor="Qwen2VLVideoProcessor", min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28)
 QWEN3 = VideoConfig(
-    model_type="qwen3_vl", patch_size=16, min_pixels=4096, max_pixels=16 * 32 * 32 * 8,
+    processor="Qwen3VLVideoProcessor", patch_size=16, min_pixels=4096, max_pixels=16 * 32 * 32 * 8,
     image_mean=(0.5,) * 3, image_std=(0.5,) * 3, fps=2.0,
 )
 
@@ -152,7 +152,7 @@ def test_fps_sampling_matches_transformers_qwen3():
         proc = types.SimpleNamespace(fps=target, min_frames=lo, max_frames=hi)
         expected = sample_frames(proc, VideoMetadata(total_num_frames=total, fps=fps))
         assert np.array_equal(fps_frame_indices(total, fps, target, lo, hi), expected)
-        cfg = VideoConfig(model_type="qwen3_vl", fps=target, min_frames=lo, max_frames=hi)
+        cfg = VideoConfig(processor="Qwen3VLVideoProcessor", fps=target, min_frames=lo, max_frames=hi)
         assert np.array_equal(sample_frame_indices(total, fps, cfg), expected)
 
 
@@ -283,8 +283,8 @@ def _clip(frames: np.ndarray, fps: float = 25.0) -> VideoClip:
 
 
 CAPPED = [
-    VideoConfig(model_type="qwen2_5_vl", min_pixels=4 * 28 * 28, max_pixels=256 * 28 * 28, cap_pixels_per_frame=True, max_video_tokens=60),
-    VideoConfig(model_type="qwen3_vl", patch_size=16, min_pixels=4096, max_pixels=64 * 32 * 32 * 8, fps=2.0,
+    VideoConfig(processor="Qwen2VLVideoProcessor", min_pixels=4 * 28 * 28, max_pixels=256 * 28 * 28, cap_pixels_per_frame=True, max_video_tokens=60),
+    VideoConfig(processor="Qwen3VLVideoProcessor", patch_size=16, min_pixels=4096, max_pixels=64 * 32 * 32 * 8, fps=2.0,
                 image_mean=(0.5,) * 3, image_std=(0.5,) * 3, cap_pixels_per_frame=True, max_video_tokens=12),
 ]
 
@@ -301,7 +301,7 @@ def test_preprocess_matches_torch_reimplementation(cfg):
         expected, expected_grid = _torch_video_processor(frames, cfg)
         assert grid.dtype == np.int64 and grid.tolist() == expected_grid
         assert pixel_values.dtype == np.float32 and pixel_values.shape == expected.shape
-        assert np.array_equal(pixel_values, expected), (cfg.model_type, t, h, w)
+        assert np.array_equal(pixel_values, expected), (cfg.processor, t, h, w)
     if cfg.cap_pixels_per_frame:  # the cap must bind somewhere, or this case tests nothing new
         uncapped = VideoConfig(**{**cfg.__dict__, "cap_pixels_per_frame": False})
         assert any(video_resize_target(*s, cfg) != video_resize_target(*s, uncapped) for s in shapes)
@@ -416,7 +416,7 @@ def test_too_short(videos):
     one_frame_ok = VideoConfig(min_frames=1)  # Qwen2: a single frame is padded to one temporal patch
     clip = load_video(videos["one"], one_frame_ok)
     assert preprocess_video(clip, one_frame_ok)[1][0] == 1
-    qwen3_one = VideoConfig(model_type="qwen3_vl", patch_size=16, fps=2.0, min_frames=1)
+    qwen3_one = VideoConfig(processor="Qwen3VLVideoProcessor", patch_size=16, fps=2.0, min_frames=1)
     assert "Qwen3-VL needs at least 2" in str(_expect_error(videos["one"], "video_too_short", qwen3_one))
 
 
@@ -424,11 +424,11 @@ def test_too_short(videos):
 
 
 def _model_dir(path: Path, model_type: str) -> Path:
-    from vltune.backends.torch.tiny import _preprocessor_configs
+    from vltune.core.families import get_family
 
     path.mkdir()
     (path / "config.json").write_text(json.dumps({"model_type": model_type}))
-    for name, content in _preprocessor_configs(model_type).items():
+    for name, content in get_family(model_type).processor_configs().items():
         (path / name).write_text(json.dumps(content))
     return path
 
@@ -436,10 +436,10 @@ def _model_dir(path: Path, model_type: str) -> Path:
 def test_config_from_tiny_model_dirs(tmp_path):
     qwen25 = VideoConfig.from_preprocessor_config(_model_dir(tmp_path / "q25", "qwen2_5_vl"))
     # Qwen2.5-VL ships no video config: transformers builds its video processor from the image one
-    assert (qwen25.model_type, qwen25.min_pixels, qwen25.max_pixels, qwen25.patch_size) == ("qwen2_5_vl", 56 * 56, 28 * 28 * 1280, 14)
+    assert (qwen25.processor, qwen25.min_pixels, qwen25.max_pixels, qwen25.patch_size) == ("Qwen2VLVideoProcessor", 56 * 56, 28 * 28 * 1280, 14)
     assert (qwen25.base_interval, qwen25.min_frames, qwen25.max_frames) == (2.0, 4, 768)
     qwen3 = VideoConfig.from_preprocessor_config(_model_dir(tmp_path / "q3", "qwen3_vl"))
-    assert (qwen3.model_type, qwen3.min_pixels, qwen3.max_pixels, qwen3.patch_size) == ("qwen3_vl", 4096, 25165824, 16)
+    assert (qwen3.processor, qwen3.min_pixels, qwen3.max_pixels, qwen3.patch_size) == ("Qwen3VLVideoProcessor", 4096, 25165824, 16)
     assert (qwen3.fps, qwen3.image_mean, qwen3.is_qwen3) == (2.0, (0.5, 0.5, 0.5), True)
 
 

@@ -1,7 +1,8 @@
 """The chat templates of the released Qwen VL models, verbatim.
 
-They live here (not in data/) because they are part of a *model directory*: data/ always renders the
-template it finds in the model directory it is given, real or tiny.
+A family's spec names its template (`FamilySpec.chat_template`) and the tiny factory writes it into the
+model directories it builds. data/ never reads them from here: it renders the template it finds in the
+model directory it is given, real or tiny.
 """
 
 # Qwen2-VL and Qwen2.5-VL Instruct (chat_template.json of the released checkpoints).

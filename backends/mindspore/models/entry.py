@@ -1,0 +1,39 @@
+"""`MindSporeModel`: what the MindSpore backend needs to know about a family beyond its spec.
+
+Each family with a native MindSpore model has one file in this folder, named after its model_type,
+that defines `ENTRY`; a family without one has `capabilities.mindspore` False in core/families (the
+conformance suite checks the two agree).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from vltune.core.families import get_family
+
+
+@dataclass(frozen=True)
+class MindSporeModel:
+    cls: Any
+    """The native model class (an nn.Cell with transformers' module tree and parameter names)."""
+    siglip_tower: bool = False
+    """Vision tower layout: Qwen3-VL's (patch-embed bias, learned position grid, GELU MLP, DeepStack
+    mergers, full attention everywhere) instead of Qwen2.5-VL's (windows, SwiGLU MLP)."""
+    qk_norm: bool = False
+    """Per-head RMSNorm on q and k in the text attention."""
+    attention_bias: bool | None = True
+    """q/k/v biases in the text attention; None = config.json's `attention_bias`."""
+    text_defaults: dict = field(default_factory=dict)
+    """Text config values released checkpoints may leave out (rope_theta, mrope_section)."""
+    vision_defaults: dict = field(default_factory=dict)
+    """Vision config values released checkpoints may leave out (patch_size, hidden_act)."""
+
+
+def model_entry(model_type: str) -> MindSporeModel:
+    """The MindSpore entry of a family; a clear error when the family has no native model."""
+    spec = get_family(model_type)
+    if not spec.capabilities.mindspore:
+        raise ValueError(f"model_type {spec.name!r} has no MindSpore model; use backend: torch")
+    return importlib.import_module(f"{__package__}.{spec.name}").ENTRY

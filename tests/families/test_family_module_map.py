@@ -1,0 +1,51 @@
+"""Every module-map path resolves on the tiny model, the roles partition the parameters as the model's
+own structure says, and the default LoRA targets adapt every decoder layer."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def test_every_module_map_path_resolves(spec, torch_model):
+    for role, path in spec.modules.all_paths().items():
+        module = torch_model.get_submodule(path)  # raises AttributeError on a wrong path
+        assert isinstance(module, torch.nn.Module), role
+    assert len(torch_model.get_submodule(spec.modules.decoder_layers)) == torch_model.config.get_text_config().num_hidden_layers
+    assert torch_model.get_submodule(spec.modules.embeddings) is torch_model.get_input_embeddings()
+    assert torch_model.get_submodule(spec.modules.head) is torch_model.get_output_embeddings()
+
+
+def test_component_roles_follow_the_tower(spec, torch_model):
+    """merger = under a projector, vision = the rest of the tower, llm = everything else."""
+    tower = spec.modules.vision_tower
+    for name, _ in torch_model.named_parameters():
+        role = spec.modules.component_of(name)
+        under = lambda path: name.startswith(path + ".")  # noqa: E731
+        if any(under(p) for p in spec.modules.projectors):
+            assert role == "merger", name
+        elif under(tower):
+            assert role == "vision", name
+        else:
+            assert role == "llm", name
+    # the same rule on peft's names
+    assert spec.modules.component_of(f"base_model.model.{spec.modules.projectors[0]}.modules_to_save.default.x") == "merger"
+
+
+def test_default_lora_targets_adapt_every_decoder_layer(spec, model_dir):
+    pytest.importorskip("peft")
+    from vltune.backends.torch.lora import apply_lora
+    from vltune.backends.torch.models import load_model
+    from vltune.core.config import ModelArgs
+
+    model = apply_lora(load_model(model_dir), ModelArgs(train_type="lora", tune_mm_mlp=True))
+    layers = model.get_base_model().get_submodule(spec.modules.decoder_layers)
+    for i, layer in enumerate(layers):
+        adapted = {n.rsplit(".", 1)[-1] for n, m in layer.named_modules() if hasattr(m, "lora_A")}
+        assert adapted == set(spec.modules.lora_targets) & adapted and adapted, (i, adapted)
+        linear_names = {n.rsplit(".", 1)[-1] for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert set(spec.modules.lora_targets) <= linear_names | adapted, spec.modules.lora_targets
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trained)
+    assert any(spec.modules.component_of(n) == "merger" for n in trained)
