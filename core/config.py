@@ -53,6 +53,11 @@ class ModelArgs:
     """Comma-separated LLM module names that get adapters (default q,k,v,o,gate,up,down_proj).
     In LoRA mode tune_mm_llm puts adapters on the LLM, tune_mm_vision on the vision blocks' linear
     layers, and tune_mm_mlp trains the (small) merger in full."""
+    lora_target_parameters: str | None = None
+    """Comma-separated parameter names (peft `target_parameters`) that get adapters besides the modules:
+    fused weights that are not nn.Linear, e.g. MoE experts' mlp.experts.gate_up_proj. None = the family's
+    default (the experts of an MoE family, nothing for a dense one); "none" = no parameter targets.
+    peft adapts such parameters only with lora_dropout: 0."""
     lora_modules_to_save: str | None = None
     """Comma-separated modules trained in full next to the adapters (e.g. embed_tokens,lm_head)."""
     model_type: str | None = None
@@ -247,11 +252,28 @@ def family_problems(cfg: "RecipeConfig", spec: FamilySpec) -> list[str]:
         ("zero3", deepspeed_stage(t.deepspeed) == 3, "DeepSpeed ZeRO-3"),
         ("fsdp2", t.fsdp, "fsdp"),
     )
-    return [
+    problems = [
         f"{what}: vltune does not support it for {spec.name} (families that have it: {', '.join(family_names(flag)) or 'none'})"
         for flag, asked, what in asks
         if asked and not getattr(spec.capabilities, flag)
     ]
+    m = cfg.model
+    if m.train_type == "lora" and m.tune_mm_llm and lora_target_parameters(m, spec) and m.lora_dropout != 0:
+        problems.append(
+            f"lora_dropout: {m.lora_dropout} with LoRA on {spec.name}'s fused parameters "
+            f"({', '.join(lora_target_parameters(m, spec))}): peft adapts them only with lora_dropout: 0; "
+            "set lora_dropout: 0, or lora_target_parameters: none to adapt the attention only"
+        )
+    return problems
+
+
+def lora_target_parameters(m: "ModelArgs", spec: FamilySpec) -> list[str]:
+    """The parameter names LoRA adapts besides its target modules (recipe value, else the family's)."""
+    if m.lora_target_parameters is None:
+        return list(spec.modules.lora_target_parameters)
+    if m.lora_target_parameters.strip().lower() == "none":
+        return []
+    return [p.strip() for p in m.lora_target_parameters.split(",") if p.strip()]
 
 
 def check_family(cfg: "RecipeConfig", spec: FamilySpec) -> None:

@@ -76,6 +76,9 @@ class TrainBackend(Protocol):
         device work or touch the model."""
         ...
 
+    # Optional: `step_metrics() -> dict[str, float]`, values the engine measured over the micro-batches
+    # since the last logged row (an MoE router's `aux_loss`); the loop adds them to the row.
+
     def memory_stats(self) -> dict[str, float]:
         """Peak memory figures for the logs (e.g. {"peak_mem_gib": ...}); may be empty."""
         ...

@@ -167,6 +167,7 @@ def run_training(
                 "samples_per_s": round(window_samples / elapsed, 2),
                 "data_wait_s": round(window_data_s, 3),
                 **backend.memory_stats(),
+                **getattr(backend, "step_metrics", dict)(),  # e.g. an MoE router's aux_loss
             }
             if flops and peak_flops:
                 row["mfu"] = float(f"{window_flops / elapsed / peak_flops:.4g}")  # tiny models: ~1e-5

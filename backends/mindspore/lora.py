@@ -28,7 +28,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
-from vltune.core.config import ModelArgs
+from vltune.core.config import ModelArgs, lora_target_parameters
 from vltune.core.families import get_family
 
 from .checkpoint import read_safetensors, write_atomically, write_safetensors
@@ -88,7 +88,14 @@ class LoraState:
         if not (model_args.tune_mm_llm or model_args.tune_mm_mlp):
             raise ValueError("LoRA has nothing to train: set tune_mm_llm: true (LLM adapters) or tune_mm_mlp: true (the merger)")
         self.model, self.args = model, model_args
-        self.modules = get_family(model.cfg.model_type).modules
+        spec = get_family(model.cfg.model_type)
+        self.modules = spec.modules
+        fused = lora_target_parameters(model_args, spec)
+        if model_args.tune_mm_llm and fused:
+            raise NotImplementedError(
+                f"train_type lora on {spec.name}'s fused parameters ({', '.join(fused)}) is not implemented in the "
+                "MindSpore backend yet; set lora_target_parameters: none to adapt the attention only, or use backend: torch"
+            )
         self.targets = _split_csv(model_args.lora_target_modules) or list(self.modules.lora_targets)
         self.layers: list[LoraLinear] = []
         rng = np.random.default_rng(seed)

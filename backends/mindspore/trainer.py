@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from vltune.core.circle_rope import age_layer_mask
 from vltune.core.config import ModelArgs, TrainArgs
@@ -38,7 +38,7 @@ from .checkpoint import (
 )
 from .infer import end_token_ids, generate_greedy
 from .lora import LoraState
-from .loss import token_loss_sum, weighted_loss_sum
+from .loss import load_balancing_loss, router_logits, token_loss_sum, weighted_loss_sum
 from .mdlm import diffusion_sample
 from .models import ModelInputs
 from .optim import AdamW, build_param_groups, clip_grads, global_norm
@@ -92,6 +92,7 @@ class MindSporeBackend:
         self.optimizer = AdamW(build_param_groups(trainable, get_family(model.cfg.model_type).modules, args), (args.adam_beta1, args.adam_beta2), args.adam_epsilon)
         self.params = self.optimizer.params
         self.grads: list[Tensor] | None = None
+        self._router_aux_log: list[tuple[float, int]] = []
         self.micro_steps = 0
         self.eos = end_token_ids(model_dir, model.cfg)
 
@@ -109,7 +110,22 @@ class MindSporeBackend:
             return lambda: weighted_loss_sum(self.model(inputs), labels, weights)
         if self.mdlm is not None:
             raise ValueError("objective mdlm: the batch is not masked (wrap the batch source in core.mdlm.MaskedBatches)")
-        return lambda: token_loss_sum(self.model(inputs), labels)
+        text = self.model.cfg.text
+        if not (text.num_experts and text.router_aux_loss_coef):
+            return lambda: token_loss_sum(self.model(inputs), labels)
+        # MoE: plus the router's load-balancing loss, weighted so that the loop's division by the trained
+        # tokens gives CE mean + coef * aux (transformers' outputs.loss); padding left out of it.
+        n = loss_denominator(batch)
+        mask = Tensor(np.asarray(batch["attention_mask"])) if "attention_mask" in batch else None
+
+        def with_router_aux():
+            loss = token_loss_sum(self.model(inputs), labels)
+            aux = load_balancing_loss(router_logits(self.model), text.num_experts, text.num_experts_per_tok, mask)
+            if self.model.training:
+                self._router_aux_log.append((float(ops.stop_gradient(aux).asnumpy()), n))
+            return loss + text.router_aux_loss_coef * aux * n
+
+        return with_router_aux
 
     def _dropout(self, batch: Batch) -> None:
         if self.lora is not None:
@@ -157,6 +173,15 @@ class MindSporeBackend:
     def stage_batch(self, batch: Batch) -> Batch:
         """Nothing to prepare ahead: MindSpore copies each numpy input to the device when the step takes it."""
         return batch
+
+    def step_metrics(self) -> dict[str, float]:
+        """The router's load-balancing loss (unscaled, trained-token-weighted mean since the last call), MoE models."""
+        if not self._router_aux_log:
+            return {}
+        total = sum(aux * n for aux, n in self._router_aux_log)
+        count = sum(n for _, n in self._router_aux_log)
+        self._router_aux_log.clear()
+        return {"aux_loss": round(total / max(count, 1), 6)}
 
     def memory_stats(self) -> dict[str, float]:
         # CPU: the process' peak resident set (Linux reports KiB), as the torch backend reports.

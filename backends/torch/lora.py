@@ -45,7 +45,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.constants import DUMMY_TARGET_MODULES
 
-from vltune.core.config import ModelArgs
+from vltune.core.config import ModelArgs, lora_target_parameters
 from vltune.core.families import FamilySpec, ModuleMap, get_family
 
 DEFAULT_LLM_TARGETS = ModuleMap().lora_targets
@@ -113,6 +113,16 @@ def _merger_modules(model: torch.nn.Module, projectors: tuple[str, ...]) -> list
     return names
 
 
+def _resolve_target_parameters(model: torch.nn.Module, layers: str, names: list[str]) -> list[str]:
+    """peft's `target_parameters` (matched by name suffix) for the decoder layers' fused weights; a name
+    no decoder-layer parameter ends in is an error, not a silent no-op."""
+    params = [n for n, _ in model.named_parameters() if n.startswith(layers + ".")]
+    for name in names:
+        if not any(p.endswith("." + name) for p in params):
+            raise ValueError(f"lora_target_parameters: no parameter of the decoder layers ({layers}) is named {name!r}")
+    return names
+
+
 def _resolve_modules_to_save(model: torch.nn.Module, names: list[str]) -> list[str]:
     """Full module names for the user's lora_modules_to_save (`lm_head` -> `lm_head`, `embed_tokens` ->
     `model.language_model.embed_tokens`). peft matches by bare `str.endswith`, where "head" would also
@@ -135,11 +145,16 @@ def lora_config(model: torch.nn.Module, model_args: ModelArgs, trainable_token_i
     them into the LM head when the embeddings are tied. A fully trained embedding (embed_tokens in
     lora_modules_to_save) already covers them.
     """
-    modules = _family(model).modules
-    patterns = []
+    spec = _family(model)
+    modules = spec.modules
+    patterns, parameters = [], []
     if model_args.tune_mm_llm:
         targets = _split_csv(model_args.lora_target_modules) or list(modules.lora_targets)
         patterns.append(_llm_target_regex(model, modules.decoder_layers, targets))
+        parameters = _resolve_target_parameters(model, modules.decoder_layers, lora_target_parameters(model_args, spec))
+        if parameters and model_args.lora_dropout != 0:
+            raise ValueError(f"lora_dropout {model_args.lora_dropout}: peft adapts fused parameters ({', '.join(parameters)}) "
+                             "only with lora_dropout: 0; set it, or lora_target_parameters: none")
     if model_args.tune_mm_vision:
         patterns.append(_vision_target_regex(model, modules.vision_blocks))
     modules_to_save = _merger_modules(model, modules.projectors) if model_args.tune_mm_mlp else []
@@ -163,6 +178,7 @@ def lora_config(model: torch.nn.Module, model_args: ModelArgs, trainable_token_i
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=target_modules,
+        target_parameters=parameters or None,
         modules_to_save=modules_to_save or None,
         trainable_token_indices={embedding: train_rows} if train_rows else None,
         bias="none",

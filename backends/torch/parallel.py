@@ -296,6 +296,14 @@ class DeepSpeedBackend(_DistributedBackend):
         self.autocast_dtype = None  # DeepSpeed casts the model to bf16 itself when enabled
         config = deepspeed_config(train_args.deepspeed, train_args, ctx.world_size, _hidden_size(self.base), bf16)
         self.zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
+        moe_block = self.info.family.modules.moe_block
+        if self.zero_stage == 3 and moe_block:
+            # ZeRO-3 gathers parameters module by module as hooks fire; a router sends each rank's tokens
+            # to different experts, so per-expert gathers would differ between ranks and hang. The MoE
+            # block is gathered whole instead (the official qwen-vl-finetune's MoE fails here).
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(self.model, [moe_block])
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, config=config, dist_init_required=False
         )

@@ -119,6 +119,12 @@ class TorchBackend:
         if self.lora and self.autocast_dtype is not None:
             keep_adapter_inputs_in_compute_dtype(self.model)
         self.model_args, self.args = model_args, args
+        # MoE families: the router's load-balancing loss joins the training loss, as transformers' own
+        # `outputs.loss` has it (coef * aux per sample-mean loss; here coef * aux * trained tokens per sum).
+        text = self.base.config.get_text_config()
+        self.router_aux_coef = float(getattr(text, "router_aux_loss_coef", 0.0) or 0.0) if getattr(text, "num_experts", 0) else 0.0
+        self._router_aux: torch.Tensor | None = None
+        self._router_aux_log: list[tuple[torch.Tensor, int]] = []
         self.optimizer = self._build_optimizer()
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -141,11 +147,45 @@ class TorchBackend:
         alt = to_tensor(alt, self.device, torch.long) if alt is not None else None
         layers = self.circle.alt_positions(alt) if self.circle is not None else nullcontext()
         inputs = to_model_inputs(batch, self.device, model=self.model)
+        router = {"output_router_logits": True} if self.router_aux_coef else {}
         with layers, self._autocast():
             if hidden:  # the inner model: the stock forward would apply the LM head to every position
-                return self.base.model(**self._encode_vision(batch, inputs), use_cache=False).last_hidden_state
+                out = self.base.model(**self._encode_vision(batch, inputs), use_cache=False, **router)
+                self._router_aux = self._balancing_loss(out.router_logits, inputs.get("attention_mask")) if router else None
+                return out.last_hidden_state
             extra = {} if keep is None else {"logits_to_keep": keep}
-            return self.model(**inputs, use_cache=False, **extra).logits
+            out = self.model(**inputs, use_cache=False, **extra, **router)
+            self._router_aux = out.aux_loss if router else None
+            return out.logits
+
+    def _balancing_loss(self, router_logits, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """transformers' load-balancing loss of the model's own modeling file (what its forward adds)."""
+        import importlib
+
+        text = self.base.config.get_text_config()
+        modeling = importlib.import_module(type(self.base).__module__)
+        return modeling.load_balancing_loss_func(router_logits, text.num_experts, text.num_experts_per_tok, attention_mask)
+
+    def _plus_router_aux(self, loss_sum: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The summed loss plus the router's load-balancing loss weighted by this batch's loss denominator,
+        so that the loop's division by the accumulated denominator gives CE mean + coef * aux, as transformers."""
+        if self._router_aux is None:
+            return loss_sum
+        n = loss_denominator(batch)
+        aux = self._router_aux.to(loss_sum.dtype)
+        if self.base.training:
+            self._router_aux_log.append((aux.detach(), n))
+        return loss_sum + self.router_aux_coef * aux * n
+
+    def step_metrics(self) -> dict[str, float]:
+        """The router's load-balancing loss (unscaled, trained-token-weighted mean over the micro-batches
+        since the last call; this rank's), for MoE models."""
+        if not self._router_aux_log:
+            return {}
+        total = sum(float(aux) * n for aux, n in self._router_aux_log)
+        count = sum(n for _, n in self._router_aux_log)
+        self._router_aux_log.clear()
+        return {"aux_loss": round(total / max(count, 1), 6)}
 
     def _encode_vision(self, batch: Batch, inputs: dict) -> dict:
         """`inputs` with the images and videos run through the vision tower here, its grid-derived
@@ -207,10 +247,11 @@ class TorchBackend:
         targets = to_tensor(batch["labels"][:, positions + 1], self.device, torch.long).reshape(-1)
         if not self.head_loss_after_forward:
             logits = self._forward(batch, keep)
-            return kept_token_loss_sum(logits.reshape(-1, logits.shape[-1]), targets)
+            return self._plus_router_aux(kept_token_loss_sum(logits.reshape(-1, logits.shape[-1]), targets), batch)
         hidden = self._forward(batch, hidden=True)[:, keep]
         with self._autocast():  # the LM head in checkpointed chunks
-            return head_loss_sum(self.base.lm_head, hidden.reshape(-1, hidden.shape[-1]), targets)
+            loss_sum = head_loss_sum(self.base.lm_head, hidden.reshape(-1, hidden.shape[-1]), targets)
+        return self._plus_router_aux(loss_sum, batch)
 
     def train_mode(self) -> None:
         """The model in training mode. `Module.train()` visits every submodule: 839 per call on the 3B

@@ -247,7 +247,10 @@ class FamilySpec:
         return shape.layers * (attn + self.mlp_params(shape)) + shape.hidden * shape.vocab
 
     def mlp_params(self, shape: ModelShape) -> int:
-        """Weights of one decoder layer's MLP that a token passes through."""
+        """Weights of one decoder layer's MLP that a token passes through: the SwiGLU MLP, or for an MoE
+        layer the router and the experts the token is routed to (not all of them)."""
+        if shape.experts:
+            return shape.hidden * shape.experts + shape.experts_per_token * 3 * shape.hidden * shape.moe_intermediate
         return 3 * shape.hidden * shape.intermediate
 
     # -- ModelShape -> config.json (the tiny factory and the bench) ------------------------------

@@ -35,6 +35,14 @@ class TextConfig:
     """Qwen2.5-VL has q/k/v biases; Qwen3-VL has none (and per-head q/k RMSNorms instead)."""
     qk_norm: bool
     hidden_act: str = "silu"
+    # MoE (0 experts: every MLP dense). Which layers are sparse is transformers' rule: not in
+    # mlp_only_layers and (layer + 1) % decoder_sparse_step == 0.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,12 @@ class VLConfig:
             attention_bias=bool(text.get("attention_bias", False)) if entry.attention_bias is None else entry.attention_bias,
             qk_norm=entry.qk_norm,
             hidden_act=text.get("hidden_act", "silu"),
+            num_experts=int(text.get("num_experts", 0) or 0),
+            num_experts_per_tok=int(text.get("num_experts_per_tok", 0) or 0),
+            moe_intermediate_size=int(text.get("moe_intermediate_size", 0) or 0),
+            decoder_sparse_step=int(text.get("decoder_sparse_step", 1) or 1),
+            mlp_only_layers=tuple(text.get("mlp_only_layers") or ()),
+            router_aux_loss_coef=float(text.get("router_aux_loss_coef", 0.0) or 0.0),
         )
         vrope = vision.get("rope_parameters") or {}
         vision_cfg = VisionConfig(

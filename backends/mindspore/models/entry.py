@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from vltune.core.families import get_family
 
@@ -29,6 +29,10 @@ class MindSporeModel:
     """Text config values released checkpoints may leave out (rope_theta, mrope_section)."""
     vision_defaults: dict = field(default_factory=dict)
     """Vision config values released checkpoints may leave out (patch_size, hidden_act)."""
+    text_mlp: Callable[[Any, int], Any] | None = None
+    """(TextConfig, layer index) -> the cell for that decoder layer's `mlp`, or None for the dense SwiGLU
+    MLP (an MoE family's sparse blocks). A cell with a `router_logits` attribute takes part in the
+    router load-balancing loss (loss.py)."""
 
 
 def model_entry(model_type: str) -> MindSporeModel:

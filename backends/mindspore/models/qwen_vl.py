@@ -102,8 +102,9 @@ class QwenVLModel(nn.Cell):
     def __init__(self, cfg: VLConfig, kernels: Kernels):
         super().__init__()
         self.cfg = cfg
-        self.visual = VisionTransformer(cfg.vision, kernels, qwen3=model_entry(cfg.model_type).siglip_tower)
-        self.language_model = TextModel(cfg.text, kernels)
+        entry = model_entry(cfg.model_type)
+        self.visual = VisionTransformer(cfg.vision, kernels, qwen3=entry.siglip_tower)
+        self.language_model = TextModel(cfg.text, kernels, entry.text_mlp)
 
     def construct(self, inputs: ModelInputs, cache: KVCache | None = None) -> Tensor:
         embeds = self.language_model.embed_tokens(inputs.input_ids)

@@ -112,10 +112,10 @@ class TextAttention(nn.Cell):
 
 
 class DecoderLayer(nn.Cell):
-    def __init__(self, cfg: TextConfig, kernels: Kernels):
+    def __init__(self, cfg: TextConfig, kernels: Kernels, mlp: nn.Cell | None = None):
         super().__init__()
         self.self_attn = TextAttention(cfg, kernels)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False)
+        self.mlp = mlp if mlp is not None else GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
 
@@ -128,13 +128,15 @@ class DecoderLayer(nn.Cell):
 
 
 class TextModel(nn.Cell):
-    """`model.language_model`: embeddings, decoder layers, final norm (no head)."""
+    """`model.language_model`: embeddings, decoder layers, final norm (no head). `text_mlp(cfg, i)` may give
+    layer i its own MLP cell (a family's MoE block, models/entry.py); None keeps the dense one."""
 
-    def __init__(self, cfg: TextConfig, kernels: Kernels):
+    def __init__(self, cfg: TextConfig, kernels: Kernels, text_mlp=None):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.CellList([DecoderLayer(cfg, kernels) for _ in range(cfg.num_hidden_layers)])
+        mlps = [text_mlp(cfg, i) if text_mlp is not None else None for i in range(cfg.num_hidden_layers)]
+        self.layers = nn.CellList([DecoderLayer(cfg, kernels, mlp) for mlp in mlps])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
         self.inv_freq = inv_freq(cfg.rope_theta, cfg.head_dim)
         self.channels = mrope_channels(cfg.mrope_section, cfg.mrope_interleaved)

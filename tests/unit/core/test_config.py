@@ -50,3 +50,30 @@ def test_data_loader_settings():
     with pytest.raises(ConfigError) as err:
         load_recipe("demo", {"dataloader_num_workers": "-1", "dataloader_prefetch": "-2"})
     assert "dataloader_num_workers: -1 must be >= 0" in str(err.value) and "dataloader_prefetch: -2 must be >= 0" in str(err.value)
+
+
+def test_family_capabilities_are_checked_before_a_model_loads():
+    """A recipe that asks a family for what it cannot do fails at load time, naming the families that can."""
+    from vltune.core.config import ConfigError, check_family
+    from vltune.core.families import family_names, get_family
+
+    no_ms = [name for name in family_names() if name not in family_names("mindspore")]
+    assert no_ms, "some family lacks a MindSpore model (else this test has nothing to refuse)"
+    base = {"model_name_or_path": "m", "dataset_use": "d.jsonl"}
+    with pytest.raises(ConfigError, match=f"backend: mindspore: vltune does not support it for {no_ms[0]}") as e:
+        load_recipe({**base, "model_type": no_ms[0], "backend": "mindspore"})
+    assert all(name in str(e.value) for name in family_names("mindspore"))
+    with pytest.raises(ConfigError, match="make_tiny_model: 'llava' is not one of"):
+        load_recipe({**base, "make_tiny_model": "llava"})
+    with pytest.raises(ConfigError, match="model_type: 'llava_circle_rope' is not a supported family"):
+        load_recipe({**base, "model_type": "llava_circle_rope"})
+    cfg = load_recipe({**base, "backend": "mindspore"})  # family unknown until config.json is read
+    with pytest.raises(ConfigError, match=f"invalid recipe for a {no_ms[0]} model"):
+        check_family(cfg, get_family(no_ms[0]))
+
+
+def test_tiny_model_follows_model_type():
+    cfg = load_recipe("demo", {"model_type": "qwen3_vl"})
+    assert cfg.model.make_tiny_model == "qwen3_vl" and cfg.model.model_name_or_path.endswith("tiny-qwen3_vl")
+    same = load_recipe("demo", {"model_type": "qwen2_5_vl_circle_rope"})
+    assert same.model.make_tiny_model == "qwen2_5_vl" and same.model.model_name_or_path.endswith("tiny-qwen2_5_vl")
