@@ -298,9 +298,11 @@ class DeepSpeedBackend(_DistributedBackend):
         self.zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
         moe_block = self.info.family.modules.moe_block
         if self.zero_stage == 3 and moe_block:
-            # ZeRO-3 gathers parameters module by module as hooks fire; a router sends each rank's tokens
-            # to different experts, so per-expert gathers would differ between ranks and hang. The MoE
-            # block is gathered whole instead (the official qwen-vl-finetune's MoE fails here).
+            # ZeRO-3 gathers parameters module by module as forward hooks fire. Where experts are modules
+            # of their own, a router sends each rank's tokens to different experts and the ranks' gathers
+            # disagree (the hang DeepSpeed documents for MoE, and the reason the official qwen-vl-finetune
+            # scripts call their MoE unsupported under ZeRO-3). DeepSpeed's remedy: the MoE block is one
+            # leaf, gathered whole on every rank whichever experts its tokens use.
             from deepspeed.utils import set_z3_leaf_modules
 
             set_z3_leaf_modules(self.model, [moe_block])

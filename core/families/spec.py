@@ -236,7 +236,8 @@ class FamilySpec:
             deepstack=tuple(vision.get("deepstack_visual_indexes", ())), head_dim=text.get("head_dim"),
             num_position_embeddings=vision.get("num_position_embeddings", 2304),
             max_position_embeddings=text.get("max_position_embeddings", 32768),
-            experts=text.get("num_experts", 0), experts_per_token=text.get("num_experts_per_tok", 0),
+            # transformers 5 writes `num_local_experts` (its attribute map), released checkpoints `num_experts`
+            experts=text.get("num_experts", text.get("num_local_experts", 0)), experts_per_token=text.get("num_experts_per_tok", 0),
             moe_intermediate=text.get("moe_intermediate_size", 0),
         )
 

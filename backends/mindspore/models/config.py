@@ -110,7 +110,7 @@ class VLConfig:
             attention_bias=bool(text.get("attention_bias", False)) if entry.attention_bias is None else entry.attention_bias,
             qk_norm=entry.qk_norm,
             hidden_act=text.get("hidden_act", "silu"),
-            num_experts=int(text.get("num_experts", 0) or 0),
+            num_experts=int(text.get("num_experts", text.get("num_local_experts", 0)) or 0),  # transformers 5 writes the latter
             num_experts_per_tok=int(text.get("num_experts_per_tok", 0) or 0),
             moe_intermediate_size=int(text.get("moe_intermediate_size", 0) or 0),
             decoder_sparse_step=int(text.get("decoder_sparse_step", 1) or 1),
