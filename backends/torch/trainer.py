@@ -119,6 +119,11 @@ class TorchBackend:
         if self.lora and self.autocast_dtype is not None:
             keep_adapter_inputs_in_compute_dtype(self.model)
         self.model_args, self.args = model_args, args
+        # Every module in training mode from the start. train_mode() later switches only from the root's
+        # flag, and a PeftModel is created in training mode around a base that from_pretrained left in
+        # eval mode: without this the base's layers ran as in evaluation under LoRA (transformers then
+        # skips their gradient checkpointing, which it applies only to modules in training mode).
+        self.model.train()
         # MoE families: the router's load-balancing loss joins the training loss, as transformers' own
         # `outputs.loss` has it (coef * aux per sample-mean loss; here coef * aux * trained tokens per sum).
         text = self.base.config.get_text_config()

@@ -139,3 +139,17 @@ def test_training_mode_is_set_only_when_something_left_it(tiny_qwen2_5_vl, batch
     assert not any(m.training for m in backend.model.modules())
     backend.forward_backward(data, 1.0)
     assert walks and all(m.training for m in backend.model.modules())
+
+
+def test_lora_base_layers_train_in_training_mode(tiny_qwen2_5_vl):
+    """peft's wrapper starts in training mode around a base from_pretrained left in eval mode: the backend
+    puts every module in training mode (gradient checkpointing and dropout look at each module's flag)."""
+    from vltune.backends.torch.models import load_model
+    from vltune.backends.torch.trainer import TorchBackend
+    from vltune.core.config import ModelArgs, TrainArgs
+    from vltune.data.model_info import read_model_info
+
+    args = ModelArgs(model_name_or_path=str(tiny_qwen2_5_vl), train_type="lora")
+    backend = TorchBackend(load_model(tiny_qwen2_5_vl), tiny_qwen2_5_vl, read_model_info(tiny_qwen2_5_vl), args, TrainArgs())
+    backend.train_mode()
+    assert all(m.training for m in backend.model.modules())
