@@ -19,10 +19,12 @@ def test_shapes_match_the_formula(name):
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**hf_config(shape)))
     lm = model.model.language_model
-    matrices = sum(p.numel() for n, p in lm.layers.named_parameters() if p.dim() == 2) + model.lm_head.weight.numel()
-    assert matrices == llm_params(shape)
+    routed = shape.experts_per_token / shape.experts if shape.experts else 1.0  # MoE: the experts a token reaches
+    matrices = sum(p.numel() * (routed if p.dim() == 3 else 1) for n, p in lm.layers.named_parameters() if p.dim() in (2, 3))
+    assert matrices + model.lm_head.weight.numel() == llm_params(shape)
     total = sum(p.numel() for p in model.parameters())  # a tied head shares the embedding's tensor: counted once
-    expected_billions = {"qwen2_5_vl-3b": 3.75, "qwen2_5_vl-7b": 8.29, "qwen3_vl-2b": 2.13, "qwen3_vl-8b": 8.77}[name]
+    expected_billions = {"qwen2_5_vl-3b": 3.75, "qwen2_5_vl-7b": 8.29, "qwen3_vl-2b": 2.13, "qwen3_vl-8b": 8.77,
+                         "qwen3_vl-30b-a3b": 31.07}[name]
     assert abs(total / 1e9 - expected_billions) < 0.05, total
 
 

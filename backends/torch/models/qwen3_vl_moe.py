@@ -1,0 +1,7 @@
+"""Qwen3-VL-MoE on torch: transformers' Qwen3VLMoeForConditionalGeneration, driven as Qwen3-VL (its tower
+is Qwen3-VL's); the MoE specifics are the family spec's (module map, FLOPs) and the router loss the
+engine adds for any model whose config has experts."""
+
+from .entry import TorchModel
+
+ENTRY = TorchModel(vision_inputs=("interpolation",), features_to_forward=True)

@@ -1,0 +1,50 @@
+"""The MindSpore MoE pieces against transformers: the load-balancing loss on the same router logits, and
+the tiny Qwen3-VL-MoE's training loss (CE + coef * aux) on a padded batch, fp32 on the CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+ms = pytest.importorskip("mindspore")
+torch = pytest.importorskip("torch")
+
+from vltune.backends.mindspore.loss import load_balancing_loss  # noqa: E402
+
+MOE = "qwen3_vl_moe"
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_load_balancing_loss_equals_transformers(masked):
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancing_loss_func
+
+    rng = np.random.default_rng(0)
+    layers = [rng.normal(size=(2 * 7, 6)).astype(np.float32) for _ in range(3)]
+    mask = (rng.random((2, 7)) < 0.7).astype(np.int64) if masked else None
+    theirs = load_balancing_loss_func(tuple(torch.as_tensor(x) for x in layers), 6, 2, None if mask is None else torch.as_tensor(mask))
+    ours = load_balancing_loss([ms.Tensor(x) for x in layers], 6, 2, None if mask is None else ms.Tensor(mask))
+    assert abs(float(ours.asnumpy()) - float(theirs)) <= 1e-6
+
+
+def test_training_loss_equals_transformers(tiny_models, vqa_data):
+    from vltune.backends.mindspore.models import load_model
+    from vltune.backends.mindspore.trainer import MindSporeBackend
+    from vltune.backends.torch.batch import to_model_inputs
+    from vltune.backends.torch.models import load_model as load_torch_model
+    from vltune.core.config import ModelArgs, TrainArgs
+    from vltune.data.collate import Collator
+    from vltune.data.dataset import SFTDataset
+    from vltune.data.formats import load_samples
+
+    model_dir = tiny_models[MOE]
+    samples = load_samples(vqa_data["train_file"])[:3]
+    dataset = SFTDataset(samples, model_dir, max_length=4096, max_pixels=200 * 200)
+    batch = Collator(dataset.info, dataset.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    backend = MindSporeBackend(load_model(model_dir), model_dir, dataset.info, ModelArgs(model_name_or_path=str(model_dir)), TrainArgs())
+    loss_sum, n = backend.eval_loss(batch)
+    reference = load_torch_model(model_dir).eval()
+    with torch.no_grad():
+        out = reference(**to_model_inputs(batch, torch.device("cpu"), model=reference), labels=torch.as_tensor(batch["labels"]),
+                        output_router_logits=True, use_cache=False)
+    assert abs(loss_sum / n - float(out.loss)) <= 1e-5
