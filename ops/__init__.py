@@ -1,6 +1,7 @@
 """Kernels, one per file beside an eager reference, selected from a table keyed by a config string.
 
-ops/torch/ and ops/mindspore/ hold the engine-specific ones (varlen attention, fused cross-entropy,
-rotary apply). The first arrive with the packing and speed issues; until then the backends use the
-models' stock attention (sdpa or eager).
+ops/torch/attention.py: varlen attention for packed rows (torch's own varlen / FlexAttention / SDPA per
+sub-sequence, flash-attn and FA4 when installed). ops/mindspore/attention.py: flash attention on Ascend,
+an eager reference elsewhere. Fused cross-entropy and rotary kernels are not here: the torch backend
+uses Liger's or torch.compile's (backends/torch/kernels.py), the MindSpore models their own ops.
 """

@@ -39,15 +39,19 @@ from .lora import apply_lora
 from .optim import bf16_weights, upcast_trainable
 from .trainer import TorchBackend
 
-# The special token ids of the released Qwen2.5-VL / Qwen3-VL tokenizers (the bench has no tokenizer).
-_IDS = {"image": 151655, "video": 151656, "vision_start": 151652, "vision_end": 151653, "bos": 151643, "eos": 151645}
 
 
 def hf_config(shape: ModelShape) -> dict:
     """A config.json dict of that shape, as the released checkpoint's."""
-    ids = TokenIds(image=_IDS["image"], video=_IDS["video"], vision_start=_IDS["vision_start"],
-                   vision_end=_IDS["vision_end"], bos=_IDS["bos"], eos=_IDS["eos"], pad=_IDS["bos"])
-    return get_family(shape.model_type).config_json(shape, ids)
+    return get_family(shape.model_type).config_json(shape, _ids(shape))
+
+
+def _ids(shape: ModelShape) -> TokenIds:
+    """The released tokenizer's special token ids (the bench has no tokenizer): the family's."""
+    ids = get_family(shape.model_type).released_token_ids
+    if ids is None:
+        raise ValueError(f"{shape.model_type}: the family spec names no released token ids; the bench cannot build its batches")
+    return ids
 
 
 def build_model(shape: ModelShape, seed: int, device: torch.device):
@@ -65,18 +69,20 @@ def build_model(shape: ModelShape, seed: int, device: torch.device):
 
 
 def _info(shape: ModelShape) -> ModelInfo:
-    return ModelInfo(shape.model_type, _IDS["image"], _IDS["video"], _IDS["vision_start"], 2, 2, shape.layers)
+    ids = _ids(shape)
+    return ModelInfo(shape.model_type, ids.image, ids.video, ids.vision_start, 2, 2, shape.layers)
 
 
 def _features(shape: ModelShape, n: int, seed: int):
-    tokens = WorkloadTokens(shape.vocab, _IDS["image"], _IDS["vision_start"], _IDS["vision_end"])
+    ids = _ids(shape)
+    tokens = WorkloadTokens(shape.vocab, ids.image, ids.vision_start, ids.vision_end)
     return mixed_features(n, tokens, patch_size=shape.patch_size, seed=seed, max_pixels=1280 * (shape.patch_size * 2) ** 2)
 
 
 def _batches(shape: ModelShape, steps: int, batch_size: int, seed: int, per_step: int) -> list[list[dict]]:
     """Step k = `per_step` samples in padded micro-batches of `batch_size` (the stock path's input)."""
     features, info = _features(shape, steps * per_step, seed), _info(shape)
-    micro = [collate_padded(features[i:i + batch_size], info, pad_token_id=_IDS["bos"]) for i in range(0, len(features), batch_size)]
+    micro = [collate_padded(features[i:i + batch_size], info, pad_token_id=_ids(shape).pad) for i in range(0, len(features), batch_size)]
     per = per_step // batch_size
     return [micro[k * per:(k + 1) * per] for k in range(steps)]
 
@@ -128,7 +134,7 @@ def _stock_step(model, optimizer, batches: list[dict], device: torch.device) -> 
         inputs = to_model_inputs(batch, device, model=model)
         inputs.pop("position_ids")  # the stock model computes its own M-RoPE ids from mm_token_type_ids
         ids = inputs["input_ids"]
-        mm_types = (ids == _IDS["image"]).int() + 2 * (ids == _IDS["video"]).int()
+        mm_types = (ids == model.config.image_token_id).int() + 2 * (ids == model.config.video_token_id).int()
         labels = torch.as_tensor(batch["labels"]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(**inputs, mm_token_type_ids=mm_types, labels=labels, num_items_in_batch=total).loss

@@ -6,7 +6,7 @@ chunked 3D M-RoPE, and video positions that count frame groups.
 
 from __future__ import annotations
 
-from .spec import Capabilities, FamilySpec, MediaRule, ModelShape, PositionRule
+from .spec import Capabilities, FamilySpec, MediaRule, ModelShape, PositionRule, TokenIds
 
 # OpenAI CLIP statistics: the Qwen2/2.5-VL processors normalise with them.
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -20,6 +20,9 @@ class Qwen2VL(FamilySpec):
     media = MediaRule(processor_class="Qwen2VLProcessor")
     capabilities = Capabilities(mindspore=False)
     vision_mlp_matrices = 2  # fc1, fc2
+    # <|endoftext|> 151643, <|im_end|> 151645, <|vision_start|> 151652 ... <|video_pad|> 151656 (Qwen2 tokenizer)
+    released_token_ids = TokenIds(image=151655, video=151656, vision_start=151652, vision_end=151653, bos=151643,
+                                  eos=151645, pad=151643)
 
     def vision_sizes(self, vision: dict) -> tuple[int, int]:
         hidden = vision["embed_dim"]
