@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -281,6 +281,16 @@ def check_family(cfg: "RecipeConfig", spec: FamilySpec) -> None:
     problems = family_problems(cfg, spec)
     if problems:
         raise ConfigError(f"invalid recipe for a {spec.name} model:\n  - " + "\n  - ".join(problems))
+
+
+def mdlm_model_args(model_args: "ModelArgs", args: "MdlmArgs") -> "ModelArgs":
+    """The model flags under mdlm: freeze_vision / freeze_merger (default on) override tune_mm_vision /
+    tune_mm_mlp, as in the seed, where only the language model learns to denoise."""
+    return replace(
+        model_args,
+        tune_mm_vision=model_args.tune_mm_vision and not args.freeze_vision,
+        tune_mm_mlp=model_args.tune_mm_mlp and not args.freeze_merger,
+    )
 
 
 @dataclass

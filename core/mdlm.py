@@ -24,15 +24,12 @@ The loss is sum(loss_weights * CE) / sum(loss_denominator) over the accumulated 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 
 from .contracts import IGNORE_INDEX, Batch
-
-if TYPE_CHECKING:
-    from .config import MdlmArgs, ModelArgs
 
 SCHEDULES = ("linear", "cosine")
 NORMALIZATIONS = ("token", "sequence", "batch")
@@ -161,7 +158,9 @@ class MdlmObjective:
     """Everything a backend needs to train and sample with MDLM: the recipe's settings and the
     model's special token ids (resolved by data.mdlm_tokens from the model directory)."""
 
-    args: "MdlmArgs"
+    args: Any
+    """The recipe's mdlm section (core.config.MdlmArgs; not imported here: config validates recipes
+    through the sampler, which builds on this module)."""
     mask_token_id: int
     protected_ids: tuple[int, ...]
     """Token ids never masked: the vision placeholders and their start/end markers."""
@@ -198,16 +197,6 @@ class MdlmObjective:
         """The same batch always gets the same mask (seeded by its content), so eval losses compare."""
         digest = zlib.crc32(np.ascontiguousarray(batch["input_ids"]).tobytes())
         return self.mask(batch, np.random.default_rng([self.seed, EVAL_STREAM, digest]))
-
-
-def mdlm_model_args(model_args: "ModelArgs", args: "MdlmArgs") -> "ModelArgs":
-    """The model flags under mdlm: freeze_vision / freeze_merger (default on) override tune_mm_vision /
-    tune_mm_mlp, as in the seed, where only the language model learns to denoise."""
-    return replace(
-        model_args,
-        tune_mm_vision=model_args.tune_mm_vision and not args.freeze_vision,
-        tune_mm_mlp=model_args.tune_mm_mlp and not args.freeze_merger,
-    )
 
 
 class MaskedBatches:

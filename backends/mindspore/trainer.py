@@ -17,10 +17,10 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from vltune.core.circle_rope import age_layer_mask
-from vltune.core.config import ModelArgs, TrainArgs
+from vltune.core.config import ModelArgs, TrainArgs, mdlm_model_args
 from vltune.core.contracts import Batch, loss_denominator
 from vltune.core.families import get_family
-from vltune.core.mdlm import MdlmObjective, mdlm_model_args
+from vltune.core.mdlm import MdlmObjective
 from vltune.data.mdlm_tokens import write_mdlm_files
 from vltune.data.model_info import ModelInfo
 

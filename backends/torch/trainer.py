@@ -13,11 +13,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vltune.core.config import ModelArgs, TrainArgs
+from vltune.core.config import ModelArgs, TrainArgs, mdlm_model_args
 from vltune.core.contracts import IGNORE_INDEX, Batch, loss_denominator
 from vltune.core.families import get_family
 from vltune.core.flops import gpu_peak_flops
-from vltune.core.mdlm import MdlmObjective, mdlm_model_args
+from vltune.core.mdlm import MdlmObjective
 from vltune.core.mdlm_sampler import SamplerSettings
 from vltune.data.mdlm_tokens import write_mdlm_files
 from vltune.data.model_info import ModelInfo

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vltune.core.config import ConfigError, MdlmArgs, ModelArgs, load_recipe
+from vltune.core.config import ConfigError, MdlmArgs, ModelArgs, load_recipe, mdlm_model_args
 from vltune.core.contracts import IGNORE_INDEX, loss_denominator
 from vltune.core.mdlm import (
     MaskedBatches,
@@ -16,7 +16,6 @@ from vltune.core.mdlm import (
     mask_probability,
     masked_batch,
     maskable_positions,
-    mdlm_model_args,
     sample_t,
 )
 
