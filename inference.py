@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from vltune.core.config import ConfigError
-from vltune.core.contracts import Batch
 from vltune.core.generation import (
     THINK_END,
     THINK_START,
@@ -29,7 +28,6 @@ from vltune.core.generation import (
 from vltune.data.collate import Collator
 from vltune.data.dataset import Features, SFTDataset
 from vltune.data.formats import Sample
-from vltune.data.model_info import ModelInfo
 
 # circle_rope.json, as both backends' checkpoint.py name it (imported from neither: loading one
 # backend must not import the other).
@@ -125,7 +123,7 @@ class Predictor:
         # A model trained with Circle-RoPE carries its settings beside the stock config.json.
         self.circle_rope = _read_json(Path(adapter or model_dir) / CIRCLE_ROPE_FILE)
         self.backend = backend
-        self.engine = _ENGINES[backend](model_dir, adapter, self.circle_rope)
+        self.engine = _inference_engine(backend, model_dir, adapter, self.circle_rope)
         self.model = self.engine.model
         """The loaded model: a transformers model (torch) or the native MindSpore one."""
 
@@ -191,93 +189,21 @@ class Predictor:
         return self.engine.generate(batch, dataset.info, settings, streamer)
 
 
-class _TorchEngine:
-    """backends/torch: the transformers model (plus a peft adapter); generate() with its KV cache, or
-    vltune's own decoding loop for Circle-RoPE (its CircleRopeAdapter)."""
+def _inference_engine(backend: str, model_dir: str | Path, adapter: str | Path | None, circle_rope: dict | None):
+    """The engine's InferenceEngine (backends/<engine>/generate.py) through the one engine registry."""
+    from vltune.backends import engine
 
-    def __init__(self, model_dir: str | Path, adapter: str | Path | None, circle_rope: dict | None):
-        from vltune.backends.torch.models import load_model
-        from vltune.backends.torch.models.circle_rope import CircleRopeAdapter
-
-        self.model = load_model(model_dir, adapter=adapter)
-        self.circle = CircleRopeAdapter(self.model, circle_rope) if circle_rope else None
-
-    def text_stream(self, decode: Callable[[list[int]], str], write: Callable[[str], None]):
-        from vltune.backends.torch.infer import TextStream
-
-        return TextStream(decode, write)
-
-    def generate(self, batch: Batch, info: ModelInfo, settings: GenerationSettings, streamer) -> list[int]:
-        from vltune.backends.torch.infer import generate
-
-        (out,) = generate(self.model, batch, info, settings, circle=self.circle, streamer=streamer)
-        return out
-
-    def diffusion(self, batch: Batch, settings, mask_token_id: int, end_token_ids: tuple[int, ...], seed: int) -> list[int]:
-        """The masked-diffusion sampler on the model with its text attention made bidirectional."""
-        from vltune.backends.torch.mdlm import diffusion_sample
-        from vltune.backends.torch.models.bidirectional import make_bidirectional
-
-        make_bidirectional(self.model)
-        (ids,) = diffusion_sample(self.model, batch, settings, mask_token_id=mask_token_id, end_token_ids=end_token_ids, seed=seed, circle=self.circle)
-        return ids
-
-
-class _MindSporeEngine:
-    """backends/mindspore: the native model (PyNative, fp32 on CPU / the Ascend kernels on NPUs), its
-    KV-cached decoding loop, Circle-RoPE AGE layers set from circle_rope.json. A LoRA adapter is merged
-    into the base weights at load time (no peft on this backend). Imports no torch."""
-
-    def __init__(self, model_dir: str | Path, adapter: str | Path | None, circle_rope: dict | None):
-        import mindspore as ms
-
-        from vltune.backends.mindspore.infer import end_token_ids
-        from vltune.backends.mindspore.lora import merge_lora_adapter
-        from vltune.backends.mindspore.models import load_model
-        from vltune.core.circle_rope import age_layer_mask
-
-        ms.set_context(mode=ms.PYNATIVE_MODE)  # the models read host-side numpy per batch (as training.py sets)
-        self.model = load_model(model_dir)
-        if adapter is not None:
-            merge_lora_adapter(self.model, adapter)
-        if circle_rope:
-            layers = self.model.cfg.text.num_hidden_layers
-            self.model.model.language_model.set_alt_layers(age_layer_mask(circle_rope.get("AGE_mode", "strategy_1"), layers))
-        self.eos = end_token_ids(model_dir, self.model.cfg)
-
-    def text_stream(self, decode: Callable[[list[int]], str], write: Callable[[str], None]):
-        from vltune.backends.mindspore.infer import TextStream
-
-        return TextStream(decode, write)
-
-    def generate(self, batch: Batch, info: ModelInfo, settings: GenerationSettings, streamer) -> list[int]:
-        from vltune.backends.mindspore.infer import generate
-
-        (out,) = generate(self.model, batch, self.eos, settings, streamer=streamer)
-        return out
-
-    def diffusion(self, batch: Batch, settings, mask_token_id: int, end_token_ids: tuple[int, ...], seed: int) -> list[int]:
-        """The masked-diffusion sampler (core's loop) on the native model's bidirectional forward."""
-        from vltune.backends.mindspore.mdlm import make_propose
-        from vltune.core.mdlm_sampler import diffusion_generate
-
-        (ids,) = diffusion_generate(
-            make_propose(self.model, mask_token_id), batch, settings, mask_token_id=mask_token_id,
-            end_token_ids=end_token_ids, rng=np.random.default_rng(seed),
-        )
-        return ids
-
-
-_ENGINES = {"torch": _TorchEngine, "mindspore": _MindSporeEngine}
-_BACKEND_ALIASES = {"ms": "mindspore"}
+    return engine(backend, "generate").InferenceEngine(model_dir, adapter, circle_rope)
 
 
 def backend_name(backend: str) -> str:
     """`torch` or `mindspore` (`ms` is DESIGN.md's spelling of the latter); anything else is an error."""
-    name = _BACKEND_ALIASES.get(backend, backend)
-    if name not in _ENGINES:
-        raise ConfigError(f"--backend {backend!r}: expected one of torch, mindspore (or ms)")
-    return name
+    from vltune.backends import engine_name
+
+    try:
+        return engine_name(backend)
+    except ValueError:
+        raise ConfigError(f"--backend {backend!r}: expected one of torch, mindspore (or ms)") from None
 
 
 def answer_prompt(
@@ -350,7 +276,7 @@ def infer(
     circle_rope = _read_json(Path(adapter or model_dir) / CIRCLE_ROPE_FILE)
     features, _ = dataset.prompt(0)
     batch = Collator(dataset.info, dataset.tokenizer.pad_token_id, circle_rope)([features], padding_side="left")
-    engine = _ENGINES[backend_name(backend)](model_dir, adapter, circle_rope)
+    engine = _inference_engine(backend_name(backend), model_dir, adapter, circle_rope)
     sampler = dict(block_length=block_length, steps=steps, remasking=remasking, temperature=temperature)
     ids = _mdlm_answer(engine, model_dir, adapter, batch, max_new_tokens, sampler, seed)
     return dataset.tokenizer.decode(ids)

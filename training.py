@@ -75,46 +75,11 @@ def mdlm_objective(cfg: RecipeConfig):
     return MdlmObjective(cfg.mdlm, tokens.mask_token_id, tokens.protected_ids, tokens.end_token_ids, tail, seed=cfg.train.seed)
 
 
-def _build_mindspore_backend(cfg: RecipeConfig, info, circle_rope: dict | None, mdlm=None, ctx=None):
-    """The native MindSpore engine, in PyNative mode on the installed device (CPU here, Ascend in
-    production); data parallel over the msrun workers when msrun started this process."""
-    import mindspore as ms
-
-    from vltune.backends.mindspore.models import load_model
-    from vltune.backends.mindspore.trainer import MindSporeBackend
-
-    torch_only = [key for key in ("deepspeed", "fsdp", "use_liger_kernel", "torch_compile", "pure_bf16", "bf16_master_weights") if getattr(cfg.train, key, None)]
-    torch_only += [f"optim: {cfg.train.optim}"] if cfg.train.optim != "adamw_torch" else []
-    if torch_only:
-        raise ConfigError(f"backend mindspore: {' / '.join(torch_only)} belong to the torch engine; remove them or use backend: torch")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    ms.set_seed(cfg.train.seed)
-    model = load_model(cfg.model.model_name_or_path)
-    common = (model, Path(cfg.model.model_name_or_path), info, cfg.model, cfg.train, circle_rope)
-    if ctx is not None and ctx.world_size > 1:
-        from vltune.backends.mindspore.distributed import DataParallelBackend
-
-        return DataParallelBackend(*common, mdlm=mdlm, ctx=ctx)
-    return MindSporeBackend(*common, mdlm=mdlm)
-
-
 def _build_backend(cfg: RecipeConfig, info, circle_rope: dict | None, mdlm=None, ctx=None):
-    if cfg.train.backend == "mindspore":
-        return _build_mindspore_backend(cfg, info, circle_rope, mdlm, ctx)
-    if cfg.train.backend != "torch":
-        raise NotImplementedError(f"backend {cfg.train.backend!r} is not implemented yet")
-    import torch
+    """The recipe's engine (backends.engine: torch or mindspore), one process or data parallel."""
+    from vltune.backends import engine
 
-    from vltune.backends.torch.models import load_model
-    from vltune.backends.torch.parallel import build_torch_backend
-
-    torch.manual_seed(cfg.train.seed)
-    if cfg.train.num_threads > 0:
-        torch.set_num_threads(cfg.train.num_threads)
-    dtype = torch.bfloat16 if cfg.train.pure_bf16 else torch.float32  # pure_bf16: never an fp32 copy, even on the host
-    model = load_model(cfg.model.model_name_or_path, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
-    # One process, DDP, FSDP2 or DeepSpeed, from the recipe and the launcher's environment.
-    return build_torch_backend(model, Path(cfg.model.model_name_or_path), info, cfg.model, cfg.train, circle_rope, mdlm, ctx)
+    return engine(cfg.train.backend, "parallel").build_backend(cfg, info, circle_rope, mdlm, ctx)
 
 
 class _OneProcess:

@@ -1,18 +1,9 @@
-"""Data parallelism of the MindSpore backend: the msrun cluster, its collectives, and the engine on it.
+"""The msrun cluster of the MindSpore backend and its collectives (the twin of backends/torch/distributed.py).
 
 msrun (backends/mindspore/launch.py) starts one worker per device; each re-runs the recipe and
 joins the cluster with `mindspore.communication.init()` (REFERENCE.md s5: on CPU this, not
 `mint.distributed.init_process_group()`, works). This module turns that into a `DistContext` (rank,
-world size, the collectives the loop needs), writes checkpoints from rank 0 only, and wraps the
-single-process engine into `DataParallelBackend`, the twin of the torch backend's DDPBackend:
-
-* every rank holds the whole model and a slice of each global micro-batch (data/loader.py);
-* gradients are accumulated locally over the micro-batches of a step and all-reduced once, before
-  clipping, by `nn.DistributedGradReducer`, which *averages*; so each rank scales its loss by
-  `world_size` on top of the loop's `1 / global trained tokens`, as DDP does, and the result is the
-  gradient one process would compute on the whole global batch;
-* the reduction covers every trainable parameter on every step, so a rank whose micro-batches have
-  no image (its vision gradients are zeros) takes part like the others: no hang and no VisionSync.
+world size, the collectives the loop needs); parallel.py builds the data-parallel engine on it.
 
 Collectives on CPU (MindSpore 2.10, measured): AllReduce takes float32 and SUM only (float64, int64,
 int32 and MAX are refused), `barrier` has no CPU kernel, AllGather of float32 works. So the loop's
@@ -22,20 +13,13 @@ float64 on the host, which also gives the max; a barrier is a one-element all-ga
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, ops
 
-from vltune.core.contracts import Batch
-
-from .checkpoint import RNG_FILE, rng_state, set_rng_state
 from .launch import inside_launcher
-from .trainer import MindSporeBackend
 
 
 def split_float32(values: np.ndarray) -> np.ndarray:
@@ -108,59 +92,3 @@ def init_distributed() -> DistContext:
     ms.reset_auto_parallel_context()
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=world_size)
     return DistContext(rank=get_rank(), world_size=world_size, local_rank=get_local_rank())
-
-
-def _rank_rng_file(rank: int) -> str:
-    return RNG_FILE if rank == 0 else f"rng_state_rank{rank}.json"
-
-
-class DataParallelBackend(MindSporeBackend):
-    """The single-process engine on every rank, its gradients averaged over ranks once per step.
-
-    Every rank loads the same weights from the model directory (and LoRA draws the same seeded
-    initialisation), so the replicas start equal and stay equal: they apply the same averaged
-    gradients with the same AdamW state. Only rank 0 writes the model and the optimizer file.
-    """
-
-    def __init__(self, *args: Any, ctx: DistContext, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.ctx = ctx
-        # mean=True: the convention of DATA_PARALLEL (and of DDP), which the loss scaling below undoes.
-        self.grad_reducer = nn.DistributedGradReducer(self.params, mean=True, degree=ctx.world_size)
-
-    def forward_backward(self, batch: Batch, loss_scale: float) -> float:
-        return super().forward_backward(batch, loss_scale * self.ctx.world_size)
-
-    def reduce_sum(self, values: list[float]) -> list[float]:
-        return self.ctx.all_reduce(values)
-
-    def optimizer_step(self, lr_factor: float, max_grad_norm: float) -> float:
-        if self.grads is None:
-            raise RuntimeError("optimizer_step before any forward_backward")
-        # One all-reduce per step over the locally accumulated gradients (DDP reduces every
-        # micro-batch; the sum is the same), then clip the global gradient like one process would.
-        self.grads = list(self.grad_reducer(tuple(self.grads)))
-        return super().optimizer_step(lr_factor, max_grad_norm)
-
-    def memory_stats(self) -> dict[str, float]:
-        """The largest peak over ranks: the figure that decides whether a run fits."""
-        stats = super().memory_stats()
-        peaks = self.ctx.all_reduce(list(stats.values()), op="max")
-        return {key: round(value, 3) for key, value in zip(stats, peaks)}
-
-    def save_model(self, out_dir: Path) -> None:
-        if self.ctx.is_main:  # every rank holds the same weights
-            super().save_model(out_dir)
-
-    def save_checkpoint(self, directory: Path) -> None:
-        if self.ctx.is_main:
-            super().save_checkpoint(directory)  # model or adapter, optimizer, rank 0's RNG streams
-        else:
-            state = {**rng_state(), "micro_steps": self.micro_steps}
-            (Path(directory) / _rank_rng_file(self.ctx.rank)).write_text(json.dumps(state))
-
-    def load_checkpoint(self, directory: Path) -> None:
-        super().load_checkpoint(directory)  # the same weights and optimizer state on every rank
-        path = Path(directory) / _rank_rng_file(self.ctx.rank)
-        if self.ctx.rank and path.exists():  # a checkpoint of a run with fewer ranks has none for this one
-            set_rng_state(json.loads(path.read_text()))

@@ -1,7 +1,8 @@
 """The two training losses of the MindSpore backend, summed (the loop divides by the global denominator).
 
-Kept apart from trainer.py so that models, parity tests and the MDLM sampler use them without the
-training machinery; backends/torch has the same two functions in trainer.py and mdlm.py.
+Kept apart from engine.py so that models, parity tests and the MDLM sampler use them without the
+training machinery; backends/torch/loss.py has the same functions. Also the router load-balancing
+loss of MoE models.
 """
 
 from __future__ import annotations

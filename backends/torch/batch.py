@@ -10,7 +10,7 @@ import torch
 
 from vltune.core.contracts import Batch
 
-from .models.varlen import require_varlen
+from .attention import require_varlen
 
 # Batch keys the transformers forward takes, and their dtypes. `labels` stay out: vltune computes
 # the loss itself so it can normalise over the whole accumulated batch.
@@ -113,7 +113,7 @@ def to_model_inputs(batch: Batch, device: torch.device, keys=MODEL_INPUTS, model
     """The batch's model inputs as tensors; with `model`, only those its forward() names.
 
     A packed batch (`cu_seqlens`) also gets transformers' packing keyword arguments; the model must be
-    through models.varlen.enable_varlen, since stock sdpa would ignore them and attend across samples.
+    through attention.enable_varlen, since stock sdpa would ignore them and attend across samples.
     """
     if model is not None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model

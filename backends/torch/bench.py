@@ -37,7 +37,7 @@ from vltune.data.synthetic_workload import WorkloadTokens, mixed_features
 from .batch import to_model_inputs
 from .lora import apply_lora
 from .optim import bf16_weights, upcast_trainable
-from .trainer import TorchBackend
+from .engine import TorchBackend
 
 
 

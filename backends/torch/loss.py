@@ -1,4 +1,6 @@
-"""Next-token cross-entropy that runs the LM head only where a loss reads it, a chunk at a time.
+"""The training losses of the torch backend, summed (the loop divides by the global denominator): next-token
+cross-entropy (`token_loss_sum`, and the LM head only where a loss reads it, a chunk at a time) and
+MDLM's weighted masked cross-entropy (`weighted_loss_sum`). backends/mindspore/loss.py is the twin.
 
 With a 151k vocabulary the LM head's logits dominate activation memory: a 2 x 2300-token padded batch
 holds 0.7 G logits, 2.8 GB in bf16 and twice that once upcast to fp32 for the loss. Two savings, both
@@ -55,3 +57,22 @@ def head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
         stop = start + CHUNK_ROWS
         total = total + checkpoint(_chunk_loss_sum, head, hidden[start:stop], targets[start:stop], use_reentrant=False)
     return total
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy (fp32) over labels != -100, and how many tokens that was."""
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1)
+    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((shift_labels != IGNORE_INDEX).sum())
+
+
+def weighted_loss_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum over masked positions of CE(logits, clean token) * weight, in fp32; no shift (each position
+    predicts itself). Nothing masked gives 0 * logits.sum(), so every parameter still gets a (zero)
+    gradient and ZeRO's bookkeeping stays whole."""
+    selected = labels != IGNORE_INDEX
+    if not bool(selected.any()):
+        return logits.sum() * 0.0
+    ce = F.cross_entropy(logits[selected].float(), labels[selected], reduction="none")
+    return (ce * weights[selected].float()).sum()

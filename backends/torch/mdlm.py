@@ -8,9 +8,8 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from vltune.core.contracts import IGNORE_INDEX, Batch
+from vltune.core.contracts import Batch
 from vltune.core.mdlm_sampler import Propose, SamplerSettings, diffusion_generate
 
 from .batch import to_model_inputs, to_tensor
@@ -24,9 +23,11 @@ def attn_implementation(model: torch.nn.Module) -> str:
 
 def bidirectional_logits(
     model: torch.nn.Module, batch: Batch, device: torch.device, *, circle=None, autocast_dtype=None, logits_to_keep: int = 0,
+    router_logits: list | None = None,
 ) -> torch.Tensor:
     """Logits [B, L, V] (or of the last `logits_to_keep` positions) with every real token visible to every
-    position. The model must have been through models.bidirectional.make_bidirectional."""
+    position. The model must have been through models.bidirectional.make_bidirectional. An MoE model's
+    router logits are appended to `router_logits` when a list is given (its load-balancing loss)."""
     if "cu_seqlens" in batch or "attention_mask" not in batch:
         raise NotImplementedError("bidirectional attention needs a padded batch with attention_mask (packed batches are not supported yet)")
     if any(module.is_causal for module in text_attention_modules(model)):
@@ -35,19 +36,36 @@ def bidirectional_logits(
     inputs["attention_mask"] = padding_only_mask(inputs["attention_mask"], attn_implementation(model))
     alt = batch.get("position_ids_alt")
     layers = circle.alt_positions(to_tensor(alt, device, torch.long)) if circle is not None and alt is not None else nullcontext()
-    with layers, torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        return model(**inputs, use_cache=False, logits_to_keep=logits_to_keep).logits
+    # Router logits through hooks: asking the forward for them (output_router_logits) would also make it
+    # compute the load-balancing loss with the 4-D bidirectional mask, which that function cannot take.
+    hooks = [] if router_logits is None else [
+        router.register_forward_hook(lambda module, args, output: router_logits.append(output[0])) for router in _routers(model)
+    ]
+    try:
+        with layers, torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            return model(**inputs, use_cache=False, logits_to_keep=logits_to_keep).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
-def weighted_loss_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum over masked positions of CE(logits, clean token) * weight, in fp32; no shift (each position
-    predicts itself). Nothing masked gives 0 * logits.sum(), so every parameter still gets a (zero)
-    gradient and ZeRO's bookkeeping stays whole."""
-    selected = labels != IGNORE_INDEX
-    if not bool(selected.any()):
-        return logits.sum() * 0.0
-    ce = F.cross_entropy(logits[selected].float(), labels[selected], reduction="none")
-    return (ce * weights[selected].float()).sum()
+def _routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The MoE routers of the decoder layers (the family's module map), in layer order."""
+    from vltune.core.families import get_family
+
+    from .models import part
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    path = get_family(base.config.model_type).modules.moe_router
+    if path is None:
+        return []
+    out = []
+    for layer in part(model, "decoder_layers"):
+        try:
+            out.append(layer.get_submodule(path))
+        except AttributeError:  # a dense layer (mlp_only_layers / decoder_sparse_step)
+            continue
+    return out
 
 
 def make_propose(model: torch.nn.Module, mask_token_id: int, *, circle=None, autocast_dtype=None) -> Propose:

@@ -34,7 +34,7 @@ from .checkpoint import OPTIMIZER_FILE, RNG_FILE, rng_state, set_rng_state
 from .distributed import DistContext, VisionSync
 from .models import part
 from .optim import set_learning_rates
-from .trainer import TorchBackend
+from .engine import TorchBackend
 
 
 def _rank_rng_file(rank: int) -> str:
@@ -360,6 +360,19 @@ def _hidden_size(model: torch.nn.Module) -> int:
     config = model.config
     text = getattr(config, "text_config", None) or config
     return int(text.hidden_size)
+
+
+def build_backend(cfg: Any, info: Any, circle_rope: dict | None, mdlm: Any = None, ctx: Any = None) -> TorchBackend:
+    """The torch engine for a recipe (backends.engine's entry): the model loaded from its directory in the
+    recipe's dtype and attention, then the engine the recipe and the launcher ask for."""
+    from .models import load_model
+
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    dtype = torch.bfloat16 if cfg.train.pure_bf16 else torch.float32  # pure_bf16: never an fp32 copy, even on the host
+    model = load_model(cfg.model.model_name_or_path, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+    return build_torch_backend(model, Path(cfg.model.model_name_or_path), info, cfg.model, cfg.train, circle_rope, mdlm, ctx)
 
 
 def build_torch_backend(

@@ -22,6 +22,7 @@ class Qwen3VLMoe(Qwen3VL):
         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
         lora_target_parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
         moe_block="Qwen3VLMoeTextSparseMoeBlock",
+        moe_router="mlp.gate",
     )
     capabilities = Capabilities(liger=False)  # vltune's Liger SwiGLU binding expects dense gate/up/down MLPs
     shapes = {

@@ -89,6 +89,8 @@ class ModuleMap:
     such as MoE experts' `gate_up_proj` / `down_proj`."""
     moe_block: str | None = None
     """Class name of the sparse MoE block (ZeRO-3 leaf module: gathered whole, not per expert)."""
+    moe_router: str | None = None
+    """Path of the router inside a decoder layer (its output's first item: the router logits [tokens, E])."""
 
     def component_of(self, name: str) -> str:
         """llm | vision | merger for a parameter name (plain, peft-wrapped or a MindSpore cell name)."""

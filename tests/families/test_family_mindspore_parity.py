@@ -23,7 +23,7 @@ def test_mindspore_loss_equals_torch(spec, model_dir, torch_model, vqa_data):
     from vltune.backends.mindspore.loss import token_loss_sum
     from vltune.backends.mindspore.models import ModelInputs, load_model
     from vltune.backends.torch.batch import to_model_inputs
-    from vltune.backends.torch.trainer import token_loss_sum as torch_token_loss_sum
+    from vltune.backends.torch.loss import token_loss_sum as torch_token_loss_sum
 
     samples = load_samples(vqa_data["train_file"])[:3]
     dataset = SFTDataset(samples, model_dir, max_length=4096, max_pixels=200 * 200)

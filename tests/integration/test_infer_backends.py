@@ -44,7 +44,7 @@ def vqa20(tmp_path_factory) -> dict:
 
 def _torch_ids(model_dir: Path, samples: list) -> tuple[list[list[int]], SFTDataset]:
     """Greedy ids of each prompt, one at a time, as `vltune infer --backend torch` decodes them."""
-    from vltune.backends.torch.infer import generate
+    from vltune.backends.torch.generate import generate
 
     predictor = Predictor(model_dir, max_pixels=MAX_PIXELS, settings=GREEDY)
     dataset = predictor.dataset(samples)
@@ -60,7 +60,7 @@ def _torch_ids(model_dir: Path, samples: list) -> tuple[list[list[int]], SFTData
 def test_greedy_ids_are_identical_on_both_backends_for_20_image_prompts(tiny_model_dirs, vqa20, model_type):
     """The must-show: torch one prompt at a time; MindSpore all 20 in one left-padded batch with the KV
     cache (left padding, per-row positions and cached decoding all exercised at once)."""
-    from vltune.backends.mindspore.infer import end_token_ids, generate
+    from vltune.backends.mindspore.generate import end_token_ids, generate
     from vltune.backends.mindspore.models import load_model
 
     model_dir = tiny_model_dirs[model_type]
@@ -117,8 +117,8 @@ class _Recorder:
     def __init__(self, monkeypatch):
         from transformers import LogitsProcessor
 
-        import vltune.backends.mindspore.infer as ms_infer
-        import vltune.backends.torch.infer as torch_infer
+        import vltune.backends.mindspore.generate as ms_infer
+        import vltune.backends.torch.generate as torch_infer
 
         self.scores: dict[str, list[np.ndarray]] = {"torch": [], "ms": []}
         process, processors = ms_infer.process_logits, torch_infer.logits_processors

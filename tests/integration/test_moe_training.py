@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 
 from vltune.backends.torch.batch import to_model_inputs  # noqa: E402
 from vltune.backends.torch.models import load_model  # noqa: E402
-from vltune.backends.torch.trainer import TorchBackend  # noqa: E402
+from vltune.backends.torch.engine import TorchBackend  # noqa: E402
 from vltune.core.config import ConfigError, ModelArgs, TrainArgs, load_recipe  # noqa: E402
 from vltune.core.contracts import loss_denominator  # noqa: E402
 from vltune.data.collate import Collator  # noqa: E402
@@ -139,3 +139,22 @@ def test_two_ranks_match_one_process(engine, moe_recipe, single_moe_run, tmp_pat
     np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("aux_loss" in r for r in rows if "loss" in r)
+
+
+def test_mdlm_loss_carries_the_router_aux(moe_dir, padded_batch):
+    """objective mdlm on an MoE model: the weighted masked CE plus coef * aux over the unpadded tokens."""
+    from vltune.core.config import MdlmArgs
+    from vltune.core.mdlm import MdlmObjective
+    from vltune.data.mdlm_tokens import resolve_mdlm_tokens
+
+    dataset, batch = padded_batch
+    tokens = resolve_mdlm_tokens(moe_dir)
+    objective = MdlmObjective(MdlmArgs(), tokens.mask_token_id, tokens.protected_ids, tokens.end_token_ids, tokens.end_token_ids[0])
+    args = ModelArgs(model_name_or_path=str(moe_dir))
+    backend = TorchBackend(load_model(moe_dir), moe_dir, dataset.info, args, TrainArgs(objective="mdlm"), mdlm=objective)
+    masked = objective.mask_for_eval(batch)
+    with_aux, n = backend.eval_loss(masked)
+    aux = float(backend._router_aux)
+    backend.router_aux_coef = 0.0
+    without, _ = backend.eval_loss(masked)
+    assert 1.0 < aux < 4.0 and with_aux - without == pytest.approx(0.001 * aux * n, rel=1e-4)

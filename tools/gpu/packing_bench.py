@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from vltune.backends.torch.models.varlen import enable_varlen_vision
+from vltune.backends.torch.attention import enable_varlen_vision
 from vltune.ops.torch.attention import BACKEND_ENV, available_backends
 
 OUT = Path(os.environ.get("OUT", "/tmp/vltune-gpu"))
@@ -114,7 +114,7 @@ def parity(model_type: str) -> dict:
 
     from vltune.backends.torch.models import load_model
     from vltune.backends.torch.tiny import TinySize, make_tiny
-    from vltune.backends.torch.trainer import TorchBackend
+    from vltune.backends.torch.engine import TorchBackend
     from vltune.core.config import ModelArgs, TrainArgs
     from vltune.core.contracts import count_trained_tokens
     from vltune.data.collate import Collator

@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 
 from vltune.backends.torch.bench import _info, _packed_rows, build_model, packed_step, step_flops
-from vltune.backends.torch.kernels import compile_blocks
-from vltune.backends.torch.trainer import TorchBackend
+from vltune.backends.torch.speed import compile_blocks
+from vltune.backends.torch.engine import TorchBackend
 from vltune.core.config import ModelArgs, TrainArgs
 from vltune.core.flops import H100_BF16_PEAK, SHAPES
 

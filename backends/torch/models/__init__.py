@@ -7,7 +7,6 @@ directories). Each family has a file here named after it that defines `ENTRY`.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
 from pathlib import Path
@@ -16,19 +15,7 @@ import torch
 
 from vltune.core.families import FamilySpec, family_names, get_family, read_model_info
 
-from .entry import TorchModel
-
-
-def model_entry(model_type: str) -> TorchModel:
-    """The torch entry of a family; an error naming the family if this backend has none."""
-    spec = get_family(model_type)
-    try:
-        module = importlib.import_module(f"{__name__}.{spec.name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.{spec.name}":
-            raise
-        raise ValueError(f"model_type {spec.name!r} has no torch model entry (backends/torch/models/{spec.name}.py)") from None
-    return module.ENTRY
+from .entry import TorchModel, model_entry
 
 
 def model_class(spec: FamilySpec):
@@ -83,3 +70,6 @@ def merge_lora(model_dir: str | Path, adapter: str | Path, out_dir: str | Path) 
 def torch_families() -> tuple[str, ...]:
     """The families that have a torch entry."""
     return tuple(name for name in family_names() if importlib.util.find_spec(f"{__name__}.{name}") is not None)
+
+
+__all__ = ["TorchModel", "load_model", "merge_lora", "model_class", "model_entry", "module_at", "part", "torch_families"]

@@ -6,7 +6,10 @@ class itself is transformers' (`FamilySpec.architecture`); the entry says how vl
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+
+from vltune.core.families import get_family
 
 
 @dataclass(frozen=True)
@@ -19,3 +22,15 @@ class TorchModel:
     features_to_forward: bool = False
     """The tower's outputs go to the stock forward as `mm_encoder_outputs` (Qwen3-VL: DeepStack features
     feed early decoder layers) instead of being placed into the input embeddings here."""
+
+
+def model_entry(model_type: str) -> TorchModel:
+    """The torch entry of a family; an error naming the family if this backend has none."""
+    spec = get_family(model_type)
+    try:
+        module = importlib.import_module(f"{__package__}.{spec.name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.{spec.name}":
+            raise
+        raise ValueError(f"model_type {spec.name!r} has no torch model entry (backends/torch/models/{spec.name}.py)") from None
+    return module.ENTRY

@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from vltune.backends.torch.batch import to_tensor  # noqa: E402
-from vltune.backends.torch.infer import generate_with_positions  # noqa: E402
+from vltune.backends.torch.generate import generate_with_positions  # noqa: E402
 from vltune.backends.torch.models import load_model  # noqa: E402
 from vltune.backends.torch.models.circle_rope import CircleRopeAdapter  # noqa: E402
 from vltune.core.circle_rope import per_token_distance  # noqa: E402

@@ -1,4 +1,4 @@
-"""Sampling and streaming in the torch backend (backends/torch/infer.py): both decoding loops agree."""
+"""Sampling and streaming in the torch backend (backends/torch/generate.py): both decoding loops agree."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from vltune.backends.torch.infer import TextStream, generate, generate_with_positions  # noqa: E402
+from vltune.backends.torch.generate import TextStream, generate, generate_with_positions  # noqa: E402
 from vltune.backends.torch.models import load_model  # noqa: E402
 from vltune.core.generation import GenerationSettings  # noqa: E402
 from vltune.data.chat import ChatTokenizer  # noqa: E402

@@ -1,4 +1,4 @@
-"""The MindSpore decoding loop (backends/mindspore/infer.py): the KV cache changes nothing but speed,
+"""The MindSpore decoding loop (backends/mindspore/generate.py): the KV cache changes nothing but speed,
 the logits processors are transformers', and streaming writes exactly the decoded generation."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 ms = pytest.importorskip("mindspore")
 
 from vltune.backends.mindspore.attention import TextAttentionLayout  # noqa: E402
-from vltune.backends.mindspore.infer import TextStream, choose_tokens, end_token_ids, generate, process_logits  # noqa: E402
+from vltune.backends.mindspore.generate import TextStream, choose_tokens, end_token_ids, generate, process_logits  # noqa: E402
 from vltune.backends.mindspore.models import load_model  # noqa: E402
 from vltune.core.generation import GenerationSettings  # noqa: E402
 from vltune.data.collate import Collator  # noqa: E402
@@ -67,7 +67,7 @@ def test_top_k_1_decodes_greedily_and_seeded_sampling_repeats_itself(tiny_model_
 def test_the_cache_extends_positions_and_masks_as_a_full_forward_would(tiny_model_dirs, corpus_samples):
     """Prefill, then two single-token steps through the cache: each step's logits equal the full
     forward's at that position (Circle-RoPE float ids and AGE alt ids continued independently)."""
-    from vltune.backends.mindspore.infer import _step_inputs, next_positions
+    from vltune.backends.mindspore.generate import _step_inputs, next_positions
     from vltune.backends.mindspore.models import ModelInputs
     from vltune.core.circle_rope import age_layer_mask
     from vltune.core.config import CIRCLE_ROPE_DEFAULTS
@@ -115,7 +115,7 @@ def test_logits_processors_match_transformers():
     """process_logits against transformers' own processors on the same fp32 scores: repetition
     penalty (bit-identical), temperature, top-k (ties kept), top-p (the same tokens survive)."""
     torch = pytest.importorskip("torch")
-    from vltune.backends.torch.infer import logits_processors
+    from vltune.backends.torch.generate import logits_processors
 
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(3, 97)).astype(np.float32) * 3

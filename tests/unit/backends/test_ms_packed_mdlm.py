@@ -12,7 +12,7 @@ from vltune.backends.mindspore.loss import token_loss_sum  # noqa: E402
 from vltune.backends.mindspore.models import ModelInputs, load_model  # noqa: E402
 from vltune.backends.torch.batch import to_model_inputs  # noqa: E402
 from vltune.backends.torch.models import load_model as load_torch_model  # noqa: E402
-from vltune.backends.torch.trainer import token_loss_sum as torch_token_loss_sum  # noqa: E402
+from vltune.backends.torch.loss import token_loss_sum as torch_token_loss_sum  # noqa: E402
 from vltune.core.config import ModelArgs, TrainArgs  # noqa: E402
 from vltune.data.collate import collate_padded  # noqa: E402
 from vltune.data.dataset import SFTDataset  # noqa: E402
@@ -57,8 +57,8 @@ def _objective(model_dir):
 
 def test_mdlm_loss_and_gradient_step_match_torch(tiny_qwen2_5_vl, features):
     """The same core-masked batch: bidirectional forward + 1/t-weighted CE, MindSpore vs torch, within 1e-5."""
-    from vltune.backends.mindspore.trainer import MindSporeBackend
-    from vltune.backends.torch.trainer import TorchBackend
+    from vltune.backends.mindspore.engine import MindSporeBackend
+    from vltune.backends.torch.engine import TorchBackend
 
     feats, dataset = features
     objective = _objective(tiny_qwen2_5_vl)

@@ -18,7 +18,7 @@ from vltune.backends.mindspore.models import ModelInputs, load_model  # noqa: E4
 from vltune.backends.mindspore.loss import token_loss_sum  # noqa: E402
 from vltune.backends.torch.batch import to_model_inputs, to_tensor  # noqa: E402
 from vltune.backends.torch.models import load_model as load_torch_model  # noqa: E402
-from vltune.backends.torch.trainer import token_loss_sum as torch_token_loss_sum  # noqa: E402
+from vltune.backends.torch.loss import token_loss_sum as torch_token_loss_sum  # noqa: E402
 from vltune.data.collate import Collator  # noqa: E402
 from vltune.data.dataset import SFTDataset  # noqa: E402
 from vltune.data.formats import load_samples  # noqa: E402

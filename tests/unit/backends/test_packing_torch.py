@@ -14,8 +14,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from vltune.backends.torch.batch import to_model_inputs  # noqa: E402
 from vltune.backends.torch.models import load_model, model_entry  # noqa: E402
-from vltune.backends.torch.models.varlen import enable_varlen, vision_attention_modules  # noqa: E402
-from vltune.backends.torch.trainer import TorchBackend  # noqa: E402
+from vltune.backends.torch.attention import enable_varlen, vision_attention_modules  # noqa: E402
+from vltune.backends.torch.engine import TorchBackend  # noqa: E402
 from vltune.core.config import CIRCLE_ROPE_DEFAULTS, ModelArgs, TrainArgs  # noqa: E402
 from vltune.core.contracts import count_trained_tokens  # noqa: E402
 from vltune.core.families import FAMILIES, family_names  # noqa: E402
@@ -176,7 +176,7 @@ def test_vision_tower_one_varlen_call_equals_the_stock_window_loop(tiny_model_di
         stock = visual(pixels, grid_thw=grid).pooler_output
         enable_varlen(model)
         monkeypatch.setenv("VLTUNE_VARLEN_BACKEND", backend)
-        import vltune.backends.torch.models.varlen as varlen
+        import vltune.backends.torch.attention as varlen
 
         real = varlen.varlen_attention
         monkeypatch.setattr(varlen, "varlen_attention", lambda *a, **k: calls.append(a[3].numel() - 1) or real(*a, **k))

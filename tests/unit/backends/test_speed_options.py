@@ -1,4 +1,4 @@
-"""Speed options of the torch engine (backends/torch/kernels.py, bf16 master weights in optim.py): the same math, or a clear refusal."""
+"""Speed options of the torch engine (backends/torch/speed.py, bf16 master weights in optim.py): the same math, or a clear refusal."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from vltune.backends.torch.kernels import _padded_mlp_forward, align_vision_mlp, apply_liger_kernels, compile_blocks  # noqa: E402
+from vltune.backends.torch.speed import _padded_mlp_forward, align_vision_mlp, apply_liger_kernels, compile_blocks  # noqa: E402
 from vltune.backends.torch.models import load_model  # noqa: E402
 from vltune.core.config import ConfigError, load_recipe  # noqa: E402
 
@@ -136,12 +136,12 @@ def test_liger_without_the_package_says_what_to_install(tiny_qwen2_5_vl):
 def test_mindspore_backend_refuses_torch_only_options(tiny_qwen2_5_vl, tmp_path, train, named):
     """The speed and low-memory keys of the torch engine (test_low_memory.py) are refused by name."""
     pytest.importorskip("mindspore")
-    from vltune.training import _build_mindspore_backend
+    from vltune.backends.mindspore.parallel import build_backend
 
     cfg = load_recipe({"model_name_or_path": str(tiny_qwen2_5_vl), "dataset_use": "x.jsonl", "backend": "mindspore",
                        "output_dir": str(tmp_path), **train})
     with pytest.raises(ConfigError, match=f"{named} belong to the torch engine"):
-        _build_mindspore_backend(cfg, info=None, circle_rope=None)
+        build_backend(cfg, info=None, circle_rope=None)
 
 
 def test_liger_and_compile_together_are_refused(tiny_qwen2_5_vl):

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vltune.core.config import ModelArgs, TrainArgs, mdlm_model_args
-from vltune.core.contracts import IGNORE_INDEX, Batch, loss_denominator
+from vltune.core.contracts import Batch, loss_denominator
 from vltune.core.families import get_family
 from vltune.core.flops import gpu_peak_flops
 from vltune.core.mdlm import MdlmObjective
@@ -24,15 +23,15 @@ from vltune.data.model_info import ModelInfo
 
 from .batch import pin_batch, to_model_inputs, to_tensor, vision_tower_kwargs
 from .checkpoint import OPTIMIZER_FILE, RNG_FILE, load_weights, rng_state, save_hf_model, saved_state, set_rng_state
-from .infer import generate_greedy, generate_with_positions
+from .generate import generate_greedy, generate_with_positions
 from .lora import apply_lora, keep_adapter_inputs_in_compute_dtype
-from .kernels import align_vision_mlp, apply_liger_kernels, compile_blocks
-from .loss import head_loss_sum, kept_token_loss_sum, trained_positions
-from .mdlm import bidirectional_logits, diffusion_sample, weighted_loss_sum
+from .speed import align_vision_mlp, apply_liger_kernels, compile_blocks
+from .loss import head_loss_sum, kept_token_loss_sum, trained_positions, weighted_loss_sum
+from .mdlm import bidirectional_logits, diffusion_sample
 from .models import model_entry, module_at
 from .models.bidirectional import make_bidirectional
 from .models.circle_rope import CircleRopeAdapter
-from .models.varlen import enable_varlen
+from .attention import enable_varlen
 from .optim import MasterWeights, bf16_weights, build_optimizer, build_param_groups, set_learning_rates, upcast_trainable
 
 def apply_freeze(model: torch.nn.Module, model_args: ModelArgs) -> None:
@@ -47,14 +46,6 @@ def apply_freeze(model: torch.nn.Module, model_args: ModelArgs) -> None:
         param.requires_grad_(train[modules.component_of(name)])
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("tune_mm_llm, tune_mm_vision and tune_mm_mlp are all false: nothing to train")
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy (fp32) over labels != -100, and how many tokens that was."""
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1)
-    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((shift_labels != IGNORE_INDEX).sum())
 
 
 class TorchBackend:
@@ -235,15 +226,23 @@ class TorchBackend:
 
     def _logits(self, batch: Batch) -> torch.Tensor:
         if self.mdlm is not None:
-            return bidirectional_logits(self.model, batch, self.device, circle=self.circle, autocast_dtype=self.autocast_dtype)
+            routers = [] if self.router_aux_coef else None
+            logits = bidirectional_logits(self.model, batch, self.device, circle=self.circle,
+                                          autocast_dtype=self.autocast_dtype, router_logits=routers)
+            if routers is not None:  # the 2-D padding mask: the forward's own mask is 4-D under MDLM
+                mask = to_tensor(batch["attention_mask"], self.device, torch.long)
+                self._router_aux = self._balancing_loss(tuple(routers), mask)
+            return logits
         return self._forward(batch)
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
-        """Summed loss of a batch: next-token CE (ar) or weighted masked CE (a core.mdlm masked batch)."""
+        """Summed loss of a batch: next-token CE (ar) or weighted masked CE (a core.mdlm masked batch), plus
+        an MoE router's load-balancing loss (its forward sets `_router_aux`)."""
+        self._router_aux = None
         if "loss_weights" in batch:
             labels = torch.as_tensor(batch["labels"]).to(self.device)
             weights = torch.as_tensor(batch["loss_weights"]).to(self.device)
-            return weighted_loss_sum(self._logits(batch), labels, weights)
+            return self._plus_router_aux(weighted_loss_sum(self._logits(batch), labels, weights), batch)
         if self.mdlm is not None:
             raise ValueError("objective mdlm: the batch is not masked (wrap the batch source in core.mdlm.MaskedBatches)")
         # The LM head runs on trained positions only (backends/torch/loss.py).

@@ -21,12 +21,11 @@ import functools
 import inspect
 import types
 
-import numpy as np
 import torch
 
 from vltune.ops.torch.attention import varlen_attention
 
-from . import part
+from .models import part
 
 VARLEN_PREFIX = "vltune_varlen_"
 FALLBACKS = ("sdpa", "eager")
@@ -169,6 +168,6 @@ def require_varlen(model: torch.nn.Module | None) -> None:
     """Raise unless `model`'s text attention honours packing arguments (stock sdpa/eager silently ignore them)."""
     if model is None or not text_config(model)._attn_implementation.startswith(VARLEN_PREFIX):
         raise RuntimeError(
-            "a packed batch (cu_seqlens) needs a model through backends.torch.models.varlen.enable_varlen; "
+            "a packed batch (cu_seqlens) needs a model through backends.torch.attention.enable_varlen; "
             "its stock attention would let the packed samples attend to each other"
         )

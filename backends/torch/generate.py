@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 from contextlib import nullcontext
 
 import torch
@@ -193,3 +196,32 @@ def generate_with_positions(
     if streamer is not None:
         streamer.end()
     return _cut_at_end(generated.tolist(), set(eos.tolist()))
+
+
+class InferenceEngine:
+    """What `vltune infer` drives (inference.py, through backends.engine): the transformers model (plus a
+    peft adapter); generate() with its KV cache, or vltune's own decoding loop for Circle-RoPE (its
+    CircleRopeAdapter). The MindSpore twin is backends/mindspore/generate.py's InferenceEngine."""
+
+    def __init__(self, model_dir: str | Path, adapter: str | Path | None, circle_rope: dict | None):
+        from .models import load_model
+        from .models.circle_rope import CircleRopeAdapter
+
+        self.model = load_model(model_dir, adapter=adapter)
+        self.circle = CircleRopeAdapter(self.model, circle_rope) if circle_rope else None
+
+    def text_stream(self, decode: Callable[[list[int]], str], write: Callable[[str], None]):
+        return TextStream(decode, write)
+
+    def generate(self, batch: Batch, info: ModelInfo, settings: GenerationSettings, streamer) -> list[int]:
+        (out,) = generate(self.model, batch, info, settings, circle=self.circle, streamer=streamer)
+        return out
+
+    def diffusion(self, batch: Batch, settings, mask_token_id: int, end_token_ids: tuple[int, ...], seed: int) -> list[int]:
+        """The masked-diffusion sampler on the model with its text attention made bidirectional."""
+        from .mdlm import diffusion_sample
+        from .models.bidirectional import make_bidirectional
+
+        make_bidirectional(self.model)
+        (ids,) = diffusion_sample(self.model, batch, settings, mask_token_id=mask_token_id, end_token_ids=end_token_ids, seed=seed, circle=self.circle)
+        return ids

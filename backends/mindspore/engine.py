@@ -1,6 +1,6 @@
 """The MindSpore engine behind the backend-neutral loop: a native Qwen VL model, value_and_grad, AdamW.
 
-It implements core.contracts.TrainBackend as backends/torch/trainer.py does, on the very same numpy
+It implements core.contracts.TrainBackend as backends/torch/engine.py does, on the very same numpy
 batches, so a recipe trains the same way on either engine (tests compare the two step for step).
 MindSpore runs in PyNative mode: the models build their attention layouts and vision indices on the
 host per batch, which graph mode would have to trace as static shapes.
@@ -36,7 +36,7 @@ from .checkpoint import (
     set_rng_state,
     write_safetensors,
 )
-from .infer import end_token_ids, generate_greedy
+from .generate import end_token_ids, generate_greedy
 from .lora import LoraState
 from .loss import load_balancing_loss, router_logits, token_loss_sum, weighted_loss_sum
 from .mdlm import diffusion_sample
@@ -107,19 +107,21 @@ class MindSporeBackend:
         labels = Tensor(np.asarray(batch["labels"]).astype(np.int32))
         if "loss_weights" in batch:
             weights = Tensor(np.asarray(batch["loss_weights"], dtype=np.float32))
-            return lambda: weighted_loss_sum(self.model(inputs), labels, weights)
-        if self.mdlm is not None:
+            loss_fn = lambda: weighted_loss_sum(self.model(inputs), labels, weights)  # noqa: E731
+        elif self.mdlm is not None:
             raise ValueError("objective mdlm: the batch is not masked (wrap the batch source in core.mdlm.MaskedBatches)")
+        else:
+            loss_fn = lambda: token_loss_sum(self.model(inputs), labels)  # noqa: E731
         text = self.model.cfg.text
         if not (text.num_experts and text.router_aux_loss_coef):
-            return lambda: token_loss_sum(self.model(inputs), labels)
-        # MoE: plus the router's load-balancing loss, weighted so that the loop's division by the trained
-        # tokens gives CE mean + coef * aux (transformers' outputs.loss); padding left out of it.
+            return loss_fn
+        # MoE: plus the router's load-balancing loss, weighted so that the loop's division by the loss
+        # denominator gives loss mean + coef * aux (transformers' outputs.loss); padding left out of it.
         n = loss_denominator(batch)
         mask = Tensor(np.asarray(batch["attention_mask"])) if "attention_mask" in batch else None
 
         def with_router_aux():
-            loss = token_loss_sum(self.model(inputs), labels)
+            loss = loss_fn()
             aux = load_balancing_loss(router_logits(self.model), text.num_experts, text.num_experts_per_tok, mask)
             if self.model.training:
                 self._router_aux_log.append((float(ops.stop_gradient(aux).asnumpy()), n))

@@ -1,5 +1,5 @@
 """Generation with a MindSpore Qwen VL model from a numpy batch: greedy or sampled, with a KV cache,
-optionally streamed (mirrors backends/torch/infer.py).
+optionally streamed (mirrors backends/torch/generate.py).
 
 The prompt (text and vision) is prefilled once into a `KVCache`; each later step feeds one token per
 row. Positions are vltune's own throughout: each new token sits at its row's next text position (max
@@ -16,6 +16,8 @@ generator seeded with `settings.seed`: reproducible on this backend, not the tor
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import json
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from mindspore import Tensor, nn
 
 from vltune.core.contracts import Batch
 from vltune.core.generation import GenerationSettings, TextStream
+from vltune.data.model_info import ModelInfo
 
 from .attention import TextAttentionLayout
 from .models import ModelInputs
@@ -177,3 +180,45 @@ def generate(
 def generate_greedy(model: nn.Cell, batch: Batch, max_new_tokens: int, eos: set[int], causal: bool = True) -> list[list[int]]:
     """Greedy continuation of each prompt row (the trainer's evaluation decodes with this)."""
     return generate(model, batch, eos, GenerationSettings(max_new_tokens=max_new_tokens), causal=causal)
+
+
+class InferenceEngine:
+    """What `vltune infer` drives (inference.py, through backends.engine): the native model (PyNative, fp32 on CPU / the Ascend kernels on NPUs), its
+    KV-cached decoding loop, Circle-RoPE AGE layers set from circle_rope.json. A LoRA adapter is merged
+    into the base weights at load time (no peft on this backend). Imports no torch."""
+
+    def __init__(self, model_dir: str | Path, adapter: str | Path | None, circle_rope: dict | None):
+        import mindspore as ms
+
+        from vltune.core.circle_rope import age_layer_mask
+
+        from .lora import merge_lora_adapter
+        from .models import load_model
+
+        ms.set_context(mode=ms.PYNATIVE_MODE)  # the models read host-side numpy per batch (as training.py sets)
+        self.model = load_model(model_dir)
+        if adapter is not None:
+            merge_lora_adapter(self.model, adapter)
+        if circle_rope:
+            layers = self.model.cfg.text.num_hidden_layers
+            self.model.model.language_model.set_alt_layers(age_layer_mask(circle_rope.get("AGE_mode", "strategy_1"), layers))
+        self.eos = end_token_ids(model_dir, self.model.cfg)
+
+    def text_stream(self, decode: Callable[[list[int]], str], write: Callable[[str], None]):
+        return TextStream(decode, write)
+
+    def generate(self, batch: Batch, info: ModelInfo, settings: GenerationSettings, streamer) -> list[int]:
+        (out,) = generate(self.model, batch, self.eos, settings, streamer=streamer)
+        return out
+
+    def diffusion(self, batch: Batch, settings, mask_token_id: int, end_token_ids: tuple[int, ...], seed: int) -> list[int]:
+        """The masked-diffusion sampler (core's loop) on the native model's bidirectional forward."""
+        from vltune.core.mdlm_sampler import diffusion_generate
+
+        from .mdlm import make_propose
+
+        (ids,) = diffusion_generate(
+            make_propose(self.model, mask_token_id), batch, settings, mask_token_id=mask_token_id,
+            end_token_ids=end_token_ids, rng=np.random.default_rng(seed),
+        )
+        return ids
