@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -138,3 +139,19 @@ class DistributedCheckpointManager(CheckpointManager):
             self._rotate(keep=trainer_state.get("best_checkpoint"))
         self.ctx.barrier()
         return final
+
+
+def write_atomically(out_dir: str | Path, write: Callable[[Path], None]) -> None:
+    """Run `write(tmp_dir)` on a fresh folder inside `out_dir`, then move every file it made into `out_dir`:
+    a run killed while writing leaves the files that were there before, never a half-written one. Both
+    engines save models and adapters through this one writer (checkpoint directories as a whole go
+    through CheckpointManager's rename)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=out_dir))
+    try:
+        write(tmp)
+        for path in tmp.iterdir():
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -23,13 +23,13 @@ import random
 import re
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import mindspore as ms
 import numpy as np
 from mindspore import nn
 
+from vltune.core.checkpointing import write_atomically
 from vltune.data.model_info import PROCESSOR_FILES as MODEL_DIR_FILES
 
 # HF legacy-layout name -> native (transformers 5) name.
@@ -188,19 +188,6 @@ def _copy_processor_files(source_dir: Path, target: Path) -> None:
     for name in PROCESSOR_FILES:
         if (Path(source_dir) / name).exists():
             shutil.copy2(Path(source_dir) / name, target / name)
-
-
-def write_atomically(out_dir: Path, write) -> None:
-    """Run `write(tmp_dir)`, then move every file it made into `out_dir` (a killed run leaves no half file)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=out_dir))
-    try:
-        write(tmp)
-        for path in tmp.iterdir():
-            os.replace(path, out_dir / path.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_hf_model(model: nn.Cell, source_dir: str | Path, out_dir: str | Path, circle_rope: dict | None = None) -> None:

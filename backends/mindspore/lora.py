@@ -28,10 +28,11 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
+from vltune.core.checkpointing import write_atomically
 from vltune.core.config import ModelArgs, lora_target_parameters
 from vltune.core.families import get_family
 
-from .checkpoint import read_safetensors, write_atomically, write_safetensors
+from .checkpoint import read_safetensors, write_safetensors
 from .models.layers import Linear
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -7,15 +7,14 @@ them are complete, so a run killed mid-save never leaves a half-written model th
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from vltune.core.checkpointing import write_atomically
 from vltune.data.model_info import PROCESSOR_FILES
 
 CIRCLE_ROPE_FILE = "circle_rope.json"
@@ -31,9 +30,8 @@ def save_hf_model(
     `state_dict`: full weights gathered by a sharding engine (ZeRO-3, FSDP2), whose live module holds shards.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=out_dir))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
         for name in PROCESSOR_FILES:
             if (Path(source_dir) / name).exists():
@@ -42,10 +40,8 @@ def save_hf_model(
             (tmp / CIRCLE_ROPE_FILE).write_text(json.dumps(circle_rope, indent=2) + "\n")
         else:
             (out_dir / CIRCLE_ROPE_FILE).unlink(missing_ok=True)  # never leave a stale one behind
-        for path in tmp.iterdir():
-            os.replace(path, out_dir / path.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_atomically(out_dir, write)
 
 
 OPTIMIZER_FILE = "optimizer.pt"
