@@ -61,7 +61,7 @@ def set_recompute(model: nn.Cell, enabled: bool) -> None:
     model.model.visual.recompute_blocks = enabled
 
 
-class MindSporeBackend:
+class Engine:
     """One native model in one process: full fine-tuning or LoRA, Circle-RoPE,
     and the masked-diffusion objective when given an `mdlm` objective."""
 

@@ -22,14 +22,14 @@ from vltune.core.contracts import Batch
 
 from .checkpoint import RNG_FILE, rng_state, set_rng_state
 from .distributed import DistContext
-from .engine import MindSporeBackend
+from .engine import Engine
 
 
 def _rank_rng_file(rank: int) -> str:
     return RNG_FILE if rank == 0 else f"rng_state_rank{rank}.json"
 
 
-class DataParallelBackend(MindSporeBackend):
+class DataParallelBackend(Engine):
     """The single-process engine on every rank, its gradients averaged over ranks once per step.
 
     Every rank loads the same weights from the model directory (and LoRA draws the same seeded
@@ -81,7 +81,7 @@ class DataParallelBackend(MindSporeBackend):
             set_rng_state(json.loads(path.read_text()))
 
 
-def build_backend(cfg: Any, info: Any, circle_rope: dict | None, mdlm: Any = None, ctx: Any = None) -> MindSporeBackend:
+def build_backend(cfg: Any, info: Any, circle_rope: dict | None, mdlm: Any = None, ctx: Any = None) -> Engine:
     """The native MindSpore engine for a recipe (backends.engine's entry), in PyNative mode on the
     installed device (CPU here, Ascend in production); data parallel over the msrun workers when msrun
     started this process."""
@@ -101,4 +101,4 @@ def build_backend(cfg: Any, info: Any, circle_rope: dict | None, mdlm: Any = Non
     common = (model, Path(cfg.model.model_name_or_path), info, cfg.model, cfg.train, circle_rope)
     if ctx is not None and ctx.world_size > 1:
         return DataParallelBackend(*common, mdlm=mdlm, ctx=ctx)
-    return MindSporeBackend(*common, mdlm=mdlm)
+    return Engine(*common, mdlm=mdlm)

@@ -6,7 +6,7 @@ same number of steps:
 
 (a) stock: the transformers model with sdpa, padded batches, its own loss (`labels=`), torch AdamW
     (default foreach implementation), bf16 autocast, mm_token_type_ids for its own M-RoPE ids;
-(b) vltune: `TorchBackend` as `vltune train` drives it (fused AdamW, vltune's position ids, its loss
+(b) vltune: the engine (engine.Engine) as `vltune train` drives it (fused AdamW, vltune's position ids, its loss
     over trained positions only) on the same samples packed into rows of `pack_length` tokens with
     varlen attention in the LLM and one varlen call per vision layer (data/packing.py, ops/torch).
 
@@ -37,7 +37,7 @@ from vltune.data.synthetic_workload import WorkloadTokens, mixed_features
 from .batch import to_model_inputs
 from .lora import apply_lora
 from .optim import bf16_weights, upcast_trainable
-from .engine import TorchBackend
+from .engine import Engine
 
 
 
@@ -284,7 +284,7 @@ def run_bench(
         model.load_state_dict(initial)
         del initial
     torch.manual_seed(seed)  # the LoRA adapters' init, as (a) drew it
-    backend = TorchBackend(model, Path("."), _info(shape), model_args,
+    backend = Engine(model, Path("."), _info(shape), model_args,
                            TrainArgs(bf16=True, learning_rate=learning_rate, max_grad_norm=1.0, weight_decay=0.0, **options))
     torch.cuda.reset_peak_memory_stats()
 

@@ -48,7 +48,7 @@ def apply_freeze(model: torch.nn.Module, model_args: ModelArgs) -> None:
         raise ValueError("tune_mm_llm, tune_mm_vision and tune_mm_mlp are all false: nothing to train")
 
 
-class TorchBackend:
+class Engine:
     """One model on one device: full fine-tuning or LoRA, with Circle-RoPE when the recipe asks, and
     the masked-diffusion objective (bidirectional text attention, weighted loss, diffusion sampler)
     when given an `mdlm` objective."""

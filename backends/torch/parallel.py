@@ -1,6 +1,6 @@
 """Data-parallel engines of the torch backend: DDP, FSDP2 (`fully_shard`) and DeepSpeed ZeRO 0-3.
 
-Each is a TorchBackend that keeps the single-process model code untouched and changes only how
+Each is a Engine that keeps the single-process model code untouched and changes only how
 gradients are reduced, where parameters and optimizer state live, and how weights are gathered to be
 saved. What they share:
 
@@ -34,7 +34,7 @@ from .checkpoint import OPTIMIZER_FILE, RNG_FILE, rng_state, set_rng_state
 from .distributed import DistContext, VisionSync
 from .models import part
 from .optim import set_learning_rates
-from .engine import TorchBackend
+from .engine import Engine
 
 
 def _rank_rng_file(rank: int) -> str:
@@ -42,7 +42,7 @@ def _rank_rng_file(rank: int) -> str:
 
 
 class _TrainingForward:
-    """What `TorchBackend._logits` calls during a training micro-step under DDP or DeepSpeed.
+    """What `Engine._logits` calls during a training micro-step under DDP or DeepSpeed.
 
     It runs the wrapper's forward (DDP registers its gradient hooks there, DeepSpeed its ZeRO
     bookkeeping) but answers `get_base_model()` with the plain transformers model, so the batch is
@@ -63,11 +63,11 @@ class _TrainingForward:
         return self
 
 
-class _DistributedBackend(TorchBackend):
+class _DistributedBackend(Engine):
     """Rank-aware parts shared by every engine: reductions, per-rank RNG, rank-0-only writing."""
 
     ctx: DistContext
-    head_loss_after_forward = False  # the LM head runs inside the wrapped forward (TorchBackend's note)
+    head_loss_after_forward = False  # the LM head runs inside the wrapped forward (Engine's note)
 
     def _setup_distributed(self, ctx: DistContext) -> None:
         self.ctx = ctx
@@ -362,7 +362,7 @@ def _hidden_size(model: torch.nn.Module) -> int:
     return int(text.hidden_size)
 
 
-def build_backend(cfg: Any, info: Any, circle_rope: dict | None, mdlm: Any = None, ctx: Any = None) -> TorchBackend:
+def build_backend(cfg: Any, info: Any, circle_rope: dict | None, mdlm: Any = None, ctx: Any = None) -> Engine:
     """The torch engine for a recipe (backends.engine's entry): the model loaded from its directory in the
     recipe's dtype and attention, then the engine the recipe and the launcher ask for."""
     from .models import load_model
@@ -384,7 +384,7 @@ def build_torch_backend(
     circle_rope: dict | None,
     mdlm: Any,
     ctx: DistContext,
-) -> TorchBackend:
+) -> Engine:
     """The engine the recipe and the launcher ask for: DeepSpeed, FSDP2, DDP (several ranks) or one process."""
     common = (model, model_dir, info, model_args, args, circle_rope)
     if ctx.world_size > 1 and args.optim == "adamw_torch_8bit":
@@ -403,4 +403,4 @@ def build_torch_backend(
         return FSDPBackend(*common, mdlm=mdlm, ctx=ctx)
     if ctx.world_size > 1:
         return DDPBackend(*common, mdlm=mdlm, ctx=ctx)
-    return TorchBackend(*common, mdlm=mdlm)
+    return Engine(*common, mdlm=mdlm)

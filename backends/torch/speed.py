@@ -11,7 +11,7 @@ sharding engines see the stock model.
   replacement expects the (3, B, L, D) cos/sin that transformers no longer passes. Liger's fused
   linear cross-entropy is not used either: on the 3B bench shape it made the step 34% slower than
   vltune's chunked loss (loss.py), see docs/performance.md.
-* `align_vision_mlp` (TorchBackend, on every device, not under DeepSpeed): Qwen2.5-VL's vision MLP is 3420 wide, not a multiple of 8, so
+* `align_vision_mlp` (Engine, on every device, not under DeepSpeed): Qwen2.5-VL's vision MLP is 3420 wide, not a multiple of 8, so
   its bf16 rows are not 16-byte aligned and cuBLAS falls back to slower kernels for a quarter of the
   frozen tower's forward. The forward zero-pads the three weights to a multiple of 64 on the fly: the
   padded columns give silu(0) * 0 = 0 and multiply zero rows of down_proj, so the output is the same

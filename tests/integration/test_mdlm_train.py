@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from vltune.backends.torch.models import load_model  # noqa: E402
-from vltune.backends.torch.engine import TorchBackend  # noqa: E402
+from vltune.backends.torch.engine import Engine as TorchBackend  # noqa: E402
 from vltune.core.config import load_recipe  # noqa: E402
 from vltune.data.collate import collate_padded  # noqa: E402
 from vltune.data.dataset import SFTDataset  # noqa: E402

@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 
 from vltune.backends.torch.batch import to_model_inputs  # noqa: E402
 from vltune.backends.torch.models import load_model  # noqa: E402
-from vltune.backends.torch.engine import TorchBackend  # noqa: E402
+from vltune.backends.torch.engine import Engine as TorchBackend  # noqa: E402
 from vltune.core.config import ConfigError, ModelArgs, TrainArgs, load_recipe  # noqa: E402
 from vltune.core.contracts import loss_denominator  # noqa: E402
 from vltune.data.collate import Collator  # noqa: E402

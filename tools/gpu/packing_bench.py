@@ -114,7 +114,7 @@ def parity(model_type: str) -> dict:
 
     from vltune.backends.torch.models import load_model
     from vltune.backends.torch.tiny import TinySize, make_tiny
-    from vltune.backends.torch.engine import TorchBackend
+    from vltune.backends.torch.engine import Engine as TorchBackend
     from vltune.core.config import ModelArgs, TrainArgs
     from vltune.core.contracts import count_trained_tokens
     from vltune.data.collate import Collator

@@ -41,7 +41,7 @@ import torch
 
 from vltune.backends.torch.bench import _info, _packed_rows, build_model, packed_step, step_flops
 from vltune.backends.torch.speed import compile_blocks
-from vltune.backends.torch.engine import TorchBackend
+from vltune.backends.torch.engine import Engine as TorchBackend
 from vltune.core.config import ModelArgs, TrainArgs
 from vltune.core.flops import H100_BF16_PEAK, SHAPES
 

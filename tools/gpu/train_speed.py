@@ -129,7 +129,7 @@ def _prebuild(micro_batches: int) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from vltune.backends.torch.engine import TorchBackend
+    from vltune.backends.torch.engine import Engine as TorchBackend
     from vltune.training import train
 
     TorchBackend.save_model = lambda self, out_dir: print("[train_speed] final model not written")

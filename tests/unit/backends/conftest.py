@@ -14,7 +14,7 @@ def tiny_training(vqa_data):
     batches, steps)` -> the per-token losses of that many steps, cycling over the batches."""
     torch = pytest.importorskip("torch")
     from vltune.backends.torch.models import load_model
-    from vltune.backends.torch.engine import TorchBackend
+    from vltune.backends.torch.engine import Engine as TorchBackend
     from vltune.core.config import load_recipe
     from vltune.data.collate import collate_padded
     from vltune.data.dataset import SFTDataset

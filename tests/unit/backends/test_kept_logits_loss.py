@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 from vltune.backends.torch import loss as loss_module  # noqa: E402
 from vltune.backends.torch.loss import head_loss_sum, trained_positions  # noqa: E402
 from vltune.backends.torch.models import load_model  # noqa: E402
-from vltune.backends.torch.engine import TorchBackend  # noqa: E402
+from vltune.backends.torch.engine import Engine as TorchBackend  # noqa: E402
 from vltune.backends.torch.loss import token_loss_sum  # noqa: E402
 from vltune.core.config import load_recipe  # noqa: E402
 from vltune.data.collate import collate_padded  # noqa: E402

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from vltune.backends.torch.mdlm import bidirectional_logits, make_propose  # noqa: E402
 from vltune.backends.torch.models import load_model  # noqa: E402
-from vltune.backends.torch.engine import TorchBackend  # noqa: E402
+from vltune.backends.torch.engine import Engine as TorchBackend  # noqa: E402
 from vltune.core.config import MdlmArgs, ModelArgs, TrainArgs  # noqa: E402
 from vltune.core.contracts import IGNORE_INDEX  # noqa: E402
 from vltune.core.mdlm import MdlmObjective, maskable_positions, masked_batch  # noqa: E402

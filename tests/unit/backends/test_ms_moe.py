@@ -28,7 +28,7 @@ def test_load_balancing_loss_equals_transformers(masked):
 
 def test_training_loss_equals_transformers(tiny_models, vqa_data):
     from vltune.backends.mindspore.models import load_model
-    from vltune.backends.mindspore.engine import MindSporeBackend
+    from vltune.backends.mindspore.engine import Engine as MindSporeBackend
     from vltune.backends.torch.batch import to_model_inputs
     from vltune.backends.torch.models import load_model as load_torch_model
     from vltune.core.config import ModelArgs, TrainArgs

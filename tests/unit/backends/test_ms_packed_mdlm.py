@@ -57,8 +57,8 @@ def _objective(model_dir):
 
 def test_mdlm_loss_and_gradient_step_match_torch(tiny_qwen2_5_vl, features):
     """The same core-masked batch: bidirectional forward + 1/t-weighted CE, MindSpore vs torch, within 1e-5."""
-    from vltune.backends.mindspore.engine import MindSporeBackend
-    from vltune.backends.torch.engine import TorchBackend
+    from vltune.backends.mindspore.engine import Engine as MindSporeBackend
+    from vltune.backends.torch.engine import Engine as TorchBackend
 
     feats, dataset = features
     objective = _objective(tiny_qwen2_5_vl)

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 from vltune.backends.mindspore.checkpoint import parameter_arrays  # noqa: E402
 from vltune.backends.mindspore.models import ModelInputs, load_model  # noqa: E402
-from vltune.backends.mindspore.engine import MindSporeBackend  # noqa: E402
+from vltune.backends.mindspore.engine import Engine as MindSporeBackend  # noqa: E402
 from vltune.core.config import ModelArgs, TrainArgs  # noqa: E402
 from vltune.data.collate import collate_padded  # noqa: E402
 from vltune.data.dataset import SFTDataset  # noqa: E402
@@ -49,7 +49,7 @@ def test_one_step_matches_torch(tiny_qwen2_5_vl, batch):
     the updated weights to 1e-5 overall. (Single elements with |grad| near 1e-7 can differ more: Adam's
     first step is lr * g / (|g| + eps), so there the rounding of g shows; see the matrices' bound.)"""
     from vltune.backends.torch.models import load_model as load_torch_model
-    from vltune.backends.torch.engine import TorchBackend
+    from vltune.backends.torch.engine import Engine as TorchBackend
 
     data, info = batch
     margs = ModelArgs(model_name_or_path=str(tiny_qwen2_5_vl), tune_mm_vision=True)

@@ -15,7 +15,7 @@ import torch.nn.functional as F  # noqa: E402
 from vltune.backends.torch.batch import to_model_inputs  # noqa: E402
 from vltune.backends.torch.models import load_model, model_entry  # noqa: E402
 from vltune.backends.torch.attention import enable_varlen, vision_attention_modules  # noqa: E402
-from vltune.backends.torch.engine import TorchBackend  # noqa: E402
+from vltune.backends.torch.engine import Engine as TorchBackend  # noqa: E402
 from vltune.core.config import CIRCLE_ROPE_DEFAULTS, ModelArgs, TrainArgs  # noqa: E402
 from vltune.core.contracts import count_trained_tokens  # noqa: E402
 from vltune.core.families import FAMILIES, family_names  # noqa: E402

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from vltune.backends.torch.batch import send  # noqa: E402
-from vltune.backends.torch.engine import TorchBackend  # noqa: E402
+from vltune.backends.torch.engine import Engine as TorchBackend  # noqa: E402
 
 
 def _batch() -> dict:

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from vltune.backends.torch.models import load_model  # noqa: E402
-from vltune.backends.torch.engine import TorchBackend  # noqa: E402
+from vltune.backends.torch.engine import Engine as TorchBackend  # noqa: E402
 from vltune.core.config import ModelArgs, TrainArgs  # noqa: E402
 from vltune.data.collate import collate_padded  # noqa: E402
 from vltune.data.dataset import SFTDataset  # noqa: E402
@@ -145,7 +145,7 @@ def test_lora_base_layers_train_in_training_mode(tiny_qwen2_5_vl):
     """peft's wrapper starts in training mode around a base from_pretrained left in eval mode: the backend
     puts every module in training mode (gradient checkpointing and dropout look at each module's flag)."""
     from vltune.backends.torch.models import load_model
-    from vltune.backends.torch.engine import TorchBackend
+    from vltune.backends.torch.engine import Engine as TorchBackend
     from vltune.core.config import ModelArgs, TrainArgs
     from vltune.data.model_info import read_model_info
 
