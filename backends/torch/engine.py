@@ -94,6 +94,9 @@ class Engine:
             # Non-reentrant checkpointing needs no input grads, so it works with frozen embeddings (LoRA).
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model.to(self.device)
+        # What a training micro-step calls: the model itself here; a data-parallel engine puts its wrapper
+        # (DDP, DeepSpeed) here, so gradients sync, while evaluation, generation and saving use self.model.
+        self.train_forward = self.model
         # The plain transformers model under any PEFT wrapper: layers, config, save_pretrained.
         self.base = model.get_base_model() if self.lora else model
         # bf16 weights for compute, fp32 masters for AdamW; on the device already, so the masters are there too.
@@ -134,15 +137,17 @@ class Engine:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
-    def _forward(self, batch: Batch, keep: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
+    def _forward(self, batch: Batch, keep: torch.Tensor | None = None, hidden: bool = False, model=None) -> torch.Tensor:
         """Logits [B, L, V]; [B, K, V] at the sequence positions `keep` only (the LM head skips the rest);
-        or with `hidden` the final hidden states [B, L, H], the LM head left to the loss."""
+        or with `hidden` the final hidden states [B, L, H], the LM head left to the loss. `model`: what the
+        forward goes through (`train_forward` in a training micro-step; default the plain model)."""
+        model = self.model if model is None else model
         if "cu_seqlens" in batch:  # a packed row: varlen text attention, one varlen call per vision layer
             enable_varlen(self.base)
         alt = batch.get("position_ids_alt")
         alt = to_tensor(alt, self.device, torch.long) if alt is not None else None
         layers = self.circle.alt_positions(alt) if self.circle is not None else nullcontext()
-        inputs = to_model_inputs(batch, self.device, model=self.model)
+        inputs = to_model_inputs(batch, self.device, model=model)
         router = {"output_router_logits": True} if self.router_aux_coef else {}
         with layers, self._autocast():
             if hidden:  # the inner model: the stock forward would apply the LM head to every position
@@ -150,7 +155,7 @@ class Engine:
                 self._router_aux = self._balancing_loss(out.router_logits, inputs.get("attention_mask")) if router else None
                 return out.last_hidden_state
             extra = {} if keep is None else {"logits_to_keep": keep}
-            out = self.model(**inputs, use_cache=False, **extra, **router)
+            out = model(**inputs, use_cache=False, **extra, **router)
             self._router_aux = out.aux_loss if router else None
             return out.logits
 
@@ -224,25 +229,26 @@ class Engine:
             embeds = embeds.index_put(tuple(to_tensor(w, self.device, torch.long) for w in where), features)
         return {**rest, "inputs_embeds": embeds}
 
-    def _logits(self, batch: Batch) -> torch.Tensor:
+    def _logits(self, batch: Batch, model=None) -> torch.Tensor:
+        model = self.model if model is None else model
         if self.mdlm is not None:
             routers = [] if self.router_aux_coef else None
-            logits = bidirectional_logits(self.model, batch, self.device, circle=self.circle,
+            logits = bidirectional_logits(model, batch, self.device, circle=self.circle,
                                           autocast_dtype=self.autocast_dtype, router_logits=routers)
             if routers is not None:  # the 2-D padding mask: the forward's own mask is 4-D under MDLM
                 mask = to_tensor(batch["attention_mask"], self.device, torch.long)
                 self._router_aux = self._balancing_loss(tuple(routers), mask)
             return logits
-        return self._forward(batch)
+        return self._forward(batch, model=model)
 
-    def _loss_sum(self, batch: Batch) -> torch.Tensor:
+    def _loss_sum(self, batch: Batch, model=None) -> torch.Tensor:
         """Summed loss of a batch: next-token CE (ar) or weighted masked CE (a core.mdlm masked batch), plus
-        an MoE router's load-balancing loss (its forward sets `_router_aux`)."""
+        an MoE router's load-balancing loss (its forward sets `_router_aux`). `model`: as in _forward."""
         self._router_aux = None
         if "loss_weights" in batch:
             labels = torch.as_tensor(batch["labels"]).to(self.device)
             weights = torch.as_tensor(batch["loss_weights"]).to(self.device)
-            return self._plus_router_aux(weighted_loss_sum(self._logits(batch), labels, weights), batch)
+            return self._plus_router_aux(weighted_loss_sum(self._logits(batch, model), labels, weights), batch)
         if self.mdlm is not None:
             raise ValueError("objective mdlm: the batch is not masked (wrap the batch source in core.mdlm.MaskedBatches)")
         # The LM head runs on trained positions only (backends/torch/loss.py).
@@ -250,7 +256,7 @@ class Engine:
         keep = to_tensor(positions, self.device, torch.long)
         targets = to_tensor(batch["labels"][:, positions + 1], self.device, torch.long).reshape(-1)
         if not self.head_loss_after_forward:
-            logits = self._forward(batch, keep)
+            logits = self._forward(batch, keep, model=model)
             return self._plus_router_aux(kept_token_loss_sum(logits.reshape(-1, logits.shape[-1]), targets), batch)
         hidden = self._forward(batch, hidden=True)[:, keep]
         with self._autocast():  # the LM head in checkpointed chunks
@@ -262,17 +268,16 @@ class Engine:
         model, 14 ms of host time per row under cProfile on an H100
         (docs/bench/h100-2026-11-23-s2/host_profile_compile_master.txt), in a step whose host work
         is nearly as long as its GPU work. Every switch to eval mode here goes through the root
-        (`eval_loss`, generation), so its flag says whether the walk is needed. (Under DDP the
-        micro-step's `self.model` is a wrapper without the flag: switched every time, as before;
-        DeepSpeed's forward_backward switches its engine itself.)"""
-        if not getattr(self.model, "training", False):
-            self.model.train()
+        (`eval_loss`, generation), so its flag says whether the walk is needed; the walk then goes through
+        `train_forward`, whose wrapper (DDP, DeepSpeed) switches itself and the model."""
+        if not self.model.training:
+            self.train_forward.train()
 
     def forward_backward(self, batch: Batch, loss_scale: float) -> torch.Tensor:
         """The summed loss stays on the device (core.contracts): reading it here would make the host
         wait for this backward before it could queue the next micro-batch's forward."""
         self.train_mode()
-        loss_sum = self._loss_sum(batch)
+        loss_sum = self._loss_sum(batch, self.train_forward)
         (loss_sum * loss_scale).backward()
         if self.masters is not None:
             self.masters.fold()

@@ -1,6 +1,6 @@
 """Data-parallel engines of the torch backend: DDP, FSDP2 (`fully_shard`) and DeepSpeed ZeRO 0-3.
 
-Each is a Engine that keeps the single-process model code untouched and changes only how
+Each is an Engine (engine.py) that keeps the single-process model code untouched and changes only how
 gradients are reduced, where parameters and optimizer state live, and how weights are gathered to be
 saved. What they share:
 
@@ -14,15 +14,19 @@ saved. What they share:
   saves its own RNG streams, and ZeRO writes its optimizer shards per rank (they exist only there).
 * The optimizer is always vltune's AdamW with per-component groups, and the learning rate of each
   group is set from the recipe's schedule every step, also under DeepSpeed.
+
+Parallelism is applied by functions (`apply_ddp`, `apply_fsdp`, `apply_deepspeed`), FSDP's units in a
+commented order; the engine classes only keep what differs in stepping, saving and loading. A training
+micro-step goes through `train_forward` (the wrapper that syncs gradients), never by swapping
+`self.model`: evaluation, generation and saving use the plain model.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -41,8 +45,54 @@ def _rank_rng_file(rank: int) -> str:
     return RNG_FILE if rank == 0 else f"rng_state_rank{rank}.pt"
 
 
+def apply_ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """Replicate the model; DDP all-reduces gradients during backward. No buffers to broadcast (the rotary
+    tables are constants), so the forward needs no collective."""
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def apply_fsdp(model: torch.nn.Module, mesh: Any, param_dtype: torch.dtype | None) -> None:
+    """Shard the model in place with FSDP2 (`fully_shard`), units in torchtitan's order:
+
+    1. each vision block (the family's module map names them);
+    2. the rest of the vision tower (patch embedding, projectors);
+    3. each decoder layer;
+    4. the root (embeddings, final norm, LM head), whose inputs stay as given: float position ids
+       (Circle-RoPE) must not be cast to bf16.
+    With `param_dtype` (bf16 runs) the gathered parameters compute in it and gradients reduce in fp32,
+    the sharded parameters and optimizer state staying fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    for block in part(model, "vision_blocks"):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(part(model, "vision_tower"), mesh=mesh, mp_policy=policy)
+    for layer in part(model, "decoder_layers"):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    root = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype, cast_forward_inputs=False)
+    fully_shard(model, mesh=mesh, mp_policy=root)
+
+
+def apply_deepspeed(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict, moe_block: str | None):
+    """Wrap the model and vltune's optimizer in a DeepSpeed engine; returns the engine and its optimizer."""
+    import deepspeed
+
+    if int(config.get("zero_optimization", {}).get("stage", 0)) == 3 and moe_block:
+        # ZeRO-3 gathers parameters module by module as forward hooks fire. Where experts are modules
+        # of their own, a router sends each rank's tokens to different experts and the ranks' gathers
+        # disagree (the hang DeepSpeed documents for MoE, and the reason the official qwen-vl-finetune
+        # scripts call their MoE unsupported under ZeRO-3). DeepSpeed's remedy: the MoE block is one
+        # leaf, gathered whole on every rank whichever experts its tokens use.
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, [moe_block])
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
+    return engine, optimizer
+
+
 class _TrainingForward:
-    """What `Engine._logits` calls during a training micro-step under DDP or DeepSpeed.
+    """What `Engine._logits` calls during a training micro-step under DDP or DeepSpeed (`train_forward`).
 
     It runs the wrapper's forward (DDP registers its gradient hooks there, DeepSpeed its ZeRO
     bookkeeping) but answers `get_base_model()` with the plain transformers model, so the batch is
@@ -73,16 +123,6 @@ class _DistributedBackend(Engine):
         self.ctx = ctx
         self.vision = VisionSync(self.base, ctx)
 
-    @contextmanager
-    def _forward_through(self, forward: Any) -> Iterator[None]:
-        """Route `self.model(...)` through `forward` for one training micro-step only: evaluation,
-        generation and saving keep using the plain model."""
-        plain, self.model = self.model, forward
-        try:
-            yield
-        finally:
-            self.model = plain
-
     def reduce_sum(self, values: list[float]) -> list[float]:
         return self.ctx.all_reduce(values)
 
@@ -107,15 +147,12 @@ class DDPBackend(_DistributedBackend):
     def __init__(self, *args: Any, ctx: DistContext, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._setup_distributed(ctx)
-        # No buffers to broadcast (rotary tables are constants), so forward needs no collective.
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        self.ddp = DistributedDataParallel(self.model, device_ids=device_ids, broadcast_buffers=False)
-        self.training_forward = _TrainingForward(self.ddp, self.base)
+        self.ddp = apply_ddp(self.model, self.device)
+        self.train_forward = _TrainingForward(self.ddp, self.base)
 
     def forward_backward(self, batch: Batch, loss_scale: float) -> torch.Tensor:
         self.vision.prepare(batch)
-        with self._forward_through(self.training_forward):
-            return super().forward_backward(batch, loss_scale * self.ctx.world_size)
+        return super().forward_backward(batch, loss_scale * self.ctx.world_size)
 
     def save_model(self, out_dir: Path) -> None:
         if self.ctx.is_main:  # every rank holds the same weights
@@ -146,23 +183,10 @@ class FSDPBackend(_DistributedBackend):
         if self.lora:
             raise ConfigError("fsdp: true with train_type: lora is not supported; use DDP or deepspeed (zero2)")
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         self._setup_distributed(ctx)
-        mesh = init_device_mesh(self.device.type, (ctx.world_size,))
-        if self.autocast_dtype is not None:
-            policy = MixedPrecisionPolicy(param_dtype=self.autocast_dtype, reduce_dtype=torch.float32)
-            self.autocast_dtype = None  # FSDP casts the gathered parameters itself
-        else:
-            policy = MixedPrecisionPolicy()
-        for block in part(self.base, "vision_blocks"):
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(part(self.base, "vision_tower"), mesh=mesh, mp_policy=policy)
-        for layer in part(self.base, "decoder_layers"):
-            fully_shard(layer, mesh=mesh, mp_policy=policy)
-        # The root's inputs stay as given: float position ids (Circle-RoPE) must not become bf16.
-        root_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype, cast_forward_inputs=False)
-        fully_shard(self.model, mesh=mesh, mp_policy=root_policy)
+        apply_fsdp(self.model, init_device_mesh(self.device.type, (ctx.world_size,)), self.autocast_dtype)
+        self.autocast_dtype = None  # FSDP casts the gathered parameters itself
         self.optimizer = self._build_optimizer()  # over the sharded (DTensor) parameters
 
     def forward_backward(self, batch: Batch, loss_scale: float) -> torch.Tensor:
@@ -288,34 +312,19 @@ class DeepSpeedBackend(_DistributedBackend):
 
     def __init__(self, *args: Any, ctx: DistContext, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        import deepspeed
-
         self._setup_distributed(ctx)
         train_args: TrainArgs = self.args
         bf16 = self.autocast_dtype is not None
         self.autocast_dtype = None  # DeepSpeed casts the model to bf16 itself when enabled
         config = deepspeed_config(train_args.deepspeed, train_args, ctx.world_size, _hidden_size(self.base), bf16)
         self.zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
-        moe_block = self.info.family.modules.moe_block
-        if self.zero_stage == 3 and moe_block:
-            # ZeRO-3 gathers parameters module by module as forward hooks fire. Where experts are modules
-            # of their own, a router sends each rank's tokens to different experts and the ranks' gathers
-            # disagree (the hang DeepSpeed documents for MoE, and the reason the official qwen-vl-finetune
-            # scripts call their MoE unsupported under ZeRO-3). DeepSpeed's remedy: the MoE block is one
-            # leaf, gathered whole on every rank whichever experts its tokens use.
-            from deepspeed.utils import set_z3_leaf_modules
-
-            set_z3_leaf_modules(self.model, [moe_block])
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=self.optimizer, config=config, dist_init_required=False
-        )
-        self.training_forward = _TrainingForward(self.engine, self.base)
+        self.engine, self.optimizer = apply_deepspeed(self.model, self.optimizer, config, self.info.family.modules.moe_block)
+        self.train_forward = _TrainingForward(self.engine, self.base)
 
     def forward_backward(self, batch: Batch, loss_scale: float) -> torch.Tensor:
         self.vision.prepare(batch)
-        with self._forward_through(self.training_forward):
-            self.model.train()
-            loss_sum = self._loss_sum(batch)
+        self.train_mode()
+        loss_sum = self._loss_sum(batch, self.train_forward)
         self.engine.backward(loss_sum * (loss_scale * self.ctx.world_size), scale_wrt_gas=False)
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # counts the micro-step; the update waits for optimizer_step

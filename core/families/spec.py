@@ -196,6 +196,9 @@ class FamilySpec:
     """Weight matrices of one vision block's MLP (3 for SwiGLU, 2 for a GELU MLP): FLOPs."""
     shapes: dict[str, ModelShape] = {}
     """Released sizes by name (`vltune bench --model-shape NAME`)."""
+    mindspeed_rules: tuple | None = None
+    """The HF <-> MindSpeed-MM name table (core/families/mindspeed.py's TensorRule), for `vltune convert`;
+    set where `capabilities.mindspeed` is."""
     released_token_ids: TokenIds | None = None
     """The special token ids of the released tokenizer (what their config.json files carry): the bench's
     models of a released shape use them, having no tokenizer of their own."""

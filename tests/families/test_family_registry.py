@@ -54,3 +54,7 @@ def test_mindspore_flag_agrees_with_the_mindspore_entries(family, spec):
     has_file = importlib.util.find_spec(f"vltune.backends.mindspore.models.{family}") is not None
     assert has_file == spec.capabilities.mindspore, (family, has_file)
     assert (family in family_names("mindspore")) == spec.capabilities.mindspore
+
+
+def test_mindspeed_flag_agrees_with_the_name_table(spec):
+    assert (spec.mindspeed_rules is not None) == spec.capabilities.mindspeed

@@ -7,11 +7,10 @@ Both config.json spellings are read: the nested one transformers 5 writes (`text
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vltune.core.families import family_names, get_family
+from vltune.core.families import family_names, get_family, read_config
 
 from .entry import model_entry
 
@@ -78,10 +77,7 @@ class VLConfig:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "VLConfig":
-        path = Path(model_dir) / "config.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{model_dir}: no config.json (expected an HF-format Qwen VL model directory)")
-        return cls.from_dict(json.loads(path.read_text()))
+        return cls.from_dict(read_config(model_dir))
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "VLConfig":

@@ -1,19 +1,20 @@
 """The pure half of `vltune convert`: which tensor goes where, under which name, split which way.
 
 Numpy only (no torch): model sizes from config.json, the pipeline layout and its validation, the
-HF <-> MindSpeed-MM name table, and the row orders of the q/k/v interleave and the GLU split. The
-torch half (`mindspeed.py`) applies these to tensors and reads and writes the files. REFERENCE.md s6
+planned tensors of the family's HF <-> MindSpeed-MM name table (core/families), and the row orders of
+the q/k/v interleave and the GLU split. The torch half (`mindspeed.py`) applies these to tensors and reads and writes the files. REFERENCE.md s6
 and the module docstring of `mindspeed.py` describe the MindSpeed-MM layout itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate, groupby
 
 import numpy as np
 
-from vltune.core.families import family_names
+from vltune.core.families import family_names, get_family
+from vltune.core.families.mindspeed import OUTPUT_LAYER, TEXT_LAYER, TIED_COPY, VISION_LAYER, TensorRule
 
 SUPPORTED_MODEL_TYPES = family_names("mindspeed")
 
@@ -49,6 +50,8 @@ class ModelDims:
     vision_heads: int
     vision_intermediate: int
     merge_size: int
+    rules: tuple = field(default=(), compare=False, repr=False)
+    """The family's HF <-> MindSpeed-MM name table (FamilySpec.mindspeed_rules)."""
 
     @property
     def vision_head_dim(self) -> int:
@@ -89,6 +92,7 @@ class ModelDims:
             vision_heads=_need(vision, "num_heads", "vision_config"),
             vision_intermediate=_need(vision, "intermediate_size", "vision_config"),
             merge_size=_need(vision, "spatial_merge_size", "vision_config"),
+            rules=get_family(model_type).mindspeed_rules,
         )
 
 
@@ -207,65 +211,8 @@ def _tp_problems(dims: ModelDims, tp: int) -> list[str]:
 
 # ------------------------------------------------------------------------------------ name table
 
-# How HF tensors become one MindSpeed-MM tensor.
-RENAME, QKV_VISION, QKV_TEXT, GATE_UP, TIED_COPY = "rename", "qkv_vision", "qkv_text", "gate_up", "tied_copy"
-# How a MindSpeed-MM tensor is split over tensor-parallel ranks: dim 0, dim 1, gate and up separately, or copied.
-ROW, COL, GLU, REPLICATE = "row", "col", "glu", "replicate"
-# Which part of the model a tensor belongs to; decides its pipeline stage.
-VISION_FIRST, VISION_LAYER, VISION_LAST = "vision_first", "vision_layer", "vision_last"
-TEXT_FIRST, TEXT_LAYER, TEXT_LAST = "text_first", "text_layer", "text_last"
-
-_VB, _VL = "visual.blocks.{n}.", "image_encoder.encoder.blocks.layers.{n}."
-_TB, _TL = "model.layers.{n}.", "text_decoder.decoder.layers.{n}."
-
-
-@dataclass(frozen=True)
-class TensorRule:
-    """One MindSpeed-MM tensor: the HF tensors it is made of (fused in this order) and how it is split."""
-
-    hf: tuple[str, ...]
-    mm: str
-    scope: str
-    fuse: str = RENAME
-    tp: str = REPLICATE
-
-
-# In MindSpeed-MM's own key order: vision tower, projector, then the language model.
-RULES: tuple[TensorRule, ...] = (
-    TensorRule(("visual.patch_embed.proj.weight",), "image_encoder.encoder.patch_embed.proj.weight", VISION_FIRST),
-    TensorRule((_VB + "norm1.weight",), _VL + "input_layernorm.weight", VISION_LAYER),
-    TensorRule((_VB + "attn.qkv.weight",), _VL + "self_attention.linear_qkv.weight", VISION_LAYER, QKV_VISION, ROW),
-    TensorRule((_VB + "attn.qkv.bias",), _VL + "self_attention.linear_qkv.bias", VISION_LAYER, QKV_VISION, ROW),
-    TensorRule((_VB + "attn.proj.weight",), _VL + "self_attention.linear_proj.weight", VISION_LAYER, tp=COL),
-    TensorRule((_VB + "attn.proj.bias",), _VL + "self_attention.linear_proj.bias", VISION_LAYER),
-    TensorRule((_VB + "norm2.weight",), _VL + "pre_mlp_layernorm.weight", VISION_LAYER),
-    TensorRule((_VB + "mlp.gate_proj.weight", _VB + "mlp.up_proj.weight"), _VL + "mlp.linear_fc1.weight",
-               VISION_LAYER, GATE_UP, GLU),
-    TensorRule((_VB + "mlp.gate_proj.bias", _VB + "mlp.up_proj.bias"), _VL + "mlp.linear_fc1.bias",
-               VISION_LAYER, GATE_UP, GLU),
-    TensorRule((_VB + "mlp.down_proj.weight",), _VL + "mlp.linear_fc2.weight", VISION_LAYER, tp=COL),
-    TensorRule((_VB + "mlp.down_proj.bias",), _VL + "mlp.linear_fc2.bias", VISION_LAYER),
-    TensorRule(("visual.merger.ln_q.weight",), "image_encoder.projector.layernorm.weight", VISION_LAST),
-    TensorRule(("visual.merger.mlp.0.weight",), "image_encoder.projector.encoder.linear_fc1.weight", VISION_LAST, tp=ROW),
-    TensorRule(("visual.merger.mlp.0.bias",), "image_encoder.projector.encoder.linear_fc1.bias", VISION_LAST, tp=ROW),
-    TensorRule(("visual.merger.mlp.2.weight",), "image_encoder.projector.encoder.linear_fc2.weight", VISION_LAST, tp=COL),
-    TensorRule(("visual.merger.mlp.2.bias",), "image_encoder.projector.encoder.linear_fc2.bias", VISION_LAST),
-    TensorRule(("model.embed_tokens.weight",), "text_decoder.embedding.word_embeddings.weight", TEXT_FIRST, tp=ROW),
-    TensorRule((_TB + "input_layernorm.weight",), _TL + "input_layernorm.weight", TEXT_LAYER),
-    TensorRule(tuple(_TB + f"self_attn.{p}_proj.weight" for p in "qkv"), _TL + "self_attention.linear_qkv.weight",
-               TEXT_LAYER, QKV_TEXT, ROW),
-    TensorRule(tuple(_TB + f"self_attn.{p}_proj.bias" for p in "qkv"), _TL + "self_attention.linear_qkv.bias",
-               TEXT_LAYER, QKV_TEXT, ROW),
-    TensorRule((_TB + "self_attn.o_proj.weight",), _TL + "self_attention.linear_proj.weight", TEXT_LAYER, tp=COL),
-    TensorRule((_TB + "post_attention_layernorm.weight",), _TL + "pre_mlp_layernorm.weight", TEXT_LAYER),
-    TensorRule((_TB + "mlp.gate_proj.weight", _TB + "mlp.up_proj.weight"), _TL + "mlp.linear_fc1.weight",
-               TEXT_LAYER, GATE_UP, GLU),
-    TensorRule((_TB + "mlp.down_proj.weight",), _TL + "mlp.linear_fc2.weight", TEXT_LAYER, tp=COL),
-    TensorRule(("model.norm.weight",), "text_decoder.decoder.final_layernorm.weight", TEXT_LAST),
-    TensorRule(("lm_head.weight",), "text_decoder.output_layer.weight", TEXT_LAST, tp=ROW),
-)
-OUTPUT_LAYER = "text_decoder.output_layer.weight"
-EMBEDDING = "text_decoder.embedding.word_embeddings.weight"
+# The name table and its vocabulary live with the families (core/families/mindspeed.py); each family
+# that converts has its table (`FamilySpec.mindspeed_rules`), which ModelDims carries.
 
 # Some transformers versions and tools save the module tree's names (one level down); read both spellings.
 HF_ALIASES = (("model.language_model.", "model."), ("model.visual.", "visual."))
@@ -314,7 +261,7 @@ def plan_tensors(dims: ModelDims, layout: PipelineLayout) -> list[PlannedTensor]
     stage otherwise (Megatron keeps that copy in sync through the embedding-group all-reduce).
     """
     plan = []
-    for scope, group in groupby(RULES, key=lambda r: r.scope):
+    for scope, group in groupby(dims.rules, key=lambda r: r.scope):
         rules = list(group)
         if scope in (VISION_LAYER, TEXT_LAYER):
             count = dims.vision_layers if scope == VISION_LAYER else dims.text_layers

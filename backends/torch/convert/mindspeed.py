@@ -41,8 +41,10 @@ from collections.abc import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from vltune.core.families import read_config as read_family_config
+from vltune.core.families.mindspeed import COL, EMBEDDING, GATE_UP, GLU, QKV_TEXT, QKV_VISION, REPLICATE, ROW, TIED_COPY
+
 from .layout import (
-    COL, EMBEDDING, GATE_UP, GLU, QKV_TEXT, QKV_VISION, REPLICATE, ROW, TIED_COPY,
     ConvertError, ModelDims, PipelineLayout, PlannedTensor, canonical_hf_name, glu_split_order,
     plan_tensors, text_qkv_order, vision_qkv_order,
 )
@@ -61,10 +63,11 @@ StageDicts = list[list[dict[str, torch.Tensor]]]
 
 
 def read_config(hf_dir: Path) -> dict:
-    path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise ConvertError(f"{hf_dir}: no config.json; give an HF-format model directory")
-    return json.loads(path.read_text())
+    """config.json through the family registry's one reader, its errors as the converter's."""
+    try:
+        return read_family_config(hf_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConvertError(f"{e}; give an HF-format model directory") from None
 
 
 def load_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
