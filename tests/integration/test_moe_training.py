@@ -1,6 +1,6 @@
 """Qwen3-VL-MoE end to end on the tiny model (4 experts, top 2): the loss with the router's
-load-balancing term equals transformers' own `outputs.loss`; LoRA adapts the fused experts; ZeRO-3 and
-FSDP2 on 2 CPU processes reproduce the single-process loss curve.
+load-balancing term equals transformers' own `outputs.loss`; LoRA adapts the fused experts; DDP, ZeRO-3
+and FSDP2 on 2 CPU processes reproduce the single-process loss curve.
 
 The load-balancing loss is a statistic of each micro-batch (expert shares over its tokens), so the
 single-process reference runs the same micro-batches as the ranks: one sample each, four per step.
@@ -130,7 +130,7 @@ def single_moe_run(moe_recipe, tmp_path_factory) -> Path:
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 60)
-@pytest.mark.parametrize("engine", [["--deepspeed", "zero3"], ["--fsdp", "true"]], ids=["zero3", "fsdp"])
+@pytest.mark.parametrize("engine", [[], ["--deepspeed", "zero3"], ["--fsdp", "true"]], ids=["ddp", "zero3", "fsdp"])
 def test_two_ranks_match_one_process(engine, moe_recipe, single_moe_run, tmp_path):
     out = tmp_path / "out"
     _vltune_train(moe_recipe, out, "--nproc", "2", *engine)

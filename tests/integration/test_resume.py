@@ -1,5 +1,9 @@
 """Exact resume: a run resumed from its step-10 checkpoint continues the very same loss curve and weights,
-and a run killed (SIGKILL) while writing a checkpoint resumes from the previous complete one."""
+and a run killed (SIGKILL) while writing a checkpoint resumes from the previous complete one.
+
+Every run here starts in a fresh process, as `vltune train` does: bit-exact comparisons across runs
+must not depend on what earlier tests left in the pytest process (running a MindSpore model there
+first was seen to change the last bits of a later in-process torch run)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,14 @@ def _recipe(tiny: Path, data: Path, out: Path, **extra) -> dict:
         "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "logging_steps": 1,
         "save_steps": 10, "output_dir": str(out), "seed": 11, **extra,
     }
+
+
+def _train(recipe: dict) -> dict:
+    """`training.train(recipe)` in a fresh interpreter; its summary."""
+    code = "import json, sys\nfrom vltune.training import train\nprint(json.dumps(train(json.loads(sys.argv[1]), show_progress=False)))\n"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(recipe)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -45,19 +57,15 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, tiny_qwen2_5_vl, vqa_data):
-    from vltune.training import train
-
     out = tmp_path_factory.mktemp("straight") / "out"
-    train(_recipe(tiny_qwen2_5_vl, Path(vqa_data["data_path"]), out), show_progress=False)
+    _train(_recipe(tiny_qwen2_5_vl, Path(vqa_data["data_path"]), out))
     return out
 
 
 def test_resume_from_step_10_is_bit_exact(straight, tmp_path, tiny_qwen2_5_vl, vqa_data):
-    from vltune.training import train
-
     out = tmp_path / "resumed"
-    summary = train(_recipe(tiny_qwen2_5_vl, Path(vqa_data["data_path"]), out,
-                            resume_from_checkpoint=str(straight / "checkpoint-10")), show_progress=False)
+    summary = _train(_recipe(tiny_qwen2_5_vl, Path(vqa_data["data_path"]), out,
+                             resume_from_checkpoint=str(straight / "checkpoint-10")))
     assert summary["resumed_from"].endswith("checkpoint-10")
     a, b = _losses(straight), _losses(out)
     assert sorted(b) == list(range(11, 21))
@@ -69,11 +77,9 @@ def test_resume_from_step_10_is_bit_exact(straight, tmp_path, tiny_qwen2_5_vl, v
 def test_every_data_loader_resumes_the_prefetching_run(loader, straight, tmp_path, tiny_qwen2_5_vl, vqa_data):
     """The straight run made batches ahead on a thread (the default) when it saved checkpoint-10: its data
     position is the trainer's, so a synchronous loader or worker processes continue its very curve."""
-    from vltune.training import train
-
     out = tmp_path / "resumed"
-    train(_recipe(tiny_qwen2_5_vl, Path(vqa_data["data_path"]), out, resume_from_checkpoint=str(straight / "checkpoint-10"),
-                  **loader), show_progress=False)
+    _train(_recipe(tiny_qwen2_5_vl, Path(vqa_data["data_path"]), out, resume_from_checkpoint=str(straight / "checkpoint-10"),
+                   **loader))
     a, b = _losses(straight), _losses(out)
     assert all(a[s] == b[s] for s in range(11, 21)), [(s, a[s], b[s]) for s in range(11, 21) if a[s] != b[s]]
     _assert_same_weights(straight, out)
@@ -101,9 +107,7 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_and_resumes(straigh
     assert (out / "checkpoint-10" / "trainer_state.json").exists()
     _assert_same_weights(straight / "checkpoint-10", out / "checkpoint-10")
 
-    from vltune.training import train
-
-    summary = train({**recipe, "resume_from_checkpoint": "auto"}, show_progress=False)
+    summary = _train({**recipe, "resume_from_checkpoint": "auto"})
     assert summary["resumed_from"].endswith("checkpoint-10") and summary["steps"] == 20
     assert _losses(out) == _losses(straight)  # the rows of the killed run past step 10 were dropped
     _assert_same_weights(straight, out)

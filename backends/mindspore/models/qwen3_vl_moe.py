@@ -10,14 +10,15 @@ weights renormalised to sum to one. The router's logits of the last forward stay
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from .config import TextConfig
-from .entry import MindSporeModel
 from .layers import activation
-from .qwen_vl import QwenVLForConditionalGeneration
+from .qwen3_vl import ENTRY as QWEN3_VL
 
 
 def _zeros(*shape: int) -> Parameter:
@@ -79,12 +80,4 @@ def moe_mlp(cfg: TextConfig, layer: int) -> nn.Cell | None:
     return Qwen3VLMoeSparseMoeBlock(cfg) if sparse else None
 
 
-ENTRY = MindSporeModel(
-    cls=QwenVLForConditionalGeneration,
-    siglip_tower=True,
-    qk_norm=True,
-    attention_bias=None,
-    text_defaults={"rope_theta": 5000000.0, "mrope_section": (24, 20, 20)},
-    vision_defaults={"patch_size": 16, "hidden_act": "gelu_pytorch_tanh"},
-    text_mlp=moe_mlp,
-)
+ENTRY = replace(QWEN3_VL, text_mlp=moe_mlp)  # Qwen3-VL's cells, the MLPs sparse

@@ -13,6 +13,7 @@ from vltune.backends.torch.models import load_model  # noqa: E402
 from vltune.backends.torch.models.circle_rope import CircleRopeAdapter  # noqa: E402
 from vltune.core.circle_rope import per_token_distance  # noqa: E402
 from vltune.core.config import CIRCLE_ROPE_DEFAULTS, ConfigError, ModelArgs, circle_rope_settings  # noqa: E402
+from vltune.core.families import family_names  # noqa: E402
 from vltune.data.collate import Collator  # noqa: E402
 from vltune.data.dataset import SFTDataset  # noqa: E402
 from vltune.data.formats import load_samples  # noqa: E402
@@ -24,16 +25,19 @@ def _dataset(model_dir, vqa_data, n=3):
     return SFTDataset(load_samples(vqa_data["eval_file"])[:n], model_dir, max_length=512, max_pixels=12544)
 
 
+CIRCLE_FAMILIES = family_names("circle_rope")  # every family that offers Circle-RoPE: a new one is covered
+
+
 @pytest.fixture(scope="module")
 def four_layer_dirs(tmp_path_factory) -> dict:
     """AGE needs several decoder layers to show alternation (the default tiny model has 2)."""
     from vltune.backends.torch.tiny import TinySize, make_tiny
 
     root = tmp_path_factory.mktemp("tiny4")
-    return {mt: make_tiny(mt, root / mt, size=TinySize(text_layers=4)) for mt in ("qwen2_5_vl", "qwen3_vl")}
+    return {mt: make_tiny(mt, root / mt, size=TinySize(text_layers=4)) for mt in CIRCLE_FAMILIES}
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("model_type", CIRCLE_FAMILIES)
 def test_strategy_4_gives_even_layers_circle_and_odd_layers_mrope(four_layer_dirs, vqa_data, model_type):
     path = four_layer_dirs[model_type]
     model = load_model(path)
@@ -75,7 +79,7 @@ def test_missing_alt_positions_is_a_clear_error(tiny_qwen2_5_vl, vqa_data):
               image_grid_thw=to_tensor(batch["image_grid_thw"], "cpu", torch.long))
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("model_type", CIRCLE_FAMILIES)
 def test_kv_cache_generation_equals_full_recompute(four_layer_dirs, vqa_data, model_type):
     """Image followed by text, left-padded batch of 3, AGE strategy_4: cached == uncached, token for token."""
     path = four_layer_dirs[model_type]
