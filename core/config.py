@@ -258,10 +258,11 @@ def family_problems(cfg: "RecipeConfig", spec: FamilySpec) -> list[str]:
         if asked and not getattr(spec.capabilities, flag)
     ]
     m = cfg.model
-    if m.train_type == "lora" and m.tune_mm_llm and lora_target_parameters(m, spec) and m.lora_dropout != 0:
+    fused = lora_target_parameters(m, spec) if m.train_type == "lora" and m.tune_mm_llm else []
+    if fused and m.lora_dropout != 0:
         problems.append(
             f"lora_dropout: {m.lora_dropout} with LoRA on {spec.name}'s fused parameters "
-            f"({', '.join(lora_target_parameters(m, spec))}): peft adapts them only with lora_dropout: 0; "
+            f"({', '.join(fused)}): peft adapts them only with lora_dropout: 0; "
             "set lora_dropout: 0, or lora_target_parameters: none to adapt the attention only"
         )
     return problems

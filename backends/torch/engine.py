@@ -28,7 +28,7 @@ from .lora import apply_lora, keep_adapter_inputs_in_compute_dtype
 from .speed import align_vision_mlp, apply_liger_kernels, compile_blocks
 from .loss import head_loss_sum, kept_token_loss_sum, trained_positions, weighted_loss_sum
 from .mdlm import bidirectional_logits, diffusion_sample
-from .models import model_entry, module_at
+from .models import model_entry, part
 from .models.bidirectional import make_bidirectional
 from .models.circle_rope import CircleRopeAdapter
 from .attention import enable_varlen
@@ -123,6 +123,8 @@ class Engine:
         text = self.base.config.get_text_config()
         self.router_aux_coef = float(getattr(text, "router_aux_loss_coef", 0.0) or 0.0) if getattr(text, "num_experts", 0) else 0.0
         self._router_aux: torch.Tensor | None = None
+        self._balancing_loss_func = self._load_balancing_loss_func() if self.router_aux_coef else None
+        self.entry = model_entry(self.info.model_type)
         self._router_aux_log: list[tuple[torch.Tensor, int]] = []
         self.optimizer = self._build_optimizer()
 
@@ -159,13 +161,18 @@ class Engine:
             self._router_aux = out.aux_loss if router else None
             return out.logits
 
-    def _balancing_loss(self, router_logits, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """transformers' load-balancing loss of the model's own modeling file (what its forward adds)."""
+    def _load_balancing_loss_func(self):
+        """transformers' load-balancing loss of the model's own modeling file (what its forward adds), bound
+        to the model's expert counts; looked up once, not per micro-batch."""
+        import functools
         import importlib
 
         text = self.base.config.get_text_config()
         modeling = importlib.import_module(type(self.base).__module__)
-        return modeling.load_balancing_loss_func(router_logits, text.num_experts, text.num_experts_per_tok, attention_mask)
+        return functools.partial(modeling.load_balancing_loss_func, num_experts=text.num_experts, top_k=text.num_experts_per_tok)
+
+    def _balancing_loss(self, router_logits, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return self._balancing_loss_func(router_logits, attention_mask=attention_mask)
 
     def _plus_router_aux(self, loss_sum: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The summed loss plus the router's load-balancing loss weighted by this batch's loss denominator,
@@ -198,7 +205,7 @@ class Engine:
         two values back from the GPU per modality. Qwen3-VL's features also feed its deepstack layers,
         so they go to the stock forward as `mm_encoder_outputs`."""
         inner = self.base.model
-        entry = model_entry(self.info.model_type)
+        entry = self.entry
         if entry.vision_inputs is None:  # a tower vltune does not precompute for: transformers' own path
             return inputs
         encoders = (("image", "pixel_values", "image_grid_thw", inner.get_image_features),
@@ -208,8 +215,7 @@ class Engine:
             if pixels not in inputs:
                 continue
             host_grid = torch.as_tensor(batch[grid])
-            kwargs = vision_tower_kwargs(module_at(self.base, self.info.family.modules.vision_tower), entry.vision_inputs,
-                                         host_grid, self.device)
+            kwargs = vision_tower_kwargs(part(self.base, "vision_tower"), entry.vision_inputs, host_grid, self.device)
             encoded[modality] = encode(inputs[pixels], host_grid, return_dict=True, **kwargs)
         if not encoded:
             return inputs

@@ -9,7 +9,7 @@ from .mindspeed import (
     VISION_LAYER, TensorRule,
 )
 from .qwen2_vl import Qwen2VL
-from .spec import Capabilities, MediaRule, ModelShape, PositionRule
+from .spec import Capabilities, FamilySpec, MediaRule, ModelShape, PositionRule
 
 
 _VB, _VL = "visual.blocks.{n}.", "image_encoder.encoder.blocks.layers.{n}."
@@ -70,8 +70,7 @@ class Qwen2_5VL(Qwen2VL):
         )
     }
 
-    def vision_sizes(self, vision: dict) -> tuple[int, int]:
-        return vision["hidden_size"], vision["intermediate_size"]
+    vision_sizes = FamilySpec.vision_sizes  # hidden_size / intermediate_size again (Qwen2-VL alone differs)
 
     def vision_config(self, shape: ModelShape) -> dict:
         return {

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from .chat_templates import QWEN3_VL_CHAT_TEMPLATE
 from .qwen2_vl import Qwen2VL
-from .spec import Capabilities, MediaRule, ModelShape, ModuleMap, PositionRule
+from .spec import Capabilities, FamilySpec, MediaRule, ModelShape, ModuleMap, PositionRule
 
 
 class Qwen3VL(Qwen2VL):
@@ -30,9 +30,6 @@ class Qwen3VL(Qwen2VL):
         )
     }
 
-    def vision_sizes(self, vision: dict) -> tuple[int, int]:
-        return vision["hidden_size"], vision["intermediate_size"]
-
     def mrope_section(self, head_dim: int) -> list[int]:
         """The released interleaved [24, 20, 20] split of head_dim 128, scaled."""
         half = head_dim // 2
@@ -47,6 +44,8 @@ class Qwen3VL(Qwen2VL):
         config = super().text_config(shape, ids)
         config["head_dim"] = shape.text_head_dim
         return config
+
+    vision_sizes = FamilySpec.vision_sizes  # hidden_size / intermediate_size again (Qwen2-VL alone differs)
 
     def vision_config(self, shape: ModelShape) -> dict:
         return {

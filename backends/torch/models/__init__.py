@@ -7,13 +7,12 @@ directories). Each family has a file here named after it that defines `ENTRY`.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
 
-from vltune.core.families import FamilySpec, family_names, get_family, read_model_info
+from vltune.core.families import FamilySpec, get_family, read_model_info
 
 from .entry import TorchModel, model_entry
 
@@ -22,12 +21,6 @@ def model_class(spec: FamilySpec):
     import transformers
 
     return getattr(transformers, spec.architecture)
-
-
-def module_at(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    """The module at a module-map path (core/families ModuleMap) of a plain or peft-wrapped model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_submodule(path)
 
 
 def part(model: torch.nn.Module, role: str) -> torch.nn.Module:
@@ -67,9 +60,4 @@ def merge_lora(model_dir: str | Path, adapter: str | Path, out_dir: str | Path) 
     return Path(out_dir)
 
 
-def torch_families() -> tuple[str, ...]:
-    """The families that have a torch entry."""
-    return tuple(name for name in family_names() if importlib.util.find_spec(f"{__name__}.{name}") is not None)
-
-
-__all__ = ["TorchModel", "load_model", "merge_lora", "model_class", "model_entry", "module_at", "part", "torch_families"]
+__all__ = ["TorchModel", "load_model", "merge_lora", "model_class", "model_entry", "part"]

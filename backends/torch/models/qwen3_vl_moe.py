@@ -2,6 +2,6 @@
 is Qwen3-VL's); the MoE specifics are the family spec's (module map, FLOPs) and the router loss the
 engine adds for any model whose config has experts."""
 
-from .entry import TorchModel
+from .qwen3_vl import ENTRY  # noqa: F401
 
-ENTRY = TorchModel(vision_inputs=("interpolation",), features_to_forward=True)
+__all__ = ["ENTRY"]
