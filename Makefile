@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install "torch==2.13.0"
 	$(PIP) install -e ".[torch,mindspore,data,dev]"
 	$(PIP) install --no-build-isolation "deepspeed>=0.16,<0.20"
+	# fla-core's Triton kernels, run by Triton's CPU interpreter in tests/unit/ops/test_fla_hopper.py only:
+	# kept beside the venv (not in it) so that nothing else sees a Triton without a GPU.
+	$(PIP) install --no-deps --target $(VENV)/fla-interpret "triton==3.6.0" "fla-core==0.6.0" "einops==0.8.2"
 	$(PY) -c "import vltune, torch, transformers, mindspore, deepspeed, peft, numpy; assert numpy.__version__ < '2'"
 	touch $(STAMP)
 

@@ -45,8 +45,8 @@ def llm_params(shape: ModelShape) -> int:
 def llm_flops(shape: ModelShape, seq_lens: list[int], multiplier: int = 6) -> float:
     """FLOPs of one step over sequences of these lengths (every token trained through)."""
     tokens = sum(seq_lens)
-    attention = 2 * multiplier * shape.layers * shape.heads * shape.text_head_dim * sum(n * n for n in seq_lens)
-    return multiplier * llm_params(shape) * tokens + attention
+    mixing = get_family(shape.model_type).sequence_mixing_flops(shape, seq_lens, multiplier)
+    return multiplier * llm_params(shape) * tokens + mixing
 
 
 def vision_flops(shape: ModelShape, patches_per_image: list[int], multiplier: int = 2) -> float:

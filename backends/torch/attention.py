@@ -10,6 +10,8 @@ Two hooks, neither editing transformers' model code nor the weights:
   exactly the implementation it replaced, masks included (the same mask function is registered).
   A permanent switch rather than a context manager on purpose: non-reentrant checkpointing recomputes
   the forward inside backward(), after any context of the training step has closed.
+* Recurrent layers (Qwen3.5's Gated DeltaNet): restarted at every sample of a packed row
+  (linear_attention.py).
 * Vision: each vision attention module's `forward` is replaced by one varlen call over the
   `cu_seqlens` the tower already passes (windows in Qwen2.5-VL's window layers, frames in its full
   layers and in Qwen3-VL), instead of the stock loop of one attention per window or frame.
@@ -25,6 +27,7 @@ import torch
 
 from vltune.ops.torch.attention import varlen_attention
 
+from .linear_attention import enable_varlen_linear_attention, linear_attention_varlen_ready
 from .models import part
 
 VARLEN_PREFIX = "vltune_varlen_"
@@ -159,6 +162,7 @@ def enable_varlen(model: torch.nn.Module, vision: bool = True) -> str:
                 f"packed batches need attn_implementation sdpa or eager (vltune brings its own varlen kernels), got {current!r}"
             )
         config._attn_implementation = VARLEN_PREFIX + current
+    enable_varlen_linear_attention(model)
     if vision:
         enable_varlen_vision(model)
     return config._attn_implementation
@@ -170,4 +174,9 @@ def require_varlen(model: torch.nn.Module | None) -> None:
         raise RuntimeError(
             "a packed batch (cu_seqlens) needs a model through backends.torch.attention.enable_varlen; "
             "its stock attention would let the packed samples attend to each other"
+        )
+    if not linear_attention_varlen_ready(model):
+        raise RuntimeError(
+            "a packed batch (cu_seqlens) needs the model's recurrent (Gated DeltaNet) layers through "
+            "backends.torch.attention.enable_varlen; the stock ones carry their state from one sample into the next"
         )

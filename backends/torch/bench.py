@@ -70,7 +70,7 @@ def build_model(shape: ModelShape, seed: int, device: torch.device):
 
 def _info(shape: ModelShape) -> ModelInfo:
     ids = _ids(shape)
-    return ModelInfo(shape.model_type, ids.image, ids.video, ids.vision_start, 2, 2, shape.layers)
+    return ModelInfo(shape.model_type, ids.image, ids.video, ids.vision_start, 2, 2, shape.layers, shape.attention_layers)
 
 
 def _features(shape: ModelShape, n: int, seed: int):

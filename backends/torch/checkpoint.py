@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from vltune.core.checkpointing import write_atomically
+from vltune.core.families import get_family
+from vltune.core.untrained_weights import carry_untrained
 from vltune.data.model_info import PROCESSOR_FILES
 
 CIRCLE_ROPE_FILE = "circle_rope.json"
@@ -28,11 +30,13 @@ def save_hf_model(
     config.json stays the stock one (so transformers loads the directory); a model trained with
     Circle-RoPE also gets `circle_rope.json`, which `vltune infer` reads to place positions the same way.
     `state_dict`: full weights gathered by a sharding engine (ZeRO-3, FSDP2), whose live module holds shards.
+    Tensors of the source that the model does not load (the family's `untrained_prefixes`) are copied over.
     """
     out_dir = Path(out_dir)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+        carry_untrained(source_dir, tmp, get_family(model.config.model_type).untrained_prefixes)  # Qwen3.5's mtp.*
         for name in PROCESSOR_FILES:
             if (Path(source_dir) / name).exists():
                 shutil.copy2(Path(source_dir) / name, tmp / name)

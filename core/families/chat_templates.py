@@ -258,3 +258,18 @@ QWEN3_VL_THINKING_CHAT_TEMPLATE = r'''{%- set image_count = namespace(value=0) %
     {{- '<|im_start|>assistant\n<think>\n' }}
 {%- endif %}
 '''
+
+
+# Qwen3.5 / Qwen3.6: Qwen3-VL Thinking's template with the `enable_thinking` switch of the hybrid-thinking
+# releases: thinking is on unless `enable_thinking=False`, which pre-fills an empty think block.
+_THINKING_PROMPT = "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n<think>\\n' }}\n{%- endif %}\n"
+assert QWEN3_VL_THINKING_CHAT_TEMPLATE.endswith(_THINKING_PROMPT)
+QWEN3_5_CHAT_TEMPLATE = QWEN3_VL_THINKING_CHAT_TEMPLATE[: -len(_THINKING_PROMPT)] + r'''{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- else %}
+        {{- '<think>\n' }}
+    {%- endif %}
+{%- endif %}
+'''

@@ -29,7 +29,14 @@ class ModelInfo:
     spatial_merge_size: int
     tokens_per_second: float
     num_hidden_layers: int
-    """Decoder layers of the language model (AGE strategies pick Circle-RoPE layers by index)."""
+    """Decoder layers of the language model."""
+    rotary_layers: int | None = None
+    """Decoder layers with rotary positions, which AGE strategies pick Circle-RoPE layers among (a hybrid
+    model's attention layers); None: all of them."""
+
+    @property
+    def age_layers(self) -> int:
+        return self.num_hidden_layers if self.rotary_layers is None else self.rotary_layers
 
     @property
     def family(self) -> "FamilySpec":
@@ -91,6 +98,9 @@ class ModuleMap:
     """Class name of the sparse MoE block (ZeRO-3 leaf module: gathered whole, not per expert)."""
     moe_router: str | None = None
     """Path of the router inside a decoder layer (its output's first item: the router logits [tokens, E])."""
+    linear_attention: str | None = None
+    """Path of the recurrent token mixer inside a hybrid model's linear-attention decoder layers (Qwen3.5's
+    Gated DeltaNet, `linear_attn`): packed rows must restart its state and conv window at every sample."""
 
     def component_of(self, name: str) -> str:
         """llm | vision | merger for a parameter name (plain, peft-wrapped or a MindSpore cell name)."""
@@ -160,6 +170,22 @@ class ModelShape:
     """MoE: routed experts per layer (0 = dense MLP)."""
     experts_per_token: int = 0
     moe_intermediate: int = 0
+    shared_expert_intermediate: int = 0
+    """MoE: width of the always-on shared expert (0 = none)."""
+    layer_types: tuple[str, ...] = ()
+    """Hybrid models: "full_attention" / "linear_attention" per decoder layer (empty = all full attention)."""
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0
+    partial_rotary: float = 1.0
+    """Fraction of the attention head dim that is rotated (Qwen3.5: 0.25)."""
+
+    @property
+    def attention_layers(self) -> int:
+        """Decoder layers with softmax attention (all of them unless `layer_types` says otherwise)."""
+        return sum(t == "full_attention" for t in self.layer_types) if self.layer_types else self.layers
 
     @property
     def text_head_dim(self) -> int:
@@ -199,6 +225,9 @@ class FamilySpec:
     mindspeed_rules: tuple | None = None
     """The HF <-> MindSpeed-MM name table (core/families/mindspeed.py's TensorRule), for `vltune convert`;
     set where `capabilities.mindspeed` is."""
+    untrained_prefixes: tuple[str, ...] = ()
+    """Checkpoint tensors the transformers model does not load (Qwen3.5's multi-token-prediction head,
+    `mtp.`): vltune does not train them, and a saved model carries them over from its source unchanged."""
     released_token_ids: TokenIds | None = None
     """The special token ids of the released tokenizer (what their config.json files carry): the bench's
     models of a released shape use them, having no tokenizer of their own."""
@@ -220,6 +249,8 @@ class FamilySpec:
             spatial_merge_size=vision.get("spatial_merge_size", 2),
             tokens_per_second=vision.get("tokens_per_second", 2),
             num_hidden_layers=self.text_section(config)["num_hidden_layers"],
+            rotary_layers=len(self.attention_layer_indices(self.text_section(config).get("layer_types"),
+                                                           self.text_section(config)["num_hidden_layers"])),
         )
 
     def vision_sizes(self, vision: dict) -> tuple[int, int]:
@@ -233,7 +264,7 @@ class FamilySpec:
         heads = text["num_attention_heads"]
         vision_hidden, vision_intermediate = self.vision_sizes(vision)
         return ModelShape(
-            name=self.name, model_type=self.name, hidden=text["hidden_size"], intermediate=text["intermediate_size"],
+            name=self.name, model_type=self.name, hidden=text["hidden_size"], intermediate=text.get("intermediate_size", 0),
             layers=text["num_hidden_layers"], heads=heads, kv_heads=text.get("num_key_value_heads", heads),
             vocab=text["vocab_size"],
             tie_word_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
@@ -247,6 +278,12 @@ class FamilySpec:
             # transformers 5 writes `num_local_experts` (its attribute map), released checkpoints `num_experts`
             experts=text.get("num_experts", text.get("num_local_experts", 0)), experts_per_token=text.get("num_experts_per_tok", 0),
             moe_intermediate=text.get("moe_intermediate_size", 0),
+            shared_expert_intermediate=text.get("shared_expert_intermediate_size", 0),
+            layer_types=tuple(text.get("layer_types") or ()),
+            linear_key_heads=text.get("linear_num_key_heads", 0), linear_value_heads=text.get("linear_num_value_heads", 0),
+            linear_key_head_dim=text.get("linear_key_head_dim", 0), linear_value_head_dim=text.get("linear_value_head_dim", 0),
+            linear_conv_kernel=text.get("linear_conv_kernel_dim", 0),
+            partial_rotary=(text.get("rope_parameters") or {}).get("partial_rotary_factor", text.get("partial_rotary_factor", 1.0)),
         )
 
     def llm_params(self, shape: ModelShape) -> int:
@@ -255,11 +292,25 @@ class FamilySpec:
         attn = shape.hidden * shape.heads * hd * 2 + shape.hidden * shape.kv_heads * hd * 2
         return shape.layers * (attn + self.mlp_params(shape)) + shape.hidden * shape.vocab
 
+    def sequence_mixing_flops(self, shape: ModelShape, seq_lens: list[int], multiplier: int = 6) -> float:
+        """FLOPs of the token-token interactions that no weight count covers: softmax attention's
+        `2 * m * heads * head_dim * n**2` per attention layer and sequence of n tokens (torchtitan's term,
+        QK^T and AV, causality not halved). A hybrid family adds its recurrent layers' term."""
+        squares = sum(n * n for n in seq_lens)
+        return 2 * multiplier * shape.attention_layers * shape.heads * shape.text_head_dim * squares
+
+    def attention_layer_indices(self, layer_types: list[str] | tuple[str, ...] | None, num_layers: int) -> list[int]:
+        """The decoder layers with softmax attention and rotary positions (Circle-RoPE's AGE counts these)."""
+        if not layer_types:
+            return list(range(num_layers))
+        return [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+
     def mlp_params(self, shape: ModelShape) -> int:
         """Weights of one decoder layer's MLP that a token passes through: the SwiGLU MLP, or for an MoE
         layer the router and the experts the token is routed to (not all of them)."""
         if shape.experts:
-            return shape.hidden * shape.experts + shape.experts_per_token * 3 * shape.hidden * shape.moe_intermediate
+            shared = 3 * shape.hidden * shape.shared_expert_intermediate + shape.hidden if shape.shared_expert_intermediate else 0
+            return shape.hidden * shape.experts + shape.experts_per_token * 3 * shape.hidden * shape.moe_intermediate + shared
         return 3 * shape.hidden * shape.intermediate
 
     # -- ModelShape -> config.json (the tiny factory and the bench) ------------------------------

@@ -18,13 +18,14 @@ torch = pytest.importorskip("torch")
 
 def _matrices(module: torch.nn.Module, routed: float = 1.0) -> float:
     """Weights of the matrices in `module`: 2-D weights whole, 3-D fused expert weights times `routed`
-    (the share of experts a token is sent to). Biases and norms are vector parameters: not counted."""
+    (the share of experts a token is sent to); a depthwise conv's [C, 1, W] weight whole (Qwen3.5's Gated
+    DeltaNet: W multiply-adds per channel and token). Biases and norms are vector parameters: not counted."""
     total = 0.0
     for name, param in module.named_parameters():
         if param.dim() == 2 and "embed" not in name:
             total += param.numel()
         elif param.dim() == 3:
-            total += param.numel() * routed
+            total += param.numel() * (routed if ".experts." in f".{name}" else 1.0)
     return total
 
 

@@ -42,9 +42,16 @@ def test_default_lora_targets_adapt_every_decoder_layer(spec, model_dir):
     # lora_dropout 0: peft adapts fused parameters (an MoE family's experts) only without dropout
     model = apply_lora(load_model(model_dir), ModelArgs(train_type="lora", tune_mm_mlp=True, lora_dropout=0.0))
     layers = model.get_base_model().get_submodule(spec.modules.decoder_layers)
+    targets, everywhere = set(spec.modules.lora_targets), set()
     for i, layer in enumerate(layers):
         adapted = {n.rsplit(".", 1)[-1] for n, m in layer.named_modules() if hasattr(m, "lora_A")}
-        assert set(spec.modules.lora_targets) <= adapted, (i, adapted)
+        # a hybrid model's layer has one token mixer (attention or Gated DeltaNet): its own targets, the MLP's
+        assert adapted & targets and not (adapted & targets) - targets, (i, adapted)
+        mixer = "self_attn" if hasattr(layer, "self_attn") else spec.modules.linear_attention
+        mixer_targets = {n.rsplit(".", 1)[-1] for n, _ in layer.get_submodule(mixer).named_modules()} & targets
+        assert mixer_targets and mixer_targets <= adapted, (i, mixer_targets - adapted)
+        everywhere |= adapted
+    assert targets <= everywhere, targets - everywhere
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     for target in spec.modules.lora_target_parameters:  # fused weights: adapters on the module that holds them
         holder = target.rsplit(".", 1)[0]

@@ -1,4 +1,4 @@
-"""Qwen3-VL-MoE end to end on the tiny model (4 experts, top 2): the loss with the router's
+"""The MoE families end to end on their tiny models (4 experts, top 2; Qwen3-VL-MoE, Qwen3.5-MoE): the loss with the router's
 load-balancing term equals transformers' own `outputs.loss`; LoRA adapts the fused experts; DDP, ZeRO-3
 and FSDP2 on 2 CPU processes reproduce the single-process loss curve.
 
@@ -25,18 +25,24 @@ from vltune.backends.torch.models import load_model  # noqa: E402
 from vltune.backends.torch.engine import Engine as TorchBackend  # noqa: E402
 from vltune.core.config import ConfigError, ModelArgs, TrainArgs, load_recipe  # noqa: E402
 from vltune.core.contracts import loss_denominator  # noqa: E402
+from vltune.core.families import FAMILIES  # noqa: E402
 from vltune.data.collate import Collator  # noqa: E402
 from vltune.data.dataset import SFTDataset  # noqa: E402
 from vltune.data.formats import load_samples  # noqa: E402
 
-MOE = "qwen3_vl_moe"
+MOE_FAMILIES = sorted(name for name, spec in FAMILIES.items() if spec.modules.moe_block)
 STEPS, SEED, TOL = 10, 3, 1e-4
 RUN_TIMEOUT_S = 300
 
 
+@pytest.fixture(scope="module", params=MOE_FAMILIES)
+def moe_family(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def moe_dir(tiny_models) -> Path:
-    return tiny_models[MOE]
+def moe_dir(tiny_models, moe_family) -> Path:
+    return tiny_models[moe_family]
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +97,9 @@ def test_lora_adapts_the_fused_experts(moe_dir):
         apply_lora(load_model(moe_dir), ModelArgs(train_type="lora", lora_dropout=0.0, lora_target_parameters="mlp.experts.nope"))
 
 
-def test_recipe_refuses_dropout_with_expert_lora_before_loading(moe_dir):
-    with pytest.raises(ConfigError, match="lora_dropout: 0.05 with LoRA on qwen3_vl_moe"):
-        load_recipe({"model_name_or_path": str(moe_dir), "dataset_use": "x.jsonl", "train_type": "lora", "model_type": MOE})
+def test_recipe_refuses_dropout_with_expert_lora_before_loading(moe_dir, moe_family):
+    with pytest.raises(ConfigError, match=f"lora_dropout: 0.05 with LoRA on {moe_family}"):
+        load_recipe({"model_name_or_path": str(moe_dir), "dataset_use": "x.jsonl", "train_type": "lora", "model_type": moe_family})
 
 
 def _losses(out_dir: Path) -> list[float]:
@@ -141,8 +147,10 @@ def test_two_ranks_match_one_process(engine, moe_recipe, single_moe_run, tmp_pat
     assert all("aux_loss" in r for r in rows if "loss" in r)
 
 
-def test_mdlm_loss_carries_the_router_aux(moe_dir, padded_batch):
+def test_mdlm_loss_carries_the_router_aux(moe_dir, moe_family, padded_batch):
     """objective mdlm on an MoE model: the weighted masked CE plus coef * aux over the unpadded tokens."""
+    if not FAMILIES[moe_family].capabilities.mdlm:
+        pytest.skip(f"{moe_family} does not offer MDLM")
     from vltune.core.config import MdlmArgs
     from vltune.core.mdlm import MdlmObjective
     from vltune.data.mdlm_tokens import resolve_mdlm_tokens

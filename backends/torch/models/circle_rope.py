@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from vltune.core.circle_rope import age_layer_mask
+from vltune.core.families import get_family
 
 from . import part
 
@@ -24,12 +25,16 @@ class CircleRopeAdapter:
     def __init__(self, model: torch.nn.Module, circle_rope: dict):
         self.text_model = part(model, "llm")
         self.config = dict(circle_rope)
-        self.layer_mask = age_layer_mask(self.config.get("AGE_mode", "strategy_1"), len(self.text_model.layers))
+        # AGE counts the layers with rotary positions: every layer, or a hybrid model's attention layers
+        layers = self.text_model.layers
+        spec = get_family(model.config.model_type)
+        rotary = [layers[i] for i in spec.attention_layer_indices(getattr(self.text_model.config, "layer_types", None), len(layers))]
+        self.layer_mask = age_layer_mask(self.config.get("AGE_mode", "strategy_1"), len(rotary))
         self._alt_ids: torch.Tensor | None = None
         self._alt_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
         self.hooks = [
             layer.register_forward_pre_hook(self._use_alt_embeddings, with_kwargs=True)
-            for layer, circle in zip(self.text_model.layers, self.layer_mask)
+            for layer, circle in zip(rotary, self.layer_mask)
             if not circle
         ]
 

@@ -58,6 +58,20 @@ def token_ids(ids: dict[str, int]) -> TokenIds:
                     vision_end=ids["<|vision_end|>"], bos=ids["<|endoftext|>"], eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"])
 
 
+def _add_untrained(out: Path, prefixes: tuple[str, ...], hidden: int, seed: int) -> None:
+    """Tensors a released checkpoint carries but transformers does not load (Qwen3.5's `mtp.*` head), added
+    to model.safetensors as the releases ship them, so that saving is tested to keep them."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(out / "model.safetensors")
+    generator = torch.Generator().manual_seed(seed + 1)
+    for prefix in prefixes:
+        weights[f"{prefix}fc.weight"] = torch.randn(hidden, 2 * hidden, generator=generator)
+        weights[f"{prefix}norm.weight"] = torch.randn(hidden, generator=generator)
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+
+
 def make_tiny(
     model_type: str,
     out_dir: str | Path,
@@ -92,6 +106,8 @@ def make_tiny(
         do_sample=False,
     )
     model.save_pretrained(out, safe_serialization=True)
+    if spec.untrained_prefixes:
+        _add_untrained(out, spec.untrained_prefixes, config.get_text_config().hidden_size, seed)
     tokenizer.save_pretrained(out)
     for name, content in spec.processor_configs().items():
         (out / name).write_text(json.dumps(content, indent=2) + "\n")

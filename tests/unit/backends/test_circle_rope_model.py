@@ -13,7 +13,7 @@ from vltune.backends.torch.models import load_model  # noqa: E402
 from vltune.backends.torch.models.circle_rope import CircleRopeAdapter  # noqa: E402
 from vltune.core.circle_rope import per_token_distance  # noqa: E402
 from vltune.core.config import CIRCLE_ROPE_DEFAULTS, ConfigError, ModelArgs, circle_rope_settings  # noqa: E402
-from vltune.core.families import family_names  # noqa: E402
+from vltune.core.families import FAMILIES, family_names  # noqa: E402
 from vltune.data.collate import Collator  # noqa: E402
 from vltune.data.dataset import SFTDataset  # noqa: E402
 from vltune.data.formats import load_samples  # noqa: E402
@@ -45,7 +45,10 @@ def test_strategy_4_gives_even_layers_circle_and_odd_layers_mrope(four_layer_dir
     batch = Collator(dataset.info, dataset.tokenizer.pad_token_id, STRATEGY_4)([dataset[i] for i in range(3)])
     assert batch["position_ids"].dtype == np.float64 and "position_ids_alt" in batch
     adapter = CircleRopeAdapter(model, STRATEGY_4)
-    assert adapter.layer_mask == [True, False, True, False]
+    # AGE counts the layers with rotary positions: all four, or a hybrid model's attention layers (1 and 3)
+    text_config = model.model.language_model.config
+    rotary_layers = FAMILIES[model_type].attention_layer_indices(getattr(text_config, "layer_types", None), 4)
+    assert adapter.layer_mask == [True, False, True, False][: len(rotary_layers)]
 
     seen = {}
     for i, layer in enumerate(model.model.language_model.layers):
@@ -62,8 +65,8 @@ def test_strategy_4_gives_even_layers_circle_and_odd_layers_mrope(four_layer_dir
         model(**{k: to_tensor(batch[k], "cpu", d) for k, d in
                  [("input_ids", torch.long), ("attention_mask", torch.long), ("position_ids", torch.long),
                   ("pixel_values", torch.float32), ("image_grid_thw", torch.long)]})
-    for i in range(4):
-        expected = circle_cos if i % 2 == 0 else mrope_cos
+    for k, i in enumerate(rotary_layers):
+        expected = circle_cos if k % 2 == 0 else mrope_cos
         assert torch.equal(seen[i], expected), f"layer {i}"
 
 
