@@ -152,7 +152,7 @@ def cmd_bench_model(args: argparse.Namespace, extra: list[str]) -> int:
             pack_length=args.pack_length, command=command, train_type=args.train_type,
             with_stock=not args.no_stock, match_steps=args.match_steps, samples_per_step=args.samples_per_step,
             rows_per_step=args.rows_per_step,
-            learning_rate=args.learning_rate, name=args.name,
+            learning_rate=args.learning_rate, name=args.name, layers=args.layers,
             train_options={"torch_compile": args.torch_compile, "use_liger_kernel": args.liger_kernel, "pure_bf16": args.pure_bf16,
                            "bf16_master_weights": args.bf16_master_weights, "gradient_checkpointing": args.gradient_checkpointing, "optim": args.optim},
         )
@@ -420,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --samples-per-step: vltune packs all samples together into full rows (as vltune train "
                         "packs a data set) and steps once per N rows; only the mean losses then compare")
     p.add_argument("--learning-rate", type=float, default=1e-5, help="both paths (constant; no warm-up)")
+    p.add_argument("--layers", type=int, help="the shape cut to its first N decoder layers (a depth the stock path fits)")
     p.add_argument("--name", help="report name (default MODEL_SHAPE, or MODEL_SHAPE-lora)")
     p.add_argument("--out", default="docs/bench", help="where NAME.json and the README table go")
     p.set_defaults(run=cmd_bench_model)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import gc
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +34,23 @@ from vltune.data.model_info import ModelInfo
 from vltune.data.packing import best_fit_decreasing, collate_packed
 from vltune.data.synthetic_workload import WorkloadTokens, mixed_features
 
+from vltune.ops.torch.gated_delta import prepare_fla_kernels
+
 from .batch import to_model_inputs
 from .lora import apply_lora
 from .optim import bf16_weights, upcast_trainable
 from .engine import Engine
 
+
+
+def reduced_depth(shape: ModelShape, layers: int | None) -> ModelShape:
+    """`shape` with its first `layers` decoder layers (None: as released)."""
+    if layers is None:
+        return shape
+    if not 1 <= layers <= shape.layers:
+        raise ValueError(f"--layers {layers}: the shape has {shape.layers} decoder layers")
+    deepstack = tuple(i for i in shape.deepstack if i < layers)
+    return replace(shape, layers=layers, layer_types=shape.layer_types[:layers], deepstack=deepstack)
 
 
 def hf_config(shape: ModelShape) -> dict:
@@ -219,6 +231,7 @@ def run_bench(
     seed: int = 0, command: str = "", train_type: str = "full", train_options: dict | None = None,
     with_stock: bool = True, match_steps: bool = False, samples_per_step: int | None = None,
     learning_rate: float = 1e-5, name: str | None = None, rows_per_step: int | None = None,
+    layers: int | None = None,
 ) -> dict:
     """(a) stock on `steps` padded micro-batches of `batch_size`, (b) vltune on the very same samples
     packed into rows of <= `pack_length` tokens; each after untimed warm-up steps on other samples.
@@ -237,7 +250,9 @@ def run_bench(
     Its warm-up: the `warmup` x `samples_per_step` warm-up samples packed the same way; a last step
     may hold fewer rows.
     `learning_rate` for both paths (a larger one makes the loss curves move).
-    `name`: the report's file name (default MODEL_SHAPE, or MODEL_SHAPE-lora)."""
+    `name`: the report's file name (default MODEL_SHAPE, or MODEL_SHAPE-lora).
+    `layers`: the released shape cut to its first N decoder layers (every width and the layer-type
+    pattern kept), for a comparison the stock path cannot fit at full depth; named in the report."""
     per_step = batch_size if match_steps else samples_per_step
     if per_step is not None and (per_step < batch_size or per_step % batch_size):
         raise ValueError(f"--samples-per-step {per_step} must be a multiple of the batch size {batch_size}")
@@ -253,7 +268,10 @@ def run_bench(
         raise ValueError("; ".join(problems))
     if not torch.cuda.is_available():
         raise RuntimeError("vltune bench needs a CUDA GPU (speed is claimed only from GPU runs)")
-    shape, device = SHAPES[model_shape], torch.device("cuda")
+    shape, device = reduced_depth(SHAPES[model_shape], layers), torch.device("cuda")
+    # fla-core's kernels for both paths where installed (stock transformers picks fla's delta rule up by
+    # itself), with vltune's port of the one backward kernel fla refuses on Hopper + Triton 3.4-3.7.0
+    prepare_fla_kernels()
     # torch 2.11's cuDNN attention fails on some of these shapes ("mha_graph.execute"); both paths use
     # the flash / memory-efficient sdpa kernels instead.
     torch.backends.cuda.enable_cudnn_sdp(False)
@@ -299,6 +317,8 @@ def run_bench(
     if with_stock:
         stock_text = f"padded batches of {batch_size}" + (" on a bf16 base (peft)" if train_type == "lora" else "")
     mode = f"{train_type} (vision tower frozen); stock: {stock_text}; vltune: packed rows of {pack_length}{extras}"
+    if layers is not None:
+        mode = f"first {layers} of {SHAPES[model_shape].layers} decoder layers; " + mode
     if match_steps:
         mode += "; one step per stock micro-batch" + ("; LoRA dropout 0" if train_type == "lora" else "")
     elif rows_per_step is not None:

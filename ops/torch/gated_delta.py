@@ -80,7 +80,9 @@ def _conv_torch(x, weight, bias, activation, cu_seqlens):
 def _conv_fla(x, weight, bias, activation, cu_seqlens):
     from fla.modules.causal_conv1d import causal_conv1d
 
-    out, _ = causal_conv1d(x, weight, bias, activation=activation, cu_seqlens=cu_seqlens.to(torch.int32))
+    # under autocast the projection's output is bf16 while the conv's parameters stay fp32: the kernel takes one dtype
+    weight, bias = weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None
+    out, _ = causal_conv1d(x, weight, bias, activation=activation, cu_seqlens=cu_seqlens.to(torch.long))
     return out
 
 
@@ -98,12 +100,21 @@ def _rule_torch(q, k, v, g, beta, cu_seqlens, reference: Callable):
     return out[valid].unsqueeze(0)
 
 
-def _rule_fla(q, k, v, g, beta, cu_seqlens, reference):
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-
+def prepare_fla_kernels() -> bool:
+    """Import fla (when installed and a GPU is there) and put vltune's port of its Hopper-refused backward
+    kernel in place where needed (ops/torch/fla_hopper.py); returns whether fla is usable."""
+    if not (_FLA_INSTALLED and torch.cuda.is_available()):
+        return False
     from .fla_hopper import ensure_registered
 
     ensure_registered()
+    return True
+
+
+def _rule_fla(q, k, v, g, beta, cu_seqlens, reference):
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    prepare_fla_kernels()
     out, _ = chunk_gated_delta_rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True,
                                     cu_seqlens=cu_seqlens.to(torch.long))
     return out

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Qwen3.5 on the lent GPU machine: the Gated DeltaNet check (tools/gpu/gdn_check.py) and `vltune bench`
+# runs of the Qwen3.5 shapes, each JSON into $OUT (copy them into docs/bench/). Carried wheels (.whl/):
+# transformers 5.23.0, fla-core 0.6.0, torchao 0.18.0 (tools/gpu/env.sh installs them).
+# Usage (repo root): bash tools/gpu/qwen3_5.sh check | bench2b | bench9b-cut | bench9b-full | moe | curve
+set -uo pipefail
+source tools/gpu/env.sh
+mkdir -p "$OUT/bench"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+bench() { timeout "${LIMIT:-420}" python3 -m vltune.cli bench "$@" --out "$OUT/bench" 2>&1 | grep -v -i warn | tail -4; }
+for what in "$@"; do
+  echo "== $what"
+  case $what in
+    check) timeout 300 python3 tools/gpu/gdn_check.py 2>&1 | grep -v -i warn | tail -60 ;;
+    bench2b) bench --model-shape qwen3_5-2b --steps 10 --warmup 3 ;;
+    bench2b-compile) bench --model-shape qwen3_5-2b --steps 10 --warmup 6 --torch-compile --name qwen3_5-2b-compile ;;
+    bench9b-cut) bench --model-shape qwen3_5-9b --layers 8 --steps 8 --warmup 3 --name qwen3_5-9b-8layers ;;
+    bench9b-full) bench --model-shape qwen3_5-9b --no-stock --pure-bf16 --optim adamw_torch_8bit --gradient-checkpointing \
+                    --steps 8 --warmup 3 --name qwen3_5-9b-full-1gpu ;;
+    moe) bench --model-shape qwen3_5-35b-a3b --layers 10 --train-type lora --steps 8 --warmup 3 --name qwen3_5-35b-a3b-10layers-lora ;;
+    curve) bench --model-shape qwen3_5-2b --layers 8 --match-steps --steps 50 --warmup 2 --learning-rate 1e-4 --name qwen3_5-2b-8layers-loss50 ;;
+    *) echo "unknown run $what" ;;
+  esac
+done
