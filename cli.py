@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", help="batch mode: folder the records' media paths are relative to (default: the input's)")
     p.add_argument("--no-progress", action="store_true", help="batch mode: no progress bar")
     p.add_argument("--no-stream", action="store_true", help="print the answer once complete instead of token by token")
-    p.add_argument("--thinking", action="store_true", help="render the prompt with enable_thinking=True")
+    p.add_argument("--thinking", action="store_true", help="render the prompt with enable_thinking=True (without it: False, which templates with a thinking switch, Qwen3.5's, answer directly)")
     p.add_argument("--thinking-budget", type=int,
                    help="after N generated tokens without </think>, insert a closing phrase and </think> and let the model answer")
     p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many generated tokens (thinking and answer together)")

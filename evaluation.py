@@ -38,7 +38,7 @@ class Evaluator:
             features = [self.dataset[i] for i in indices]
             s, c = self.backend.eval_loss(self.collate(features))
             loss_sum, count = loss_sum + s, count + c
-            prompts, answers = zip(*(self.dataset.prompt(i, f) for i, f in zip(indices, features)))
+            prompts, answers = zip(*(self.dataset.prompt(i, f, as_trained=True) for i, f in zip(indices, features)))
             generated = self.backend.generate(self.collate(list(prompts), padding_side="left"), self.max_new_tokens)
             texts = [self.dataset.tokenizer.decode(ids) for ids in generated]
             predictions += texts

@@ -131,7 +131,7 @@ class Predictor:
         """The samples as prompts for this model (each sample's last turn is the answer slot, dropped)."""
         dataset = SFTDataset(
             samples, self.model_dir, max_length=1 << 30, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-            video_overrides=self.video_overrides, template_kwargs={"enable_thinking": True} if self.thinking else None,
+            video_overrides=self.video_overrides, template_kwargs={"enable_thinking": self.thinking},
         )
         return dataset
 

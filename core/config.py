@@ -253,7 +253,9 @@ def family_problems(cfg: "RecipeConfig", spec: FamilySpec) -> list[str]:
         ("fsdp2", t.fsdp, "fsdp"),
     )
     problems = [
-        f"{what}: vltune does not support it for {spec.name} (families that have it: {', '.join(family_names(flag)) or 'none'})"
+        f"{what}: vltune does not support it for {spec.name}"
+        + (f": {spec.capability_reasons[flag]}" if flag in spec.capability_reasons else "")
+        + f" (families that have it: {', '.join(family_names(flag)) or 'none'})"
         for flag, asked, what in asks
         if asked and not getattr(spec.capabilities, flag)
     ]

@@ -32,6 +32,7 @@ from ..core.contracts import IGNORE_INDEX
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
 EMPTY_THINK = "<think>\n\n</think>\n\n"
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
 _PADS = re.compile(re.escape(IMAGE_PAD) + "|" + re.escape(VIDEO_PAD))
 
 
@@ -117,9 +118,14 @@ class ChatTokenizer:
                 )
             start = len(before)
             # Templates with a thinking mode give an answer without reasoning an empty think block;
-            # the model did not write it, so it is not trained (an answer's own <think> is).
-            if text.startswith(EMPTY_THINK, start) and "<think>" not in _text_of(message):
-                start += len(EMPTY_THINK)
+            # the model did not write it, so it is not trained (an answer's own <think> is). The block
+            # follows the assistant header, whether the generation prompt ends there or has already
+            # opened `<think>\n` (a template whose thinking is on by default, Qwen3.5's).
+            if "<think>" not in _text_of(message):
+                header = before.rfind(ASSISTANT_HEADER)
+                opened = header + len(ASSISTANT_HEADER) if header >= 0 else start
+                if opened <= start and text.startswith(EMPTY_THINK, opened):
+                    start = max(start, opened + len(EMPTY_THINK))
             spans.append((start, len(through)))
         return spans
 
@@ -164,9 +170,21 @@ class ChatTokenizer:
         ]
         return np.asarray(enc.ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
 
-    def encode_prompt(self, messages: list[dict[str, Any]], image_repl: list[str], video_repl: list[str] = ()) -> np.ndarray:
-        """input_ids of `messages` followed by the generation prompt (`<|im_start|>assistant\\n`)."""
-        text, _ = self._expand_media(self.render(messages, add_generation_prompt=True), list(image_repl), list(video_repl))
+    def encode_prompt(self, messages: list[dict[str, Any]], image_repl: list[str], video_repl: list[str] = (),
+                      answer: dict[str, Any] | None = None) -> np.ndarray:
+        """input_ids of `messages` followed by the generation prompt (`<|im_start|>assistant\\n`).
+
+        With the reference `answer` (evaluation): the conversation with that answer, cut where its trained
+        span starts, so the model is prompted exactly as training showed it the answer. The same as the
+        generation prompt, except that a thinking template's empty think block before an answer without
+        reasoning is included (what the model saw and was not trained to write)."""
+        if answer is None:
+            rendered = self.render(messages, add_generation_prompt=True)
+        else:
+            conversation = [*messages, answer]
+            full = self.render(conversation)
+            rendered = full[: self._assistant_spans(conversation, full)[-1][0]]
+        text, _ = self._expand_media(rendered, list(image_repl), list(video_repl))
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
     @staticmethod

@@ -135,12 +135,13 @@ class SFTDataset:
 
     # -- tokens --------------------------------------------------------------------------------
 
-    def _encode(self, sample: Sample, messages, image_grids, videos: list[VideoFeatures], prompt: bool = False):
+    def _encode(self, sample: Sample, messages, image_grids, videos: list[VideoFeatures], prompt: bool = False,
+                answer: dict | None = None):
         image_repl = [ChatTokenizer.image_placeholder(self._image_tokens(g)) for g in image_grids]
         video_repl = [self._video_placeholder(v) for v in videos]
         try:
             if prompt:
-                return self.tokenizer.encode_prompt(messages, image_repl, video_repl), None
+                return self.tokenizer.encode_prompt(messages, image_repl, video_repl, answer=answer), None
             return self.tokenizer.encode_chat(messages, image_repl, video_repl)
         except ValueError as e:
             raise SampleError(f"{sample.where}: {e}", "tag_count_mismatch") from None
@@ -187,11 +188,12 @@ class SFTDataset:
         input_ids, labels = self.fit(sample, input_ids, labels)
         return Features(input_ids, labels, pixel_values, grid_thw, *_stack_videos(videos))
 
-    def prompt(self, index: int, features: Features | None = None) -> tuple[Features, str]:
+    def prompt(self, index: int, features: Features | None = None, as_trained: bool = False) -> tuple[Features, str]:
         """The sample without its last answer, ending in the generation prompt, and that answer.
 
         Pass the sample's `features` (from `dataset[index]`) to reuse its image and video patches
-        instead of decoding them a second time.
+        instead of decoding them a second time. `as_trained` (evaluation against that answer): the prompt
+        ends where the answer's trained tokens start, as training showed it (ChatTokenizer.encode_prompt).
         """
         sample = self.samples[index]
         if features is None:
@@ -199,7 +201,7 @@ class SFTDataset:
         grids = [] if features.image_grid_thw is None else list(features.image_grid_thw)
         videos = self._videos(sample) if sample.videos else []
         *context, answer = sample.messages
-        input_ids, _ = self._encode(sample, context, grids, videos, prompt=True)
+        input_ids, _ = self._encode(sample, context, grids, videos, prompt=True, answer=answer if as_trained else None)
         labels = np.full_like(input_ids, -100)
         answer_text = answer["content"] if isinstance(answer["content"], str) else "".join(p.get("text", "") for p in answer["content"])
         return replace(features, input_ids=input_ids, labels=labels), answer_text

@@ -225,6 +225,8 @@ class FamilySpec:
     mindspeed_rules: tuple | None = None
     """The HF <-> MindSpeed-MM name table (core/families/mindspeed.py's TensorRule), for `vltune convert`;
     set where `capabilities.mindspeed` is."""
+    capability_reasons: dict[str, str] = {}
+    """Why a capability flag is off, by flag name: the recipe check's message says it."""
     untrained_prefixes: tuple[str, ...] = ()
     """Checkpoint tensors the transformers model does not load (Qwen3.5's multi-token-prediction head,
     `mtp.`): vltune does not train them, and a saved model carries them over from its source unchanged."""
