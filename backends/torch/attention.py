@@ -28,7 +28,7 @@ import torch
 from vltune.ops.torch.attention import varlen_attention
 
 from .linear_attention import enable_varlen_linear_attention, linear_attention_varlen_ready
-from .models import part
+from .models import part, swap_forward
 
 VARLEN_PREFIX = "vltune_varlen_"
 FALLBACKS = ("sdpa", "eager")
@@ -139,11 +139,7 @@ def vision_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def enable_varlen_vision(model: torch.nn.Module) -> int:
     """One varlen call per vision layer (the VL model or its tower alone); idempotent; returns the layer count."""
-    modules = vision_attention_modules(model)
-    for module in modules:
-        if getattr(module.forward, "__func__", None) is not _vision_attention_forward:
-            module.forward = types.MethodType(_vision_attention_forward, module)
-    return len(modules)
+    return swap_forward(vision_attention_modules(model), _vision_attention_forward)
 
 
 def text_config(model: torch.nn.Module):

@@ -289,7 +289,10 @@ def run_bench(
 
     # The recipe's LoRA defaults; --match-steps turns LoRA dropout off, whose masks would differ between
     # the padded and the packed layout and make the curves drift for a reason other than the math.
-    model_args = ModelArgs(model_name_or_path="bench", train_type=train_type, lora_dropout=0.0 if match_steps else ModelArgs.lora_dropout)
+    # An MoE family's default LoRA also adapts its fused experts, which peft does only without dropout.
+    fused = bool(get_family(shape.model_type).modules.lora_target_parameters)
+    model_args = ModelArgs(model_name_or_path="bench", train_type=train_type,
+                           lora_dropout=0.0 if match_steps or fused else ModelArgs.lora_dropout)
     stock_run = None
     if with_stock:
         padded = _batches(shape, steps, batch_size, seed, stock_per_step)

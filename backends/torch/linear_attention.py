@@ -13,14 +13,14 @@ as the stock module, so LoRA on them and checkpoints are unaffected.
 from __future__ import annotations
 
 import inspect
-import types
 
 import torch
 import torch.nn.functional as F
 
+from vltune.core.families import get_family
 from vltune.ops.torch.gated_delta import causal_conv1d_varlen, chunk_gated_delta_rule_varlen
 
-from .models import part
+from .models import has_forward, part, swap_forward
 
 
 def _packed_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
@@ -60,8 +60,6 @@ def _packed_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
 def linear_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The recurrent token mixers of a hybrid model's decoder layers (none for attention-only families)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    from vltune.core.families import get_family
-
     path = get_family(base.config.model_type).modules.linear_attention
     if path is None:
         return []
@@ -70,13 +68,9 @@ def linear_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def enable_varlen_linear_attention(model: torch.nn.Module) -> int:
     """Packed rows restart every recurrent layer at each sample; idempotent; returns the layer count."""
-    modules = linear_attention_modules(model)
-    for module in modules:
-        if getattr(module.forward, "__func__", None) is not _packed_forward:
-            module.forward = types.MethodType(_packed_forward, module)
-    return len(modules)
+    return swap_forward(linear_attention_modules(model), _packed_forward)
 
 
 def linear_attention_varlen_ready(model: torch.nn.Module) -> bool:
     """Whether every recurrent layer of `model` honours packing arguments (trivially true without any)."""
-    return all(getattr(m.forward, "__func__", None) is _packed_forward for m in linear_attention_modules(model))
+    return all(has_forward(m, _packed_forward) for m in linear_attention_modules(model))

@@ -8,6 +8,7 @@ directories). Each family has a file here named after it that defines `ENTRY`.
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import torch
@@ -28,6 +29,19 @@ def part(model: torch.nn.Module, role: str) -> torch.nn.Module:
     ...) in a plain or peft-wrapped transformers model."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_submodule(getattr(get_family(base.config.model_type).modules, role))
+
+
+def swap_forward(modules: list[torch.nn.Module], forward) -> int:
+    """Make `forward` (a function taking the module first) the `forward` of each of `modules`, leaving
+    their class and weights alone; idempotent; returns how many modules there are."""
+    for module in modules:
+        if not has_forward(module, forward):
+            module.forward = types.MethodType(forward, module)
+    return len(modules)
+
+
+def has_forward(module: torch.nn.Module, forward) -> bool:
+    return getattr(module.forward, "__func__", None) is forward
 
 
 def load_model(
@@ -60,4 +74,4 @@ def merge_lora(model_dir: str | Path, adapter: str | Path, out_dir: str | Path) 
     return Path(out_dir)
 
 
-__all__ = ["TorchModel", "load_model", "merge_lora", "model_class", "model_entry", "part"]
+__all__ = ["TorchModel", "has_forward", "load_model", "merge_lora", "model_class", "model_entry", "part", "swap_forward"]

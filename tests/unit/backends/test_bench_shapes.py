@@ -20,11 +20,12 @@ def test_shapes_match_the_formula(name):
         model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**hf_config(shape)))
     lm = model.model.language_model
     routed = shape.experts_per_token / shape.experts if shape.experts else 1.0  # MoE: the experts a token reaches
-    matrices = sum(p.numel() * (routed if p.dim() == 3 else 1) for n, p in lm.layers.named_parameters() if p.dim() in (2, 3))
+    # 3-D: fused experts (a token reaches `routed` of them) or a Gated DeltaNet's depthwise conv [C, 1, W] (whole)
+    matrices = sum(p.numel() * (routed if ".experts." in f".{n}" else 1) for n, p in lm.layers.named_parameters() if p.dim() in (2, 3))
     assert matrices + model.lm_head.weight.numel() == llm_params(shape)
     total = sum(p.numel() for p in model.parameters())  # a tied head shares the embedding's tensor: counted once
     expected_billions = {"qwen2_5_vl-3b": 3.75, "qwen2_5_vl-7b": 8.29, "qwen3_vl-2b": 2.13, "qwen3_vl-8b": 8.77,
-                         "qwen3_vl-30b-a3b": 31.07}[name]
+                         "qwen3_vl-30b-a3b": 31.07, "qwen3_5-2b": 2.21, "qwen3_5-9b": 9.41, "qwen3_5-35b-a3b": 35.11}[name]
     assert abs(total / 1e9 - expected_billions) < 0.05, total
 
 
