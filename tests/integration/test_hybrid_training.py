@@ -66,3 +66,27 @@ def test_fsdp2_two_ranks_on_flattened_rows_match_one_process(recipe, flat_run, t
     result = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     np.testing.assert_allclose(_losses(out), _losses(flat_run), atol=1e-4, rtol=0)
+
+
+def test_gradient_checkpointing_replays_the_packed_rows_exactly(recipe, flat_run, tmp_path):
+    """Checkpointed decoder layers recompute their forward in backward with the packing arguments again."""
+    out = tmp_path / "gc"
+    train({**recipe, "data_flatten": True, "gradient_checkpointing": True, "output_dir": str(out)}, show_progress=False)
+    np.testing.assert_allclose(_losses(out), _losses(flat_run), rtol=1e-5)
+
+
+def test_lora_on_packed_rows_then_merge_keeps_the_mtp_head(recipe, tiny_models, tmp_path):
+    from safetensors.numpy import load_file
+
+    from vltune.cli import main
+    from vltune.core.untrained_weights import CARRIED_FILE
+
+    out = tmp_path / "lora"
+    summary = train({**recipe, "data_flatten": True, "train_type": "lora", "max_steps": 2, "output_dir": str(out)},
+                    show_progress=False)
+    assert summary["train_type"] == "lora" and np.isfinite(summary["train_loss"])
+    merged = tmp_path / "merged"
+    assert main(["merge-lora", "--model", str(tiny_models[HYBRID]), "--adapter", str(out), "--out", str(merged)]) == 0
+    source = load_file(tiny_models[HYBRID] / "model.safetensors")
+    kept = load_file(merged / CARRIED_FILE)
+    assert kept.keys() == {k for k in source if k.startswith("mtp.")} and all(np.array_equal(kept[k], source[k]) for k in kept)
