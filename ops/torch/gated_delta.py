@@ -77,12 +77,35 @@ def _conv_torch(x, weight, bias, activation, cu_seqlens):
     return out.transpose(1, 2)[valid].unsqueeze(0).to(x.dtype)
 
 
+class _HostCopies:
+    """The int64 device tensor and a CPU copy of each packed row's `cu_seqlens`, made once per forward:
+    every layer gets the same tensor, and fla derives its chunk layout from the CPU copy without reading
+    the device (a sync that would drain the launch queue, twice per layer and step)."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # holding the key keeps its id
+
+    @torch.compiler.disable
+    def __call__(self, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for key, device, host in self.entries:
+            if key is cu_seqlens:
+                return device, host
+        device, host = cu_seqlens.to(torch.long), cu_seqlens.to("cpu", torch.long)
+        self.entries = [(cu_seqlens, device, host)] + self.entries[: self.size - 1]
+        return device, host
+
+
+_host_copies = _HostCopies()
+
+
 def _conv_fla(x, weight, bias, activation, cu_seqlens):
     from fla.modules.causal_conv1d import causal_conv1d
 
     # under autocast the projection's output is bf16 while the conv's parameters stay fp32: the kernel takes one dtype
     weight, bias = weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None
-    out, _ = causal_conv1d(x, weight, bias, activation=activation, cu_seqlens=cu_seqlens.to(torch.long))
+    cu, cu_host = _host_copies(cu_seqlens)
+    out, _ = causal_conv1d(x, weight, bias, activation=activation, cu_seqlens=cu, cu_seqlens_cpu=cu_host)
     return out
 
 
@@ -115,8 +138,9 @@ def _rule_fla(q, k, v, g, beta, cu_seqlens, reference):
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
     prepare_fla_kernels()
-    out, _ = chunk_gated_delta_rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True,
-                                    cu_seqlens=cu_seqlens.to(torch.long))
+    cu, cu_host = _host_copies(cu_seqlens)
+    out, _ = chunk_gated_delta_rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True, cu_seqlens=cu,
+                                    cu_seqlens_cpu=cu_host)
     return out
 
 
