@@ -12,12 +12,12 @@ for what in "$@"; do
   echo "== $what"
   case $what in
     check) timeout 300 python3 tools/gpu/gdn_check.py 2>&1 | grep -v -i warn | tail -60 ;;
-    bench2b) bench --model-shape qwen3_5-2b --steps 10 --warmup 3 ;;
+    bench2b) bench --model-shape qwen3_5-2b --steps 8 --warmup 2 ;;
     bench2b-compile) bench --model-shape qwen3_5-2b --steps 10 --warmup 6 --torch-compile --name qwen3_5-2b-compile ;;
-    bench9b-cut) bench --model-shape qwen3_5-9b --layers 8 --steps 8 --warmup 3 --name qwen3_5-9b-8layers ;;
+    bench9b-cut) bench --model-shape qwen3_5-9b --layers 8 --steps 6 --warmup 2 --name qwen3_5-9b-8layers ;;
     bench9b-full) bench --model-shape qwen3_5-9b --no-stock --pure-bf16 --optim adamw_torch_8bit --gradient-checkpointing \
-                    --steps 8 --warmup 3 --name qwen3_5-9b-full-1gpu ;;
-    moe) bench --model-shape qwen3_5-35b-a3b --layers 10 --train-type lora --steps 8 --warmup 3 --name qwen3_5-35b-a3b-10layers-lora ;;
+                    --steps 6 --warmup 2 --name qwen3_5-9b-full-1gpu ;;
+    moe) bench --model-shape qwen3_5-35b-a3b --layers 10 --train-type lora --steps 6 --warmup 2 --name qwen3_5-35b-a3b-10layers-lora ;;
     curve) bench --model-shape qwen3_5-2b --layers 8 --match-steps --steps 50 --warmup 2 --learning-rate 1e-4 --name qwen3_5-2b-8layers-loss50 ;;
     *) echo "unknown run $what" ;;
   esac
