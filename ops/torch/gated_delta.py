@@ -109,6 +109,7 @@ def _conv_fla(x, weight, bias, activation, cu_seqlens):
     return out
 
 
+@torch.compiler.disable  # data-dependent segment layout (torch path) / Triton kernels (fla): run eagerly in compiled layers
 def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
                          cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Depthwise causal conv of x [1, T, C] with weight [C, W], restarting at every sample; [1, T, C]."""
@@ -144,6 +145,7 @@ def _rule_fla(q, k, v, g, beta, cu_seqlens, reference):
     return out
 
 
+@torch.compiler.disable
 def chunk_gated_delta_rule_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                                   cu_seqlens: torch.Tensor, reference: Callable) -> torch.Tensor:
     """The gated delta rule (q, k L2-normalised in the kernel, scale Dk**-0.5) over each sample of a packed

@@ -136,3 +136,23 @@ def test_packed_forward_keeps_the_stock_signature():
 
     params = inspect.signature(_packed_forward).parameters
     assert [p.kind for p in params.values()][-2:] == [inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD]
+
+
+def test_compiled_decoder_layers_run_the_recurrent_kernels_eagerly(tiny_models, corpus, monkeypatch):
+    """torch_compile compiles each decoder layer; the Gated DeltaNet's varlen kernels stay eager inside it
+    (torch.compiler.disable: a data-dependent layout on the torch path, Triton kernels on fla's; compiling
+    the torch path crashed torch 2.13's CPU backend). Same loss as the eager step."""
+    from vltune.backends.torch.engine import Engine
+    from vltune.core.config import ModelArgs, TrainArgs
+
+    monkeypatch.setenv("VLTUNE_VARLEN_BACKEND", "reference")  # traceable attention, as the compile test elsewhere
+    model_dir = tiny_models["qwen3_5"]
+    packed, _ = _packed_row(corpus, model_dir)
+    losses = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        dataset_info = SFTDataset([corpus["text-3"]], model_dir, max_length=4096).info
+        engine = Engine(load_model(model_dir), model_dir, dataset_info, ModelArgs(model_name_or_path=str(model_dir)),
+                        TrainArgs(torch_compile=compiled))
+        losses.append(float(engine.forward_backward(packed, 1.0)))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
