@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat import IMAGE_PAD, VIDEO_PAD, ChatTokenizer
+from .chat import VIDEO_PAD, ChatTokenizer
 from .formats import Sample, SampleError
 from .model_info import ModelInfo, read_model_info
 from .vision import VisionConfig, image_size, load_image, preprocess_image, smart_resize
