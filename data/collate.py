@@ -76,7 +76,7 @@ def collate_padded(
     batch.update(vision_arrays(features))
     rope = rope_kwargs(batch, info, attention_mask=attention_mask)
     batch["position_ids"], batch["rope_deltas"] = get_rope_index(input_ids, circle_rope=circle_rope, **rope)
-    if circle_rope and not all(age_layer_mask(circle_rope.get("AGE_mode", "strategy_1"), info.age_layers)):
+    if circle_rope and not all(age_layer_mask(circle_rope.get("AGE_mode", "strategy_1"), info.rotary_layers)):
         batch["position_ids_alt"], batch["rope_deltas_alt"] = get_rope_index(input_ids, **rope)
     return batch
 

@@ -83,7 +83,7 @@ def collate_packed(
     batch["vision_cu_seqlens"] = vision_cu_seqlens(batch)
     rope = rope_kwargs(batch, info)
     batch["position_ids"], batch["rope_deltas"] = get_rope_index_packed(input_ids, cu_seqlens, circle_rope=circle_rope, **rope)
-    if circle_rope and not all(age_layer_mask(circle_rope.get("AGE_mode", "strategy_1"), info.age_layers)):
+    if circle_rope and not all(age_layer_mask(circle_rope.get("AGE_mode", "strategy_1"), info.rotary_layers)):
         batch["position_ids_alt"], batch["rope_deltas_alt"] = get_rope_index_packed(input_ids, cu_seqlens, **rope)
     return batch
 

@@ -26,6 +26,7 @@ import types
 import torch
 
 from vltune.ops.torch.attention import varlen_attention
+from vltune.ops.torch.memo import PerTensor
 
 from .linear_attention import enable_varlen_linear_attention, linear_attention_varlen_ready
 from .models import part, swap_forward
@@ -89,25 +90,9 @@ def register_varlen_implementations() -> tuple[str, ...]:
     return tuple(names)
 
 
-class _MaxLength:
-    """max(diff(cu_seqlens)) per cu_seqlens tensor: the tower passes the same two tensors (windows, full)
-    to every layer, so one device-to-host read per tensor and forward instead of one per layer."""
-
-    def __init__(self, size: int = 4):
-        self.size = size
-        self.entries: list[tuple[torch.Tensor, int]] = []  # holding the tensor keeps its id from being reused
-
-    @torch.compiler.disable  # host-side bookkeeping: compiled vision blocks call it eagerly, no guards on the cache
-    def __call__(self, cu_seqlens: torch.Tensor) -> int:
-        for tensor, value in self.entries:
-            if tensor is cu_seqlens:
-                return value
-        value = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        self.entries = [(cu_seqlens, value)] + self.entries[: self.size - 1]
-        return value
-
-
-_max_length = _MaxLength()
+_max_length = PerTensor(lambda cu_seqlens: int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+"""max(diff(cu_seqlens)): the tower passes the same two tensors (windows, full) to every layer, so one
+device-to-host read per tensor and forward instead of one per layer."""
 
 
 def _vision_attention_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,

@@ -13,7 +13,7 @@ import json
 import pkgutil
 from pathlib import Path
 
-from .spec import Capabilities, FamilySpec, MediaRule, ModelInfo, ModelShape, ModuleMap, PositionRule, TokenIds
+from .spec import Capabilities, FamilySpec, attention_layer_indices, MediaRule, ModelInfo, ModelShape, ModuleMap, PositionRule, TokenIds
 
 
 class UnknownFamilyError(ValueError):
@@ -93,6 +93,6 @@ def all_shapes() -> dict[str, ModelShape]:
     return shapes
 
 
-__all__ = ["DEFAULT_FAMILY", "FAMILIES", "Capabilities", "FamilySpec", "MediaRule", "ModelInfo", "ModelShape", "ModuleMap", "PositionRule",
+__all__ = ["DEFAULT_FAMILY", "FAMILIES", "Capabilities", "attention_layer_indices", "FamilySpec", "MediaRule", "ModelInfo", "ModelShape", "ModuleMap", "PositionRule",
            "TokenIds", "UnknownFamilyError", "all_shapes", "family_names", "family_of_config", "get_family", "read_config",
            "read_model_info"]

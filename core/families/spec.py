@@ -30,19 +30,23 @@ class ModelInfo:
     tokens_per_second: float
     num_hidden_layers: int
     """Decoder layers of the language model."""
-    rotary_layers: int | None = None
-    """Decoder layers with rotary positions, which AGE strategies pick Circle-RoPE layers among (a hybrid
-    model's attention layers); None: all of them."""
-
-    @property
-    def age_layers(self) -> int:
-        return self.num_hidden_layers if self.rotary_layers is None else self.rotary_layers
+    rotary_layers: int
+    """Decoder layers with rotary positions, which AGE strategies pick Circle-RoPE layers among: all of
+    them, or a hybrid model's attention layers (`attention_layer_indices`)."""
 
     @property
     def family(self) -> "FamilySpec":
         from . import get_family
 
         return get_family(self.model_type)
+
+
+def attention_layer_indices(layer_types: list[str] | tuple[str, ...] | None, num_layers: int) -> list[int]:
+    """The decoder layers with softmax attention and rotary positions: all of them, or where a hybrid
+    model's `layer_types` says "full_attention" (Circle-RoPE's AGE counts these)."""
+    if not layer_types:
+        return list(range(num_layers))
+    return [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,7 @@ class ModelShape:
     @property
     def attention_layers(self) -> int:
         """Decoder layers with softmax attention (all of them unless `layer_types` says otherwise)."""
-        return sum(t == "full_attention" for t in self.layer_types) if self.layer_types else self.layers
+        return len(attention_layer_indices(self.layer_types, self.layers))
 
     @property
     def text_head_dim(self) -> int:
@@ -242,7 +246,7 @@ class FamilySpec:
         return config.get("text_config") or config
 
     def info(self, config: dict) -> ModelInfo:
-        vision = config.get("vision_config", {})
+        vision, text = config.get("vision_config", {}), self.text_section(config)
         return ModelInfo(
             model_type=self.name,
             image_token_id=config["image_token_id"],
@@ -250,9 +254,8 @@ class FamilySpec:
             vision_start_token_id=config["vision_start_token_id"],
             spatial_merge_size=vision.get("spatial_merge_size", 2),
             tokens_per_second=vision.get("tokens_per_second", 2),
-            num_hidden_layers=self.text_section(config)["num_hidden_layers"],
-            rotary_layers=len(self.attention_layer_indices(self.text_section(config).get("layer_types"),
-                                                           self.text_section(config)["num_hidden_layers"])),
+            num_hidden_layers=text["num_hidden_layers"],
+            rotary_layers=len(attention_layer_indices(text.get("layer_types"), text["num_hidden_layers"])),
         )
 
     def vision_sizes(self, vision: dict) -> tuple[int, int]:
@@ -300,12 +303,6 @@ class FamilySpec:
         QK^T and AV, causality not halved). A hybrid family adds its recurrent layers' term."""
         squares = sum(n * n for n in seq_lens)
         return 2 * multiplier * shape.attention_layers * shape.heads * shape.text_head_dim * squares
-
-    def attention_layer_indices(self, layer_types: list[str] | tuple[str, ...] | None, num_layers: int) -> list[int]:
-        """The decoder layers with softmax attention and rotary positions (Circle-RoPE's AGE counts these)."""
-        if not layer_types:
-            return list(range(num_layers))
-        return [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
 
     def mlp_params(self, shape: ModelShape) -> int:
         """Weights of one decoder layer's MLP that a token passes through: the SwiGLU MLP, or for an MoE

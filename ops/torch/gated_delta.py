@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .memo import PerTensor
+
 BACKENDS = ("fla", "torch")
 BACKEND_ENV = "VLTUNE_GDN_BACKEND"
 """Environment override of the automatic choice ("fla" or "torch"), as VLTUNE_VARLEN_BACKEND for attention."""
@@ -58,6 +60,10 @@ def segment_layout(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return index, valid
 
 
+_segment_layouts = PerTensor(segment_layout)
+"""The torch path's layout, once per forward (each layer's conv and delta rule use it)."""
+
+
 def _to_segments(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[1, T, ...] -> [N, L_max, ...], zeros after each sample."""
     out = x[0][index]
@@ -65,7 +71,7 @@ def _to_segments(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> t
 
 
 def _conv_torch(x, weight, bias, activation, cu_seqlens):
-    index, valid = segment_layout(cu_seqlens)
+    index, valid = _segment_layouts(cu_seqlens)
     segments = _to_segments(x, index, valid).transpose(1, 2)  # [N, C, L_max]
     channels, width = weight.shape
     out = F.conv1d(segments.to(weight.dtype), weight.unsqueeze(1), bias, padding=width - 1, groups=channels)
@@ -77,26 +83,9 @@ def _conv_torch(x, weight, bias, activation, cu_seqlens):
     return out.transpose(1, 2)[valid].unsqueeze(0).to(x.dtype)
 
 
-class _HostCopies:
-    """The int64 device tensor and a CPU copy of each packed row's `cu_seqlens`, made once per forward:
-    every layer gets the same tensor, and fla derives its chunk layout from the CPU copy without reading
-    the device (a sync that would drain the launch queue, twice per layer and step)."""
-
-    def __init__(self, size: int = 4):
-        self.size = size
-        self.entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # holding the key keeps its id
-
-    @torch.compiler.disable
-    def __call__(self, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        for key, device, host in self.entries:
-            if key is cu_seqlens:
-                return device, host
-        device, host = cu_seqlens.to(torch.long), cu_seqlens.to("cpu", torch.long)
-        self.entries = [(cu_seqlens, device, host)] + self.entries[: self.size - 1]
-        return device, host
-
-
-_host_copies = _HostCopies()
+_host_copies = PerTensor(lambda cu_seqlens: (cu_seqlens.to(torch.long), cu_seqlens.to("cpu", torch.long)))
+"""The int64 device tensor and a CPU copy of a packed row's `cu_seqlens`, once per forward: fla derives its
+chunk layout from the CPU copy without reading the device (twice per layer and step otherwise)."""
 
 
 def _conv_fla(x, weight, bias, activation, cu_seqlens):
@@ -117,7 +106,7 @@ def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 def _rule_torch(q, k, v, g, beta, cu_seqlens, reference: Callable):
-    index, valid = segment_layout(cu_seqlens)
+    index, valid = _segment_layouts(cu_seqlens)
     segments = [_to_segments(t, index, valid) for t in (q, k, v, g, beta)]
     out, _ = reference(*segments[:3], g=segments[3], beta=segments[4], initial_state=None, output_final_state=False,
                        use_qk_l2norm_in_kernel=True)

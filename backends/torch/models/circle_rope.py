@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from vltune.core.circle_rope import age_layer_mask
-from vltune.core.families import get_family
+from vltune.core.families import attention_layer_indices
 
 from . import part
 
@@ -27,8 +27,7 @@ class CircleRopeAdapter:
         self.config = dict(circle_rope)
         # AGE counts the layers with rotary positions: every layer, or a hybrid model's attention layers
         layers = self.text_model.layers
-        spec = get_family(model.config.model_type)
-        rotary = [layers[i] for i in spec.attention_layer_indices(getattr(self.text_model.config, "layer_types", None), len(layers))]
+        rotary = [layers[i] for i in attention_layer_indices(getattr(self.text_model.config, "layer_types", None), len(layers))]
         self.layer_mask = age_layer_mask(self.config.get("AGE_mode", "strategy_1"), len(rotary))
         self._alt_ids: torch.Tensor | None = None
         self._alt_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -13,7 +13,7 @@ from vltune.backends.torch.models import load_model  # noqa: E402
 from vltune.backends.torch.models.circle_rope import CircleRopeAdapter  # noqa: E402
 from vltune.core.circle_rope import per_token_distance  # noqa: E402
 from vltune.core.config import CIRCLE_ROPE_DEFAULTS, ConfigError, ModelArgs, circle_rope_settings  # noqa: E402
-from vltune.core.families import FAMILIES, family_names  # noqa: E402
+from vltune.core.families import attention_layer_indices, family_names  # noqa: E402
 from vltune.data.collate import Collator  # noqa: E402
 from vltune.data.dataset import SFTDataset  # noqa: E402
 from vltune.data.formats import load_samples  # noqa: E402
@@ -47,7 +47,7 @@ def test_strategy_4_gives_even_layers_circle_and_odd_layers_mrope(four_layer_dir
     adapter = CircleRopeAdapter(model, STRATEGY_4)
     # AGE counts the layers with rotary positions: all four, or a hybrid model's attention layers (1 and 3)
     text_config = model.model.language_model.config
-    rotary_layers = FAMILIES[model_type].attention_layer_indices(getattr(text_config, "layer_types", None), 4)
+    rotary_layers = attention_layer_indices(getattr(text_config, "layer_types", None), 4)
     assert adapter.layer_mask == [True, False, True, False][: len(rotary_layers)]
 
     seen = {}

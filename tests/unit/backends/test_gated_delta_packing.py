@@ -7,8 +7,6 @@ own layer leaking one sample into the next, and the refusal of a packed row on t
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -128,14 +126,6 @@ def test_stock_recurrent_layers_leak_across_samples(tiny_models, corpus, model_t
     assert (leaky[first:] - exact[first:]).abs().max() > 1e-3, "the stock layers carry state into the next samples"
     with pytest.raises(RuntimeError, match="Gated DeltaNet"):
         require_varlen(model)  # and a packed row is refused on that path
-
-
-def test_packed_forward_keeps_the_stock_signature():
-    """The replacement forward passes whatever the decoder layer gives through to the stock one."""
-    from vltune.backends.torch.linear_attention import _packed_forward
-
-    params = inspect.signature(_packed_forward).parameters
-    assert [p.kind for p in params.values()][-2:] == [inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD]
 
 
 def test_compiled_decoder_layers_run_the_recurrent_kernels_eagerly(tiny_models, corpus, monkeypatch):
