@@ -2,7 +2,7 @@
 # Qwen3.5 on the lent GPU machine: the Gated DeltaNet check (tools/gpu/gdn_check.py) and `vltune bench`
 # runs of the Qwen3.5 shapes, each JSON into $OUT (copy them into docs/bench/). Carried wheels (.whl/):
 # transformers 5.23.0, fla-core 0.6.0, torchao 0.18.0 (tools/gpu/env.sh installs them).
-# Usage (repo root): bash tools/gpu/qwen3_5.sh check | bench2b | bench9b-cut | bench9b-cut4 | bench9b-full | moe | curve
+# Usage (repo root): bash tools/gpu/qwen3_5.sh check | bench2b | bench9b-cut | bench9b-cut4 | bench9b-cut8-master | bench9b-full | bench9b-full-rows | bench9b-full-master | moe | curve
 set -uo pipefail
 source tools/gpu/env.sh
 mkdir -p "$OUT/bench"
@@ -16,6 +16,12 @@ for what in "$@"; do
     bench2b-compile) bench --model-shape qwen3_5-2b --steps 10 --warmup 6 --torch-compile --name qwen3_5-2b-compile ;;
     bench9b-cut) bench --model-shape qwen3_5-9b --layers 8 --steps 6 --warmup 2 --name qwen3_5-9b-8layers ;;
     bench9b-cut4) bench --model-shape qwen3_5-9b --layers 4 --steps 6 --warmup 2 --name qwen3_5-9b-4layers ;;
+    bench9b-full-rows) bench --model-shape qwen3_5-9b --no-stock --pure-bf16 --optim adamw_torch_8bit --gradient-checkpointing \
+                    --samples-per-step 16 --rows-per-step 4 --steps 3 --warmup 1 --name qwen3_5-9b-full-1gpu-rows4 ;;
+    bench9b-full-master) bench --model-shape qwen3_5-9b --no-stock --bf16-master-weights --optim adamw_torch_8bit --gradient-checkpointing \
+                    --samples-per-step 16 --rows-per-step 4 --steps 3 --warmup 1 --name qwen3_5-9b-full-1gpu-master-rows4 ;;
+    bench9b-cut8-master) bench --model-shape qwen3_5-9b --layers 8 --samples-per-step 8 --rows-per-step 2 --bf16-master-weights \
+                    --steps 4 --warmup 1 --name qwen3_5-9b-8layers-sps8-master ;;
     bench9b-full) bench --model-shape qwen3_5-9b --no-stock --pure-bf16 --optim adamw_torch_8bit --gradient-checkpointing \
                     --steps 6 --warmup 2 --name qwen3_5-9b-full-1gpu ;;
     moe) bench --model-shape qwen3_5-35b-a3b --layers 10 --train-type lora --steps 6 --warmup 2 --name qwen3_5-35b-a3b-10layers-lora ;;
