@@ -1,6 +1,7 @@
 """The `vltune` command. Subcommands map onto the Python API one to one.
 
     vltune train RECIPE [--key value ...]
+    vltune keys [SECTION|KEY] [--markdown]   (every recipe key: type, default, description; core/recipe_keys.py)
     vltune infer --model DIR [--image P ...] [--video P] --prompt T | --input IN.jsonl --output OUT.jsonl [--backend torch|ms]
     vltune make-tiny --model-type FAMILY --out DIR   (FAMILY: a model_type of core/families)
     vltune merge-lora --model DIR --adapter DIR --out DIR
@@ -242,6 +243,26 @@ def cmd_infer(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace, extra: list[str]) -> int:
+    """Every recipe key (or one section's, or one key) with its type, default and description."""
+    if extra:
+        raise SystemExit(f"vltune keys: unknown arguments {extra}")
+    from vltune.core.recipe_keys import find, render_markdown, render_text
+
+    if args.markdown:
+        if args.query:
+            raise SystemExit("vltune keys: --markdown renders every key; drop the SECTION|KEY argument")
+        print(render_markdown(), end="")
+        return 0
+    try:
+        keys = find(args.query) if args.query else None
+    except ValueError as e:
+        print(f"vltune keys: {e}", file=sys.stderr)
+        return 1
+    print(render_text(keys), end="")
+    return 0
+
+
 def cmd_make_tiny(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise SystemExit(f"vltune make-tiny: unknown arguments {extra}")
@@ -334,7 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vltune", description="Fine-tune Qwen-family vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a recipe (a YAML path or a bundled name such as 'demo')")
+    from vltune.core.recipe_keys import render_text
+
+    p = sub.add_parser("train", help="train a recipe (a YAML path or a bundled name such as 'demo')",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="recipe keys (in the YAML, or on the command line as --key value; "
+                              "`vltune keys SECTION|KEY` shows a part):\n\n" + render_text())
     p.add_argument("recipe")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--nproc", type=int, help="launch N workers on this node, one per device (torchrun; msrun for backend mindspore)")
@@ -382,6 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_make_tiny)
+
+    p = sub.add_parser("keys", help="list the recipe keys: type, default and description, grouped by section")
+    p.add_argument("query", nargs="?", metavar="SECTION|KEY", help="one section (model, data, train, mdlm) or one key")
+    p.add_argument("--markdown", action="store_true", help="all keys as docs/recipe-keys.md (`vltune keys --markdown > docs/recipe-keys.md`)")
+    p.set_defaults(run=cmd_keys)
 
     p = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base model: a full HF-format directory")
     p.add_argument("--model", required=True, help="the base model directory the adapter was trained on")

@@ -29,6 +29,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelArgs:
+    """The model directory, which parts of it train (full or LoRA), attention kernel, Circle-RoPE."""
+
     model_name_or_path: str = ""
     """Local HF-format model directory (config.json, weights, tokenizer, preprocessor_config.json)."""
     make_tiny_model: str | None = None
@@ -46,9 +48,11 @@ class ModelArgs:
     attn_implementation: str = "sdpa"
     """Attention kernel of the transformers model: sdpa | eager."""
     lora_r: int = 64
+    """LoRA rank: the inner dimension of each adapter (more = more trainable weights)."""
     lora_alpha: float = 128.0
+    """LoRA scaling: the adapter's output is multiplied by lora_alpha / lora_r."""
     lora_dropout: float = 0.05
-    """0.0 stays 0.0 (the official scripts silently turn it into 0.05)."""
+    """Dropout on each adapter's input during training; 0.0 stays 0.0 (the official scripts silently turn it into 0.05)."""
     lora_target_modules: str | None = None
     """Comma-separated LLM module names that get adapters (default q,k,v,o,gate,up,down_proj).
     In LoRA mode tune_mm_llm puts adapters on the LLM, tune_mm_vision on the vision blocks' linear
@@ -69,6 +73,8 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
+    """Datasets, eval data, sample validation and truncation, image/video resizing, packing, data loading."""
+
     dataset_use: str = ""
     """Comma-separated datasets: registered names, JSON/JSONL paths (their folder is the data path) or HF
     `datasets` directories; `name%50` samples 50% of it (seeded), `dir[train:1000,test:100]` takes slices."""
@@ -87,10 +93,13 @@ class DataArgs:
     """Pixel bounds of a video (default: the model's video preprocessor config): per frame for Qwen2/2.5-VL,
     frames x height x width for Qwen3-VL (as its processor's smart_resize counts them)."""
     video_max_pixels: int | None = None
+    """Upper pixel bound of a video, counted as video_min_pixels says (default: the video preprocessor config)."""
     base_interval: float | None = None
     """Seconds between sampled video frames (Qwen2/2.5-VL; default: the video preprocessor's fps)."""
     video_min_frames: int | None = None
+    """Fewest frames sampled from a video; a shorter video is an error (default: the video preprocessor config)."""
     video_max_frames: int | None = None
+    """Most frames sampled from a video (default: the video preprocessor config)."""
     synthetic_vqa: dict | None = None
     """Generate the synthetic VQA set before training: {out_dir, num_train, num_eval, tasks, image_size, seed}."""
     max_pixels: int | None = None
@@ -120,10 +129,12 @@ class DataArgs:
 
 @dataclass
 class TrainArgs:
+    """Output, engine, objective, optimizer and schedule, batch sizes, eval / save / early-stop cadence, precision, parallelism."""
+
     output_dir: str = "runs/vltune"
     """Where checkpoints, metrics.jsonl and the final model go."""
     backend: str = "torch"
-    """torch | mindspore."""
+    """The engine that trains: torch (PyTorch; CUDA GPUs or CPU) | mindspore (Ascend NPUs or CPU)."""
     objective: str = "ar"
     """ar (next-token SFT) | mdlm (masked diffusion; settings in the mdlm section)."""
     seed: int = 42
@@ -135,23 +146,34 @@ class TrainArgs:
     mm_projector_lr: float | None = None
     """Learning rate of the merger / projector (None = learning_rate); independent of vision_tower_lr."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay, applied to weight matrices (LoRA A/B included); norms, biases and other 1-D parameters get 0."""
     adam_beta1: float = 0.9
+    """AdamW's decay rate of the gradient's running mean."""
     adam_beta2: float = 0.999
+    """AdamW's decay rate of the squared gradient's running mean."""
     adam_epsilon: float = 1e-8
+    """AdamW's denominator term that keeps the update finite where the squared-gradient mean is ~0."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     lr_scheduler_type: str = "cosine"
     """cosine | linear | constant (after warmup)."""
     warmup_ratio: float = 0.0
+    """Fraction of the total optimizer steps spent warming the learning rate up linearly from 0, in [0, 1)."""
     warmup_steps: int = 0
     """Overrides warmup_ratio when > 0."""
     max_steps: int = -1
     """Optimizer steps to run; -1 = derive from num_train_epochs and the dataset size."""
     num_train_epochs: float = 1.0
+    """Passes over the training data when max_steps is -1 (fractions allowed: 0.5 = half the optimizer steps of one epoch)."""
     per_device_train_batch_size: int = 1
+    """Samples per micro-batch on each device (with data_packing: packs per micro-batch)."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches whose gradients add up before one optimizer step (effective batch = this x
+    per_device_train_batch_size x devices)."""
     per_device_eval_batch_size: int = 8
+    """Samples per evaluation batch on each device."""
     logging_steps: int = 10
+    """Write a row to metrics.jsonl (loss, learning rates, grad norm, throughput) every N optimizer steps and at the last one."""
     eval_steps: int = 0
     """Evaluate every N steps (0 = only at the end)."""
     eval_max_new_tokens: int = 16
@@ -163,6 +185,7 @@ class TrainArgs:
     resume_from_checkpoint: str | None = None
     """auto (newest complete checkpoint in output_dir, if any) | a checkpoint path."""
     metric_for_best_model: str = "eval_loss"
+    """The evaluation metric that picks the best checkpoint and drives early stopping: eval_loss | eval_accuracy."""
     greater_is_better: bool | None = None
     """None = True unless the metric name ends in 'loss'."""
     early_stopping_patience: int = 0
