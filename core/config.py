@@ -9,7 +9,9 @@ problem with the key, the value and a fix (litgpt's `validate_args` habit).
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -243,12 +245,29 @@ def circle_rope_settings(model: "ModelArgs", config_model_type: str) -> dict | N
             f"model_type: {model.model_type!r} does not fit the model directory, whose config.json says "
             f"{config_model_type!r}; use {config_model_type!r} or {config_model_type + CIRCLE_ROPE_SUFFIX!r}"
         )
-    settings = {**CIRCLE_ROPE_DEFAULTS, **(model.circle_rope or {})}
+    settings = {**CIRCLE_ROPE_DEFAULTS, **_numbers_from_strings(model.circle_rope or {})}
     settings["AGE_mode"] = settings.get("AGE_mode") or "strategy_1"  # no AGE: every layer is Circle-RoPE
     try:
         resolve_config(settings)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    return settings
+
+
+# Circle-RoPE keys that take numbers: the released configurations (and `--circle_rope` overrides) may
+# give them as strings ("move_to_positive": "2"); "auto" / "auto-k" radii stay strings.
+CIRCLE_ROPE_NUMBER_KEYS = ("alpha", "radius", "move_to_positive", "dff_rate", "temporal_stride")
+
+
+def _numbers_from_strings(circle_rope: dict) -> dict:
+    settings = dict(circle_rope)
+    for key in CIRCLE_ROPE_NUMBER_KEYS:
+        value = settings.get(key)
+        if isinstance(value, str):
+            try:
+                settings[key] = float(value)
+            except ValueError:
+                pass  # "auto", or a typo that resolve_config names with what is allowed
     return settings
 
 
@@ -426,6 +445,8 @@ def resolve_recipe_path(recipe: str) -> Path:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.exists():
             raise ConfigError(f"recipe file {recipe!r} does not exist")
+        if path.is_dir():
+            raise ConfigError(f"recipe {recipe!r} is a directory: give a recipe's YAML file (or a bundled recipe's name)")
         return path
     bundled = RECIPE_DIR / f"{recipe}.yaml"
     if bundled.exists():
@@ -442,7 +463,7 @@ def load_recipe(recipe: str | os.PathLike | dict | None, overrides: dict[str, An
         raw = dict(recipe)
     else:
         path = resolve_recipe_path(str(recipe))
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _read_yaml(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"recipe {path}: expected a mapping of keys to values, got {type(raw).__name__}")
     raw.update(overrides or {})
@@ -452,9 +473,7 @@ def load_recipe(recipe: str | os.PathLike | dict | None, overrides: dict[str, An
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for key, value in raw.items():
         if key not in index:
-            close = difflib.get_close_matches(key, index, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.append(f"unknown key {key!r}{hint}")
+            problems.append(f"unknown key {key!r}{_suggestion(key, index)}")
             continue
         section, annotated = index[key]
         value = _coerce(value, annotated)
@@ -469,6 +488,28 @@ def load_recipe(recipe: str | os.PathLike | dict | None, overrides: dict[str, An
     _tiny_follows_model_type(cfg.model)
     validate(cfg)
     return cfg
+
+
+def _read_yaml(path: Path) -> Any:
+    """The recipe's YAML; a syntax error names the recipe file and line (PyYAML's own says "<unicode string>")."""
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        reason = " ".join(str(part) for part in (getattr(e, "context", None), getattr(e, "problem", None)) if part) or str(e)
+        raise ConfigError(f"recipe {where}: not valid YAML ({reason}); check the indentation and quoting there") from None
+
+
+def _suggestion(key: str, index: dict[str, Any]) -> str:
+    """"; did you mean 'x'?" for an unknown key. Among near-equal matches a training key comes first: a user who
+    types `per_device_batch_size` means the training batch, though the shorter eval key scores a little higher."""
+    scored = sorted(((difflib.SequenceMatcher(None, key, known).ratio(), known) for known in index), reverse=True)
+    close = [known for ratio, known in scored if ratio >= 0.6 and ratio >= scored[0][0] - 0.05]
+    close.sort(key=lambda known: "eval" in known and "eval" not in key)  # stable: ratio order otherwise
+    if not close:
+        return ""
+    return f"; did you mean {close[0]!r}?" + (f" (or {close[1]!r})" if len(close) > 1 else "")
 
 
 def base_model_type(model_type: str) -> str:
@@ -490,7 +531,7 @@ def _tiny_follows_model_type(m: ModelArgs) -> None:
 def validate(cfg: RecipeConfig) -> None:
     """Collect every semantic problem of a recipe and raise once."""
     m, d, t = cfg.model, cfg.data, cfg.train
-    problems = []
+    problems = _non_finite_problems(cfg)
     if not m.model_name_or_path:
         problems.append("model_name_or_path is empty: give a local HF-format model directory")
     if m.make_tiny_model is not None and m.make_tiny_model not in FAMILIES:
@@ -528,15 +569,9 @@ def validate(cfg: RecipeConfig) -> None:
             problems.append(f"{key}: {value} must be > 0")
     if not 0.0 <= t.warmup_ratio < 1.0:
         problems.append(f"warmup_ratio: {t.warmup_ratio} must be in [0, 1)")
-    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size", "logging_steps"):
-        if getattr(t, key) < 1:
-            problems.append(f"{key}: {getattr(t, key)} must be >= 1")
-    for key in ("save_steps", "early_stopping_patience", "max_bad_steps"):
-        if getattr(t, key) < 0:
-            problems.append(f"{key}: {getattr(t, key)} must be >= 0")
-    for key in ("dataloader_prefetch", "dataloader_num_workers"):
-        if getattr(d, key) < 0:
-            problems.append(f"{key}: {getattr(d, key)} must be >= 0")
+    problems += _count_problems(cfg)
+    if Path(t.output_dir).is_file():
+        problems.append(f"output_dir: {t.output_dir} is a file; give a directory (new, or a run's own to resume)")
     if t.save_total_limit is not None and t.save_total_limit < 1:
         problems.append(f"save_total_limit: {t.save_total_limit} must be >= 1 (or null for no limit)")
     if t.early_stopping_patience and not (t.eval_steps and d.eval_dataset):
@@ -548,11 +583,59 @@ def validate(cfg: RecipeConfig) -> None:
     problems += _packing_problems(cfg)
     problems += _parallel_problems(t)
     problems += precision_problems(t, m.train_type)
+    if t.use_liger_kernel and t.backend == "torch" and importlib.util.find_spec("liger_kernel") is None:
+        problems.append("use_liger_kernel: the liger-kernel package is not installed: pip install liger-kernel "
+                        "(or set use_liger_kernel: false)")
     if t.use_liger_kernel and t.torch_compile:
         # Liger's Triton autograd functions inside compiled decoder layers fail in dynamo (torch 2.11).
         problems.append("use_liger_kernel and torch_compile are both set: pick one (compile fuses the same norms and gating)")
     if problems:
         raise ConfigError("invalid recipe:\n  - " + "\n  - ".join(problems))
+
+
+def _non_finite_problems(cfg: RecipeConfig) -> list[str]:
+    """Every float key must be a finite number: a NaN learning rate (YAML `.nan`, `--learning_rate nan`) would
+    train NaN weights and still report a finite mean loss over the steps before it."""
+    return [
+        f"{f.name}: {value} is not a finite number; give a finite value"
+        for name in SECTIONS
+        for f in fields(getattr(cfg, name))
+        if isinstance(value := getattr(getattr(cfg, name), f.name), float) and not math.isfinite(value)
+    ]
+
+
+# Counts that must be at least 1 / at least 0 (None, where allowed, means "the default").
+_AT_LEAST_ONE = {
+    "train": ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size", "logging_steps",
+              "eval_max_new_tokens"),
+    "data": ("max_pixels", "min_pixels", "video_min_pixels", "video_max_pixels", "video_min_frames", "video_max_frames",
+             "num_eval_samples"),
+}
+_AT_LEAST_ZERO = {
+    "train": ("save_steps", "early_stopping_patience", "max_bad_steps", "eval_steps", "warmup_steps", "num_threads"),
+    "data": ("dataloader_prefetch", "dataloader_num_workers"),
+}
+
+
+def _count_problems(cfg: RecipeConfig) -> list[str]:
+    """Counts and pixel bounds: their ranges and lower <= upper; caught here, not after training (a zero
+    eval_max_new_tokens used to fail in the final evaluation, after the whole run)."""
+    problems = []
+    for floor, table in ((1, _AT_LEAST_ONE), (0, _AT_LEAST_ZERO)):
+        for section, keys in table.items():
+            for key in keys:
+                value = getattr(getattr(cfg, section), key)
+                if value is not None and value < floor:
+                    nullable = SECTIONS[section].__dataclass_fields__[key].default is None
+                    problems.append(f"{key}: {value} must be >= {floor}" + (" (or null for the default)" if nullable else ""))
+    d = cfg.data
+    if d.base_interval is not None and not d.base_interval > 0:
+        problems.append(f"base_interval: {d.base_interval} must be > 0 seconds (or null for the video preprocessor's fps)")
+    for low, high in (("min_pixels", "max_pixels"), ("video_min_pixels", "video_max_pixels"), ("video_min_frames", "video_max_frames")):
+        lo, hi = getattr(d, low), getattr(d, high)
+        if lo is not None and hi is not None and 0 < hi < lo:
+            problems.append(f"{low} {lo} > {high} {hi}: the lower bound must not exceed the upper one")
+    return problems
 
 
 # Blocks of a DeepSpeed JSON that vltune owns: the optimizer (per-module learning-rate groups) and the
