@@ -4,7 +4,8 @@ Order of events per optimizer step: draw `gradient_accumulation_steps` micro-bat
 trained tokens (an MDLM batch brings its own denominator: core.contracts.loss_denominator),
 forward/backward each with loss scale 1/tokens (so the loss is the mean over the whole accumulated
 batch, however the tokens fall into micro-batches); skip the step if the loss is
-not finite; else set the scheduled learning rate, clip and step. Then log, evaluate on the eval
+not finite; else set the scheduled learning rate, clip and step. A run whose weights have turned
+non-finite stops (TrainingStopped) rather than saving them. Then log, evaluate on the eval
 cadence (tracking the best metric and early stopping), and checkpoint on the save cadence. The
 engine only supplies the TrainBackend methods; everything needed to resume is in LoopState.
 """
@@ -25,6 +26,16 @@ from .metrics import MetricsWriter
 from .schedules import lr_at, warmup_steps_for
 
 
+# Consecutive steps with a NaN/inf loss after which the weights themselves are taken to be non-finite.
+MAX_BAD_STREAK = 3
+_NON_FINITE_FIX = ("Lower learning_rate (or max_grad_norm), train in fp32 (bf16: false), or check the data; "
+                   "resume_from_checkpoint can restart from a checkpoint saved before this step.")
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (non-finite losses or weights): the message says why and what to change."""
+
+
 class BatchSource(Protocol):
     def __next__(self) -> Batch: ...
     def state_dict(self) -> dict: ...
@@ -38,6 +49,8 @@ class LoopState:
     loss_sum: float = 0.0
     loss_steps: int = 0
     bad_steps: int = 0
+    bad_streak: int = 0
+    """Steps in a row, up to the last one, whose loss was NaN/inf."""
     best_metric: float | None = None
     best_checkpoint: str | None = None
     evals_without_improvement: int = 0
@@ -62,6 +75,8 @@ class LoopResult:
     best_checkpoint: str | None = None
     stopped_early_at: int | None = None
     bad_steps: int = 0
+    eval_error: Exception | None = None
+    """What the final evaluation raised: the trained weights are saved first, then it is reported."""
 
 
 def _improved(metric: float, best: float | None, greater: bool, threshold: float) -> bool:
@@ -136,16 +151,28 @@ def run_training(
         state.step += 1
         if math.isfinite(loss):
             grad_norm = backend.optimizer_step(factor, args.max_grad_norm)
+            # The update has been applied: a NaN/inf norm has put NaN/inf into the weights (clipping scales
+            # by max_norm / norm). DeepSpeed reports no norm for some optimizers and skips overflowed steps itself.
+            if not math.isfinite(grad_norm) and not args.deepspeed:
+                raise TrainingStopped(
+                    f"step {state.step}: the gradient norm is {grad_norm} (loss {loss:.4g}), so the update made the "
+                    f"weights non-finite; stopped without saving them. {_NON_FINITE_FIX}"
+                )
             state.loss_sum += loss
             state.loss_steps += 1
+            state.bad_streak = 0
         else:
             backend.zero_grad()
             state.bad_steps += 1
+            state.bad_streak += 1
             bar.write(f"step {state.step}: loss is {loss}; step skipped ({state.bad_steps} so far)")
             if state.bad_steps > args.max_bad_steps:
-                raise RuntimeError(
-                    f"{state.bad_steps} steps had a NaN/inf loss (max_bad_steps {args.max_bad_steps}); "
-                    "lower learning_rate, use fp32, or check the data"
+                raise TrainingStopped(f"{state.bad_steps} steps had a NaN/inf loss (max_bad_steps {args.max_bad_steps}); "
+                                      f"{_NON_FINITE_FIX}")
+            if state.bad_streak >= MAX_BAD_STREAK:
+                raise TrainingStopped(
+                    f"steps {state.step - state.bad_streak + 1}-{state.step} all had a NaN/inf loss: the weights are "
+                    f"most likely no longer finite; stopped without saving them. {_NON_FINITE_FIX}"
                 )
             grad_norm = float("nan")
         last_loss = loss
@@ -191,8 +218,12 @@ def run_training(
     bar.close()
 
     run_time = max(time.perf_counter() - run_start, 1e-9)
+    eval_error = None
     if evaluate is not None and not (args.eval_steps and state.step % args.eval_steps == 0):
-        run_eval()
+        try:
+            run_eval()
+        except Exception as e:  # the run itself is done: the caller saves its weights, then reports this
+            eval_error, state.last_eval = e, {}  # not an earlier evaluation's numbers as if they were the final ones
     return LoopResult(
         steps=state.step,
         train_loss=state.loss_sum / max(state.loss_steps, 1),
@@ -204,7 +235,9 @@ def run_training(
         best_checkpoint=state.best_checkpoint,
         stopped_early_at=state.stopped_early_at,
         bad_steps=state.bad_steps,
+        eval_error=eval_error,
     )
+
 
 
 def _input_tokens(batch: Batch) -> int:
