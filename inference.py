@@ -9,6 +9,7 @@ one-prompt command for both objectives (ar, mdlm).
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -39,14 +40,15 @@ _PIXEL_KEYS = ("min_pixels", "max_pixels")
 _VIDEO_KEYS = ("video_min_pixels", "video_max_pixels", "base_interval", "video_min_frames", "video_max_frames")
 
 
-def build_prompt_sample(prompt: str, images: list[str], videos: list[str] = ()) -> Sample:
-    """A one-turn user message with the images, then the videos, first, as the Qwen examples place them."""
+def build_prompt_sample(prompt: str, images: list[str], videos: list[str] = (), source: str = "command line") -> Sample:
+    """A one-turn user message with the images, then the videos, first, as the Qwen examples place them;
+    `source` names where the prompt came from in error messages."""
     content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos] + [{"type": "text", "text": prompt}]
     # The empty answer turn is dropped by SFTDataset.prompt(); it only marks where generation starts.
     messages = [{"role": "user", "content": content}, {"role": "assistant", "content": ""}]
     return Sample(
         id="prompt", messages=messages, images=[Path(p) for p in images], videos=[Path(p) for p in videos],
-        source="command line",
+        source=source,
     )
 
 
@@ -65,12 +67,15 @@ class Answer:
     generated_tokens: int = 0
     """Tokens the model generated (the inserted closing phrase not counted)."""
 
+    def __str__(self) -> str:
+        return self.prediction
+
 
 def _check_model_dir(model_dir: str | Path, adapter: str | Path | None) -> None:
     if adapter is None and (Path(model_dir) / "adapter_config.json").exists():
         raise FileNotFoundError(
             f"{model_dir} holds a LoRA adapter, not a model: use --model BASE_MODEL_DIR --adapter {model_dir} "
-            "(or vltune merge-lora to make a full model)"
+            f"(in Python: vltune.load(BASE_MODEL_DIR, adapter={str(model_dir)!r}); or vltune merge-lora to make a full model)"
         )
 
 
@@ -108,11 +113,7 @@ class Predictor:
         thinking_budget: int | None = None,
     ):
         backend = backend_name(backend)
-        if thinking_budget is not None and thinking_budget < 1:
-            raise ConfigError(f"--thinking-budget {thinking_budget}: must be >= 1")
-        self.settings = settings.validate()
-        self.thinking = thinking
-        self.thinking_budget = thinking_budget
+        self._set_options(settings, thinking, thinking_budget)
         self.model_dir = Path(model_dir)
         _check_model_dir(model_dir, adapter)
         recipe = _training_recipe(model_dir, adapter)
@@ -126,6 +127,19 @@ class Predictor:
         self.engine = _inference_engine(backend, model_dir, adapter, self.circle_rope)
         self.model = self.engine.model
         """The loaded model: a transformers model (torch) or the native MindSpore one."""
+
+    def _set_options(self, settings: GenerationSettings, thinking: bool, thinking_budget: int | None) -> None:
+        if thinking_budget is not None and thinking_budget < 1:
+            raise ConfigError(f"--thinking-budget {thinking_budget}: must be >= 1")
+        self.settings = settings.validate()
+        self.thinking = thinking
+        self.thinking_budget = thinking_budget
+
+    def with_options(self, settings: GenerationSettings, thinking: bool, thinking_budget: int | None) -> "Predictor":
+        """A predictor that shares this one's loaded model but decodes with other options (validated alike)."""
+        other = copy.copy(self)
+        other._set_options(settings, thinking, thinking_budget)
+        return other
 
     def dataset(self, samples: list[Sample]) -> SFTDataset:
         """The samples as prompts for this model (each sample's last turn is the answer slot, dropped)."""
