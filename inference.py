@@ -4,7 +4,8 @@
 greedy or sampled, optionally streamed, with thinking mode and its token budget); the one-prompt
 command and batch mode (inference_batch.py) both go through it. The model is either engine's
 (`backend` torch or mindspore / ms): everything but loading and the decoding loop is shared. `infer` is the Python API of the
-one-prompt command for both objectives (ar, mdlm).
+one-prompt command for both objectives (ar, mdlm); `vltune.load(...).chat(...)` (chat.py) keeps one
+Predictor's model loaded across prompts.
 """
 
 from __future__ import annotations
