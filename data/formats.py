@@ -1,11 +1,14 @@
 """Readers for annotation files, turning each record into one chat `Sample`.
 
 Formats: LLaVA/ShareGPT `conversations` (from human/gpt/system) and OpenAI `messages` (role/content,
-content a string with `<image>`/`<video>` tags or a list of `{type: text|image|video}` parts), with the
-media in `image`/`images` and `video`/`videos` keys (one path or a list) or inline in the parts
-(`{"type": "image", "image": "a.jpg"}`). Files: a JSON list, JSONL, or a packed JSON file (a list of
-lists, each inner list one pack written by tools/pack_data.py). Images may also be raw bytes (HF
-`datasets` image columns, see data/registry.py).
+content a string with `<image>`/`<video>` tags or a list of `{type: text|image|video|image_url}` parts),
+with the media in `image`/`images` and `video`/`videos` keys (one path or a list) or inline in the parts
+(`{"type": "image", "image": "a.jpg"}`, `{"type": "image_url", "image_url": {"url": "..."}}`). A
+record-level `system` string (LLaMA-Factory's / ShareGPT's column) is the system prompt. Files: a JSON
+list, JSONL, or a packed JSON file (a list of lists, each inner list one pack written by
+tools/pack_data.py); the content decides, not the suffix, and a UTF-8 BOM is skipped. Images may also be
+raw bytes (HF `datasets` image columns, see data/registry.py, or `data:` base64 URLs) or http(s) URLs,
+fetched when the image is loaded (data/vision.py).
 
 Every problem is a `SampleError` with a `kind` (the problem class `vltune data check` counts) and a
 message naming the file, the line or index, the sample id and the reason. Readers return the good
@@ -14,6 +17,9 @@ samples and the problems side by side, so a caller can stop on the first problem
 
 from __future__ import annotations
 
+import base64
+import binascii
+import codecs
 import json
 import re
 from dataclasses import dataclass, field
@@ -25,8 +31,10 @@ VIDEO_TAG = "<video>"
 _ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _TAG_SPLIT = re.compile(r"(<image>|<video>)")
 
-ImageRef = Union[Path, bytes]
-"""An image file, or the encoded bytes of one (HF datasets keep images inside the arrow files)."""
+ImageRef = Union[Path, bytes, str]
+"""An image file, the encoded bytes of one (HF datasets keep images inside the arrow files), or an
+http(s) URL (a str), fetched by data/vision.py."""
+_URL_SCHEMES = ("http://", "https://")
 
 
 class SampleError(ValueError):
@@ -92,14 +100,17 @@ def _read_jsonl(path: Path, raw: bytes) -> Records:
 def read_records(path: str | Path) -> Records:
     """The records of a JSON list, a packed JSON file (list of lists) or a JSONL file.
 
-    A file that cannot be read at all (missing, not UTF-8, malformed JSON list) raises; a bad JSONL
-    line becomes one problem in the result.
+    The content decides, not the suffix: a file whose first character is `[` is read as a JSON list
+    (a list saved as .jsonl), a .json file of one object per line as JSONL. A UTF-8 byte-order mark
+    (Windows editors write one) is skipped. A file that cannot be read at all (missing, not UTF-8,
+    malformed JSON list) raises; a bad JSONL line becomes one problem in the result.
     """
     path = Path(path)
     if not path.exists():
         raise SampleError(f"{path}: annotation file does not exist", "missing_file")
-    raw = path.read_bytes()
-    if path.suffix == ".jsonl":
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    starts_list = raw.lstrip()[:1] == b"["
+    if path.suffix == ".jsonl" and not starts_list:
         return _read_jsonl(path, raw)
     try:
         text = raw.decode("utf-8")
@@ -109,9 +120,14 @@ def read_records(path: str | Path) -> Records:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
+        if path.suffix == ".jsonl" or (not starts_list and e.msg == "Extra data"):
+            return _read_jsonl(path, raw)  # JSONL (a .jsonl whose first line merely opens with `[`, or a .json)
         raise SampleError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})", "malformed_json") from None
     if not isinstance(data, list):
-        raise SampleError(f"{path}: expected a JSON list of samples, got {type(data).__name__}", "malformed_json")
+        raise SampleError(
+            f"{path}: expected a JSON list of samples (or JSONL, one sample per line), got one {type(data).__name__}; "
+            "wrap the samples in [...]", "malformed_json",
+        )
     out = Records()
     for i, rec in enumerate(data):
         if isinstance(rec, list):  # a packed file: each element is one pack of samples
@@ -141,15 +157,27 @@ def _split_tags(text: str) -> list[dict[str, Any]]:
 
 
 def _media_path(value: Any, where: str) -> Any:
-    if isinstance(value, dict):  # HF datasets image cells: {"bytes": ..., "path": ...}
+    if isinstance(value, dict):  # HF datasets image cells: {"bytes": ..., "path": ...}; OpenAI's {"url": ...}
         if value.get("bytes"):
             return value["bytes"]
-        value = value.get("path")
+        value = value.get("path", value.get("url"))
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if not isinstance(value, str) or not value:
         raise SampleError(f"{where}: a media entry must be a path string, got {value!r}", "invalid_media")
+    if value.startswith("data:"):  # data:image/png;base64,.... (OpenAI clients inline images this way)
+        header, _, payload = value.partition(",")
+        if not header.endswith(";base64"):
+            raise SampleError(f"{where}: a data: URL must be base64 (data:image/...;base64,...), got {header!r}", "invalid_media")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise SampleError(f"{where}: the data: URL's base64 payload is not valid base64", "invalid_media") from None
     return value.removeprefix("file://")
+
+
+def _is_url(ref: Any) -> bool:
+    return isinstance(ref, str) and ref.startswith(_URL_SCHEMES)
 
 
 def _parts(content: list, i: int, where: str, inline: dict[str, list]) -> list[dict[str, Any]]:
@@ -159,12 +187,17 @@ def _parts(content: list, i: int, where: str, inline: dict[str, list]) -> list[d
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             parts.append({"type": "text", "text": part["text"]})
-        elif kind in ("image", "video"):
+        elif kind in ("image", "video", "image_url", "video_url"):  # OpenAI: {"type": "image_url", "image_url": {"url": ...}}
+            media = kind.removesuffix("_url")
             if part.get(kind) is not None:
-                inline[kind].append(_media_path(part[kind], where))
-            parts.append({"type": kind})
+                inline[media].append(_media_path(part[kind], where))
+            elif kind.endswith("_url"):
+                raise SampleError(f"{where}: turn {i} has an {kind} part without its {kind!r} key: {part!r}", "invalid_media")
+            parts.append({"type": media})
         else:
-            raise SampleError(f"{where}: turn {i} has a content part that is not text/image/video: {part!r}", "invalid_turn")
+            raise SampleError(
+                f"{where}: turn {i} has a content part that is not text/image/video/image_url: {part!r}", "invalid_turn"
+            )
     return parts
 
 
@@ -202,17 +235,38 @@ def _count(content: str | list, kind: str) -> int:
 
 
 def _resolve(ref: Any, data_path: Path) -> ImageRef:
-    return ref if isinstance(ref, bytes) else data_path / ref
+    return ref if isinstance(ref, bytes) or _is_url(ref) else data_path / ref
+
+
+def _with_system(record: dict, turns: list[tuple[str, str | list]], where: str) -> list[tuple[str, str | list]]:
+    """The record-level `system` string (LLaMA-Factory's / ShareGPT's column) as the first turn.
+
+    A conversation that has its own system turn as well is ambiguous unless both say the same: an error.
+    """
+    system = record.get("system")
+    if system is None or system == "":
+        return turns
+    if not isinstance(system, str):
+        raise SampleError(f"{where}: the 'system' key must be a string, got {type(system).__name__}", "invalid_turn")
+    own = [content for role, content in turns if role == "system"]
+    if own:
+        if own == [system]:
+            return turns
+        raise SampleError(
+            f"{where}: a 'system' key and a system turn in the conversation that differ; keep one of them", "invalid_turn"
+        )
+    return [("system", system), *turns]
 
 
 def record_to_sample(record: Any, where: str, data_path: str | Path, pack: int | None = None) -> Sample:
     """Validate one record and build its Sample (media paths resolved against `data_path`)."""
     if not isinstance(record, dict):
         raise SampleError(f"{where}: a sample must be a JSON object, got {type(record).__name__}", "invalid_sample")
-    sample_id = str(record.get("id", where))
+    raw_id = record.get("id")
+    sample_id = where if raw_id is None or raw_id == "" else str(raw_id)  # "id": null is no id, not the id "None"
     source, where = where, f"{where} (id {sample_id})"
     inline: dict[str, list] = {"image": [], "video": []}
-    turns = _turns(record, where, inline)
+    turns = _with_system(record, _turns(record, where, inline), where)
     if turns[-1][0] != "assistant":
         raise SampleError(f"{where}: conversation ends on a {turns[-1][0]} turn; the last turn must be the answer", "ends_on_user")
 
@@ -222,6 +276,10 @@ def record_to_sample(record: Any, where: str, data_path: str | Path, pack: int |
         if listed and inline[kind]:
             raise SampleError(f"{where}: {kind}s given both in the record's {kind!r} key and inside the messages", "invalid_media")
         media[kind] = listed or inline[kind]
+    for video in media["video"]:
+        if not isinstance(video, str) or _is_url(video):
+            got = "a URL" if _is_url(video) else "encoded bytes"
+            raise SampleError(f"{where}: a video must be a file path, got {got}; download or save it and give its path", "invalid_media")
 
     messages = []
     for i, (role, content) in enumerate(turns):
@@ -238,7 +296,7 @@ def record_to_sample(record: Any, where: str, data_path: str | Path, pack: int |
     base = Path(data_path)
     return Sample(
         id=sample_id, messages=messages, images=[_resolve(r, base) for r in media["image"]],
-        videos=[base / v for v in media["video"] if isinstance(v, str)], source=source, pack=pack,
+        videos=[base / v for v in media["video"]], source=source, pack=pack,
     )
 
 

@@ -58,7 +58,7 @@ from typing import Any, Mapping, Union
 import numpy as np
 
 from ..core.families import get_family, read_config
-from .vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, smart_resize
+from .vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, file_problem, smart_resize
 
 PathLike = Union[str, "os.PathLike[str]"]
 _BICUBIC = 3  # PILImageResampling.BICUBIC, the only filter the Qwen video processors use
@@ -342,14 +342,10 @@ def _open(path: PathLike | bytes):
             raise VideoLoadError(where, "video bytes are empty", "empty_file")
         source: Any = io.BytesIO(path)
     else:
-        p = Path(path)
-        if not p.exists():
-            raise VideoLoadError(path, "file not found", "missing_file")
-        if not p.is_file():
-            raise VideoLoadError(path, "not a regular file", "missing_file")
-        if p.stat().st_size == 0:
-            raise VideoLoadError(path, "file is empty (0 bytes)", "empty_file")
-        source = os.fspath(p)
+        problem = file_problem(path)
+        if problem is not None:
+            raise VideoLoadError(path, *problem)
+        source = os.fspath(path)
     try:
         container = av.open(source)
     except (av.FFmpegError, OSError, ValueError) as exc:

@@ -17,10 +17,13 @@ merge-window order.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
 import os
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Union
@@ -146,7 +149,7 @@ class ImageLoadError(ValueError):
         self.path = os.fspath(path)
         self.reason = reason
         self.kind = kind
-        """Problem class for the data report: missing_file | empty_file | corrupt_media."""
+        """Problem class for the data report: missing_file | empty_file | corrupt_media | fetch_failed."""
         super().__init__(f"cannot load image {self.path!r}: {reason}")
 
 
@@ -166,20 +169,67 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+URL_TIMEOUT_S = 30.0
+"""Seconds an http(s) image may take to answer (each socket operation: connect, each read)."""
+URL_MAX_BYTES = 256 << 20
+"""A URL's body above this is refused rather than read into memory."""
+
+
+def file_problem(path: PathLike) -> tuple[str, str] | None:
+    """(reason, problem class) when `path` is not a readable, non-empty regular file; None when it is.
+
+    Shared with data/video.py. A symlink loop or a dangling link is named as such: "file not found"
+    for a link that `ls` lists would send the user looking in the wrong place.
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop (the link leads back to itself); point it at the real file", "missing_file"
+        if isinstance(e, FileNotFoundError) and p.is_symlink():
+            return f"dangling symlink (it points to {os.readlink(p)!r}, which does not exist)", "missing_file"
+        if isinstance(e, FileNotFoundError):
+            return "file not found", "missing_file"
+        return f"cannot read the file ({e.strerror})", "missing_file"
+    if not p.is_file():
+        return "not a regular file", "missing_file"
+    if st.st_size == 0:
+        return "file is empty (0 bytes)", "empty_file"
+    return None
+
+
+def fetch_url(url: str, timeout: float | None = None) -> bytes:
+    """The body of an http(s) URL (stdlib urllib, `timeout` seconds per socket operation), or an
+    ImageLoadError of kind `fetch_failed` that says why and what to do instead."""
+    fix = "check the URL, or download the file and give its path"
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S if timeout is None else timeout) as response:
+            body = response.read(URL_MAX_BYTES + 1)
+    except urllib.error.HTTPError as e:
+        raise ImageLoadError(url, f"fetching it failed (HTTP {e.code} {e.reason}); {fix}", "fetch_failed") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:  # refused, unknown host, timed out, bad URL
+        reason = getattr(e, "reason", None) or e
+        raise ImageLoadError(url, f"fetching it failed ({reason}); {fix}", "fetch_failed") from None
+    if len(body) > URL_MAX_BYTES:
+        raise ImageLoadError(url, f"the response is larger than {URL_MAX_BYTES >> 20} MiB; {fix}", "fetch_failed")
+    if not body:
+        raise ImageLoadError(url, "the response is empty", "empty_file")
+    return body
+
+
 def _open(path: "PathLike | bytes") -> Image.Image:
-    """Open an image file or encoded image bytes (HF datasets cells) lazily, with clear errors."""
+    """Open an image file, encoded image bytes (HF datasets cells) or an http(s) URL lazily, with clear errors."""
+    if isinstance(path, str) and path.startswith(("http://", "https://")):
+        path = fetch_url(path)
     if isinstance(path, (bytes, bytearray)):
         if not path:
             raise ImageLoadError("<bytes>", "image bytes are empty", "empty_file")
         return Image.open(io.BytesIO(path))
-    p = Path(path)
-    if not p.exists():
-        raise ImageLoadError(path, "file not found", "missing_file")
-    if not p.is_file():
-        raise ImageLoadError(path, "not a regular file", "missing_file")
-    if p.stat().st_size == 0:
-        raise ImageLoadError(path, "file is empty (0 bytes)", "empty_file")
-    return Image.open(p)
+    problem = file_problem(path)
+    if problem is not None:
+        raise ImageLoadError(path, *problem)
+    return Image.open(path)
 
 
 def load_image(path: "PathLike | bytes") -> Image.Image:
