@@ -23,6 +23,8 @@ class Evaluator:
         max_new_tokens: int,
         predictions_file: Path | None = None,
     ):
+        if len(dataset) == 0:  # an eval_loss of 0.0 would become the best metric
+            raise ValueError("the eval dataset has no samples to evaluate")
         self.dataset = dataset
         self.backend = backend
         self.batch_size = batch_size
@@ -49,4 +51,6 @@ class Evaluator:
             ]
         if self.predictions_file is not None:
             self.predictions_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return {"eval_loss": loss_sum / max(count, 1), "eval_accuracy": exact_match(predictions, references)}
+        if count == 0:  # every answer token ignored: a loss of 0.0 here would win metric_for_best_model
+            raise ValueError(f"the eval dataset's {len(self.dataset)} sample(s) have no trained answer token to score")
+        return {"eval_loss": loss_sum / count, "eval_accuracy": exact_match(predictions, references)}

@@ -202,9 +202,11 @@ def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
     backend = _build_backend(cfg, info, circle_rope, mdlm, ctx)
     if cfg.data.dataloader_prefetch:  # made ahead on a thread, pinned there on a GPU (data/prefetch.py)
         source = Prefetcher(source, cfg.data.dataloader_prefetch, stage=backend.stage_batch)
-    evaluator = None
-    if cfg.data.eval_dataset:
-        eval_set, _ = build_dataset(cfg, cfg.data.eval_dataset, limit=cfg.data.num_eval_samples)
+    evaluator = eval_report = None
+    if cfg.data.eval_dataset:  # validated like the training data; none left is an error (build_dataset)
+        eval_set, eval_report = build_dataset(cfg, cfg.data.eval_dataset, limit=cfg.data.num_eval_samples, key="eval_dataset")
+        if eval_report.n_errors or eval_report.n_dropped:
+            print(f"[vltune] eval data: {json.dumps(eval_report.summary())}", flush=True)
         evaluator = Evaluator(
             eval_set, backend, collate, cfg.train.per_device_eval_batch_size,
             cfg.train.eval_max_new_tokens, predictions_file=out_dir / "eval_predictions.jsonl" if ctx.is_main else None,
@@ -254,6 +256,7 @@ def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
         "engine": _engine_name(cfg, ctx.world_size),
         "objective": cfg.train.objective,
         "data": {**train_report.summary(), "skipped_while_training": len(source.skipped)},
+        "eval_data": eval_report.summary() if eval_report is not None else None,
     }
     if ctx.is_main:
         (out_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

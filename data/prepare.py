@@ -31,11 +31,13 @@ def build_dataset(
     decode: bool = False,
     strict: bool = True,
     progress: Callable | None = None,
+    key: str = "dataset_use",
 ) -> tuple[SFTDataset, DataReport]:
     """Read `spec` (dataset_use syntax), validate every sample, keep the usable ones.
 
     With `strict`, raises DataValidationError with the report when errors remain and skip_bad_samples
-    is off (training); `data check` passes strict=False and prints the report itself.
+    is off, or when no sample is left (training); `data check` passes strict=False and prints the report
+    itself. `key` names the recipe key `spec` came from, in those errors.
     """
     registry = load_registry(cfg.data.datasets, cfg.data.dataset_registry)
     read = read_dataset_use(spec, registry, seed=cfg.train.seed)
@@ -49,5 +51,21 @@ def build_dataset(
         raise DataValidationError(
             f"{spec}: {report.n_errors} bad sample(s); fix them or set skip_bad_samples: true\n{report.format()}"
         )
+    if strict and not keep:
+        raise DataValidationError(f"{key} {spec}: {_nothing_left(report)}\n{report.format()}")
     dataset.samples = [dataset.samples[i] for i in keep]
     return dataset, report
+
+
+def _nothing_left(report: DataReport) -> str:
+    """Why no sample survived validation, with the counts by reason and what to change."""
+    if not report.checked:
+        return "no sample left: the file(s) hold no samples"
+    reasons = [f"{len(v)} dropped as {k}" for k, v in sorted(report.dropped.items())]
+    reasons += [f"{len(v)} skipped for {k}" for k, v in sorted(report.errors.items())]
+    fixes = []
+    if "too_long" in report.dropped:
+        fixes.append("raise model_max_length, lower max_pixels or set truncation_strategy: right")
+    if report.errors:
+        fixes.append("fix the samples listed below (`vltune data check` lists them all)")
+    return f"no sample left of {report.checked}: {', '.join(reasons)}; {' and '.join(fixes)}"

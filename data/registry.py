@@ -2,13 +2,17 @@
 
 Syntax (qwen-vl-finetune's, extended the way ms-swift users expect):
 
-* `a%50,b`            dataset `a` sampled to 50% (seeded: the same recipe picks the same samples), all of `b`
+* `a%50,b`            dataset `a` sampled to 50% (seeded: the same recipe picks the same samples), all of `b`;
+                      a percentage that rounds a small dataset down to 0 samples keeps 1, and says so
 * `path/to/x.jsonl`   a direct JSON/JSONL path; its folder is the data path
 * `name`              an entry `{annotation_path, data_path}` of the recipe's `datasets` block or of the
                       `dataset_registry` file (YAML or JSON; relative paths are relative to that file)
 * `dir[train:1000,test:100]`  an HF `datasets` directory (`save_to_disk` output, or a folder of parquet
                       files): the first 1000 rows of split train and the first 100 of split test;
                       `dir[train]` is the whole split, `dir` every split
+
+A file that cannot be read at all (missing, not UTF-8, not a JSON list) is a DatasetSpecError naming it,
+even with skip_bad_samples: skipping is for bad samples, not for a whole dataset gone.
 
 HF rows hold the same fields as a JSON record; image columns may hold paths or encoded images
 (`datasets.Image` cells are read undecoded, as bytes, and decoded by data/vision.py like any file).
@@ -153,6 +157,17 @@ def read_one(use: DatasetUse, registry: dict[str, dict[str, str]]) -> ReadResult
     )
 
 
+def sample_count(n: int, rate: float, entry: str) -> int:
+    """How many of `n` samples `entry`'s rate keeps: rounded down, but at least one (with a printed note)."""
+    # The epsilon undoes float error (100 samples at 29%: 100 * 0.29 = 28.999999999999996); percentages
+    # with up to 3 decimals land at least 1e-5 away from the next integer, far above it.
+    count = int(n * rate + 1e-6)
+    if count == 0 and n:
+        print(f"[vltune] dataset_use entry {entry!r}: {rate * 100:g}% of {n} sample(s) rounds down to 0; keeping 1", flush=True)
+        return 1
+    return count
+
+
 def read_dataset_use(spec: str, registry: dict[str, dict[str, str]] | None = None, seed: int = 42) -> ReadResult:
     """Every sample of every `dataset_use` entry, in order, each entry sampled to its rate (seeded)."""
     out = ReadResult()
@@ -160,10 +175,14 @@ def read_dataset_use(spec: str, registry: dict[str, dict[str, str]] | None = Non
         use = parse_entry(entry)
         try:
             result = read_one(use, registry or {})
-        except SampleError as e:  # a whole file unreadable: one problem, the other datasets still read
-            result = ReadResult(problems=[e])
+        except SampleError as e:  # a whole file unreadable (missing, not UTF-8, not a list): not a bad sample
+            fix = "fix the path" if e.kind == "missing_file" else "fix the file"
+            raise DatasetSpecError(
+                f"dataset entry {entry!r}: {e}; {fix} or remove the entry (skip_bad_samples skips samples, not files)"
+            ) from None
         if use.rate < 1:
-            keep = sorted(random.Random(f"{seed}:{i}:{use.name}").sample(range(len(result.samples)), int(len(result.samples) * use.rate)))
+            count = sample_count(len(result.samples), use.rate, entry)
+            keep = sorted(random.Random(f"{seed}:{i}:{use.name}").sample(range(len(result.samples)), count))
             result.samples = [result.samples[k] for k in keep]
         out.extend(result)
     return out

@@ -52,6 +52,7 @@ def test_summary_is_the_last_stdout_line(short_run):
         assert key in summary, key
     assert summary["steps"] == 6 and summary["tokens_per_s"] > 0
     assert (work / summary["eval_file"]).exists()
+    assert summary["eval_data"]["samples_ok"] == 8 and summary["eval_data"]["samples_dropped"] == 0  # eval counts, as the train ones
 
 
 def test_metrics_rows(short_run):
