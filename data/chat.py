@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,48 @@ def _shift(pos: int, shifts: list[tuple[int, int]]) -> int:
 
 def _raise_exception(message: str):
     raise TemplateError(message)
+
+
+class TextTooLong(ValueError):
+    """A rendered conversation with more characters than `max_tokens` tokens can hold: it was not tokenised."""
+
+    def __init__(self, n_chars: int, max_tokens: int, chars_per_token: int):
+        self.n_chars, self.max_tokens, self.chars_per_token = n_chars, max_tokens, chars_per_token
+        super().__init__(
+            f"{n_chars} characters, more than {max_tokens} tokens can hold (a token of this tokenizer covers at "
+            f"most {chars_per_token} characters)"
+        )
+
+
+# Unicode normalizers whose output has at least 1/4 as many characters as their input: NFC/NFKC only
+# compose, and a composed character decomposes canonically into at most 4 (e.g. U+1F82; checked over
+# all of Unicode by tests/unit/data/test_hostile_data.py). Any other normalizer disables the bound.
+_COMPOSING_NORMALIZERS = {"NFC": 4, "NFKC": 4, "NFD": 1, "NFKD": 1}
+
+
+def _chars_per_token(spec: dict) -> int | None:
+    """An upper bound on the characters of input text one token of this tokenizer.json covers, or None.
+
+    Only for byte-level BPE (Qwen's): every token is a byte string of its vocabulary entry's length (one
+    character of the byte-level alphabet per byte), and every byte is covered by some token, so a token
+    covers at most `longest entry` bytes, hence as many characters. Added tokens cover their own content.
+    The normalizer may merge up to N characters into one first (NFC). Other tokenizer kinds (WordPiece's
+    [UNK] may cover a whole word) get no bound: their texts are always tokenised.
+    """
+    model, normalizer, pre = spec.get("model") or {}, spec.get("normalizer"), spec.get("pre_tokenizer")
+    steps = [pre] if pre and pre.get("type") != "Sequence" else (pre or {}).get("pretokenizers", [])
+    if model.get("type") != "BPE" or not any(step.get("type") == "ByteLevel" for step in steps):
+        return None
+    factor = 1
+    norms = [] if normalizer is None else normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
+    for norm in norms:
+        if norm.get("type") not in _COMPOSING_NORMALIZERS:
+            return None
+        factor *= _COMPOSING_NORMALIZERS[norm["type"]]
+    longest = max(
+        [len(token) for token in model.get("vocab", {})] + [len(added["content"]) for added in spec.get("added_tokens", [])]
+    )
+    return factor * longest
 
 
 def _load_template(model_dir: Path) -> str:
@@ -101,6 +144,14 @@ class ChatTokenizer:
         processes (data/workers.py) rebuild it from the model directory."""
         return ChatTokenizer, (self.model_dir, self.template_kwargs)
 
+    @cached_property
+    def max_chars_per_token(self) -> int | None:
+        """At most this many characters of a text make one token (None: no safe bound for this tokenizer).
+
+        So a text of more than `max_chars_per_token * N` characters has more than N tokens: a huge
+        record is refused by its length alone, without tokenising it (`encode_chat`'s `max_tokens`)."""
+        return _chars_per_token(json.loads((self.model_dir / "tokenizer.json").read_text(encoding="utf-8")))
+
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, **kwargs) -> str:
         return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **{**self.template_kwargs, **kwargs})
 
@@ -153,13 +204,18 @@ class ChatTokenizer:
         return "".join(pieces), shifts
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], image_repl: list[str], video_repl: list[str] = ()
+        self, messages: list[dict[str, Any]], image_repl: list[str], video_repl: list[str] = (), max_tokens: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, labels) of a whole conversation; only assistant answers (+ `<|im_end|>\\n`) are trained.
 
         `image_repl` / `video_repl`: what each image's / video's pad token becomes (see `image_placeholder`).
+        `max_tokens`: raise TextTooLong, before tokenising, for a rendered text that must exceed it (the
+        media expansion only adds characters, so the rendered text's length is a safe lower bound).
         """
         rendered = self.render(messages)
+        bound = self.max_chars_per_token if max_tokens is not None else None
+        if bound is not None and len(rendered) > bound * max_tokens:
+            raise TextTooLong(len(rendered), max_tokens, bound)
         spans = self._assistant_spans(messages, rendered)
         text, shifts = self._expand_media(rendered, list(image_repl), list(video_repl))
         moved = [(_shift(a, shifts), _shift(b, shifts)) for a, b in spans]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat import VIDEO_PAD, ChatTokenizer
+from .chat import VIDEO_PAD, ChatTokenizer, TextTooLong
 from .formats import Sample, SampleError
 from .model_info import ModelInfo, read_model_info
 from .vision import VisionConfig, image_size, load_image, preprocess_image, smart_resize
@@ -43,7 +43,9 @@ class SFTDataset:
 
     `max_length` with `truncation`: a sample longer than `max_length` raises a `SampleError` of kind
     `too_long` (delete / error: the caller drops it or stops), or with `right` loses its trailing text
-    -- never part of an image or video span, and never all of its answer tokens.
+    -- never part of an image or video span, and never all of its answer tokens. With `delete` / `error`,
+    a text too long by its character count alone (ChatTokenizer.max_chars_per_token) is refused without
+    being tokenised, so a 20 MB record costs a render, not a tokenisation.
     """
 
     def __init__(
@@ -142,7 +144,15 @@ class SFTDataset:
         try:
             if prompt:
                 return self.tokenizer.encode_prompt(messages, image_repl, video_repl, answer=answer), None
-            return self.tokenizer.encode_chat(messages, image_repl, video_repl)
+            # `right` truncation keeps a long sample's head, so only the other policies may refuse early.
+            max_tokens = self.max_length if self.truncation != "right" else None
+            return self.tokenizer.encode_chat(messages, image_repl, video_repl, max_tokens=max_tokens)
+        except TextTooLong as e:
+            raise SampleError(
+                f"{sample.where}: {e.n_chars} characters, more than model_max_length {self.max_length} tokens can hold (a "
+                f"token of this tokenizer covers at most {e.chars_per_token} characters; shorten the sample, raise "
+                "model_max_length or set truncation_strategy: right)", "too_long",
+            ) from None
         except ValueError as e:
             raise SampleError(f"{sample.where}: {e}", "tag_count_mismatch") from None
 

@@ -154,7 +154,7 @@ class BatchIterator:
                 features.append(self._sample(position))
             except SampleError as e:
                 if not self.skip_bad_samples:
-                    raise
+                    raise late_failure(e) from None
                 self.skipped.append(str(e))
                 print(f"[vltune] skipped a bad sample: {e}", flush=True)
         return self._batch(features)
@@ -180,7 +180,7 @@ class BatchIterator:
                 features.append(self._sample(position))
             except SampleError as e:
                 if not self.skip_bad_samples:
-                    raise
+                    raise late_failure(e) from None
                 self.skipped.append(str(e))
                 print(f"[vltune] rank {self.rank} skipped a bad sample: {e}", flush=True)
         if features:
@@ -191,6 +191,15 @@ class BatchIterator:
         batch = dict(self._batch(self._last_good))
         batch["labels"] = np.full_like(batch["labels"], IGNORE_INDEX)
         return batch
+
+
+def late_failure(error: SampleError) -> SampleError:
+    """A sample that failed while being built for training (the pre-flight reads image headers only, so a
+    corrupt image body shows here): the same error, with the way to find them all and the way past them."""
+    return SampleError(
+        f"{error} (found while training: `vltune data check RECIPE` decodes every image and lists every bad sample; "
+        "or set skip_bad_samples: true to skip and count them)", error.kind,
+    )
 
 
 @lru_cache(maxsize=4)
