@@ -2,7 +2,7 @@
 # Qwen3.5 on the lent GPU machine: the Gated DeltaNet check (tools/gpu/gdn_check.py) and `vltune bench`
 # runs of the Qwen3.5 shapes, each JSON into $OUT (copy them into docs/bench/). Carried wheels (.whl/):
 # transformers 5.23.0, fla-core 0.6.0, torchao 0.18.0 (tools/gpu/env.sh installs them).
-# Usage (repo root): bash tools/gpu/qwen3_5.sh check | bench2b | bench9b-cut | bench9b-cut4 | bench9b-cut8-master | bench9b-full | bench9b-full-rows | bench9b-full-master | moe | curve
+# Usage (repo root): bash tools/gpu/qwen3_5.sh check | bench2b | bench9b-cut | bench9b-cut4 | bench9b-cut8-master | bench9b-full | bench9b-full-rows | bench9b-full-master | moe | moe-full | curve
 set -uo pipefail
 source tools/gpu/env.sh
 mkdir -p "$OUT/bench"
@@ -25,6 +25,8 @@ for what in "$@"; do
     bench9b-full) bench --model-shape qwen3_5-9b --no-stock --pure-bf16 --optim adamw_torch_8bit --gradient-checkpointing \
                     --steps 6 --warmup 2 --name qwen3_5-9b-full-1gpu ;;
     moe) bench --model-shape qwen3_5-35b-a3b --layers 10 --train-type lora --steps 6 --warmup 2 --name qwen3_5-35b-a3b-10layers-lora ;;
+    moe-full) bench --model-shape qwen3_5-35b-a3b --layers 4 --samples-per-step 8 --rows-per-step 2 --bf16-master-weights \
+                    --steps 4 --warmup 1 --name qwen3_5-35b-a3b-4layers-full-sps8-master ;;
     curve) bench --model-shape qwen3_5-2b --layers 8 --match-steps --steps 50 --warmup 2 --learning-rate 1e-4 --name qwen3_5-2b-8layers-loss50 ;;
     *) echo "unknown run $what" ;;
   esac
