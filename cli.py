@@ -4,16 +4,20 @@
     vltune keys [SECTION|KEY] [--markdown]   (every recipe key: type, default, description; core/recipe_keys.py)
     vltune infer --model DIR [--image P ...] [--video P] --prompt T | --input IN.jsonl --output OUT.jsonl [--backend torch|ms]
     vltune make-tiny --model-type FAMILY --out DIR   (FAMILY: a model_type of core/families)
-    vltune merge-lora --model DIR --adapter DIR --out DIR
+    vltune merge-lora --model DIR --adapter DIR --out DIR [--overwrite]
     vltune convert hf-to-mindspeed|mindspeed-to-hf ...   (backends/torch/convert)
     vltune data check RECIPE [--key value ...]
     vltune bench data [--image-size 448x448 --workers 1 2]
     vltune pack ANNOTATION --pack-length N --model DIR|RECIPE [--output OUT.json]   (data/pack_annotation.py)
+
+An error prints one line (what, where, the fix) and exits 1, Ctrl-C exits 130; `--debug` or VLTUNE_DEBUG=1
+shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -52,11 +56,40 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
 # Errors that describe bad input (recipe, data, model directory): shown as one clear line, no traceback.
 def _user_errors() -> tuple[type[Exception], ...]:
     from vltune.core.config import ConfigError
+    from vltune.core.families import UnknownFamilyError
+    from vltune.core.loop import TrainingStopped
     from vltune.data.formats import SampleError
     from vltune.data.prepare import DataValidationError
     from vltune.data.registry import DatasetSpecError
 
-    return (ConfigError, SampleError, DataValidationError, DatasetSpecError, FileNotFoundError, NotImplementedError)
+    return (ConfigError, UnknownFamilyError, TrainingStopped, SampleError, DataValidationError, DatasetSpecError,
+            FileNotFoundError, FileExistsError, NotImplementedError)
+
+
+DEBUG_HINT = "run with --debug (or VLTUNE_DEBUG=1) for the traceback"
+
+
+def describe_error(e: Exception) -> str:
+    """One line for an error that ended a command: vltune's own input errors as they are; an OSError as its file
+    and reason; anything else (possibly a bug, so not hidden) as its type and message, with the --debug hint."""
+    if isinstance(e, OSError) and e.filename is not None:
+        reason = f"{e.filename}: {e.strerror}"
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            reason += " (not writable or not readable here: fix its permissions or choose another path)"
+        elif e.errno == errno.ENOSPC:
+            reason += " (free some space or choose another output_dir)"
+        return reason
+    if isinstance(e, _user_errors()):
+        cause = e.__cause__
+        unexpected = cause is not None and not isinstance(cause, _user_errors() + (OSError,))
+        return str(e) + (f" ({DEBUG_HINT})" if unexpected else "")
+    return f"{type(e).__name__}: {e} ({DEBUG_HINT})"
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    """`vltune train`, `vltune data check`, `vltune convert hf-to-mindspeed`: the prefix of its error lines."""
+    words = [args.command] + [getattr(args, k) for k in ("data_command", "bench_command", "direction") if getattr(args, k, None)]
+    return "vltune " + " ".join(words)
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -65,11 +98,22 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
     if args.nproc is not None or args.print_launch:
         return _launch_train(args, extra)
+    cfg = load_recipe(args.recipe, parse_overrides(extra))
     try:
-        summary = train(load_recipe(args.recipe, parse_overrides(extra)), show_progress=not args.no_progress)
-    except _user_errors() as e:
-        print(f"vltune train: {e}", file=sys.stderr)
-        return 1
+        summary = train(cfg, show_progress=not args.no_progress)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"\nvltune train: interrupted; {_resume_hint(args, extra, cfg.train.output_dir)}", file=sys.stderr)
+        return 130
+    except OSError as e:
+        out = Path(cfg.train.output_dir).resolve()
+        if e.filename and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and out in (Path(e.filename).resolve(), *Path(e.filename).resolve().parents):
+            from vltune.core.config import ConfigError
+
+            raise ConfigError(f"output_dir: {cfg.train.output_dir} is not writable ({e.strerror}: {e.filename}); "
+                              "choose a directory you can write to") from e
+        raise
     # One summary line, however many workers share stdout: rank 0's (torchrun sets RANK; msrun sets
     # RANK_ID beside MS_ROLE, and RANK_ID alone may be a leftover of an Ascend rank-table setup).
     rank = os.environ.get("RANK") or (os.environ.get("RANK_ID") if "MS_ROLE" in os.environ else None) or "0"
@@ -83,12 +127,28 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _resume_hint(args: argparse.Namespace, extra: list[str], output_dir: str) -> str:
+    """The command that takes an interrupted run up again: its newest checkpoint, if one was saved."""
+    import shlex
+
+    from vltune.core.checkpointing import complete_checkpoints
+
+    overrides = {k: v for k, v in parse_overrides(extra).items() if k != "resume_from_checkpoint"}
+    command = shlex.join(["vltune", "train", args.recipe, *(t for k, v in overrides.items() for t in (f"--{k}", str(v))),
+                          *(["--no-progress"] if args.no_progress else [])])
+    saved = complete_checkpoints(output_dir)
+    if not saved:
+        return f"no checkpoint was saved in {output_dir} yet (save_steps sets how often); start again with: {command}"
+    return f"resume from {saved[-1]} with: {command} --resume_from_checkpoint auto"
+
+
 def _launch_train(args: argparse.Namespace, extra: list[str]) -> int:
     """--nproc: re-run this very command (recipe and overrides) in launcher workers, or print it:
     torchrun for backend torch, msrun for backend mindspore (the recipe's or the override's)."""
     from vltune.core.config import load_recipe
 
     problems, cfg = [], None
+    nproc = 1 if args.nproc is None else args.nproc  # --print-launch alone: one worker; --nproc 0 is refused
     try:  # a bad recipe fails here once, not in every worker
         cfg = load_recipe(args.recipe, parse_overrides(extra))
     except _user_errors() as e:
@@ -97,13 +157,13 @@ def _launch_train(args: argparse.Namespace, extra: list[str]) -> int:
         from vltune.backends.mindspore import launch as launcher
 
         # msrun writes scheduler.log and one log per worker; beside the run's other outputs.
-        launch = launcher.LaunchArgs(args.nproc or 1, args.nnodes, args.node_rank, args.master_addr, args.master_port,
+        launch = launcher.LaunchArgs(nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port,
                                      log_dir=str(Path(cfg.train.output_dir) / "msrun_log"))
         name = "an msrun"
     else:
         from vltune.backends.torch import launch as launcher
 
-        launch = launcher.LaunchArgs(args.nproc or 1, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+        launch = launcher.LaunchArgs(nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port)
         name = "a torchrun"
     problems = launch.problems() + problems
     if launcher.inside_launcher():
@@ -123,20 +183,16 @@ def cmd_data_check(args: argparse.Namespace, extra: list[str]) -> int:
     from vltune.data.prepare import build_dataset
     from vltune.training import prepare_assets
 
-    try:
-        cfg = load_recipe(args.recipe, parse_overrides(extra))
-        prepare_assets(cfg)
-        n_errors = 0
-        for title, spec in (("dataset_use", cfg.data.dataset_use), ("eval_dataset", cfg.data.eval_dataset)):
-            if not spec:
-                continue
-            progress = partial(tqdm, desc=f"checking {title}", leave=False, disable=not sys.stderr.isatty())
-            _, report = build_dataset(cfg, spec, decode=not args.no_decode, strict=False, progress=progress)
-            print(f"== {title}: {spec}\n{report.format()}\n")
-            n_errors += report.n_errors
-    except _user_errors() as e:
-        print(f"vltune data check: {e}", file=sys.stderr)
-        return 1
+    cfg = load_recipe(args.recipe, parse_overrides(extra))
+    prepare_assets(cfg)
+    n_errors = 0
+    for title, spec in (("dataset_use", cfg.data.dataset_use), ("eval_dataset", cfg.data.eval_dataset)):
+        if not spec:
+            continue
+        progress = partial(tqdm, desc=f"checking {title}", leave=False, disable=not sys.stderr.isatty())
+        _, report = build_dataset(cfg, spec, decode=not args.no_decode, strict=False, progress=progress)
+        print(f"== {title}: {spec}\n{report.format()}\n")
+        n_errors += report.n_errors
     print(json.dumps({"errors": n_errors}))
     return 1 if n_errors else 0
 
@@ -207,39 +263,35 @@ def cmd_infer(args: argparse.Namespace, extra: list[str]) -> int:
     from vltune.core.generation import GenerationSettings
     from vltune.inference import Predictor, answer_prompt, infer
 
-    try:
-        if args.objective == "mdlm":
-            answer = infer(
-                args.model, args.prompt, args.image, max_new_tokens=args.max_new_tokens, backend=args.backend,
-                min_pixels=args.min_pixels, max_pixels=args.max_pixels, adapter=args.adapter,
-                objective=args.objective, block_length=args.block_length, steps=args.steps,
-                remasking=args.remasking, temperature=args.temperature, seed=args.seed, videos=args.video,
-            )
-            print(answer, flush=True)
-            return 0
-        settings = GenerationSettings(
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            repetition_penalty=args.repetition_penalty, seed=args.seed,
+    if args.objective == "mdlm":
+        answer = infer(
+            args.model, args.prompt, args.image, max_new_tokens=args.max_new_tokens, backend=args.backend,
+            min_pixels=args.min_pixels, max_pixels=args.max_pixels, adapter=args.adapter,
+            objective=args.objective, block_length=args.block_length, steps=args.steps,
+            remasking=args.remasking, temperature=args.temperature, seed=args.seed, videos=args.video,
         )
-        predictor_args = dict(
-            adapter=args.adapter, backend=args.backend, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-            settings=settings, thinking=args.thinking, thinking_budget=args.thinking_budget,
-        )
-        if batch:
-            from vltune.inference_batch import run_batch
+        print(answer, flush=True)
+        return 0
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, seed=args.seed,
+    )
+    predictor_args = dict(
+        adapter=args.adapter, backend=args.backend, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+        settings=settings, thinking=args.thinking, thinking_budget=args.thinking_budget,
+    )
+    if batch:
+        from vltune.inference_batch import run_batch
 
-            summary = run_batch(
-                partial(Predictor, args.model, **predictor_args), args.input, args.output, data_path=args.data_path,
-                show_progress=not args.no_progress and sys.stderr.isatty(),
-            )
-            print(json.dumps(summary), flush=True)
-            return 0
-        stream = None if args.no_stream else partial(print, end="", flush=True)
-        result = answer_prompt(args.model, args.prompt, args.image, args.video, stream=stream, **predictor_args)
-        print("" if stream else result.text, flush=True)
-    except _user_errors() as e:
-        print(f"vltune infer: {e}", file=sys.stderr)
-        return 1
+        summary = run_batch(
+            partial(Predictor, args.model, **predictor_args), args.input, args.output, data_path=args.data_path,
+            show_progress=not args.no_progress and sys.stderr.isatty(),
+        )
+        print(json.dumps(summary), flush=True)
+        return 0
+    stream = None if args.no_stream else partial(print, end="", flush=True)
+    result = answer_prompt(args.model, args.prompt, args.image, args.video, stream=stream, **predictor_args)
+    print("" if stream else result.text, flush=True)
     return 0
 
 
@@ -268,7 +320,11 @@ def cmd_make_tiny(args: argparse.Namespace, extra: list[str]) -> int:
         raise SystemExit(f"vltune make-tiny: unknown arguments {extra}")
     from vltune.backends.torch.tiny import make_tiny
 
-    print(make_tiny(args.model_type, args.out, seed=args.seed))
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"--out {out}: already exists and is not empty (a model directory?); a tiny random model "
+                              "would replace its files: choose a new directory, or pass --overwrite")
+    print(make_tiny(args.model_type, out, seed=args.seed))
     return 0
 
 
@@ -277,11 +333,7 @@ def cmd_merge_lora(args: argparse.Namespace, extra: list[str]) -> int:
         raise SystemExit(f"vltune merge-lora: unknown arguments {extra}")
     from vltune.backends.torch.models import merge_lora
 
-    try:
-        print(merge_lora(args.model, args.adapter, args.out))
-    except _user_errors() as e:
-        print(f"vltune merge-lora: {e}", file=sys.stderr)
-        return 1
+    print(merge_lora(args.model, args.adapter, args.out, overwrite=args.overwrite))
     return 0
 
 
@@ -353,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     from vltune.core.config import OPTIMIZERS
 
     parser = argparse.ArgumentParser(prog="vltune", description="Fine-tune Qwen-family vision-language models.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also anywhere after the command, or VLTUNE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from vltune.core.recipe_keys import render_text
@@ -405,8 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny", help="write a tiny random-init HF-format model directory")
     p.add_argument("--model-type", required=True, choices=family_names())
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a new (or empty) directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="write into a directory that already holds files")
     p.set_defaults(run=cmd_make_tiny)
 
     p = sub.add_parser("keys", help="list the recipe keys: type, default and description, grouped by section")
@@ -417,7 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base model: a full HF-format directory")
     p.add_argument("--model", required=True, help="the base model directory the adapter was trained on")
     p.add_argument("--adapter", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a new (or empty) directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an existing directory (never the base model's or the adapter's own)")
     p.set_defaults(run=cmd_merge_lora)
 
     p = sub.add_parser("data", help="data tools: `data check RECIPE` validates every sample of a recipe")
@@ -502,8 +559,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, extra = build_parser().parse_known_args(argv)
-    return args.run(args, extra)
+    """Run one command. An error becomes one line on stderr (describe_error) and exit status 1, Ctrl-C status
+    130; with --debug (anywhere on the line) or VLTUNE_DEBUG=1 the traceback is shown instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("VLTUNE_DEBUG", "") not in ("", "0")
+    args, extra = build_parser().parse_known_args([token for token in argv if token != "--debug"])
+    args.debug = debug
+    try:
+        return args.run(args, extra)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\n{_command_name(args)}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"{_command_name(args)}: {describe_error(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from vltune.core.config import ConfigError, RecipeConfig, check_family, circle_r
 from vltune.core.checkpointing import CheckpointManager, DistributedCheckpointManager, read_trainer_state, resolve_resume
 from vltune.core.families import read_config
 from vltune.core.flops import batch_flops, shape_from_config
-from vltune.core.loop import LoopState, run_training
+from vltune.core.loop import LoopState, TrainingStopped, run_training
 from vltune.core.mdlm import MaskedBatches
 from vltune.core.metrics import MetricsWriter
 from vltune.data.collate import Collator
@@ -233,7 +233,8 @@ def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
     finally:
         source.close()  # the prefetch thread and the worker processes
     writer.close()
-    backend.save_model(out_dir)  # every rank: sharded engines gather the weights, rank 0 writes them
+    backend.save_model(out_dir)  # every rank: sharded engines gather the weights, rank 0 writes them, even
+    # when the final evaluation failed (result.eval_error, raised below once the run is on disk)
 
     summary = {
         "steps": result.steps,
@@ -258,6 +259,11 @@ def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
         "data": {**train_report.summary(), "skipped_while_training": len(source.skipped)},
         "eval_data": eval_report.summary() if eval_report is not None else None,
     }
+    if result.eval_error is not None:
+        summary["eval_error"] = f"{type(result.eval_error).__name__}: {result.eval_error}"
     if ctx.is_main:
         (out_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if result.eval_error is not None:
+        raise TrainingStopped(f"training finished and the model is saved in {out_dir}, but the final evaluation "
+                              f"failed: {summary['eval_error']}") from result.eval_error
     return summary

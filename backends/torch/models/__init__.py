@@ -52,6 +52,7 @@ def load_model(
 ):
     """Load an HF-format model directory with the class its config.json's family names (plus a PEFT adapter)."""
     info = read_model_info(model_dir)
+    check_weight_files(model_dir)
     cls = model_class(info.family)
     model = cls.from_pretrained(str(model_dir), dtype=dtype, attn_implementation=attn_implementation)
     if adapter is not None:
@@ -63,10 +64,72 @@ def load_model(
     return model
 
 
-def merge_lora(model_dir: str | Path, adapter: str | Path, out_dir: str | Path) -> Path:
-    """Fold a LoRA adapter into its base weights and save a full HF-format directory."""
+def check_weight_files(model_dir: str | Path) -> None:
+    """Raise, naming the file, when a model directory's weights are missing or a safetensors file is cut short
+    (an interrupted download or copy); transformers' own errors name neither the file nor the fix."""
+    from vltune.core.config import ConfigError
+
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{index}: not a valid safetensors index ({e}); copy or download it again") from None
+        files = [root / name for name in names]
+    elif (root / "model.safetensors").exists() or not list(root.glob("pytorch_model*.bin")):
+        files = [root / "model.safetensors"]
+    else:
+        return  # torch pickles: transformers reads and checks them
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; the model directory {root} has no weights there "
+                                    "(copy or download the model's weight files into it)")
+        problem = _safetensors_problem(path)
+        if problem:
+            raise ConfigError(f"{path}: {problem}: the file is truncated or corrupt (an interrupted download or copy?); "
+                              "copy or download it again")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's layout (8-byte header size, JSON header, tensor data that ends
+    exactly at the end of the file), read from its header alone; None when it is whole."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a safetensors header"
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            return f"its header claims {n} bytes but the file has {size}"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            return f"its header is not valid JSON ({e})"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__" and isinstance(entry, dict)]
+    expected = 8 + n + max(ends, default=0)
+    if expected != size:
+        return f"its tensors need {expected} bytes but the file has {size}"
+    return None
+
+
+def merge_lora(model_dir: str | Path, adapter: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Fold a LoRA adapter into its base weights and save a full HF-format directory (`vltune merge-lora`).
+
+    An existing, non-empty `out_dir` is refused unless `overwrite` (merging replaces its weights, as a
+    model directory given by mistake would lose them); the base model's or the adapter's own directory always is."""
     from ..checkpoint import CIRCLE_ROPE_FILE, save_hf_model
 
+    out = Path(out_dir)
+    for role, source in (("base model", model_dir), ("adapter", adapter)):
+        if out.resolve() == Path(source).resolve():
+            raise FileExistsError(f"--out {out} is the {role}'s own directory: merging would replace its files; "
+                                  "choose a new directory")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; choose a new directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out} already exists and is not empty (a model directory?): merging would replace "
+                              "its weights; choose a new directory, or pass --overwrite")
     merged = load_model(model_dir, adapter=adapter).merge_and_unload()
     circle_file = Path(adapter) / CIRCLE_ROPE_FILE
     circle = json.loads(circle_file.read_text()) if circle_file.exists() else None
@@ -74,4 +137,4 @@ def merge_lora(model_dir: str | Path, adapter: str | Path, out_dir: str | Path) 
     return Path(out_dir)
 
 
-__all__ = ["TorchModel", "has_forward", "load_model", "merge_lora", "model_class", "model_entry", "part", "swap_forward"]
+__all__ = ["TorchModel", "check_weight_files", "has_forward", "load_model", "merge_lora", "model_class", "model_entry", "part", "swap_forward"]

@@ -90,6 +90,8 @@ def make_tiny(
     spec = get_family(model_type, "make-tiny --model-type")
     size = size or TinySize()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a directory: give make-tiny a new directory to write the model to")
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = build_transformers_tokenizer(train_qwen_style_tokenizer(extra_corpus, size.tokenizer_vocab), spec.chat_template)
