@@ -29,7 +29,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from vltune.core.checkpointing import write_atomically
+from vltune.core.checkpointing import require_whole, write_atomically
 from vltune.data.model_info import PROCESSOR_FILES as MODEL_DIR_FILES
 
 # HF legacy-layout name -> native (transformers 5) name.
@@ -57,6 +57,7 @@ _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(tensors, their file dtypes) of one safetensors file; BF16 comes back as exact fp32."""
+    require_whole(path)  # a truncated file names itself, instead of failing inside a reshape
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
