@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 
 from vltune.core.config import ConfigError, RecipeConfig, check_family, circle_rope_settings, load_recipe
-from vltune.core.checkpointing import CheckpointManager, DistributedCheckpointManager, read_trainer_state, resolve_resume
+from vltune.core.checkpointing import CheckpointManager, DistributedCheckpointManager, read_trainer_state
 from vltune.core.families import read_config
 from vltune.core.flops import batch_flops, shape_from_config
 from vltune.core.loop import LoopState, TrainingStopped, run_training
 from vltune.core.mdlm import MaskedBatches
 from vltune.core.metrics import MetricsWriter
+from vltune.core.run_dir import OutputDirLock, claim_output_dir
 from vltune.data.collate import Collator
 from vltune.data.packing import PackedCollator, packed_rows
 from vltune.data.prepare import build_dataset
@@ -139,9 +140,10 @@ def _mfu_inputs(cfg: RecipeConfig, backend, world_size: int):
 
 
 def _checkpoint_manager(cfg: RecipeConfig, out_dir: Path, ctx) -> CheckpointManager:
+    recipe = cfg.to_flat_dict()  # each checkpoint carries it: resume compares it with the resuming run's
     if ctx.world_size == 1:
-        return CheckpointManager(out_dir, cfg.train.save_total_limit)
-    return DistributedCheckpointManager(out_dir, cfg.train.save_total_limit, ctx)
+        return CheckpointManager(out_dir, cfg.train.save_total_limit, recipe)
+    return DistributedCheckpointManager(out_dir, cfg.train.save_total_limit, ctx, recipe)
 
 
 def _engine_name(cfg: RecipeConfig, world_size: int) -> str:
@@ -159,7 +161,8 @@ def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = 
     cfg = config if isinstance(config, RecipeConfig) else load_recipe(config, overrides)
     ctx = _distributed_context(cfg)
     try:
-        return _train(cfg, ctx, show_progress)
+        with OutputDirLock(cfg.train.output_dir, enabled=ctx.is_main):  # one run at a time per output_dir
+            return _train(cfg, ctx, show_progress)
     finally:
         ctx.close()
 
@@ -174,9 +177,9 @@ def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
     check_family(cfg, info.family)  # its capability flags, before any model loads
     circle_rope = circle_rope_settings(cfg.model, info.model_type)
     out_dir = Path(cfg.train.output_dir)
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "recipe.json").write_text(json.dumps(cfg.to_flat_dict(), indent=2) + "\n")
+    # The checkpoint to resume (whole, same recipe), before recipe.json is rewritten; a fresh run into
+    # another run's checkpoints stops here (core/run_dir.py).
+    resume_from = claim_output_dir(cfg, ctx)
 
     # Every sample is read and measured before step 1: bad ones stop the run here (or are skipped
     # and counted with skip_bad_samples), over-long ones follow truncation_strategy.
@@ -214,11 +217,13 @@ def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
 
     # Resume: the engine's files, then the loop's state and the data position, from one checkpoint.
     state = None
-    resume_from = resolve_resume(out_dir, cfg.train.resume_from_checkpoint)
     if resume_from is not None:
         trainer_state = read_trainer_state(resume_from)
         backend.load_checkpoint(resume_from)
-        source.load_state_dict(trainer_state["data"])
+        try:
+            source.load_state_dict(trainer_state["data"])
+        except ConfigError as e:  # the data changed since the checkpoint
+            raise ConfigError(f"resume_from_checkpoint {resume_from}: {e}") from None
         state = LoopState.from_dict(trainer_state)
         if ctx.is_main:
             print(f"[vltune] resuming from {resume_from} (step {state.step})", flush=True)

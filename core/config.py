@@ -186,6 +186,9 @@ class TrainArgs:
     """Keep at most this many checkpoints (the best one is never deleted)."""
     resume_from_checkpoint: str | None = None
     """auto (newest complete checkpoint in output_dir, if any) | a checkpoint path."""
+    overwrite_output_dir: bool = False
+    """A fresh run into an output_dir that holds checkpoints removes them (and does not resume); without it
+    such a run is refused, so a later `resume_from_checkpoint: auto` never picks up another run's checkpoint."""
     metric_for_best_model: str = "eval_loss"
     """The evaluation metric that picks the best checkpoint and drives early stopping: eval_loss | eval_accuracy."""
     greater_is_better: bool | None = None
