@@ -29,7 +29,8 @@ class MetricsWriter:
     """One JSON object per logged step in OUTPUT_DIR/metrics.jsonl, the same scalars as TensorBoard
     events under OUTPUT_DIR/tensorboard/, and loss.png redrawn after every evaluation.
 
-    A resumed run appends (rows past the resume step are dropped first, so the file tells one story).
+    A resumed run appends (rows past the resume step are dropped first, so the file tells one story; so
+    is a torn line, the half-written row of a run killed or stopped by a full disk, and it says so).
     """
 
     def __init__(self, path: Path, resume_step: int | None = None, tensorboard: bool = True):
@@ -37,7 +38,7 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = [line for line, row in _read_rows(self.path, repair=True) if row["step"] <= resume_step]
         self.path.write_text("".join(line + "\n" for line in kept))
         self.events = None
         if tensorboard:
@@ -71,6 +72,27 @@ class MetricsWriter:
         plot_losses(self.path, self.path.parent / "loss.png")
 
 
+def _read_rows(path: Path, repair: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """(line, row) of every readable row of a metrics.jsonl. Unreadable lines are skipped; with `repair`
+    (the caller rewrites the file without them) a line says how many went, and which."""
+    rows, torn = [], []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append((line, row))
+                continue
+        except ValueError:
+            pass
+        torn.append(number)
+    if torn and repair:
+        print(f"[vltune] {path}: dropped {len(torn)} torn line(s) (line {', '.join(map(str, torn))}), the unfinished "
+              "write of a run that was killed or ran out of disk", flush=True)
+    return rows
+
+
 def plot_losses(metrics_path: Path, out_png: Path) -> None:
     """Training loss per logged step and eval loss per evaluation, as a PNG (matplotlib, Agg)."""
     import matplotlib
@@ -78,7 +100,7 @@ def plot_losses(metrics_path: Path, out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines()]
+    rows = [row for _, row in _read_rows(metrics_path)]
     train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float))]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
