@@ -7,11 +7,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ..core.config import ConfigError
 from ..core.contracts import IGNORE_INDEX, Batch
 from .dataset import Features, SFTDataset
 from .formats import SampleError
 from .malloc import reuse_freed_buffers
-from .workers import SampleWorkers
+from .workers import SampleWorkers, remove_stale_blocks
 
 
 class BatchIterator:
@@ -50,6 +51,8 @@ class BatchIterator:
                 f"x {world_size} ranks"
             )
         reuse_freed_buffers()  # samples allocate MB-sized arrays: reuse them instead of re-faulting pages
+        if num_workers > 0:
+            remove_stale_blocks()  # what the workers of a killed run left in /dev/shm
         self.dataset = dataset
         self.batch_size = batch_size
         self.collate = collate
@@ -61,6 +64,8 @@ class BatchIterator:
         self._last_good: list[Features] = []
         self.skipped: list[str] = []
         """Samples that failed while being built (e.g. a corrupt image body) and were skipped."""
+        self._failing: set[int] = set()
+        """Dataset indices that failed since the last sample that was built: all of them means none is usable."""
         self.epoch = 0
         self.position = 0
         self._order = self._permutation(0)
@@ -86,10 +91,15 @@ class BatchIterator:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "size": len(self.dataset)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["size"] != len(self.dataset) or state["seed"] != self.seed:
-            raise ValueError(
-                f"cannot resume the data order: the checkpoint saw {state['size']} samples with seed "
-                f"{state['seed']}, this run has {len(self.dataset)} with seed {self.seed}"
+        changed = [
+            f"{what} {then} then, {now} now"
+            for what, then, now in (("training samples (or packed rows)", state["size"], len(self.dataset)), ("seed", state["seed"], self.seed))
+            if then != now
+        ]
+        if changed:
+            raise ConfigError(
+                f"cannot resume the data position: the training data changed since the checkpoint ({'; '.join(changed)}); "
+                "resume with the checkpoint's data and seed, or start a fresh run (another output_dir, or overwrite_output_dir: true)"
             )
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._permutation(self.epoch)
@@ -152,11 +162,19 @@ class BatchIterator:
             self.position += 1
             try:
                 features.append(self._sample(position))
+                self._failing.clear()
             except SampleError as e:
                 if not self.skip_bad_samples:
                     raise late_failure(e) from None
                 self.skipped.append(str(e))
                 print(f"[vltune] skipped a bad sample: {e}", flush=True)
+                self._failing.add(int(self._order[position]))
+                if len(self._failing) == len(self.dataset):  # refilling from the next epoch would never end
+                    raise ConfigError(
+                        f"no usable samples: every one of the {len(self.dataset)} training samples failed while being "
+                        f"built ({len(self.skipped)} skips so far; the last: {e}); fix or remove them "
+                        "(`vltune data check RECIPE` decodes every image and lists the bad ones)"
+                    ) from None
         return self._batch(features)
 
     def _next_shard(self) -> Batch:

@@ -16,6 +16,11 @@ The batch iterator stays the only one that decides what comes next: it tells the
 (`get`). A slot it asks for that was not planned (a skipped sample's refill, a resumed run) is built
 on the spot; planned slots it no longer expects are cancelled. So the order, the skips and the resume
 position are exactly those of the synchronous path.
+
+A run killed with SIGKILL gets no chance to stop its workers or free their blocks. So each worker
+watches its parent and exits when it is gone (`_exit_with_owner`), and each block is named after the
+trainer that owns it (`vltune_<pid>_<host>_<random>`): a later run removes the blocks of owners that are
+dead (`remove_stale_blocks`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,12 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import re
+import secrets
+import socket
+import threading
+import time
+import zlib
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.shared_memory import SharedMemory
@@ -32,11 +43,17 @@ import numpy as np
 
 _DATASET: Any = None  # the worker's own copy of the dataset, set once per process by _start_worker
 _FINISH: Callable[[Any], Any] | None = None  # and what it applies to each item (the collate of a one-item batch)
+_OWNER: int | None = None  # the pid of the trainer this worker builds for (None: this process is the trainer)
 SHARED_MIN_BYTES = 1 << 20
 """Arrays at least this large travel through shared memory; smaller ones are pickled."""
 SHARED_RESERVE_BYTES = 256 << 20
 """Room left free in /dev/shm: a block is written only when this much more is free, else the array is
 pickled (slower, but a write into a full /dev/shm kills the worker with SIGBUS; Docker gives 64 MB)."""
+SHARED_PREFIX = "vltune_"
+"""Names of the blocks: vltune_<owner pid>_<host hash>_<random>, 29 characters with the leading slash
+(macOS allows 31). The host hash keeps a run from judging blocks of another container sharing /dev/shm."""
+_HOST = f"{zlib.crc32(socket.gethostname().encode()) & 0xFFFF:04x}"
+_BLOCK = re.compile(rf"^{SHARED_PREFIX}(\d+)_([0-9a-f]{{4}})_[0-9a-f]+$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +86,8 @@ def _share(array: Any) -> Any:
         return array
     if _shared_memory_free() < array.nbytes + SHARED_RESERVE_BYTES:
         return array
-    block = SharedMemory(create=True, size=array.nbytes)
+    owner = os.getpid() if _OWNER is None else _OWNER
+    block = SharedMemory(create=True, size=array.nbytes, name=f"{SHARED_PREFIX}{owner}_{_HOST}_{secrets.token_hex(4)}")
     np.copyto(np.ndarray(array.shape, array.dtype, buffer=block.buf), array)
     shared = _Shared(block.name, array.shape, array.dtype.str)
     block.close()
@@ -98,11 +116,63 @@ def _take(shared: Any) -> Any:
     return array
 
 
-def _start_worker(dataset: Any, finish: Callable[[Any], Any] | None) -> None:
+def remove_stale_blocks(root: str = "/dev/shm") -> list[str]:
+    """Remove the shared-memory blocks that workers of a dead trainer on this host left (a run killed
+    with SIGKILL never takes them); the names of those removed. A block of a live trainer is left alone."""
+    try:
+        names = os.listdir(root)
+    except OSError:  # no /dev/shm (not Linux)
+        return []
+    removed, size = [], 0
+    for name in names:
+        match = _BLOCK.match(name)
+        if match is None or match.group(2) != _HOST or _alive(int(match.group(1))):
+            continue
+        path = os.path.join(root, name)
+        try:
+            size += os.stat(path).st_size
+            os.unlink(path)
+        except OSError:  # another rank of this run removed it first
+            continue
+        removed.append(name)
+    if removed:
+        print(f"[vltune] removed {len(removed)} shared-memory blocks ({size / 2**20:.1f} MiB) in {root} left by the "
+              "data loader workers of a run that was killed", flush=True)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, killed but not yet reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return not os.path.isdir("/proc/self")  # no /proc (not Linux): kill(pid, 0) said it runs
+    except (OSError, IndexError):
+        return True
+
+
+def _exit_with_owner(owner: int, period: float = 0.5) -> None:
+    """A worker's thread: exit as soon as the trainer that started it is gone (then this process has a
+    new parent). Polling, because prctl's PR_SET_PDEATHSIG fires when the *thread* that spawned the
+    worker ends, and the pool may be started from the prefetch thread, which ends before the pool does."""
+    while os.getppid() == owner:
+        time.sleep(period)
+    os._exit(1)
+
+
+def _start_worker(dataset: Any, finish: Callable[[Any], Any] | None, owner: int) -> None:
     from .malloc import reuse_freed_buffers
 
-    global _DATASET, _FINISH
-    _DATASET, _FINISH = dataset, finish
+    global _DATASET, _FINISH, _OWNER
+    _DATASET, _FINISH, _OWNER = dataset, finish, owner
+    threading.Thread(target=_exit_with_owner, args=(owner,), name="vltune-exit-with-owner", daemon=True).start()
     reuse_freed_buffers()
 
 
@@ -153,7 +223,7 @@ class SampleWorkers:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 self.num_workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_worker, initargs=(self.dataset, self.finish),
+                initializer=_start_worker, initargs=(self.dataset, self.finish, os.getpid()),
             )
         try:
             return self._pool.submit(_build, index)

@@ -12,6 +12,7 @@ import pytest
 
 from vltune.data.formats import SampleError
 from vltune.data.loader import BatchIterator
+from vltune.data.workers import SHARED_PREFIX
 
 import numbered_samples
 
@@ -44,7 +45,7 @@ class Patches:
 
 
 def _shared_blocks() -> set[str]:
-    return {p.name for p in Path("/dev/shm").glob("psm_*")}
+    return {p.name for p in Path("/dev/shm").glob(f"{SHARED_PREFIX}*")}
 
 
 def collate(features: list[tuple[int, int]]) -> dict:
