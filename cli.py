@@ -56,13 +56,13 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
 # Errors that describe bad input (recipe, data, model directory): shown as one clear line, no traceback.
 def _user_errors() -> tuple[type[Exception], ...]:
     from vltune.core.config import ConfigError
-    from vltune.core.families import UnknownFamilyError
+    from vltune.core.families import BrokenConfigError, UnknownFamilyError
     from vltune.core.loop import TrainingStopped
     from vltune.data.formats import SampleError
     from vltune.data.prepare import DataValidationError
     from vltune.data.registry import DatasetSpecError
 
-    return (ConfigError, UnknownFamilyError, TrainingStopped, SampleError, DataValidationError, DatasetSpecError,
+    return (ConfigError, UnknownFamilyError, BrokenConfigError, TrainingStopped, SampleError, DataValidationError, DatasetSpecError,
             FileNotFoundError, FileExistsError, NotImplementedError)
 
 

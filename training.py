@@ -186,6 +186,11 @@ def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
     train_set, train_report = build_dataset(cfg, cfg.data.dataset_use)
     if train_report.n_errors or train_report.n_dropped:
         print(f"[vltune] training data: {json.dumps(train_report.summary())}", flush=True)
+    eval_set = eval_report = None
+    if cfg.data.eval_dataset:  # validated like the training data, before any model loads; none left is an error
+        eval_set, eval_report = build_dataset(cfg, cfg.data.eval_dataset, limit=cfg.data.num_eval_samples, key="eval_dataset")
+        if eval_report.n_errors or eval_report.n_dropped:
+            print(f"[vltune] eval data: {json.dumps(eval_report.summary())}", flush=True)
     collate = Collator(info, train_set.tokenizer.pad_token_id, circle_rope)
     rows, per_row, train_collate = train_set, cfg.train.per_device_train_batch_size, collate
     if cfg.data.data_flatten or cfg.data.data_packing:  # one [1, L] row per micro-batch, cu_seqlens inside
@@ -205,11 +210,8 @@ def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
     backend = _build_backend(cfg, info, circle_rope, mdlm, ctx)
     if cfg.data.dataloader_prefetch:  # made ahead on a thread, pinned there on a GPU (data/prefetch.py)
         source = Prefetcher(source, cfg.data.dataloader_prefetch, stage=backend.stage_batch)
-    evaluator = eval_report = None
-    if cfg.data.eval_dataset:  # validated like the training data; none left is an error (build_dataset)
-        eval_set, eval_report = build_dataset(cfg, cfg.data.eval_dataset, limit=cfg.data.num_eval_samples, key="eval_dataset")
-        if eval_report.n_errors or eval_report.n_dropped:
-            print(f"[vltune] eval data: {json.dumps(eval_report.summary())}", flush=True)
+    evaluator = None
+    if eval_set is not None:
         evaluator = Evaluator(
             eval_set, backend, collate, cfg.train.per_device_eval_batch_size,
             cfg.train.eval_max_new_tokens, predictions_file=out_dir / "eval_predictions.jsonl" if ctx.is_main else None,

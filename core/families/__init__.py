@@ -20,6 +20,10 @@ class UnknownFamilyError(ValueError):
     """A model_type vltune has no spec for; the message lists the supported families."""
 
 
+class BrokenConfigError(ValueError):
+    """A model directory's config.json that cannot be read as a JSON object; the message names the file."""
+
+
 def _discover() -> dict[str, FamilySpec]:
     found = {}
     for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
@@ -62,9 +66,10 @@ def read_config(model_dir: str | Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise BrokenConfigError(f"{path}: not valid JSON ({e}); the file is damaged or was cut short: copy it again "
+                                "from the model's source (the hub repository or the training run that wrote it)") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+        raise BrokenConfigError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
 
 

@@ -125,7 +125,9 @@ def test_broken_model_directories_are_named(capsys, broken_models):
 
     assert f"{broken_models['no_weights'] / 'model.safetensors'}: missing" in infer("no_weights")
     assert f"{broken_models['truncated'] / 'model.safetensors'}: " in infer("truncated") and "truncated" in infer("truncated")
-    assert f"{broken_models['bad_config'] / 'config.json'}: not valid JSON" in infer("bad_config")
+    bad_config = infer("bad_config")
+    assert f"{broken_models['bad_config'] / 'config.json'}: not valid JSON" in bad_config
+    assert "copy it again" in bad_config and "--debug" not in bad_config  # a user error with its fix, not a crash
     assert "'llava' is not a model family vltune supports (supported: qwen" in infer("other")
 
 
