@@ -7,7 +7,6 @@ runs that meet what it left are in-process, which is cheaper and is what `vltune
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
