@@ -52,6 +52,18 @@ TRAJECTORY_KEYS = (
     "freeze_vision", "freeze_merger",
 )
 
+MAY_CHANGE_ON_RESUME = (
+    "make_tiny_model", "attn_implementation", "dataset_registry", "eval_dataset", "skip_bad_samples", "synthetic_vqa",
+    "num_eval_samples", "dataloader_prefetch", "dataloader_num_workers", "output_dir", "max_steps", "num_train_epochs",
+    "per_device_eval_batch_size", "logging_steps", "eval_steps", "eval_max_new_tokens", "save_steps", "save_total_limit",
+    "resume_from_checkpoint", "overwrite_output_dir", "metric_for_best_model", "greater_is_better",
+    "early_stopping_patience", "early_stopping_threshold", "max_bad_steps", "bf16", "gradient_checkpointing",
+    "use_liger_kernel", "torch_compile", "pure_bf16", "bf16_master_weights", "num_threads", "deepspeed", "fsdp",
+    "mdlm_steps", "mdlm_block_length", "mdlm_remasking", "mdlm_temperature",
+)
+"""Recipe keys a resumed run may set differently: its length, cadences, evaluation, inference-time MDLM
+settings, speed and precision options. Every recipe key is in exactly one of the two tuples (a test checks)."""
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
