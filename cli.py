@@ -93,7 +93,7 @@ def _command_name(args: argparse.Namespace) -> str:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from vltune.core.config import load_recipe
+    from vltune.core.recipe import load_recipe
     from vltune.training import train
 
     if args.nproc is not None or args.print_launch:
@@ -145,7 +145,7 @@ def _resume_hint(args: argparse.Namespace, extra: list[str], output_dir: str) ->
 def _launch_train(args: argparse.Namespace, extra: list[str]) -> int:
     """--nproc: re-run this very command (recipe and overrides) in launcher workers, or print it:
     torchrun for backend torch, msrun for backend mindspore (the recipe's or the override's)."""
-    from vltune.core.config import load_recipe
+    from vltune.core.recipe import load_recipe
 
     problems, cfg = [], None
     nproc = 1 if args.nproc is None else args.nproc  # --print-launch alone: one worker; --nproc 0 is refused
@@ -179,7 +179,7 @@ def cmd_data_check(args: argparse.Namespace, extra: list[str]) -> int:
     """Validate the recipe's training and eval data; the report on stdout, exit 1 when errors remain."""
     from tqdm import tqdm
 
-    from vltune.core.config import load_recipe
+    from vltune.core.recipe import load_recipe
     from vltune.data.prepare import build_dataset
     from vltune.training import prepare_assets
 
@@ -370,7 +370,7 @@ def cmd_pack(args: argparse.Namespace, extra: list[str]) -> int:
                 raise SystemExit(f"vltune pack: recipe overrides {extra} need --model RECIPE, not a model directory")
             settings = CountSettings(str(target), min_pixels=args.min_pixels, max_pixels=args.max_pixels)
         else:  # a recipe: its model, pixel limits, video settings, model_max_length and truncation
-            from vltune.core.config import load_recipe
+            from vltune.core.recipe import load_recipe
             from vltune.training import prepare_assets
 
             overrides = parse_overrides(extra)

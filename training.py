@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from vltune.core.config import ConfigError, RecipeConfig, check_family, circle_rope_settings, load_recipe
+from vltune.core.config import ConfigError, RecipeConfig
+from vltune.core.recipe import load_recipe
+from vltune.core.recipe_rules import check_family, circle_rope_settings
 from vltune.core.checkpointing import CheckpointManager, DistributedCheckpointManager, read_trainer_state
 from vltune.core.families import read_config
 from vltune.core.flops import batch_flops, shape_from_config

@@ -29,7 +29,8 @@ import numpy as np
 from mindspore import Tensor, nn
 
 from vltune.core.checkpointing import write_atomically
-from vltune.core.config import ModelArgs, lora_target_parameters
+from vltune.core.config import ModelArgs
+from vltune.core.recipe_rules import lora_target_parameters
 from vltune.core.families import get_family
 
 from .checkpoint import read_safetensors, write_safetensors

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vltune.core.config import ModelArgs, TrainArgs, precision_problems
+from vltune.core.config import ModelArgs, TrainArgs
+from vltune.core.recipe_rules import precision_problems
 from vltune.core.families import TokenIds, get_family
 from vltune.core.flops import H100_BF16_PEAK, SHAPES, ModelShape, batch_flops
 from vltune.data.collate import collate_padded

@@ -45,7 +45,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.constants import DUMMY_TARGET_MODULES
 
-from vltune.core.config import ModelArgs, lora_target_parameters
+from vltune.core.config import ModelArgs
+from vltune.core.recipe_rules import lora_target_parameters
 from vltune.core.families import FamilySpec, ModuleMap, get_family
 
 DEFAULT_LLM_TARGETS = ModuleMap().lora_targets

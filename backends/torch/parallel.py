@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from vltune.core.config import ConfigError, ModelArgs, TrainArgs, resolve_deepspeed_config
+from vltune.core.config import ConfigError, ModelArgs, TrainArgs
+from vltune.core.recipe_rules import resolve_deepspeed_config
 from vltune.core.contracts import Batch
 
 from .checkpoint import OPTIMIZER_FILE, RNG_FILE, rng_state, set_rng_state

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from vltune.backends.torch.models import load_model  # noqa: E402
 from vltune.backends.torch.engine import Engine as TorchBackend  # noqa: E402
-from vltune.core.config import load_recipe  # noqa: E402
+from vltune.core.recipe import load_recipe  # noqa: E402
 from vltune.data.collate import collate_padded  # noqa: E402
 from vltune.data.dataset import SFTDataset  # noqa: E402
 from vltune.data.formats import load_samples  # noqa: E402

@@ -23,7 +23,8 @@ torch = pytest.importorskip("torch")
 from vltune.backends.torch.batch import to_model_inputs  # noqa: E402
 from vltune.backends.torch.models import load_model  # noqa: E402
 from vltune.backends.torch.engine import Engine as TorchBackend  # noqa: E402
-from vltune.core.config import ConfigError, ModelArgs, TrainArgs, load_recipe  # noqa: E402
+from vltune.core.config import ConfigError, ModelArgs, TrainArgs  # noqa: E402
+from vltune.core.recipe import load_recipe  # noqa: E402
 from vltune.core.contracts import loss_denominator  # noqa: E402
 from vltune.core.families import FAMILIES  # noqa: E402
 from vltune.data.collate import Collator  # noqa: E402

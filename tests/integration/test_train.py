@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from vltune.backends.torch.models import load_model  # noqa: E402
 from vltune.backends.torch.engine import Engine as TorchBackend  # noqa: E402
-from vltune.core.config import load_recipe  # noqa: E402
+from vltune.core.recipe import load_recipe  # noqa: E402
 from vltune.core.families import FAMILIES  # noqa: E402
 from vltune.core.untrained_weights import CARRIED_FILE  # noqa: E402
 from vltune.data.collate import collate_padded  # noqa: E402

@@ -15,7 +15,7 @@ def tiny_training(vqa_data):
     torch = pytest.importorskip("torch")
     from vltune.backends.torch.models import load_model
     from vltune.backends.torch.engine import Engine as TorchBackend
-    from vltune.core.config import load_recipe
+    from vltune.core.recipe import load_recipe
     from vltune.data.collate import collate_padded
     from vltune.data.dataset import SFTDataset
     from vltune.data.formats import load_samples

@@ -12,7 +12,8 @@ from vltune.backends.torch.generate import generate_with_positions  # noqa: E402
 from vltune.backends.torch.models import load_model  # noqa: E402
 from vltune.backends.torch.models.circle_rope import CircleRopeAdapter  # noqa: E402
 from vltune.core.circle_rope import per_token_distance  # noqa: E402
-from vltune.core.config import CIRCLE_ROPE_DEFAULTS, ConfigError, ModelArgs, circle_rope_settings  # noqa: E402
+from vltune.core.config import CIRCLE_ROPE_DEFAULTS, ConfigError, ModelArgs  # noqa: E402
+from vltune.core.recipe_rules import circle_rope_settings  # noqa: E402
 from vltune.core.families import attention_layer_indices, family_names  # noqa: E402
 from vltune.data.collate import Collator  # noqa: E402
 from vltune.data.dataset import SFTDataset  # noqa: E402

@@ -13,7 +13,7 @@ from vltune.backends.torch.loss import head_loss_sum, trained_positions  # noqa:
 from vltune.backends.torch.models import load_model  # noqa: E402
 from vltune.backends.torch.engine import Engine as TorchBackend  # noqa: E402
 from vltune.backends.torch.loss import token_loss_sum  # noqa: E402
-from vltune.core.config import load_recipe  # noqa: E402
+from vltune.core.recipe import load_recipe  # noqa: E402
 from vltune.data.collate import collate_padded  # noqa: E402
 from vltune.data.dataset import SFTDataset  # noqa: E402
 from vltune.data.formats import load_samples  # noqa: E402

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from vltune.cli import main
-from vltune.core.config import RECIPE_DIR, ConfigError, TrainArgs, load_recipe
+from vltune.core.config import RECIPE_DIR, ConfigError, TrainArgs
+from vltune.core.recipe import load_recipe
 
 pytest.importorskip("torch")
 

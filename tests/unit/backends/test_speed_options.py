@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 
 from vltune.backends.torch.speed import _padded_mlp_forward, align_vision_mlp, apply_liger_kernels, compile_blocks  # noqa: E402
 from vltune.backends.torch.models import load_model  # noqa: E402
-from vltune.core.config import ConfigError, load_recipe  # noqa: E402
+from vltune.core.config import ConfigError  # noqa: E402
+from vltune.core.recipe import load_recipe  # noqa: E402
 
 
 def test_compiled_blocks_train_like_eager_ones(tiny_qwen2_5_vl, tiny_training):

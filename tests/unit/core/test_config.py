@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vltune.core.config import RECIPE_DIR, ConfigError, load_recipe
+from vltune.core.config import RECIPE_DIR, ConfigError
+from vltune.core.recipe import load_recipe
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
@@ -54,7 +55,8 @@ def test_data_loader_settings():
 
 def test_family_capabilities_are_checked_before_a_model_loads():
     """A recipe that asks a family for what it cannot do fails at load time, naming the families that can."""
-    from vltune.core.config import ConfigError, check_family
+    from vltune.core.config import ConfigError
+    from vltune.core.recipe_rules import check_family
     from vltune.core.families import family_names, get_family
 
     no_ms = [name for name in family_names() if name not in family_names("mindspore")]

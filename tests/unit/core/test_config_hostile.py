@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vltune.core.config import ConfigError, ModelArgs, circle_rope_settings, load_recipe
+from vltune.core.config import ConfigError, ModelArgs
+from vltune.core.recipe import load_recipe
+from vltune.core.recipe_rules import circle_rope_settings
 
 BASE = {"model_name_or_path": "m", "dataset_use": "x.jsonl"}
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vltune.core.config import ConfigError, MdlmArgs, ModelArgs, load_recipe, mdlm_model_args
+from vltune.core.config import ConfigError, MdlmArgs, ModelArgs, mdlm_model_args
+from vltune.core.recipe import load_recipe
 from vltune.core.contracts import IGNORE_INDEX, loss_denominator
 from vltune.core.mdlm import (
     MaskedBatches,

@@ -14,7 +14,7 @@ import unicodedata
 import pytest
 from PIL import Image
 
-from vltune.core.config import load_recipe
+from vltune.core.recipe import load_recipe
 from vltune.data import vision
 from vltune.data.chat import _COMPOSING_NORMALIZERS, ChatTokenizer
 from vltune.data.dataset import SFTDataset

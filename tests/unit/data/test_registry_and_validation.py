@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vltune.core.config import load_recipe
+from vltune.core.recipe import load_recipe
 from vltune.data.chat import ChatTokenizer
 from vltune.data.dataset import SFTDataset
 from vltune.data.formats import SampleError, load_samples, read_annotation, record_to_sample

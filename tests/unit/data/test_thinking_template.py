@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from vltune.core.config import ConfigError, load_recipe
+from vltune.core.config import ConfigError
+from vltune.core.recipe import load_recipe
 from vltune.data.chat import ChatTokenizer
 
 QUESTION = {"role": "user", "content": "What color?"}
