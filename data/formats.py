@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from .vision import is_url
+
 IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"
 _ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -34,7 +36,6 @@ _TAG_SPLIT = re.compile(r"(<image>|<video>)")
 ImageRef = Union[Path, bytes, str]
 """An image file, the encoded bytes of one (HF datasets keep images inside the arrow files), or an
 http(s) URL (a str), fetched by data/vision.py."""
-_URL_SCHEMES = ("http://", "https://")
 
 
 class SampleError(ValueError):
@@ -109,7 +110,7 @@ def read_records(path: str | Path) -> Records:
     if not path.exists():
         raise SampleError(f"{path}: annotation file does not exist", "missing_file")
     raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
-    starts_list = raw.lstrip()[:1] == b"["
+    starts_list = re.match(rb"\s*\[", raw) is not None  # a match, not lstrip(): no copy of the whole file
     if path.suffix == ".jsonl" and not starts_list:
         return _read_jsonl(path, raw)
     try:
@@ -120,8 +121,10 @@ def read_records(path: str | Path) -> Records:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        if path.suffix == ".jsonl" or (not starts_list and e.msg == "Extra data"):
-            return _read_jsonl(path, raw)  # JSONL (a .jsonl whose first line merely opens with `[`, or a .json)
+        # JSONL: a .jsonl whose first line merely opens with `[`, or a .json of objects that is not one
+        # JSON value, whichever of its lines is bad (so its errors are per line, as for a .jsonl).
+        if path.suffix == ".jsonl" or re.match(r"\s*\{", text):
+            return _read_jsonl(path, raw)
         raise SampleError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})", "malformed_json") from None
     if not isinstance(data, list):
         raise SampleError(
@@ -174,10 +177,6 @@ def _media_path(value: Any, where: str) -> Any:
         except (binascii.Error, ValueError):
             raise SampleError(f"{where}: the data: URL's base64 payload is not valid base64", "invalid_media") from None
     return value.removeprefix("file://")
-
-
-def _is_url(ref: Any) -> bool:
-    return isinstance(ref, str) and ref.startswith(_URL_SCHEMES)
 
 
 def _parts(content: list, i: int, where: str, inline: dict[str, list]) -> list[dict[str, Any]]:
@@ -235,7 +234,7 @@ def _count(content: str | list, kind: str) -> int:
 
 
 def _resolve(ref: Any, data_path: Path) -> ImageRef:
-    return ref if isinstance(ref, bytes) or _is_url(ref) else data_path / ref
+    return ref if isinstance(ref, bytes) or is_url(ref) else data_path / ref
 
 
 def _with_system(record: dict, turns: list[tuple[str, str | list]], where: str) -> list[tuple[str, str | list]]:
@@ -277,8 +276,8 @@ def record_to_sample(record: Any, where: str, data_path: str | Path, pack: int |
             raise SampleError(f"{where}: {kind}s given both in the record's {kind!r} key and inside the messages", "invalid_media")
         media[kind] = listed or inline[kind]
     for video in media["video"]:
-        if not isinstance(video, str) or _is_url(video):
-            got = "a URL" if _is_url(video) else "encoded bytes"
+        if not isinstance(video, str) or is_url(video):
+            got = "a URL" if is_url(video) else "encoded bytes"
             raise SampleError(f"{where}: a video must be a file path, got {got}; download or save it and give its path", "invalid_media")
 
     messages = []

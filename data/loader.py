@@ -164,18 +164,25 @@ class BatchIterator:
                 features.append(self._sample(position))
                 self._failing.clear()
             except SampleError as e:
-                if not self.skip_bad_samples:
-                    raise late_failure(e) from None
-                self.skipped.append(str(e))
-                print(f"[vltune] skipped a bad sample: {e}", flush=True)
-                self._failing.add(int(self._order[position]))
-                if len(self._failing) == len(self.dataset):  # refilling from the next epoch would never end
-                    raise ConfigError(
-                        f"no usable samples: every one of the {len(self.dataset)} training samples failed while being "
-                        f"built ({len(self.skipped)} skips so far; the last: {e}); fix or remove them "
-                        "(`vltune data check RECIPE` decodes every image and lists the bad ones)"
-                    ) from None
+                self._skip(e, position)
         return self._batch(features)
+
+    def _skip(self, error: SampleError, position: int) -> None:
+        """A sample that failed while being built: raised (skip_bad_samples off), else counted and
+        skipped; a ConfigError once every sample of the data set has failed since the last good one
+        (refilling from the next epoch, or standing in for a lost slice, would never end)."""
+        if not self.skip_bad_samples:
+            raise late_failure(error) from None
+        self.skipped.append(str(error))
+        rank = f" rank {self.rank}" if self.world_size > 1 else ""
+        print(f"[vltune]{rank} skipped a bad sample: {error}", flush=True)
+        self._failing.add(int(self._order[position]))
+        if len(self._failing) == len(self.dataset):
+            raise ConfigError(
+                f"no usable samples: every one of the {len(self.dataset)} training samples failed while being "
+                f"built ({len(self.skipped)} skips so far; the last: {error}); fix or remove them "
+                "(`vltune data check RECIPE` decodes every image and lists the bad ones)"
+            ) from None
 
     def _next_shard(self) -> Batch:
         """This rank's slice of the next global micro-batch.
@@ -196,11 +203,9 @@ class BatchIterator:
         for position in range(start, start + self.batch_size):
             try:
                 features.append(self._sample(position))
+                self._failing.clear()
             except SampleError as e:
-                if not self.skip_bad_samples:
-                    raise late_failure(e) from None
-                self.skipped.append(str(e))
-                print(f"[vltune] rank {self.rank} skipped a bad sample: {e}", flush=True)
+                self._skip(e, position)
         if features:
             self._last_good = features
             return self._batch(features)

@@ -29,6 +29,7 @@ from .dataset import SFTDataset
 from .formats import SampleError, read_records, samples_from_records
 from .packing import best_fit_decreasing
 from .prepare import video_overrides
+from .vision import is_url
 
 CACHE_VERSION = 1
 MODEL_FILES = (
@@ -92,6 +93,8 @@ def _record_key(record: Any, media: list) -> str:
     for ref in media:
         if isinstance(ref, bytes):
             h.update(hashlib.sha256(ref).digest())
+        elif is_url(ref):  # fetched once into the URL cache: the URL names the content (os.stat would miss it)
+            h.update(f"url:{ref}".encode())
         else:
             try:
                 st = os.stat(ref)

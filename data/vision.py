@@ -18,10 +18,13 @@ merge-window order.
 from __future__ import annotations
 
 import errno
+import hashlib
+import http.client
 import io
 import json
 import math
 import os
+import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -208,7 +211,9 @@ def fetch_url(url: str, timeout: float | None = None) -> bytes:
             body = response.read(URL_MAX_BYTES + 1)
     except urllib.error.HTTPError as e:
         raise ImageLoadError(url, f"fetching it failed (HTTP {e.code} {e.reason}); {fix}", "fetch_failed") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:  # refused, unknown host, timed out, bad URL
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        # URLError is an OSError: refused, unknown host, timed out; ValueError: a bad URL;
+        # HTTPException: a body cut short (IncompleteRead), a malformed status or header line.
         reason = getattr(e, "reason", None) or e
         raise ImageLoadError(url, f"fetching it failed ({reason}); {fix}", "fetch_failed") from None
     if len(body) > URL_MAX_BYTES:
@@ -218,10 +223,48 @@ def fetch_url(url: str, timeout: float | None = None) -> bytes:
     return body
 
 
+def is_url(ref: Any) -> bool:
+    """Whether a media reference is an http(s) URL (fetched) rather than a path (joined onto data_path)."""
+    return isinstance(ref, str) and ref.startswith(("http://", "https://"))
+
+
+def url_cache_dir() -> Path:
+    """Where fetched URLs are kept: $VLTUNE_CACHE/urls, else $XDG_CACHE_HOME (or ~/.cache)/vltune/urls."""
+    if os.environ.get("VLTUNE_CACHE"):
+        return Path(os.environ["VLTUNE_CACHE"]) / "urls"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vltune" / "urls"
+
+
+def cached_url(url: str) -> "Path | bytes":
+    """A local copy of `url`, fetched on its first use on this machine and read from disk afterwards.
+
+    Without it every read downloads the whole body again: the header read of the length check, then
+    each epoch, each worker and each evaluation. The copy is written under a temporary name and renamed
+    into place, so concurrent workers and ranks never see half a file. Where the cache cannot be
+    written, the body itself is returned (fetched again next time, but the run goes on).
+    """
+    path = url_cache_dir() / hashlib.sha256(url.encode()).hexdigest()
+    try:
+        if path.stat().st_size > 0:
+            return path
+    except OSError:
+        pass
+    body = fetch_url(url)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(body)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return body
+    return path
+
+
 def _open(path: "PathLike | bytes") -> Image.Image:
     """Open an image file, encoded image bytes (HF datasets cells) or an http(s) URL lazily, with clear errors."""
-    if isinstance(path, str) and path.startswith(("http://", "https://")):
-        path = fetch_url(path)
+    if is_url(path):
+        path = cached_url(path)
     if isinstance(path, (bytes, bytearray)):
         if not path:
             raise ImageLoadError("<bytes>", "image bytes are empty", "empty_file")

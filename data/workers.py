@@ -19,7 +19,7 @@ position are exactly those of the synchronous path.
 
 A run killed with SIGKILL gets no chance to stop its workers or free their blocks. So each worker
 watches its parent and exits when it is gone (`_exit_with_owner`), and each block is named after the
-trainer that owns it (`vltune_<pid>_<host>_<random>`): a later run removes the blocks of owners that are
+trainer that owns it (`vltune_<pid>_<pid namespace>_<random>`): a later run removes the blocks of owners that are
 dead (`remove_stale_blocks`).
 """
 
@@ -50,10 +50,23 @@ SHARED_RESERVE_BYTES = 256 << 20
 """Room left free in /dev/shm: a block is written only when this much more is free, else the array is
 pickled (slower, but a write into a full /dev/shm kills the worker with SIGBUS; Docker gives 64 MB)."""
 SHARED_PREFIX = "vltune_"
-"""Names of the blocks: vltune_<owner pid>_<host hash>_<random>, 29 characters with the leading slash
-(macOS allows 31). The host hash keeps a run from judging blocks of another container sharing /dev/shm."""
-_HOST = f"{zlib.crc32(socket.gethostname().encode()) & 0xFFFF:04x}"
-_BLOCK = re.compile(rf"^{SHARED_PREFIX}(\d+)_([0-9a-f]{{4}})_[0-9a-f]+$")
+"""Names of the blocks: vltune_<owner pid>_<pid namespace>_<random>, at most 31 characters with the
+leading slash (macOS's limit). A pid means something only in its pid namespace: two containers sharing
+/dev/shm (and even their hostname) each have a process 1234, so a run judges only the blocks of its own
+namespace, and leaves those of any other alone."""
+
+
+def _pid_namespace() -> str:
+    """8 hex digits naming this process's pid namespace: the inode of /proc/self/ns/pid (unique per
+    namespace on a kernel), else, without /proc (not Linux), a hash of the hostname."""
+    try:
+        return f"{os.stat('/proc/self/ns/pid').st_ino & 0xFFFFFFFF:08x}"
+    except OSError:
+        return f"{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+_NAMESPACE = _pid_namespace()
+_BLOCK = re.compile(rf"^{SHARED_PREFIX}(\d+)_([0-9a-f]{{8}})_[0-9a-f]+$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +100,7 @@ def _share(array: Any) -> Any:
     if _shared_memory_free() < array.nbytes + SHARED_RESERVE_BYTES:
         return array
     owner = os.getpid() if _OWNER is None else _OWNER
-    block = SharedMemory(create=True, size=array.nbytes, name=f"{SHARED_PREFIX}{owner}_{_HOST}_{secrets.token_hex(4)}")
+    block = SharedMemory(create=True, size=array.nbytes, name=f"{SHARED_PREFIX}{owner}_{_NAMESPACE}_{secrets.token_hex(3)}")
     np.copyto(np.ndarray(array.shape, array.dtype, buffer=block.buf), array)
     shared = _Shared(block.name, array.shape, array.dtype.str)
     block.close()
@@ -117,8 +130,9 @@ def _take(shared: Any) -> Any:
 
 
 def remove_stale_blocks(root: str = "/dev/shm") -> list[str]:
-    """Remove the shared-memory blocks that workers of a dead trainer on this host left (a run killed
-    with SIGKILL never takes them); the names of those removed. A block of a live trainer is left alone."""
+    """Remove the shared-memory blocks that workers of a dead trainer of this pid namespace left (a run
+    killed with SIGKILL never takes them); the names of those removed. A block of a live trainer, or of
+    another namespace (whose pids we cannot judge), is left alone."""
     try:
         names = os.listdir(root)
     except OSError:  # no /dev/shm (not Linux)
@@ -126,7 +140,7 @@ def remove_stale_blocks(root: str = "/dev/shm") -> list[str]:
     removed, size = [], 0
     for name in names:
         match = _BLOCK.match(name)
-        if match is None or match.group(2) != _HOST or _alive(int(match.group(1))):
+        if match is None or match.group(2) != _NAMESPACE or _alive(int(match.group(1))):
             continue
         path = os.path.join(root, name)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import hashlib
 import http.server
 import io
 import json
@@ -15,10 +16,10 @@ import pytest
 from PIL import Image
 
 from vltune.core.recipe import load_recipe
-from vltune.data import vision
+from vltune.data import pack_annotation, vision
 from vltune.data.chat import _COMPOSING_NORMALIZERS, ChatTokenizer
 from vltune.data.dataset import SFTDataset
-from vltune.data.formats import SampleError, load_samples, read_annotation, record_to_sample
+from vltune.data.formats import SampleError, load_samples, read_annotation, read_records, record_to_sample
 from vltune.data.loader import BatchIterator
 from vltune.data.prepare import DataValidationError, build_dataset
 from vltune.data.registry import DatasetSpecError, read_dataset_use
@@ -177,6 +178,68 @@ def test_http_images_are_fetched_and_failures_say_why(tmp_path, monkeypatch):
         server.shutdown()
         server.server_close()
         silent.close()
+
+
+def test_a_body_cut_short_is_a_fetch_failure_not_a_traceback(monkeypatch):
+    """http.client.HTTPException (IncompleteRead here) is no OSError: it must still become fetch_failed."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def truncated_chunked_body():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n" + b"x" * 10)
+        conn.close()
+
+    threading.Thread(target=truncated_chunked_body, daemon=True).start()
+    monkeypatch.setattr(vision, "URL_TIMEOUT_S", 5.0)
+    try:
+        with pytest.raises(vision.ImageLoadError, match=r"fetching it failed \(IncompleteRead.*download the file") as err:
+            vision.load_image(f"http://127.0.0.1:{listener.getsockname()[1]}/i.png")
+        assert err.value.kind == "fetch_failed"
+    finally:
+        listener.close()
+
+
+class _Counting(_Quiet):
+    requests: list[str] = []
+
+    def do_GET(self):
+        _Counting.requests.append(self.path)
+        super().do_GET()
+
+
+def test_a_url_is_fetched_once_then_read_from_the_cache(tmp_path):
+    Image.new("RGB", (30, 20), (5, 6, 7)).save(tmp_path / "i.png")
+    _Counting.requests = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: _Counting(*a, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/i.png"
+        assert vision.image_size(url) == (20, 30)  # the length check's header read
+        assert vision.load_image(url).size == (30, 20)  # an epoch's read
+        assert vision.load_image(url).size == (30, 20)  # the next epoch, an eval, a worker
+        assert _Counting.requests == ["/i.png"]
+        assert [p.name for p in vision.url_cache_dir().iterdir()] == [hashlib.sha256(url.encode()).hexdigest()]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_url_is_keyed_by_itself_for_token_counts(monkeypatch):
+    stats = []
+    monkeypatch.setattr(pack_annotation.os, "stat", lambda p, *a, **k: stats.append(p) or (_ for _ in ()).throw(OSError()))
+    a = pack_annotation._record_key({"id": 1}, ["http://h/a.png"])
+    assert a != pack_annotation._record_key({"id": 1}, ["http://h/b.png"]) and stats == []
+
+
+def test_a_json_file_of_lines_reports_per_line_even_when_the_first_is_bad(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('  {"id": "s0", broken\n' + json.dumps(_qa(1)) + "\n" + json.dumps(_qa(2)) + "\n")
+    records = read_records(path)
+    assert [where for where, _, _ in records.items] == [f"{path}:2", f"{path}:3"]
+    assert len(records.problems) == 1 and str(records.problems[0]).startswith(f"{path}:1: malformed JSON")
 
 
 # -- lengths: a huge record is refused before tokenisation ---------------------------------------------
