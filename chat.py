@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from vltune.core.generation import GenerationSettings
 from vltune.data.dataset import SFTDataset
@@ -106,12 +105,4 @@ def load(
     """Load `model_dir` (an HF-format directory, e.g. a training run's output_dir), plus a LoRA `adapter`
     directory trained on it, with `backend` torch or mindspore (ms). Pixel limits default to the
     training run's (its recipe.json beside the model or adapter), else the processor's."""
-    for what, path in (("model_dir", model_dir), ("adapter", adapter)):
-        if path is not None and not Path(path).is_dir():
-            raise FileNotFoundError(f"{what}: {os.fspath(path)!r} is not a directory")
-    if not any((Path(model_dir) / name).is_file() for name in ("config.json", "adapter_config.json")):  # an adapter: Predictor says how to load it
-        raise FileNotFoundError(
-            f"model_dir: {os.fspath(model_dir)!r} has no config.json: give an HF-format model directory "
-            "(a training run's output_dir, or one of its checkpoint-STEP folders)"
-        )
     return ChatModel(Predictor(model_dir, adapter=adapter, backend=backend, min_pixels=min_pixels, max_pixels=max_pixels))

@@ -73,10 +73,20 @@ class Answer:
 
 
 def _check_model_dir(model_dir: str | Path, adapter: str | Path | None) -> None:
+    """Before anything loads (vltune infer, batch inference, Predictor, vltune.load): the directories
+    exist, and `model_dir` is an HF-format model, not a LoRA adapter given in its place."""
+    for what, path in (("model_dir", model_dir), ("adapter", adapter)):
+        if path is not None and not Path(path).is_dir():
+            raise FileNotFoundError(f"{what}: {str(path)!r} is not a directory")
     if adapter is None and (Path(model_dir) / "adapter_config.json").exists():
         raise FileNotFoundError(
             f"{model_dir} holds a LoRA adapter, not a model: use --model BASE_MODEL_DIR --adapter {model_dir} "
             f"(in Python: vltune.load(BASE_MODEL_DIR, adapter={str(model_dir)!r}); or vltune merge-lora to make a full model)"
+        )
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model_dir: {str(model_dir)!r} has no config.json: give an HF-format model directory "
+            "(a training run's output_dir, or one of its checkpoint-STEP folders)"
         )
 
 

@@ -114,3 +114,16 @@ def test_bad_input_is_a_clear_error(base_model, image_prompt, tmp_path):
         base_model.chat("What color?", images=[Image.open(image_prompt[0])])
     with pytest.raises(ConfigError, match="max-new-tokens 0: must be >= 1"):
         base_model.chat("What color?", max_new_tokens=0)
+
+
+def test_every_way_in_refuses_a_directory_that_is_no_model_before_loading(tmp_path):
+    """The checks live in one place, so `vltune infer`, batch inference and Predictor say it as vltune.load does."""
+    from vltune.inference import Predictor, infer
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="adapter: '.*/gone' is not a directory"):
+        Predictor(tmp_path, adapter=tmp_path / "gone")
+    with pytest.raises(FileNotFoundError, match=r"has no config.json: give an HF-format model directory"):
+        Predictor(tmp_path, adapter=tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"has no config.json"):
+        infer(tmp_path / "..", "hi", objective="mdlm")
