@@ -101,18 +101,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = load_recipe(args.recipe, parse_overrides(extra))
     try:
         summary = train(cfg, show_progress=not args.no_progress)
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print(f"\nvltune train: interrupted; {_resume_hint(args, extra, cfg.train.output_dir)}", file=sys.stderr)
-        return 130
-    except OSError as e:
-        out = Path(cfg.train.output_dir).resolve()
-        if e.filename and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and out in (Path(e.filename).resolve(), *Path(e.filename).resolve().parents):
-            from vltune.core.config import ConfigError
-
-            raise ConfigError(f"output_dir: {cfg.train.output_dir} is not writable ({e.strerror}: {e.filename}); "
-                              "choose a directory you can write to") from e
+    except KeyboardInterrupt as e:
+        e.add_note(_resume_hint(args, extra, cfg.train.output_dir))  # main() prints it after "interrupted"
         raise
     # One summary line, however many workers share stdout: rank 0's (torchrun sets RANK; msrun sets
     # RANK_ID beside MS_ROLE, and RANK_ID alone may be a leftover of an Ascend rank-table setup).
@@ -203,19 +193,15 @@ def cmd_bench_model(args: argparse.Namespace, extra: list[str]) -> int:
     from vltune.backends.torch.bench import run_bench, write_report
 
     command = "vltune bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else f"vltune bench --model-shape {args.model_shape}"
-    try:
-        result = run_bench(
-            args.model_shape, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
-            pack_length=args.pack_length, command=command, train_type=args.train_type,
-            with_stock=not args.no_stock, match_steps=args.match_steps, samples_per_step=args.samples_per_step,
-            rows_per_step=args.rows_per_step,
-            learning_rate=args.learning_rate, name=args.name, layers=args.layers,
-            train_options={"torch_compile": args.torch_compile, "use_liger_kernel": args.liger_kernel, "pure_bf16": args.pure_bf16,
-                           "bf16_master_weights": args.bf16_master_weights, "gradient_checkpointing": args.gradient_checkpointing, "optim": args.optim},
-        )
-    except (RuntimeError, ValueError) as e:
-        print(f"vltune bench: {e}", file=sys.stderr)
-        return 1
+    result = run_bench(
+        args.model_shape, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
+        pack_length=args.pack_length, command=command, train_type=args.train_type,
+        with_stock=not args.no_stock, match_steps=args.match_steps, samples_per_step=args.samples_per_step,
+        rows_per_step=args.rows_per_step,
+        learning_rate=args.learning_rate, name=args.name, layers=args.layers,
+        train_options={"torch_compile": args.torch_compile, "use_liger_kernel": args.liger_kernel, "pure_bf16": args.pure_bf16,
+                       "bf16_master_weights": args.bf16_master_weights, "gradient_checkpointing": args.gradient_checkpointing, "optim": args.optim},
+    )
     write_report(result, args.out)
     print(json.dumps({k: v for k, v in result.items() if k not in ("runs", "shape")}), flush=True)
     return 0
@@ -306,12 +292,7 @@ def cmd_keys(args: argparse.Namespace, extra: list[str]) -> int:
             raise SystemExit("vltune keys: --markdown renders every key; drop the SECTION|KEY argument")
         print(render_markdown(), end="")
         return 0
-    try:
-        keys = find(args.query) if args.query else None
-    except ValueError as e:
-        print(f"vltune keys: {e}", file=sys.stderr)
-        return 1
-    print(render_text(keys), end="")
+    print(render_text(find(args.query) if args.query else None), end="")
     return 0
 
 
@@ -341,18 +322,14 @@ def cmd_convert(args: argparse.Namespace, extra: list[str]) -> int:
     """HF <-> MindSpeed-MM checkpoints (backends/torch/convert); prints the written directory."""
     if extra:
         raise SystemExit(f"vltune convert: unknown arguments {extra}")
-    from vltune.backends.torch.convert import ConvertError, hf_to_mindspeed, mindspeed_to_hf, parse_layer_list
+    from vltune.backends.torch.convert import hf_to_mindspeed, mindspeed_to_hf, parse_layer_list
 
-    try:
-        if args.direction == "hf-to-mindspeed":
-            llm = parse_layer_list(args.llm_pp_layers, "--llm-pp-layers") if args.llm_pp_layers else None
-            vit = parse_layer_list(args.vit_pp_layers, "--vit-pp-layers") if args.vit_pp_layers else None
-            out = hf_to_mindspeed(args.hf_dir, args.out, tp=args.tp, llm_pp_layers=llm, vit_pp_layers=vit, vpp=args.vpp)
-        else:
-            out = mindspeed_to_hf(args.mm_dir, args.hf_dir, args.out, trust_pickle=args.trust_pickle)
-    except (ConvertError, FileNotFoundError) as e:
-        print(f"vltune convert {args.direction}: {e}", file=sys.stderr)
-        return 1
+    if args.direction == "hf-to-mindspeed":
+        llm = parse_layer_list(args.llm_pp_layers, "--llm-pp-layers") if args.llm_pp_layers else None
+        vit = parse_layer_list(args.vit_pp_layers, "--vit-pp-layers") if args.vit_pp_layers else None
+        out = hf_to_mindspeed(args.hf_dir, args.out, tp=args.tp, llm_pp_layers=llm, vit_pp_layers=vit, vpp=args.vpp)
+    else:
+        out = mindspeed_to_hf(args.mm_dir, args.hf_dir, args.out, trust_pickle=args.trust_pickle)
     print(out)
     return 0
 
@@ -363,30 +340,26 @@ def cmd_pack(args: argparse.Namespace, extra: list[str]) -> int:
 
     from vltune.data.pack_annotation import CountSettings, default_cache_dir, pack_annotation, settings_from_recipe
 
-    try:
-        target = Path(args.model)
-        if (target / "config.json").exists():  # a model directory: its processor's defaults, raw counts
-            if extra:
-                raise SystemExit(f"vltune pack: recipe overrides {extra} need --model RECIPE, not a model directory")
-            settings = CountSettings(str(target), min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-        else:  # a recipe: its model, pixel limits, video settings, model_max_length and truncation
-            from vltune.core.recipe import load_recipe
-            from vltune.training import prepare_assets
+    target = Path(args.model)
+    if (target / "config.json").exists():  # a model directory: its processor's defaults, raw counts
+        if extra:
+            raise SystemExit(f"vltune pack: recipe overrides {extra} need --model RECIPE, not a model directory")
+        settings = CountSettings(str(target), min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    else:  # a recipe: its model, pixel limits, video settings, model_max_length and truncation
+        from vltune.core.recipe import load_recipe
+        from vltune.training import prepare_assets
 
-            overrides = parse_overrides(extra)
-            overrides.update({k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None})
-            cfg = load_recipe(args.model, overrides)
-            prepare_assets(cfg)
-            settings = settings_from_recipe(cfg)
-        progress = partial(tqdm, desc="counting tokens", leave=False, disable=not sys.stderr.isatty())
-        summary, counts = pack_annotation(
-            args.annotation, args.pack_length, settings, output=args.output, data_path=args.data_path,
-            cache_dir=None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
-            skip_bad_samples=args.skip_bad_samples, progress=progress,
-        )
-    except _user_errors() + (ValueError,) as e:
-        print(f"vltune pack: {e}", file=sys.stderr)
-        return 1
+        overrides = parse_overrides(extra)
+        overrides.update({k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None})
+        cfg = load_recipe(args.model, overrides)
+        prepare_assets(cfg)
+        settings = settings_from_recipe(cfg)
+    progress = partial(tqdm, desc="counting tokens", leave=False, disable=not sys.stderr.isatty())
+    summary, counts = pack_annotation(
+        args.annotation, args.pack_length, settings, output=args.output, data_path=args.data_path,
+        cache_dir=None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
+        skip_bad_samples=args.skip_bad_samples, progress=progress,
+    )
     for title, problems in (("error", counts.errors), ("dropped (over model_max_length)", counts.dropped)):
         for problem in problems[:5]:
             print(f"vltune pack: {title}: {problem}", file=sys.stderr)
@@ -401,7 +374,9 @@ def cmd_pack(args: argparse.Namespace, extra: list[str]) -> int:
     return 0 if summary["written"] else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(key_help: bool = True) -> argparse.ArgumentParser:
+    """The command line; `key_help` renders every recipe key into `vltune train --help` (it reads
+    core/config.py's source, so main() asks for it only when help is asked for)."""
     from vltune.core.config import OPTIMIZERS
 
     parser = argparse.ArgumentParser(prog="vltune", description="Fine-tune Qwen-family vision-language models.")
@@ -414,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe (a YAML path or a bundled name such as 'demo')",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="recipe keys (in the YAML, or on the command line as --key value; "
-                              "`vltune keys SECTION|KEY` shows a part):\n\n" + render_text())
+                              "`vltune keys SECTION|KEY` shows a part):\n\n" + render_text() if key_help else None)
     p.add_argument("recipe")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--nproc", type=int, help="launch N workers on this node, one per device (torchrun; msrun for backend mindspore)")
@@ -563,14 +538,15 @@ def main(argv: list[str] | None = None) -> int:
     130; with --debug (anywhere on the line) or VLTUNE_DEBUG=1 the traceback is shown instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("VLTUNE_DEBUG", "") not in ("", "0")
-    args, extra = build_parser().parse_known_args([token for token in argv if token != "--debug"])
+    args, extra = build_parser(key_help="-h" in argv or "--help" in argv).parse_known_args([token for token in argv if token != "--debug"])
     args.debug = debug
     try:
         return args.run(args, extra)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        print(f"\n{_command_name(args)}: interrupted", file=sys.stderr)
+        notes = "; ".join(getattr(e, "__notes__", ()))
+        print(f"\n{_command_name(args)}: interrupted" + (f"; {notes}" if notes else ""), file=sys.stderr)
         return 130
     except Exception as e:
         if debug:

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 from .config import ConfigError
+from .safetensors_files import safetensors_problem
 
 TRAINER_STATE = "trainer_state.json"
 RECIPE_FILE = "recipe.json"
@@ -165,27 +165,11 @@ def _file_problem(path: Path) -> str | None:
         if path.suffix == ".json":
             json.loads(path.read_text())
         elif path.suffix == ".safetensors":
-            return _safetensors_problem(path)
+            return safetensors_problem(path)
         elif path.suffix in (".pt", ".bin") and not zipfile.is_zipfile(path):
             return "is truncated or corrupt (not a whole torch archive)"
     except (OSError, ValueError) as e:
         return f"is truncated or unreadable ({type(e).__name__}: {e})"
-    return None
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return f"is truncated ({size} bytes: no header)"
-        (header_size,) = struct.unpack("<Q", head)
-        if header_size > size - 8:
-            return f"is truncated ({size} bytes, its header alone claims {header_size})"
-        header = json.loads(f.read(header_size))
-    end = max((spec["data_offsets"][1] for name, spec in header.items() if name != "__metadata__"), default=0)
-    if 8 + header_size + end != size:
-        return f"is truncated ({size} bytes where its header describes {8 + header_size + end})"
     return None
 
 

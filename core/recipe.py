@@ -10,6 +10,7 @@ import difflib
 import os
 from dataclasses import fields
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, get_type_hints
 
 import yaml
@@ -106,7 +107,7 @@ def load_recipe(recipe: str | os.PathLike | dict | None, overrides: dict[str, An
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for key, value in raw.items():
         if key not in index:
-            problems.append(f"unknown key {key!r}{_suggestion(key, index)}")
+            problems.append(f"unknown key {key!r}{suggestion(key, index)}")
             continue
         section, annotated = index[key]
         value = _coerce(value, annotated)
@@ -134,7 +135,7 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"recipe {where}: not valid YAML ({reason}); check the indentation and quoting there") from None
 
 
-def _suggestion(key: str, index: dict[str, Any]) -> str:
+def suggestion(key: str, index: Iterable[str]) -> str:
     """"; did you mean 'x'?" for an unknown key. Among near-equal matches a training key comes first: a user who
     types `per_device_batch_size` means the training batch, though the shorter eval key scores a little higher."""
     scored = sorted(((difflib.SequenceMatcher(None, key, known).ratio(), known) for known in index), reverse=True)

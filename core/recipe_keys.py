@@ -9,13 +9,14 @@ same `recipe_keys()` list, and a test keeps the markdown file equal to `render_m
 from __future__ import annotations
 
 import ast
-import difflib
+import functools
 import inspect
 import json
 import textwrap
 from dataclasses import MISSING, dataclass, fields
 
 from . import config
+from .recipe import suggestion
 
 REGENERATE = "vltune keys --markdown > docs/recipe-keys.md"
 """The command that rewrites docs/recipe-keys.md (run from the repository root)."""
@@ -35,6 +36,7 @@ class RecipeKey:
     """The field's docstring, whitespace collapsed; empty when it has none (a test forbids that)."""
 
 
+@functools.cache  # parsing the source costs ~40 ms a section; help, keys and the docs ask several times
 def _docstrings(cls: type) -> tuple[str, dict[str, str]]:
     """The class docstring and {field name: docstring} from the source of `cls` (empty if unreadable)."""
     try:
@@ -86,16 +88,15 @@ def recipe_keys(section: str | None = None) -> list[RecipeKey]:
 
 
 def find(query: str) -> list[RecipeKey]:
-    """The keys of section `query`, or the key named `query`; ValueError naming the valid choices otherwise."""
+    """The keys of section `query`, or the key named `query`; a ConfigError naming the valid choices otherwise."""
     if query in config.SECTIONS:
         return recipe_keys(query)
     keys = recipe_keys()
     match = [k for k in keys if k.name == query]
     if match:
         return match
-    close = difflib.get_close_matches(query, [k.name for k in keys] + list(config.SECTIONS), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"{query!r} is neither a section ({', '.join(config.SECTIONS)}) nor a recipe key{hint}")
+    hint = suggestion(query, [k.name for k in keys] + list(config.SECTIONS))
+    raise config.ConfigError(f"{query!r} is neither a section ({', '.join(config.SECTIONS)}) nor a recipe key{hint}")
 
 
 def render_text(keys: list[RecipeKey] | None = None, width: int = 100) -> str:

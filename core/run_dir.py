@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -24,6 +25,8 @@ from .checkpointing import RECIPE_FILE, RankContext, complete_checkpoints, read_
 from .config import ConfigError, RecipeConfig
 
 LOCK_FILE = ".vltune.lock"
+_CHECKPOINT_DIR = re.compile(r"(\.tmp-)?checkpoint-\d+")
+"""What overwrite_output_dir removes: finished and half-written checkpoints, nothing else of the user's."""
 
 
 class OutputDirLock:
@@ -45,8 +48,12 @@ class OutputDirLock:
             import fcntl
         except ImportError:  # not POSIX: no lock
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by spawned workers
+        try:  # the run's first write into output_dir
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by spawned workers
+        except PermissionError as e:
+            raise ConfigError(f"output_dir: {self.output_dir} is not writable ({e.strerror}: {e.filename}); "
+                              "choose a directory you can write to") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -118,7 +125,8 @@ def claim_output_dir(cfg: RecipeConfig, ctx: RankContext) -> Path | None:
         )
     ctx.barrier()  # every rank has read the directory before rank 0 changes it
     if ctx.is_main:
-        stale = sorted(p for p in out_dir.glob("*checkpoint-*") if p.is_dir()) if t.overwrite_output_dir and resume_from is None else []
+        stale = [p for p in sorted(out_dir.glob("*checkpoint-*")) if p.is_dir() and _CHECKPOINT_DIR.fullmatch(p.name)] \
+            if t.overwrite_output_dir and resume_from is None else []
         for path in stale:
             shutil.rmtree(path)
         if stale:

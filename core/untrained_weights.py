@@ -16,23 +16,9 @@ import json
 import struct
 from pathlib import Path
 
+from .safetensors_files import INDEX_FILE, read_header, weight_files
+
 CARRIED_FILE = "model-untrained.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-
-
-def _read_header(path: Path) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    return header, 8 + size
-
-
-def _weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / INDEX_FILE
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / name for name in names]
-    return sorted(model_dir.glob("*.safetensors"))
 
 
 def untrained_names(model_dir: str | Path, prefixes: tuple[str, ...]) -> list[str]:
@@ -40,8 +26,8 @@ def untrained_names(model_dir: str | Path, prefixes: tuple[str, ...]) -> list[st
     if not prefixes:
         return []
     found = []
-    for path in _weight_files(Path(model_dir)):
-        header, _ = _read_header(path)
+    for path in weight_files(model_dir):
+        header, _ = read_header(path)
         found += [name for name in header if name != "__metadata__" and name.startswith(prefixes)]
     return sorted(found)
 
@@ -54,8 +40,8 @@ def carry_untrained(source_dir: str | Path, out_dir: str | Path, prefixes: tuple
     entries: dict[str, dict] = {}
     chunks: list[bytes] = []
     offset = 0
-    for path in _weight_files(Path(source_dir)):
-        header, data_start = _read_header(path)
+    for path in weight_files(source_dir):
+        header, data_start = read_header(path)
         names = sorted(n for n in header if n != "__metadata__" and n.startswith(prefixes) and n not in already)
         if not names:
             continue

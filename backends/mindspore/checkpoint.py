@@ -30,6 +30,7 @@ import numpy as np
 from mindspore import nn
 
 from vltune.core.checkpointing import require_whole, write_atomically
+from vltune.core.safetensors_files import weight_files
 from vltune.data.model_info import PROCESSOR_FILES as MODEL_DIR_FILES
 
 # HF legacy-layout name -> native (transformers 5) name.
@@ -113,13 +114,9 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], dtypes: 
 # -- HF directories ----------------------------------------------------------------------------------
 
 
-def weight_files(model_dir: str | Path) -> list[Path]:
+def hf_weight_files(model_dir: str | Path) -> list[Path]:
     """The safetensors files of an HF directory (sharded through its index, or model*.safetensors)."""
-    model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        return [model_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    files = sorted(model_dir.glob("model*.safetensors"))
+    files = weight_files(model_dir)
     if not files:
         raise FileNotFoundError(f"{model_dir}: no model*.safetensors (expected an HF-format model directory)")
     return files
@@ -146,7 +143,7 @@ def detect_layout(names) -> str:
 def read_hf_weights(model_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
     """(native name -> array, native name -> file dtype, layout) of an HF directory."""
     tensors, dtypes = {}, {}
-    for path in weight_files(model_dir):
+    for path in hf_weight_files(model_dir):
         t, d = read_safetensors(path)
         tensors.update(t)
         dtypes.update(d)

@@ -13,13 +13,14 @@ from itertools import accumulate, groupby
 
 import numpy as np
 
+from vltune.core.config import ConfigError
 from vltune.core.families import family_names, get_family
 from vltune.core.families.mindspeed import OUTPUT_LAYER, TEXT_LAYER, TIED_COPY, VISION_LAYER, TensorRule
 
 SUPPORTED_MODEL_TYPES = family_names("mindspeed")
 
 
-class ConvertError(ValueError):
+class ConvertError(ConfigError):
     """Bad converter input (layer lists, directories, checkpoint contents); the CLI prints it as one line."""
 
 

@@ -68,49 +68,21 @@ def check_weight_files(model_dir: str | Path) -> None:
     """Raise, naming the file, when a model directory's weights are missing or a safetensors file is cut short
     (an interrupted download or copy); transformers' own errors name neither the file nor the fix."""
     from vltune.core.config import ConfigError
+    from vltune.core.safetensors_files import safetensors_problem, weight_files
 
     root = Path(model_dir)
-    index = root / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{index}: not a valid safetensors index ({e}); copy or download it again") from None
-        files = [root / name for name in names]
-    elif (root / "model.safetensors").exists() or not list(root.glob("pytorch_model*.bin")):
+    files = weight_files(root)
+    if not files:
+        if list(root.glob("pytorch_model*.bin")):
+            return  # torch pickles: transformers reads and checks them
         files = [root / "model.safetensors"]
-    else:
-        return  # torch pickles: transformers reads and checks them
     for path in files:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; the model directory {root} has no weights there "
                                     "(copy or download the model's weight files into it)")
-        problem = _safetensors_problem(path)
+        problem = safetensors_problem(path)
         if problem:
-            raise ConfigError(f"{path}: {problem}: the file is truncated or corrupt (an interrupted download or copy?); "
-                              "copy or download it again")
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    """What is wrong with a safetensors file's layout (8-byte header size, JSON header, tensor data that ends
-    exactly at the end of the file), read from its header alone; None when it is whole."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return f"{size} bytes, shorter than a safetensors header"
-        n = int.from_bytes(head, "little")
-        if 8 + n > size:
-            return f"its header claims {n} bytes but the file has {size}"
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            return f"its header is not valid JSON ({e})"
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__" and isinstance(entry, dict)]
-    expected = 8 + n + max(ends, default=0)
-    if expected != size:
-        return f"its tensors need {expected} bytes but the file has {size}"
-    return None
+            raise ConfigError(f"{path} {problem}: an interrupted download or copy? Copy or download it again")
 
 
 def merge_lora(model_dir: str | Path, adapter: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
