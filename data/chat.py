@@ -52,12 +52,13 @@ def _raise_exception(message: str):
 
 
 class TextTooLong(ValueError):
-    """A rendered conversation with more characters than `max_tokens` tokens can hold: it was not tokenised."""
+    """A rendered conversation with more characters than `max_tokens` tokens can hold: it was not tokenised.
+    `max_tokens` is the recipe's model_max_length (the only limit encode_chat is given), named so."""
 
     def __init__(self, n_chars: int, max_tokens: int, chars_per_token: int):
         self.n_chars, self.max_tokens, self.chars_per_token = n_chars, max_tokens, chars_per_token
         super().__init__(
-            f"{n_chars} characters, more than {max_tokens} tokens can hold (a token of this tokenizer covers at "
+            f"{n_chars} characters, more than model_max_length {max_tokens} tokens can hold (a token of this tokenizer covers at "
             f"most {chars_per_token} characters)"
         )
 
@@ -69,7 +70,8 @@ _COMPOSING_NORMALIZERS = {"NFC": 4, "NFKC": 4, "NFD": 1, "NFKD": 1}
 
 
 def _chars_per_token(spec: dict) -> int | None:
-    """An upper bound on the characters of input text one token of this tokenizer.json covers, or None.
+    """An upper bound on the characters of input text one token covers, or None; `spec` is the tokenizer's
+    JSON (tokenizer.json's content).
 
     Only for byte-level BPE (Qwen's): every token is a byte string of its vocabulary entry's length (one
     character of the byte-level alphabet per byte), and every byte is covered by some token, so a token
@@ -150,7 +152,7 @@ class ChatTokenizer:
 
         So a text of more than `max_chars_per_token * N` characters has more than N tokens: a huge
         record is refused by its length alone, without tokenising it (`encode_chat`'s `max_tokens`)."""
-        return _chars_per_token(json.loads((self.model_dir / "tokenizer.json").read_text(encoding="utf-8")))
+        return _chars_per_token(json.loads(self.tokenizer.to_str()))  # the loaded tokenizer's spec: no second read
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, **kwargs) -> str:
         return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **{**self.template_kwargs, **kwargs})
@@ -175,7 +177,7 @@ class ChatTokenizer:
             if "<think>" not in _text_of(message):
                 header = before.rfind(ASSISTANT_HEADER)
                 opened = header + len(ASSISTANT_HEADER) if header >= 0 else start
-                if opened <= start and text.startswith(EMPTY_THINK, opened):
+                if text.startswith(EMPTY_THINK, opened):
                     start = max(start, opened + len(EMPTY_THINK))
             spans.append((start, len(through)))
         return spans

@@ -149,9 +149,8 @@ class SFTDataset:
             return self.tokenizer.encode_chat(messages, image_repl, video_repl, max_tokens=max_tokens)
         except TextTooLong as e:
             raise SampleError(
-                f"{sample.where}: {e.n_chars} characters, more than model_max_length {self.max_length} tokens can hold (a "
-                f"token of this tokenizer covers at most {e.chars_per_token} characters; shorten the sample, raise "
-                "model_max_length or set truncation_strategy: right)", "too_long",
+                f"{sample.where}: {e}; shorten the sample, raise model_max_length or set truncation_strategy: right",
+                "too_long",
             ) from None
         except ValueError as e:
             raise SampleError(f"{sample.where}: {e}", "tag_count_mismatch") from None

@@ -49,7 +49,7 @@ def build_dataset(
     report, keep = check_dataset(dataset, read.problems, decode=decode, progress=progress)
     if strict and report.n_errors and not cfg.data.skip_bad_samples:
         raise DataValidationError(
-            f"{spec}: {report.n_errors} bad sample(s); fix them or set skip_bad_samples: true\n{report.format()}"
+            f"{key} {spec}: {report.n_errors} bad sample(s); fix them or set skip_bad_samples: true\n{report.format()}"
         )
     if strict and not keep:
         raise DataValidationError(f"{key} {spec}: {_nothing_left(report)}\n{report.format()}")

@@ -54,6 +54,10 @@ def test_nothing_left_after_validation_says_why_for_eval_and_training(tiny_qwen2
     assert first.startswith(f"eval_dataset {long_eval}: no sample left of 2: 2 dropped as too_long")
     assert "raise model_max_length" in first
 
+    bad_eval = _jsonl(tmp_path / "bad_eval.jsonl", [_qa(0, image="gone.png"), _qa(1)])
+    with pytest.raises(DataValidationError, match=rf"^eval_dataset {bad_eval}: 1 bad sample\(s\); fix them"):
+        build_dataset(_recipe(tiny_qwen2_5_vl, bad_eval), str(bad_eval), key="eval_dataset")
+
     bad_train = _jsonl(tmp_path / "train.jsonl", [_qa(0, image="gone.png"), _qa(1, image="gone.png")])
     cfg = _recipe(tiny_qwen2_5_vl, bad_train, skip_bad_samples=True)
     with pytest.raises(DataValidationError, match=r"dataset_use .*train.jsonl: no sample left of 2: 2 skipped for missing_file; fix the samples"):
@@ -242,6 +246,15 @@ def test_a_json_file_of_lines_reports_per_line_even_when_the_first_is_bad(tmp_pa
     assert len(records.problems) == 1 and str(records.problems[0]).startswith(f"{path}:1: malformed JSON")
 
 
+def test_chars_per_token_comes_from_the_loaded_tokenizer(tiny_qwen2_5_vl, tmp_path):
+    """Not from tokenizer.json read again: a tokenizer set on the ChatTokenizer (or a file since gone) decides."""
+    chat = ChatTokenizer(tiny_qwen2_5_vl)
+    expected = chat.max_chars_per_token
+    fresh = ChatTokenizer(tiny_qwen2_5_vl)
+    fresh.model_dir = tmp_path  # holds no tokenizer.json
+    assert fresh.max_chars_per_token == expected
+
+
 # -- lengths: a huge record is refused before tokenisation ---------------------------------------------
 
 
@@ -266,6 +279,7 @@ def test_huge_record_is_dropped_without_tokenising_it(tiny_qwen2_5_vl, tmp_path)
     with pytest.raises(SampleError, match=r"id s0\): 2000\d+ characters, more than model_max_length 64 tokens can hold") as err:
         dataset.check(0)
     assert err.value.kind == "too_long" and spy.encoded == []
+    assert "characters); shorten the sample, raise model_max_length" in str(err.value)  # TextTooLong's own words, then the fix
     assert dataset.check(1)[0] < 64 and spy.encoded  # a short one is tokenised as before
 
     right = SFTDataset(dataset.samples, tiny_qwen2_5_vl, max_length=64, truncation="right")
