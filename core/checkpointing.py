@@ -219,17 +219,29 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
 # -- writing -------------------------------------------------------------------------------------------
 
 
-def _disk_full(error: BaseException | None) -> bool:
-    """Whether `error` (or one it came from) is a write that found the disk or the quota full. torch's
-    zip writer reports a short write as 'unexpected pos N vs M' / 'file write failed', without an errno."""
+# A write short of space, as torch's zip writer reports it: no errno, only these words.
+_SHORT_WRITE = ("unexpected pos", "file write failed")
+FULL_BELOW_BYTES = 64 << 20
+"""A short write counts as a full disk only when the file system has less than this left."""
+
+
+def _disk_full(error: BaseException | None, directory: Path) -> bool:
+    """Whether `error` (or one it came from) is a write that found the disk or the quota full: ENOSPC /
+    EDQUOT, their messages, or torch's zip writer's short write on a file system that is indeed (nearly)
+    full (a short write for another reason, an I/O or network error, is not called a full disk)."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         text = str(error)
-        if any(s in text for s in ("No space left on device", "Disk quota exceeded", "unexpected pos", "file write failed")):
+        if "No space left on device" in text or "Disk quota exceeded" in text:
             return True
+        if any(s in text for s in _SHORT_WRITE):
+            try:
+                return shutil.disk_usage(directory).free < FULL_BELOW_BYTES
+            except OSError:
+                return False
         error = error.__cause__ or error.__context__
     return False
 
@@ -251,14 +263,16 @@ def _device_of(path: Path) -> str:
 
 
 @contextmanager
-def _writing(tmp: Path, name: str) -> Iterator[None]:
+def _writing(tmp: Path, name: str, owner: bool = True) -> Iterator[None]:
     """Around the files of a checkpoint's temporary directory: if they cannot all be written, the
-    directory goes (a half-written checkpoint would only fill the disk further), and a full disk says so."""
+    directory goes (a half-written checkpoint would only fill the disk further), and a full disk says so.
+    Only its `owner` removes it: the other ranks of a run may still be writing into it."""
     try:
         yield
     except BaseException as e:
-        full = _disk_full(e)
-        shutil.rmtree(tmp, ignore_errors=True)
+        full = _disk_full(e, tmp.parent)
+        if owner:
+            shutil.rmtree(tmp, ignore_errors=True)
         if full:
             raise CheckpointError(
                 f"no space left on {_device_of(tmp.parent)}: {name} not written (its temporary directory was "
@@ -345,7 +359,7 @@ class DistributedCheckpointManager(CheckpointManager):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.ctx.barrier()
-        with _writing(tmp, final.name):  # a rank that fails ends its process; the launcher stops the others
+        with _writing(tmp, final.name, owner=self.ctx.is_main):  # a failing rank ends its process; the launcher stops the others
             write_engine_files(tmp)
         self.ctx.barrier()  # every rank's files are on disk before the rename makes them a checkpoint
         if self.ctx.is_main:

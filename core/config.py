@@ -190,8 +190,8 @@ class TrainArgs:
     early_stopping_threshold: float = 0.0
     """An evaluation improves only when it beats the best by more than this."""
     max_bad_steps: int = 10
-    """Steps with a NaN/inf loss are skipped; the run stops once more than this many were, or once 3 in a row
-    were (the weights are then most likely non-finite; core/loop.py), without saving NaN weights."""
+    """Steps with a NaN/inf loss are skipped (the weights untouched); the run stops once more than this many
+    were. A NaN/inf gradient norm stops it at once, without saving the non-finite weights (core/loop.py)."""
     bf16: bool = False
     """bf16 autocast on GPU; CPU runs fp32."""
     gradient_checkpointing: bool = False

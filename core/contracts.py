@@ -57,9 +57,10 @@ class TrainBackend(Protocol):
         """
         ...
 
-    def optimizer_step(self, lr_factor: float, max_grad_norm: float) -> float:
+    def optimizer_step(self, lr_factor: float, max_grad_norm: float) -> float | None:
         """Clip, step with each parameter group's base learning rate times `lr_factor` (the
-        schedule's multiplier), zero the grads; return the pre-clip global grad norm."""
+        schedule's multiplier), zero the grads; return the pre-clip global grad norm (None where the
+        engine cannot know it; a NaN/inf norm stops the run: the update made the weights non-finite)."""
         ...
 
     def zero_grad(self) -> None:

@@ -26,8 +26,6 @@ from .metrics import MetricsWriter
 from .schedules import lr_at, warmup_steps_for
 
 
-# Consecutive steps with a NaN/inf loss after which the weights themselves are taken to be non-finite.
-MAX_BAD_STREAK = 3
 _NON_FINITE_FIX = ("Lower learning_rate (or max_grad_norm), train in fp32 (bf16: false), or check the data; "
                    "resume_from_checkpoint can restart from a checkpoint saved before this step.")
 
@@ -49,8 +47,6 @@ class LoopState:
     loss_sum: float = 0.0
     loss_steps: int = 0
     bad_steps: int = 0
-    bad_streak: int = 0
-    """Steps in a row, up to the last one, whose loss was NaN/inf."""
     best_metric: float | None = None
     best_checkpoint: str | None = None
     evals_without_improvement: int = 0
@@ -152,28 +148,21 @@ def run_training(
         if math.isfinite(loss):
             grad_norm = backend.optimizer_step(factor, args.max_grad_norm)
             # The update has been applied: a NaN/inf norm has put NaN/inf into the weights (clipping scales
-            # by max_norm / norm). DeepSpeed reports no norm for some optimizers and skips overflowed steps itself.
-            if not math.isfinite(grad_norm) and not args.deepspeed:
+            # by max_norm / norm). None: the engine knows no norm (DeepSpeed, for some optimizers).
+            if grad_norm is not None and not math.isfinite(grad_norm):
                 raise TrainingStopped(
                     f"step {state.step}: the gradient norm is {grad_norm} (loss {loss:.4g}), so the update made the "
                     f"weights non-finite; stopped without saving them. {_NON_FINITE_FIX}"
                 )
             state.loss_sum += loss
             state.loss_steps += 1
-            state.bad_streak = 0
-        else:
+        else:  # skipped: the weights are untouched
             backend.zero_grad()
             state.bad_steps += 1
-            state.bad_streak += 1
             bar.write(f"step {state.step}: loss is {loss}; step skipped ({state.bad_steps} so far)")
             if state.bad_steps > args.max_bad_steps:
                 raise TrainingStopped(f"{state.bad_steps} steps had a NaN/inf loss (max_bad_steps {args.max_bad_steps}); "
                                       f"{_NON_FINITE_FIX}")
-            if state.bad_streak >= MAX_BAD_STREAK:
-                raise TrainingStopped(
-                    f"steps {state.step - state.bad_streak + 1}-{state.step} all had a NaN/inf loss: the weights are "
-                    f"most likely no longer finite; stopped without saving them. {_NON_FINITE_FIX}"
-                )
             grad_norm = float("nan")
         last_loss = loss
 
@@ -189,7 +178,7 @@ def run_training(
                 "loss": round(loss, 6) if math.isfinite(loss) else str(loss),
                 "lr": args.learning_rate * factor,
                 **{f"lr_{name}": lr for name, lr in backend.learning_rates().items()},
-                "grad_norm": round(grad_norm, 6) if math.isfinite(grad_norm) else str(grad_norm),
+                "grad_norm": None if grad_norm is None else round(grad_norm, 6) if math.isfinite(grad_norm) else str(grad_norm),
                 "tokens_per_s": round(window_tokens / elapsed, 1),
                 "samples_per_s": round(window_samples / elapsed, 2),
                 "data_wait_s": round(window_data_s, 3),

@@ -124,6 +124,8 @@ def validate(cfg: RecipeConfig) -> None:
     """Collect every semantic problem of a recipe and raise once."""
     m, d, t = cfg.model, cfg.data, cfg.train
     problems = _non_finite_problems(cfg)
+    if problems:  # alone: every range rule below would report the same NaN / inf once more
+        raise ConfigError("invalid recipe:\n  - " + "\n  - ".join(problems))
     if not m.model_name_or_path:
         problems.append("model_name_or_path is empty: give a local HF-format model directory")
     if m.make_tiny_model is not None and m.make_tiny_model not in FAMILIES:

@@ -331,11 +331,11 @@ class DeepSpeedBackend(_DistributedBackend):
             self.engine.step()  # counts the micro-step; the update waits for optimizer_step
         return loss_sum.detach()  # read once per step by the loop (core.contracts)
 
-    def optimizer_step(self, lr_factor: float, max_grad_norm: float) -> float:
+    def optimizer_step(self, lr_factor: float, max_grad_norm: float) -> float | None:
         set_learning_rates(self.optimizer, lr_factor)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return float(norm) if norm is not None else None  # some optimizers' steps report none
 
     def zero_grad(self) -> None:
         # ZeRO has already reduced (and partitioned) this step's gradients by the time the loss is

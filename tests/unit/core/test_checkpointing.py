@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -80,7 +81,8 @@ class TwoRanks:
     RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 801024 vs 800912"),  # torch.save's
 ], ids=["ENOSPC", "torch-zip-writer"])
 @pytest.mark.parametrize("manager", [CheckpointManager, DistributedCheckpointManager])
-def test_a_full_disk_names_the_device_and_leaves_no_temporary_directory(manager, error, tmp_path):
+def test_a_full_disk_names_the_device_and_leaves_no_temporary_directory(manager, error, tmp_path, monkeypatch):
+    monkeypatch.setattr("shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 4096))  # full
     ckpts = manager(tmp_path, None, TwoRanks()) if manager is DistributedCheckpointManager else manager(tmp_path)
 
     def write(directory: Path) -> None:
@@ -93,13 +95,42 @@ def test_a_full_disk_names_the_device_and_leaves_no_temporary_directory(manager,
     assert list(tmp_path.iterdir()) == [] and complete_checkpoints(tmp_path) == []
 
 
-def test_other_write_errors_are_not_called_a_full_disk(tmp_path):
+def test_other_write_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
     def write(directory: Path) -> None:
         raise KeyError("a bug")
 
     with pytest.raises(KeyError, match="a bug"):
         CheckpointManager(tmp_path).save(3, write, {"step": 3, "data": {}})
     assert list(tmp_path.iterdir()) == []
+
+    short = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 801024 vs 800912")
+
+    def short_write(directory: Path) -> None:  # torch's zip writer, on a disk with room: an I/O error, not a full disk
+        raise short
+
+    monkeypatch.setattr("shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 1 << 30, 9 << 30))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        CheckpointManager(tmp_path).save(4, short_write, {"step": 4, "data": {}})
+
+
+class FailingRank:
+    world_size, is_main = 2, False
+
+    def barrier(self) -> None:
+        pass
+
+
+def test_a_failing_rank_other_than_0_leaves_the_shared_temporary_directory_to_rank_0(tmp_path):
+    tmp = tmp_path / ".tmp-checkpoint-5"
+    tmp.mkdir()  # made by rank 0, which may still be writing its files there
+    (tmp / "rank0.bin").write_bytes(b"x")
+
+    def write(directory: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output error"):
+        DistributedCheckpointManager(tmp_path, None, FailingRank()).save(5, write, {"step": 5, "data": {}})
+    assert (tmp / "rank0.bin").exists()
 
 
 def test_each_checkpoint_carries_its_recipe(tmp_path):

@@ -25,8 +25,9 @@ def test_non_finite_floats_are_refused_for_every_float_key(value):
 
 
 def test_all_non_finite_keys_are_named_in_one_error():
-    message = _problem({"learning_rate": "nan", "weight_decay": "inf"})
+    message = _problem({"learning_rate": "nan", "weight_decay": "inf", "warmup_ratio": "nan"})
     assert "learning_rate" in message and "weight_decay" in message
+    assert message.count("warmup_ratio") == 1  # once, as non-finite: not again as out of [0, 1)
 
 
 @pytest.mark.parametrize(("key", "value"), [

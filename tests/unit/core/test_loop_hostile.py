@@ -57,10 +57,18 @@ def test_a_non_finite_grad_norm_stops_the_run_at_that_step(tmp_path):
     assert engine.stepped == 2
 
 
-def test_non_finite_losses_in_a_row_stop_the_run_though_max_bad_steps_allows_more(tmp_path):
-    engine = Engine(loss=lambda i: 0.5 if i == 0 else float("inf"))  # the weights went bad after step 1
-    with pytest.raises(TrainingStopped, match="steps 2-4 all had a NaN/inf loss"):
-        _run(tmp_path, engine, 10, TrainArgs(max_bad_steps=100))
+def test_the_grad_norm_check_holds_for_every_engine_and_an_unknown_norm_passes(tmp_path):
+    with pytest.raises(TrainingStopped, match="step 1: the gradient norm is inf"):  # DeepSpeed (bf16) included
+        _run(tmp_path, Engine(grad_norm=lambda i: float("inf")), 3, TrainArgs(deepspeed="zero2"))
+    unknown = Engine(grad_norm=lambda i: None)  # DeepSpeed with an optimizer that reports no norm
+    assert _run(tmp_path, unknown, 3).steps == 3
+    assert '"grad_norm": null' in (tmp_path / "m.jsonl").read_text()
+
+
+def test_skipped_steps_leave_the_weights_alone_so_only_max_bad_steps_stops_them(tmp_path):
+    bad_run = Engine(loss=lambda i: 0.5 if i == 0 else float("inf"))
+    with pytest.raises(TrainingStopped, match="4 steps had a NaN/inf loss \\(max_bad_steps 3\\)"):
+        _run(tmp_path, bad_run, 10, TrainArgs(max_bad_steps=3))
     scattered = Engine(loss=lambda i: float("nan") if i % 2 else 0.5)  # bad batches, not bad weights: the run goes on
     assert _run(tmp_path, scattered, 6, TrainArgs(max_bad_steps=100)).bad_steps == 3
 
