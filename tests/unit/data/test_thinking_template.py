@@ -7,11 +7,17 @@ the way training showed it the answer; inference follows `--thinking`.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from vltune.core.config import ConfigError
 from vltune.core.recipe import load_recipe
 from vltune.data.chat import ChatTokenizer
+from vltune.data.dataset import SFTDataset
+from vltune.data.formats import Sample
+from vltune.evaluation import Evaluator
+from vltune.inference import Predictor, build_prompt_sample
 
 QUESTION = {"role": "user", "content": "What color?"}
 
@@ -46,6 +52,40 @@ def test_evaluation_prompt_is_what_training_showed(chat):
     thinking = {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nred"}
     opened = chat.decode(chat.encode_prompt([QUESTION], [], [], answer=thinking), skip_special_tokens=False)
     assert opened.endswith("<|im_start|>assistant\n<think>\n")
+
+
+class _RecordingBackend:
+    """Stands in for a trained model: scores a token, generates nothing, keeps the prompts it was given."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def eval_loss(self, batch):
+        return 1.0, 1
+
+    def generate(self, batch, max_new_tokens):
+        self.prompts += batch
+        return [[] for _ in batch]
+
+
+def test_the_evaluator_prompts_as_training_showed(tiny_models):
+    """Through Evaluator: dropping its as_trained would prompt with an open <think> the model never saw."""
+    sample = Sample(id="s0", messages=[QUESTION, {"role": "assistant", "content": "red"}], images=[], videos=[], source="t")
+    dataset = SFTDataset([sample], tiny_models["qwen3_5"], max_length=256)
+    backend = _RecordingBackend()
+    Evaluator(dataset, backend, lambda features, padding_side="right": features, batch_size=1, max_new_tokens=4)()
+    prompt = dataset.tokenizer.decode(backend.prompts[0].input_ids, skip_special_tokens=False)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+@pytest.mark.parametrize("thinking, ending", [(True, "assistant\n<think>\n"), (False, "assistant\n<think>\n\n</think>\n\n")])
+def test_predictor_prompt_follows_thinking(tiny_models, thinking, ending):
+    """Through Predictor.dataset (no model loaded): its `thinking` must reach the template."""
+    predictor = SimpleNamespace(model_dir=tiny_models["qwen3_5"], min_pixels=None, max_pixels=None, video_overrides={},
+                                thinking=thinking)
+    dataset = Predictor.dataset(predictor, [build_prompt_sample("What color?", [])])
+    features, _ = dataset.prompt(0)
+    assert dataset.tokenizer.decode(features.input_ids, skip_special_tokens=False).endswith(ending)
 
 
 @pytest.mark.parametrize("thinking, ending", [(True, "assistant\n<think>\n"), (False, "assistant\n<think>\n\n</think>\n\n")])
