@@ -19,7 +19,7 @@ import numpy as np
 from vltune.core.config import ConfigError, RecipeConfig
 from vltune.core.recipe import load_recipe
 from vltune.core.recipe_rules import check_family, circle_rope_settings
-from vltune.core.checkpointing import CheckpointManager, DistributedCheckpointManager, read_trainer_state
+from vltune.core.checkpointing import CheckpointManager, read_trainer_state
 from vltune.core.families import read_config
 from vltune.core.flops import batch_flops, shape_from_config
 from vltune.core.loop import LoopState, TrainingStopped, run_training
@@ -141,13 +141,6 @@ def _mfu_inputs(cfg: RecipeConfig, backend, world_size: int):
     return partial(batch_flops, shape, llm_multiplier=llm, vision_multiplier=vision), peak * world_size
 
 
-def _checkpoint_manager(cfg: RecipeConfig, out_dir: Path, ctx) -> CheckpointManager:
-    recipe = cfg.to_flat_dict()  # each checkpoint carries it: resume compares it with the resuming run's
-    if ctx.world_size == 1:
-        return CheckpointManager(out_dir, cfg.train.save_total_limit, recipe)
-    return DistributedCheckpointManager(out_dir, cfg.train.save_total_limit, ctx, recipe)
-
-
 def _engine_name(cfg: RecipeConfig, world_size: int) -> str:
     if cfg.train.deepspeed:
         return "deepspeed"
@@ -236,7 +229,7 @@ def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
     try:
         result = run_training(
             cfg.train, backend, source, total_steps, writer, evaluate=evaluator,
-            checkpoints=_checkpoint_manager(cfg, out_dir, ctx), state=state, show_progress=show_progress and ctx.is_main,
+            checkpoints=CheckpointManager(out_dir, cfg.train.save_total_limit, cfg.to_flat_dict(), ctx), state=state, show_progress=show_progress and ctx.is_main,
             flops=flops, peak_flops=peak,
         )
     finally:

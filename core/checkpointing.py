@@ -281,35 +281,71 @@ def _writing(tmp: Path, name: str, owner: bool = True) -> Iterator[None]:
         raise
 
 
+class RankContext(Protocol):
+    """What a multi-process run tells the checkpoint manager (each backend's DistContext has it)."""
+
+    world_size: int
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def barrier(self) -> None: ...
+
+
+class OneRank:
+    """The RankContext of a run in one process."""
+
+    world_size, is_main = 1, True
+
+    def barrier(self) -> None:
+        pass
+
+
 class CheckpointManager:
     """save(step, ...) and rotation under save_total_limit, never deleting the best checkpoint. With
-    `recipe` (the run's flat recipe), each checkpoint carries it as recipe.json, for resume to compare."""
+    `recipe` (the run's flat recipe), each checkpoint carries it as recipe.json, for resume to compare.
 
-    def __init__(self, output_dir: str | Path, save_total_limit: int | None = None, recipe: dict[str, Any] | None = None):
+    Under several processes (`ctx`) rank 0 owns the directory's life cycle while every rank writes its
+    files: sharded engines (ZeRO-3, FSDP2) must gather on all ranks to save a model, ZeRO writes one
+    optimizer shard per rank, and every rank keeps its own RNG streams. So every rank calls
+    `write_engine_files` on the same temporary directory, between barriers; rank 0 alone creates it,
+    writes trainer_state.json last, renames it into place and rotates old checkpoints, so a checkpoint
+    appears whole or not at all. Backend-neutral: `ctx` is the torch or the MindSpore DistContext
+    (one process: OneRank, whose barriers cost nothing).
+    """
+
+    def __init__(self, output_dir: str | Path, save_total_limit: int | None = None, recipe: dict[str, Any] | None = None,
+                 ctx: RankContext | None = None):
         self.output_dir = Path(output_dir)
         self.save_total_limit = save_total_limit
         self.recipe = recipe
+        self.ctx = ctx or OneRank()
 
     def save(self, step: int, write_engine_files: Callable[[Path], None], trainer_state: dict[str, Any]) -> Path:
         final = self.output_dir / f"checkpoint-{step}"
         tmp = self.output_dir / f".tmp-checkpoint-{step}"
-        with _writing(tmp, final.name):
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+        main = self.ctx.is_main
+        if main:
+            with _writing(tmp, final.name):
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+        self.ctx.barrier()
+        with _writing(tmp, final.name, owner=main):  # a failing rank ends its process; the launcher stops the others
             write_engine_files(tmp)
-            self._write_recipe(tmp)
-            self._write_trainer_state(tmp, trainer_state)
-            _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. best at the last step): replace it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(self.output_dir)
-        self._rotate(keep=trainer_state.get("best_checkpoint"))
+        self.ctx.barrier()  # every rank's files are on disk before the rename makes them a checkpoint
+        if main:
+            with _writing(tmp, final.name):
+                if self.recipe is not None:
+                    (tmp / RECIPE_FILE).write_text(json.dumps(self.recipe, indent=2) + "\n")
+                self._write_trainer_state(tmp, trainer_state)  # last: its presence marks the files complete
+                _fsync_dir(tmp)
+            if final.exists():  # re-saving the same step (e.g. best at the last step): replace it whole
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.output_dir)
+            self._rotate(keep=trainer_state.get("best_checkpoint"))
+        self.ctx.barrier()
         return final
-
-    def _write_recipe(self, directory: Path) -> None:
-        if self.recipe is not None:
-            (directory / RECIPE_FILE).write_text(json.dumps(self.recipe, indent=2) + "\n")
 
     @staticmethod
     def _write_trainer_state(directory: Path, trainer_state: dict[str, Any]) -> None:
@@ -323,55 +359,6 @@ class CheckpointManager:
         excess = len(found) - self.save_total_limit
         for path in removable[: max(0, excess)]:
             shutil.rmtree(path)
-
-
-class RankContext(Protocol):
-    """What a multi-process run tells the checkpoint manager (each backend's DistContext has it)."""
-
-    world_size: int
-
-    @property
-    def is_main(self) -> bool: ...
-
-    def barrier(self) -> None: ...
-
-
-class DistributedCheckpointManager(CheckpointManager):
-    """CheckpointManager whose directory life cycle runs on rank 0 while every rank writes its files.
-
-    Sharded engines (ZeRO-3, FSDP2) must gather on all ranks to save a model, ZeRO writes one optimizer
-    shard per rank, and every rank keeps its own RNG streams; so every rank calls `write_engine_files`
-    on the same temporary directory, between barriers. Rank 0 alone creates it, writes
-    trainer_state.json last, renames it into place and rotates old checkpoints, so a checkpoint still
-    appears whole or not at all. Backend-neutral: `ctx` is the torch or the MindSpore DistContext.
-    """
-
-    def __init__(self, output_dir: str | Path, save_total_limit: int | None, ctx: RankContext, recipe: dict[str, Any] | None = None):
-        super().__init__(output_dir, save_total_limit, recipe)
-        self.ctx = ctx
-
-    def save(self, step: int, write_engine_files: Callable[[Path], None], trainer_state: dict[str, Any]) -> Path:
-        if self.ctx.world_size == 1:
-            return super().save(step, write_engine_files, trainer_state)
-        final = self.output_dir / f"checkpoint-{step}"
-        tmp = self.output_dir / f".tmp-checkpoint-{step}"
-        if self.ctx.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.ctx.barrier()
-        with _writing(tmp, final.name, owner=self.ctx.is_main):  # a failing rank ends its process; the launcher stops the others
-            write_engine_files(tmp)
-        self.ctx.barrier()  # every rank's files are on disk before the rename makes them a checkpoint
-        if self.ctx.is_main:
-            with _writing(tmp, final.name):
-                self._write_recipe(tmp)
-                self._write_trainer_state(tmp, trainer_state)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            self._rotate(keep=trainer_state.get("best_checkpoint"))
-        self.ctx.barrier()
-        return final
 
 
 def write_atomically(out_dir: str | Path, write: Callable[[Path], None]) -> None:

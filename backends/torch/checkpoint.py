@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vltune.core.checkpointing import require_whole, write_atomically
+from vltune.core.checkpointing import write_atomically
 from vltune.core.families import get_family
 from vltune.core.untrained_weights import carry_untrained
 from vltune.data.model_info import PROCESSOR_FILES
@@ -76,7 +76,6 @@ def load_weights(model: torch.nn.Module, directory: Path, lora: bool) -> None:
     if lora:
         from peft import set_peft_model_state_dict
 
-        require_whole(directory / "adapter_model.safetensors")  # safetensors' own error names no file
         result = set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
         if result.unexpected_keys:
             raise ValueError(f"{directory}: adapter has keys the model lacks: {result.unexpected_keys[:5]}")
@@ -89,9 +88,7 @@ def saved_state(model: torch.nn.Module, directory: Path, dtype: torch.dtype) -> 
 
     The saved names are the checkpoint's (transformers renames on save and load), so they are read back
     through transformers itself: exact, and independent of the naming scheme."""
-    files = sorted(Path(directory).glob("model*.safetensors"))
-    if not files:
+    # (resolve_resume has checked every file of the checkpoint: a truncated one is named there)
+    if not any(Path(directory).glob("model*.safetensors")):
         raise FileNotFoundError(f"{directory}: no model*.safetensors to resume from")
-    for path in files:
-        require_whole(path)  # safetensors' own error names no file
     return type(model).from_pretrained(str(directory), dtype=dtype).state_dict()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from vltune.core.checkpointing import (
-    CheckpointError, CheckpointManager, DistributedCheckpointManager, checkpoint_problem, complete_checkpoints, resolve_resume,
+    CheckpointError, CheckpointManager, checkpoint_problem, complete_checkpoints, resolve_resume,
 )
 from vltune.core.config import ConfigError
 
@@ -80,10 +80,10 @@ class TwoRanks:
     OSError(errno.ENOSPC, "No space left on device"),
     RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 801024 vs 800912"),  # torch.save's
 ], ids=["ENOSPC", "torch-zip-writer"])
-@pytest.mark.parametrize("manager", [CheckpointManager, DistributedCheckpointManager])
-def test_a_full_disk_names_the_device_and_leaves_no_temporary_directory(manager, error, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ranks", [None, "two"], ids=["one-rank", "two-ranks"])
+def test_a_full_disk_names_the_device_and_leaves_no_temporary_directory(ranks, error, tmp_path, monkeypatch):
     monkeypatch.setattr("shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 4096))  # full
-    ckpts = manager(tmp_path, None, TwoRanks()) if manager is DistributedCheckpointManager else manager(tmp_path)
+    ckpts = CheckpointManager(tmp_path, ctx=TwoRanks() if ranks else None)
 
     def write(directory: Path) -> None:
         (directory / "model.safetensors").write_bytes(b"x" * 100)
@@ -129,7 +129,7 @@ def test_a_failing_rank_other_than_0_leaves_the_shared_temporary_directory_to_ra
         raise OSError(errno.EIO, "Input/output error")
 
     with pytest.raises(OSError, match="Input/output error"):
-        DistributedCheckpointManager(tmp_path, None, FailingRank()).save(5, write, {"step": 5, "data": {}})
+        CheckpointManager(tmp_path, ctx=FailingRank()).save(5, write, {"step": 5, "data": {}})
     assert (tmp / "rank0.bin").exists()
 
 
