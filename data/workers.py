@@ -17,10 +17,11 @@ The batch iterator stays the only one that decides what comes next: it tells the
 on the spot; planned slots it no longer expects are cancelled. So the order, the skips and the resume
 position are exactly those of the synchronous path.
 
-A run killed with SIGKILL gets no chance to stop its workers or free their blocks. So each worker
-watches its parent and exits when it is gone (`_exit_with_owner`), and each block is named after the
-trainer that owns it (`vltune_<pid>_<pid namespace>_<random>`): a later run removes the blocks of owners that are
-dead (`remove_stale_blocks`).
+A trainer killed with SIGKILL gets no chance to stop its workers. So each worker watches its parent and
+exits when it is gone (`_exit_with_owner`). Python's resource tracker then frees the blocks the workers
+made, but not when it dies too (a whole process group or container killed: scancel, an OOM kill, docker
+stop). So each block is named after the trainer that owns it (`vltune_<pid>_<pid namespace>_<random>`),
+and a later run removes the blocks of owners that are dead (`remove_stale_blocks`).
 """
 
 from __future__ import annotations
