@@ -119,9 +119,9 @@ def test_a_run_killed_mid_training_leaves_nothing_running_and_resumes(tmp_path, 
     from multiprocessing import resource_tracker
     from multiprocessing.shared_memory import SharedMemory
 
-    from vltune.data.workers import _HOST, SHARED_PREFIX
+    from vltune.data.workers import _NAMESPACE, SHARED_PREFIX
 
-    block = SharedMemory(create=True, size=1 << 20, name=f"{SHARED_PREFIX}{run.pid}_{_HOST}_5ca1ab1e")
+    block = SharedMemory(create=True, size=1 << 20, name=f"{SHARED_PREFIX}{run.pid}_{_NAMESPACE}_5ca1ab1e")
     resource_tracker.unregister(block._name, "shared_memory")
     block.close()
     with (out / "metrics.jsonl").open("a") as f:
