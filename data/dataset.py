@@ -10,7 +10,7 @@ import numpy as np
 from .chat import VIDEO_PAD, ChatTokenizer, TextTooLong
 from .formats import Sample, SampleError
 from .model_info import ModelInfo, read_model_info
-from .vision import VisionConfig, image_size, load_image, preprocess_image, smart_resize
+from .vision import VisionConfig, image_size, load_image, preprocess_image
 
 TRUNCATION_STRATEGIES = ("delete", "right", "error")
 
@@ -100,7 +100,7 @@ class SFTDataset:
         """An image's patch grid from its header alone (what `measure` needs, without decoding)."""
         try:
             height, width = image_size(path)
-            h, w = smart_resize(height, width, self.vision.patch_size * self.vision.merge_size, self.vision.min_pixels, self.vision.max_pixels)
+            h, w = self.vision.resize_target(height, width)  # the family's rule (Qwen or Ovis2.5)
         except ValueError as e:
             raise SampleError(f"{sample.where}: {e}", _media_kind(e)) from None
         return np.array([1, h // self.vision.patch_size, w // self.vision.patch_size], dtype=np.int64)

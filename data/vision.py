@@ -1,4 +1,4 @@
-"""Image preprocessing for Qwen2-VL, Qwen2.5-VL and Qwen3-VL, in numpy and PIL.
+"""Image preprocessing for Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Ovis2.5, in numpy and PIL.
 
 The vision tower was trained on pixels produced by transformers' image processor,
 so anything we feed it must match that processor exactly: a different resize
@@ -13,6 +13,16 @@ Pipeline, as in transformers: convert to RGB (alpha composited onto white) ->
 resize of the uint8 image -> rescale in float64, cast to float32 -> normalize in
 float32 -> repeat ``temporal_patch_size`` times -> flatten patches in
 merge-window order.
+
+Ovis2.5 (``transformers.Ovis2_5ImageProcessorPil``, checked bit for bit by
+``tests/unit/data/test_vision_ovis.py``) runs the very same pipeline with other
+settings and another resize rule (``VisionConfig.resize_rule == "ovis2_5"``):
+``smart_resize_ovis`` (sides below the factor are scaled up first, aspect ratios
+above 200 are clamped instead of refused, no ``max(factor, ...)`` floor), PIL
+*bilinear* (resample 2), mean/std 0.5, patch 16, ``temporal_patch_size`` 1 and
+``size = {shortest_edge: 448*448, longest_edge: 1344*1792}`` as pixel bounds.
+Callers never pick the rule themselves: ``VisionConfig.resize_target`` and
+``VisionConfig.grid_thw`` answer for the config's model family.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import os
 import threading
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Union
 
@@ -36,7 +46,16 @@ from PIL import Image, ImageOps
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_BILINEAR = 2  # PIL.Image.Resampling.BILINEAR: Ovis2.5's filter
 _BICUBIC = 3  # PIL.Image.Resampling.BICUBIC; the only filter the Qwen processors use
+IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
+IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
+
+RESIZE_RULES = ("qwen2_vl", "ovis2_5")
+"""Whose smart_resize a VisionConfig follows: Qwen2/2.5/3-VL's or Ovis2.5's."""
+_RESAMPLES = {"qwen2_vl": (_BICUBIC,), "ovis2_5": (_BILINEAR, _BICUBIC)}
+"""PIL filters we reproduce per rule (the resize is PIL's own call, so exact for each; only these are tested)."""
+_OVIS_IMAGE_PROCESSORS = ("Ovis2_5ImageProcessor", "Ovis2_5ImageProcessorPil")
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -72,10 +91,60 @@ def smart_resize(
     return h_bar, w_bar
 
 
+def smart_resize_ovis(
+    height: int,
+    width: int,
+    factor: int = 32,
+    min_pixels: int = 448 * 448,
+    max_pixels: int = 1344 * 1792,
+) -> tuple[int, int]:
+    """Ovis2.5's target (height, width): a line-for-line copy of transformers'
+    ``models/ovis2_5`` ``smart_resize`` (the image and the video module carry the same one;
+    the pixel budget is per frame).
+
+    Unlike Qwen's: a side below ``factor`` is first set to ``factor`` with the other side
+    scaled to keep the ratio (``round``, banker's), an aspect ratio above 200 is clamped to
+    200 rather than refused (the image is then squashed, not cropped), and the ``max_pixels``
+    branch has no ``max(factor, ...)`` floor. That last point lets a side reach 0 for very
+    thin images under a small ``max_pixels``; transformers then fails inside PIL, we raise a
+    ValueError that says why.
+    """
+    if height < factor or width < factor:
+        if height < width:
+            width = round(factor / height * width)
+            height = factor
+        else:
+            height = round(factor / width * height)
+            width = factor
+    elif max(height, width) / min(height, width) > 200:
+        if height > width:
+            height = 200 * width
+        else:
+            width = 200 * height
+
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    if h_bar <= 0 or w_bar <= 0:
+        raise ValueError(
+            f"Ovis2.5 resize of a {height}x{width} image under max_pixels={max_pixels} gives {h_bar}x{w_bar}: "
+            f"the image is too thin for the pixel budget; raise max_pixels or crop the image"
+        )
+    return h_bar, w_bar
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """Preprocessing settings; the defaults are Qwen2-VL / Qwen2.5-VL's
-    (and those of transformers' ``Qwen2VLImageProcessorPil`` class)."""
+    (and those of transformers' ``Qwen2VLImageProcessorPil`` class). ``VisionConfig.ovis2_5()``
+    gives ``Ovis2_5ImageProcessorPil``'s."""
 
     patch_size: int = 14
     temporal_patch_size: int = 2
@@ -85,11 +154,22 @@ class VisionConfig:
     image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     image_std: tuple[float, ...] = OPENAI_CLIP_STD
     rescale_factor: float = 1 / 255
+    resize_rule: str = "qwen2_vl"
+    """Whose smart_resize picks the target size: "qwen2_vl" (Qwen2/2.5/3-VL) or "ovis2_5"."""
+    resample: int = _BICUBIC
+    """PIL filter of the resize (3 bicubic for Qwen; Ovis2.5 uses 2, bilinear)."""
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"VisionConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.resize_rule not in RESIZE_RULES:
+            raise ValueError(f"VisionConfig.resize_rule must be one of {RESIZE_RULES}, got {self.resize_rule!r}")
+        if self.resample not in _RESAMPLES[self.resize_rule]:
+            raise ValueError(
+                f"resample={self.resample} is not reproduced for {self.resize_rule} images; supported: "
+                f"{_RESAMPLES[self.resize_rule]} (2 = bilinear, 3 = bicubic)"
+            )
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) > max_pixels ({self.max_pixels})")
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
@@ -101,6 +181,32 @@ class VisionConfig:
         return self.patch_size * self.merge_size
 
     @classmethod
+    def ovis2_5(cls, **changes: Any) -> "VisionConfig":
+        """``Ovis2_5ImageProcessorPil``'s class defaults, with ``changes`` applied."""
+        defaults: dict[str, Any] = dict(
+            patch_size=16, temporal_patch_size=1, merge_size=2, min_pixels=448 * 448, max_pixels=1344 * 1792,
+            image_mean=IMAGENET_STANDARD_MEAN, image_std=IMAGENET_STANDARD_STD, resize_rule="ovis2_5",
+            resample=_BILINEAR,
+        )
+        return cls(**{**defaults, **changes})
+
+    def resize_target(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) an image of this size is resized to, by this config's family rule.
+
+        The one place that picks the rule: token counts from headers, the pixels themselves and
+        any estimate must all agree, or a sample's placeholders and features disagree.
+        """
+        if self.resize_rule == "ovis2_5":
+            return smart_resize_ovis(height, width, self.factor, self.min_pixels, self.max_pixels)
+        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+
+    def grid_thw(self, height: int, width: int) -> np.ndarray:
+        """int64 ``[1, grid_h, grid_w]`` of an image of this (height, width), from its size alone;
+        the LLM sees ``grid_h * grid_w // merge_size**2`` tokens for it."""
+        h, w = self.resize_target(height, width)
+        return np.array([1, h // self.patch_size, w // self.patch_size], dtype=np.int64)
+
+    @classmethod
     def from_preprocessor_config(cls, path_or_dict: PathLike | Mapping[str, Any]) -> "VisionConfig":
         """Build from a HF ``preprocessor_config.json`` (a file, its directory, or
         the parsed dict).
@@ -108,19 +214,19 @@ class VisionConfig:
         Qwen2/2.5-VL configs give top-level ``min_pixels``/``max_pixels``; Qwen3-VL
         gives ``size: {shortest_edge, longest_edge}``. As in transformers'
         ``Qwen2VLImageProcessor.__init__``, top-level keys win over ``size``.
+        An Ovis2.5 file (``image_processor_type`` Ovis2_5ImageProcessor[Pil] or
+        ``processor_class`` Ovis2_5Processor) takes Ovis2.5's rule and class defaults,
+        its bounds from ``size`` only (``Ovis2_5ImageProcessorPil`` has no
+        ``min_pixels``/``max_pixels`` keys) and its ``resample`` (default 2).
         Settings we do not reproduce (another resample filter, a disabled step)
         raise instead of silently producing pixels the model never saw.
         """
-        if isinstance(path_or_dict, Mapping):
-            raw = dict(path_or_dict)
-        else:
-            path = Path(path_or_dict)
-            if path.is_dir():
-                path = path / "preprocessor_config.json"
-            raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = _read_image_processor_config(path_or_dict)
         for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
             if raw.get(flag, True) is False:
                 raise ValueError(f"preprocessor config sets {flag}=false, which vltune does not support")
+        if _is_ovis(raw):
+            return cls._from_ovis_config(raw)
         if raw.get("resample", _BICUBIC) != _BICUBIC:
             raise ValueError(f"only bicubic resampling (3) is supported, got resample={raw['resample']}")
 
@@ -137,6 +243,52 @@ class VisionConfig:
             image_std=tuple(float(v) for v in raw.get("image_std", cls.image_std)),
             rescale_factor=float(raw.get("rescale_factor", cls.rescale_factor)),
         )
+
+    @classmethod
+    def _from_ovis_config(cls, raw: Mapping[str, Any]) -> "VisionConfig":
+        """An Ovis2.5 processor dict over ``Ovis2_5ImageProcessorPil``'s class defaults (null = default)."""
+        base = cls.ovis2_5()
+        size = raw.get("size") or {}
+        resample = int(_first(raw.get("resample"), base.resample))
+        if resample not in _RESAMPLES["ovis2_5"]:
+            raise ValueError(
+                f"Ovis2.5 preprocessor config sets resample={resample}; vltune reproduces only "
+                f"2 (bilinear, Ovis2.5's default) and 3 (bicubic)"
+            )
+        return replace(
+            base,
+            patch_size=int(_first(raw.get("patch_size"), base.patch_size)),
+            temporal_patch_size=int(_first(raw.get("temporal_patch_size"), base.temporal_patch_size)),
+            merge_size=int(_first(raw.get("merge_size"), base.merge_size)),
+            min_pixels=int(_first(size.get("shortest_edge"), base.min_pixels)),
+            max_pixels=int(_first(size.get("longest_edge"), base.max_pixels)),
+            image_mean=tuple(float(v) for v in _first(raw.get("image_mean"), base.image_mean)),
+            image_std=tuple(float(v) for v in _first(raw.get("image_std"), base.image_std)),
+            rescale_factor=float(_first(raw.get("rescale_factor"), base.rescale_factor)),
+            resample=resample,
+        )
+
+
+def _read_image_processor_config(path_or_dict: PathLike | Mapping[str, Any]) -> dict:
+    """The image processor dict: given, a JSON file, or a model directory's
+    ``preprocessor_config.json`` (else ``processor_config.json``'s ``image_processor`` entry,
+    where transformers 5 saves it)."""
+    if isinstance(path_or_dict, Mapping):
+        return dict(path_or_dict)
+    path = Path(path_or_dict)
+    if path.is_dir():
+        combined = path / "processor_config.json"
+        if not (path / "preprocessor_config.json").is_file() and combined.is_file():
+            processor = json.loads(combined.read_text(encoding="utf-8"))
+            if isinstance(processor.get("image_processor"), Mapping):
+                return {"processor_class": processor.get("processor_class"), **processor["image_processor"]}
+        path = path / "preprocessor_config.json"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _is_ovis(raw: Mapping[str, Any]) -> bool:
+    """Whether a processor dict names Ovis2.5's image processor (or its combined processor)."""
+    return raw.get("image_processor_type") in _OVIS_IMAGE_PROCESSORS or raw.get("processor_class") == "Ovis2_5Processor"
 
 
 def _first(*values: Any) -> Any:
@@ -365,16 +517,17 @@ def _patchify(image_chw: np.ndarray, cfg: VisionConfig) -> tuple[np.ndarray, int
 
 def preprocess_image(image: Image.Image, cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(pixel_values, grid_thw)`` for one image, as transformers'
-    ``Qwen2VLImageProcessorPil`` would: ``pixel_values`` float32
-    [grid_h * grid_w, 3 * T * P * P] and ``grid_thw`` int64 ``[1, grid_h, grid_w]``.
+    ``Qwen2VLImageProcessorPil`` (or, for an Ovis2.5 config, ``Ovis2_5ImageProcessorPil``)
+    would: ``pixel_values`` float32 [grid_h * grid_w, 3 * T * P * P] and ``grid_thw`` int64
+    ``[1, grid_h, grid_w]``.
 
-    The resize runs on the uint8 PIL image (as transformers does) so the bicubic
-    filter's clamping and rounding to 0..255 match. The LLM sees
+    The resize runs on the uint8 PIL image (as transformers does) so the filter's
+    clamping and rounding to 0..255 match. The LLM sees
     ``grid_h * grid_w // merge_size**2`` image tokens.
     """
     rgb = to_rgb(image)
-    height, width = smart_resize(rgb.height, rgb.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
-    resized = rgb.resize((width, height), resample=_BICUBIC)
+    height, width = cfg.resize_target(rgb.height, rgb.width)
+    resized = rgb.resize((width, height), resample=cfg.resample)
     normalized = _rescale_and_normalize(np.asarray(resized), cfg)
     patches, grid_h, grid_w = _patchify(normalized.transpose(2, 0, 1), cfg)
     return patches, np.array([1, grid_h, grid_w], dtype=np.int64)
