@@ -377,3 +377,17 @@ class FamilySpec:
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
+
+    # -- train_modules names (core/train_modules.py) ----------------------------------------------
+
+    @property
+    def train_modules_table(self) -> dict[str, tuple[str, ...]]:
+        """`train_modules` names -> module paths: the family's own `train_module_aliases`, else `all`, `llm`
+        (language model + head), `vision` (the tower without the projectors inside it, `!` = carved out)
+        and `merger` (the projectors), derived from the module map."""
+        own = getattr(self, "train_module_aliases", None)  # a class attribute of the families that have their own
+        if own:
+            return dict(own)
+        m = self.modules
+        inside = tuple(f"!{p}" for p in m.projectors if p.startswith(m.vision_tower + "."))
+        return {"all": ("",), "llm": (m.llm, m.head), "vision": (m.vision_tower, *inside), "merger": tuple(m.projectors)}
