@@ -1,4 +1,4 @@
-"""Video input for Qwen2-VL, Qwen2.5-VL and Qwen3-VL: decode, sample frames, patchify -- numpy only.
+"""Video input for Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Ovis2.5: decode, sample frames, patchify -- numpy only.
 
 The vision tower must see the pixels transformers' video processors would give it, and the LLM
 must see the same number of video tokens and the same time stamps, so every step here copies a
@@ -43,6 +43,34 @@ reference implementation and the tests compare against it (``tests/unit/data/tes
   float32 then clamps and rounds instead; that path is not reproduced: on an H100 it differed from
   the CPU path in 21.5% (Qwen2-VL) / 0.85% (Qwen3-VL) of values, by up to 6-7 uint8 levels.
   Processors run on CPU unless given a ``device``.)
+
+Ovis2.5 (``VideoConfig.processor == "Ovis2_5VideoProcessor"``; tests in ``tests/unit/data/test_video_ovis.py``,
+GPU-machine parity in ``tools/gpu/parity_ovis_video.py``):
+
+* **Sampling.** ``Ovis2_5VideoProcessor`` samples nothing (``do_sample_frames=False``): the caller hands
+  it the frames. We follow the official Ovis training recipe (AIDC-AI/Ovis,
+  ``ovis/train/dataset/multimodal_dataset.py``, ``MultimodalDataset.read_video._sampling_idx``): a video
+  of N frames with ``min_frames <= N <= max_frames`` gives all its frames; otherwise
+  ``n = min_frames`` (N too small: frames repeat) or ``max_frames`` (N too large), ``stride = N / n``
+  and frame i is ``min(N - 1, (round(stride*i) + round(stride*(i+1))) // 2)`` (numpy's half-to-even
+  round), i.e. the middle of each of n equal segments. ``min_frames`` / ``max_frames`` come from the
+  recipe's ``video_min_frames`` / ``video_max_frames``, else from the processor config, else Ovis's
+  training defaults (8 and 8). Unlike the Qwen rules a clip shorter than ``min_frames`` is no error:
+  the recipe repeats frames, and so do we. (Ovis counts N as ``int(fps * duration)`` through moviepy;
+  we use the stream header's count, as for Qwen, which can differ by a frame on odd containers.)
+  transformers' ``load_video(num_frames=n)`` rule (``arange(0, N, N / n).astype(int)``, segment
+  starts, refusing n > N) is not used: it is an inference convenience, not what Ovis trained on.
+* **Pixels.** Per-frame Ovis ``smart_resize`` (``vision.smart_resize_ovis``; bounds are per frame,
+  defaults 448*448 .. 1344*1792 from ``size``), torchvision resize with ``resample`` 2 (bilinear,
+  antialias=True; 3 is accepted too), the fused rescale+normalise above with mean/std 0.5,
+  ``temporal_patch_size`` 1 so grid_t is the frame count, patches in ``Ovis2_5VideoProcessor.patchify``
+  order (the same merge-window order as Qwen's). torchvision's bilinear resize of uint8 has two CPU
+  paths (``_do_native_uint8_resize_on_cpu``): where ``torch.backends.cpu.get_cpu_capability()``
+  contains "AVX2" -- i.e. it is exactly "AVX2" -- it calls ATen's uint8 kernel, integer arithmetic
+  like the bicubic one (``resize_bilinear_aa``); anywhere else (AVX512 hosts, aarch64, no AVX) it
+  converts to float32, interpolates, rounds half-to-even and casts back (``resize_bilinear_aa_float``).
+  ``VideoConfig.bilinear_path`` picks which one we reproduce ("float" by default, the path of every
+  non-AVX2 CPU, which includes the AVX512 hosts of GPU machines; "uint8" for AVX2-only hosts).
 """
 
 from __future__ import annotations
@@ -58,10 +86,14 @@ from typing import Any, Mapping, Union
 import numpy as np
 
 from ..core.families import get_family, read_config
-from .vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, file_problem, smart_resize
+from .vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, file_problem, smart_resize, smart_resize_ovis
 
 PathLike = Union[str, "os.PathLike[str]"]
+_BILINEAR = 2  # PILImageResampling.BILINEAR, Ovis2.5's filter
 _BICUBIC = 3  # PILImageResampling.BICUBIC, the only filter the Qwen video processors use
+_RESAMPLES = {"Qwen2VLVideoProcessor": (_BICUBIC,), "Qwen3VLVideoProcessor": (_BICUBIC,),
+              "Ovis2_5VideoProcessor": (_BILINEAR, _BICUBIC)}
+"""torchvision filters reproduced per processor (2 = bilinear, 3 = bicubic)."""
 
 # Class defaults of transformers' Qwen2VLVideoProcessor / Qwen3VLVideoProcessor (5.23), used for
 # any key a model's processor config leaves out.
@@ -72,6 +104,12 @@ _QWEN2_DEFAULTS: dict[str, Any] = dict(
 _QWEN3_DEFAULTS: dict[str, Any] = dict(
     patch_size=16, min_pixels=128 * 32 * 32, max_pixels=768 * 32 * 32,
     image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), fps=2.0, max_video_tokens=768,
+)
+# Ovis2_5VideoProcessor's class defaults; frame counts are the Ovis training recipe's (min = max = 8).
+_OVIS_DEFAULTS: dict[str, Any] = dict(
+    patch_size=16, temporal_patch_size=1, min_pixels=448 * 448, max_pixels=1344 * 1792,
+    image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), fps=None, max_video_tokens=128000,
+    min_frames=8, max_frames=8, resample=_BILINEAR,
 )
 # Recipe key (DataArgs / qwen-vl-finetune) -> VideoConfig field.
 RECIPE_KEYS = {
@@ -104,8 +142,9 @@ class VideoConfig:
     class defaults, with qwen-vl-finetune's ``base_interval`` of 2 s."""
 
     processor: str = "Qwen2VLVideoProcessor"
-    """Whose rules: Qwen2VLVideoProcessor (interval sampling, per-frame pixel bounds) or Qwen3VLVideoProcessor
-    (fps sampling, bounds on frames x height x width); a family's `media.video_processor`."""
+    """Whose rules: Qwen2VLVideoProcessor (interval sampling, per-frame pixel bounds), Qwen3VLVideoProcessor
+    (fps sampling, bounds on frames x height x width) or Ovis2_5VideoProcessor (Ovis's segment-middle
+    sampling of min..max frames, per-frame bounds, bilinear); a family's `media.video_processor`."""
     patch_size: int = 14
     temporal_patch_size: int = 2
     merge_size: int = 2
@@ -124,6 +163,12 @@ class VideoConfig:
     cap_pixels_per_frame: bool = False
     """transformers' qwen-vl-utils-style cap of per-frame pixels by a whole-video token budget."""
     max_video_tokens: int = 128000
+    resample: int = _BICUBIC
+    """torchvision filter of the resize: 3 bicubic (Qwen); Ovis2.5 uses 2, bilinear."""
+    bilinear_path: str = "float"
+    """Which of torchvision's two CPU paths for a uint8 bilinear resize to reproduce: "float" (float32
+    interpolate, round, cast: every CPU whose torch capability is not exactly AVX2) or "uint8" (ATen's
+    integer kernel, AVX2 hosts). See the module docstring."""
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """Processor config keys not used here, kept for reference."""
 
@@ -138,6 +183,15 @@ class VideoConfig:
             problems.append(f"video_min_frames ({self.min_frames}) > video_max_frames ({self.max_frames})")
         if not self.base_interval > 0:
             problems.append(f"base_interval must be > 0 seconds, got {self.base_interval}")
+        if self.processor not in _RESAMPLES:
+            problems.append(f"unknown video processor {self.processor!r}; expected one of {sorted(_RESAMPLES)}")
+        elif self.resample not in _RESAMPLES[self.processor]:
+            problems.append(
+                f"resample={self.resample} is not reproduced for {self.processor}; supported: "
+                f"{_RESAMPLES[self.processor]} (2 = bilinear, 3 = bicubic)"
+            )
+        if self.bilinear_path not in ("float", "uint8"):
+            problems.append(f"bilinear_path must be 'float' or 'uint8', got {self.bilinear_path!r}")
         if self.is_qwen3 and not (self.fps and self.fps > 0):
             problems.append(f"Qwen3-VL video sampling needs fps > 0, got {self.fps}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
@@ -148,6 +202,22 @@ class VideoConfig:
     @property
     def is_qwen3(self) -> bool:
         return self.processor == "Qwen3VLVideoProcessor"
+
+    @property
+    def is_ovis(self) -> bool:
+        return self.processor == "Ovis2_5VideoProcessor"
+
+    @classmethod
+    def ovis2_5(cls, **changes: Any) -> "VideoConfig":
+        """``Ovis2_5VideoProcessor``'s class defaults plus Ovis's training frame counts, with ``changes``."""
+        d = _OVIS_DEFAULTS
+        base = dict(
+            processor="Ovis2_5VideoProcessor", patch_size=d["patch_size"], temporal_patch_size=d["temporal_patch_size"],
+            min_pixels=d["min_pixels"], max_pixels=d["max_pixels"], image_mean=d["image_mean"], image_std=d["image_std"],
+            fps=d["fps"], min_frames=d["min_frames"], max_frames=d["max_frames"], resample=d["resample"],
+            max_video_tokens=d["max_video_tokens"],
+        )
+        return cls(**{**base, **changes})
 
     @property
     def factor(self) -> int:
@@ -173,6 +243,8 @@ class VideoConfig:
         for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
             if raw.get(flag, True) is False:
                 raise ValueError(f"video processor config sets {flag}=false, which vltune does not support")
+        if processor == "Ovis2_5VideoProcessor":
+            return cls._from_ovis_config(raw).with_recipe(**recipe)
         if raw.get("resample", _BICUBIC) != _BICUBIC:
             raise ValueError(f"only bicubic video resampling (3) is supported, got resample={raw['resample']}")
 
@@ -205,6 +277,36 @@ class VideoConfig:
             extra={k: v for k, v in raw.items() if k not in used},
         )
         return cfg.with_recipe(**recipe)
+
+    @classmethod
+    def _from_ovis_config(cls, raw: Mapping[str, Any]) -> "VideoConfig":
+        """An Ovis2.5 video processor dict over ``VideoConfig.ovis2_5()`` (null = default). Bounds come
+        from ``size`` only: ``Ovis2_5VideoProcessor`` has no top-level min/max_pixels keys."""
+        base = cls.ovis2_5()
+        size = raw.get("size") or {}
+        resample = int(_first(raw.get("resample"), base.resample))
+        if resample not in _RESAMPLES["Ovis2_5VideoProcessor"]:
+            raise ValueError(
+                f"Ovis2.5 video processor config sets resample={resample}; vltune reproduces only "
+                f"2 (bilinear, Ovis2.5's default) and 3 (bicubic)"
+            )
+        used = {"size", "resample", "patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std",
+                "rescale_factor", "min_frames", "max_frames"}
+        return replace(
+            base,
+            patch_size=int(_first(raw.get("patch_size"), base.patch_size)),
+            temporal_patch_size=int(_first(raw.get("temporal_patch_size"), base.temporal_patch_size)),
+            merge_size=int(_first(raw.get("merge_size"), base.merge_size)),
+            min_pixels=int(_first(size.get("shortest_edge"), base.min_pixels)),
+            max_pixels=int(_first(size.get("longest_edge"), base.max_pixels)),
+            image_mean=tuple(float(v) for v in _first(raw.get("image_mean"), base.image_mean)),
+            image_std=tuple(float(v) for v in _first(raw.get("image_std"), base.image_std)),
+            rescale_factor=float(_first(raw.get("rescale_factor"), base.rescale_factor)),
+            min_frames=int(_first(raw.get("min_frames"), base.min_frames)),
+            max_frames=int(_first(raw.get("max_frames"), base.max_frames)),
+            resample=resample,
+            extra={k: v for k, v in raw.items() if k not in used},
+        )
 
     def with_recipe(self, **recipe: Any) -> "VideoConfig":
         """Apply recipe overrides by their recipe names (None = unset)."""
@@ -253,6 +355,8 @@ def _read_video_processor_config(source: PathLike | Mapping[str, Any], model_typ
     if model_type is not None:
         return raw, get_family(model_type).media.video_processor
     kinds = " ".join(str(raw.get(k, "")) for k in ("video_processor_type", "processor_class", "image_processor_type"))
+    if "Ovis2_5" in kinds:
+        return raw, "Ovis2_5VideoProcessor"
     return raw, "Qwen3VLVideoProcessor" if "Qwen3VL" in kinds else "Qwen2VLVideoProcessor"
 
 
@@ -278,8 +382,25 @@ def fps_frame_indices(total_frames: int, video_fps: float, fps: float, min_frame
     return np.linspace(0, total_frames - 1, num).round().astype(np.int64)
 
 
+def segment_frame_indices(total_frames: int, min_frames: int, max_frames: int) -> np.ndarray:
+    """Ovis2.5's training rule (``MultimodalDataset.read_video._sampling_idx``): every frame when the
+    count is within [min_frames, max_frames], else the middle frame of each of ``min_frames`` (frames
+    then repeat) or ``max_frames`` equal segments, with numpy's half-to-even rounding of the bounds."""
+    if min_frames <= total_frames <= max_frames:
+        return np.arange(total_frames, dtype=np.int64)
+    target = min_frames if total_frames < min_frames else max_frames
+    stride = total_frames / target
+    ids = [
+        min(total_frames - 1, (int(np.round(stride * i)) + int(np.round(stride * (i + 1)))) // 2)
+        for i in range(target)
+    ]
+    return np.asarray(ids, dtype=np.int64)
+
+
 def sample_frame_indices(total_frames: int, video_fps: float, cfg: VideoConfig) -> np.ndarray:
     """The frame indices ``cfg``'s model family samples from a video of ``total_frames`` at ``video_fps``."""
+    if cfg.is_ovis:
+        return segment_frame_indices(total_frames, cfg.min_frames, cfg.max_frames)
     if cfg.is_qwen3:
         return fps_frame_indices(total_frames, video_fps, float(cfg.fps), cfg.min_frames, cfg.max_frames)
     return interval_frame_indices(total_frames, video_fps, cfg.base_interval, cfg.min_frames, cfg.max_frames)
@@ -420,12 +541,13 @@ def load_video(path: PathLike | bytes, cfg: VideoConfig) -> VideoClip:
     """Probe, sample (``cfg``'s model family rule) and decode one video.
 
     Raises ``VideoLoadError`` naming the path: missing / empty / undecodable / truncated files,
-    and (``kind="video_too_short"``) clips with fewer than ``cfg.min_frames`` frames, or fewer
-    than ``temporal_patch_size`` sampled frames for Qwen3-VL (whose processor rejects those).
+    and (``kind="video_too_short"``) clips with fewer than ``cfg.min_frames`` frames (not for
+    Ovis2.5, whose rule repeats frames), or fewer than ``temporal_patch_size`` sampled frames for
+    Qwen3-VL (whose processor rejects those).
     """
     where = "<bytes>" if isinstance(path, (bytes, bytearray)) else os.fspath(path)
     total, fps = probe_video(path)
-    if total < cfg.min_frames:
+    if total < cfg.min_frames and not cfg.is_ovis:  # Ovis's rule repeats frames instead
         raise VideoLoadError(
             where,
             f"video has {total} frame(s) ({total / fps:.2f} s at {fps:g} fps), fewer than video_min_frames={cfg.min_frames}",
@@ -452,7 +574,17 @@ def _keys_cubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
-def _aa_int16_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _triangle(x: np.ndarray) -> np.ndarray:
+    """The linear (tent) kernel of ATen's antialiased bilinear: ``1 - |x|`` inside (-1, 1)."""
+    x = np.abs(x)
+    return np.where(x < 1.0, 1.0 - x, 0.0)
+
+
+_FILTERS = {"bicubic": (_keys_cubic, 2.0), "bilinear": (_triangle, 1.0)}
+"""mode -> (kernel, half its support: ATen's ``interp_size * 0.5``)."""
+
+
+def _aa_int16_weights(in_size: int, out_size: int, mode: str = "bicubic") -> tuple[np.ndarray, np.ndarray, int]:
     """Source indices [out, K], int16-valued weights [out, K] and precision bits of one resize pass.
 
     Mirrors ATen ``HelperInterpBase::_compute_indices_min_size_weights_aa`` and
@@ -460,8 +592,9 @@ def _aa_int16_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarr
     (that is the antialiasing), each output's weights are normalised to sum 1, and all weights are
     scaled by 2**precision with the largest precision (< 22) that keeps the biggest weight in int16.
     """
+    kernel, half = _FILTERS[mode]
     scale = in_size / out_size
-    support = 2.0 * scale if scale >= 1.0 else 2.0
+    support = half * scale if scale >= 1.0 else half
     invscale = 1.0 / scale if scale >= 1.0 else 1.0
     taps = int(math.ceil(support)) * 2 + 1
     center = scale * (np.arange(out_size, dtype=np.float64) + 0.5)
@@ -470,7 +603,7 @@ def _aa_int16_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarr
     xsize = np.clip(xsize, 0, taps)
     j = np.arange(taps)
     x = ((j[None, :] + xmin[:, None]).astype(np.float64) - center[:, None] + 0.5) * invscale
-    w = np.where(j[None, :] < xsize[:, None], _keys_cubic(x), 0.0)
+    w = np.where(j[None, :] < xsize[:, None], kernel(x), 0.0)
     total = np.zeros(out_size)
     for k in range(taps):  # left-to-right, as the C loop sums
         total = total + w[:, k]
@@ -487,10 +620,10 @@ def _aa_int16_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarr
     return index[:, :used], weights[:, :used], precision
 
 
-def _resize_pass(x: np.ndarray, axis: int, out_size: int) -> np.ndarray:
+def _resize_pass(x: np.ndarray, axis: int, out_size: int, mode: str = "bicubic") -> np.ndarray:
     """One separable pass over ``axis`` of an int32 [C, H, W] image: integer multiply-accumulate
     with the +0.5 rounding term, ``>> precision``, clamp to 0..255 (ATen ``basic_loop_aa_*<uint8_t>``)."""
-    index, weights, precision = _aa_int16_weights(x.shape[axis], out_size)
+    index, weights, precision = _aa_int16_weights(x.shape[axis], out_size, mode)
     shape = list(x.shape)
     shape[axis] = out_size
     acc = np.full(shape, 1 << (precision - 1), dtype=np.int32)
@@ -508,6 +641,17 @@ def resize_bicubic_aa(frames: np.ndarray, height: int, width: int) -> np.ndarray
     ``torch.nn.functional.interpolate(x, (height, width), mode="bicubic", antialias=True,
     align_corners=False)`` does for a uint8 CPU tensor (what torchvision's resize runs): width pass
     first, uint8 between passes, a pass skipped when its size is unchanged."""
+    return _resize_uint8_aa(frames, height, width, "bicubic")
+
+
+def resize_bilinear_aa(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Like ``resize_bicubic_aa`` with the tent filter: ``interpolate(mode="bilinear", antialias=True)``
+    on a uint8 CPU tensor, which torchvision runs only where torch's CPU capability is "AVX2"."""
+    return _resize_uint8_aa(frames, height, width, "bilinear")
+
+
+def _resize_uint8_aa(frames: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
+    """ATen's separable uint8 antialiased resize (integer weights) of frames [T, H, W, C]."""
     if frames.dtype != np.uint8 or frames.ndim != 4:
         raise ValueError(f"expected uint8 frames [T, H, W, C], got {frames.dtype} {frames.shape}")
     t, h, w, c = frames.shape
@@ -517,11 +661,89 @@ def resize_bicubic_aa(frames: np.ndarray, height: int, width: int) -> np.ndarray
     for i in range(t):  # one frame at a time keeps the int32 working set small
         x = frames[i].transpose(2, 0, 1).astype(np.int32)
         if width != w:
-            x = _resize_pass(x, 2, width)
+            x = _resize_pass(x, 2, width, mode)
         if height != h:
-            x = _resize_pass(x, 1, height)
+            x = _resize_pass(x, 1, height, mode)
         out[i] = x.transpose(1, 2, 0)
     return out
+
+
+def _aa_float32_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source start [out], tap count [out] and float32 weights [out, K] of one antialiased bilinear
+    pass on a float32 tensor, in ATen's mixed float/double order (``_compute_index_ranges_weights``
+    with ``scalar_t = float``: scale, centre, support and weights are floats; C++ promotes the
+    ``+ 0.5`` terms and products with ``invscale`` to double before storing back to float)."""
+    f32, f64 = np.float32, np.float64
+    scale = f32(in_size) / f32(out_size)
+    support = f32(f64(scale)) if scale >= 1.0 else f32(1.0)
+    invscale = f32(1.0 / f64(scale)) if scale >= 1.0 else f32(1.0)
+    taps = int(math.ceil(float(support))) * 2 + 1
+    center = (f64(scale) * (np.arange(out_size, dtype=np.float64) + 0.5)).astype(np.float32)
+    xmin = np.maximum(np.trunc((center - support).astype(np.float64) + 0.5), 0).astype(np.int64)
+    xsize = np.minimum(np.trunc((center + support).astype(np.float64) + 0.5).astype(np.int64), in_size) - xmin
+    xsize = np.clip(xsize, 0, taps)
+    j = np.arange(taps)
+    pos = (j[None, :] + xmin[:, None]).astype(np.float32) - center[:, None]  # int64 - float: float
+    x = ((pos.astype(np.float64) + 0.5) * f64(invscale)).astype(np.float32)
+    ax = np.abs(x)
+    w = np.where(ax < 1.0, (1.0 - ax.astype(np.float64)).astype(np.float32), f32(0.0))
+    w = np.where(j[None, :] < xsize[:, None], w, f32(0.0)).astype(np.float32)
+    total = np.zeros(out_size, dtype=np.float32)
+    for k in range(taps):  # float accumulation, left to right
+        total = (total + w[:, k]).astype(np.float32)
+    w = np.where((total != 0)[:, None], w / np.where(total != 0, total, f32(1.0))[:, None], w).astype(np.float32)
+    return xmin, xsize, w
+
+
+def _float_pass(x: np.ndarray, axis: int, out_size: int) -> np.ndarray:
+    """One bilinear pass over ``axis`` of a float32 [C, H, W] image: ``t0*w0 + t1*w1 + ...`` in float32,
+    left to right over each output's own taps (ATen ``interpolate_aa_single_dim``)."""
+    xmin, xsize, w = _aa_float32_weights(x.shape[axis], out_size)
+    shape = list(x.shape)
+    shape[axis] = out_size
+    out = np.zeros(shape, dtype=np.float32)
+    last = x.shape[axis] - 1
+    for k in range(int(xsize.max())):
+        active = k < xsize
+        src = np.take(x, np.minimum(xmin + k, last), axis=axis)
+        wk = np.where(active, w[:, k], np.float32(0.0)).astype(np.float32)
+        wk = wk if axis == x.ndim - 1 else wk[:, None]
+        term = src * wk
+        if k == 0:
+            out = term
+        else:  # a tap past an output's own count must not add even a -0.0 or rounding: mask, not weight 0
+            mask = active if axis == x.ndim - 1 else active[:, None]
+            out = np.where(mask, out + term, out)
+    return out.astype(np.float32)
+
+
+def resize_bilinear_aa_float(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize uint8 frames [T, H, W, C] as torchvision does on CPUs whose torch capability is not
+    "AVX2" (AVX512 hosts, aarch64): to float32, ``interpolate(mode="bilinear", antialias=True)``
+    (width pass first, float32 in between), ``round`` half-to-even, cast to uint8."""
+    if frames.dtype != np.uint8 or frames.ndim != 4:
+        raise ValueError(f"expected uint8 frames [T, H, W, C], got {frames.dtype} {frames.shape}")
+    t, h, w, c = frames.shape
+    if (h, w) == (height, width):
+        return frames
+    out = np.empty((t, height, width, c), dtype=np.uint8)
+    for i in range(t):
+        x = frames[i].transpose(2, 0, 1).astype(np.float32)
+        if width != w:
+            x = _float_pass(x, 2, width)
+        if height != h:
+            x = _float_pass(x, 1, height)
+        out[i] = np.round(x).astype(np.uint8).transpose(1, 2, 0)
+    return out
+
+
+def resize_frames(frames: np.ndarray, height: int, width: int, cfg: VideoConfig) -> np.ndarray:
+    """uint8 frames resized with ``cfg``'s filter, as its transformers video processor does on CPU."""
+    if cfg.resample == _BICUBIC:
+        return resize_bicubic_aa(frames, height, width)
+    if cfg.bilinear_path == "uint8":
+        return resize_bilinear_aa(frames, height, width)
+    return resize_bilinear_aa_float(frames, height, width)
 
 
 # --- preprocessing ---------------------------------------------------------------------------------
@@ -556,6 +778,8 @@ def smart_resize_qwen3_video(
 
 def video_resize_target(num_frames: int, height: int, width: int, cfg: VideoConfig) -> tuple[int, int]:
     """(height, width) every frame is resized to, as the family's video processor ``resize`` picks it."""
+    if cfg.is_ovis:  # per frame; Ovis2_5VideoProcessor passes num_frames but its smart_resize ignores it
+        return smart_resize_ovis(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
     max_pixels = cfg.max_pixels
     if cfg.is_qwen3:
         if cfg.cap_pixels_per_frame:
@@ -607,7 +831,7 @@ def preprocess_video(clip: VideoClip, cfg: VideoConfig) -> tuple[np.ndarray, np.
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"{clip.path}: expected uint8 RGB frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
     height, width = video_resize_target(len(frames), frames.shape[1], frames.shape[2], cfg)
-    resized = resize_bicubic_aa(frames, height, width)
+    resized = resize_frames(frames, height, width, cfg)
     pixel_values, grid = _patchify(_normalize(resized, cfg), cfg)
     tps = cfg.temporal_patch_size
     spt = second_per_grid_t(len(clip.frame_indices), clip.total_frames, clip.fps, tps)
