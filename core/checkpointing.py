@@ -40,7 +40,7 @@ class CheckpointError(ConfigError):
 # num_train_epochs, logging, eval and save cadence, output_dir, resume_from_checkpoint, data loader
 # workers, ...) may change between a run and its resumption.
 TRAJECTORY_KEYS = (
-    "model_name_or_path", "model_type", "train_type", "tune_mm_llm", "tune_mm_vision", "tune_mm_mlp", "circle_rope",
+    "model_name_or_path", "model_type", "train_type", "tune_mm_llm", "tune_mm_vision", "tune_mm_mlp", "train_modules", "circle_rope",
     "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters", "lora_modules_to_save",
     "dataset_use", "datasets", "max_pixels", "min_pixels", "video_min_pixels", "video_max_pixels", "base_interval",
     "video_min_frames", "video_max_frames", "model_max_length", "truncation_strategy", "data_flatten", "data_packing",

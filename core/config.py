@@ -39,6 +39,14 @@ class ModelArgs:
     """Train the vision tower's blocks and patch embedding (off by default, as in qwen-vl-finetune)."""
     tune_mm_mlp: bool = True
     """Train the merger (vision -> language projector)."""
+    train_modules: str | None = None
+    """The Ovis recipe's selection, instead of tune_mm_* / vision_tower_lr / mm_projector_lr: `all`, or
+    `|`-separated module names each with an optional learning rate, e.g. `llm|vte:1e-5`. Only the listed
+    modules train, each at its own rate (or learning_rate). Names: the family's (Ovis2.5: all, llm,
+    visual_tokenizer, visual_tokenizer.vit, visual_tokenizer.head, visual_tokenizer.vit.last_block, vte;
+    other families: all, llm, vision, merger), a name plus a path inside it (`llm.layers.27`), or a module
+    path from the HF model root (`model.language_model.layers.3`; `-1` = the last layer). LoRA: modules in
+    the LLM's decoder layers or the vision blocks get adapters, projectors train in full."""
     attn_implementation: str = "sdpa"
     """Attention kernel of the transformers model: sdpa | eager."""
     lora_r: int = 64
@@ -269,6 +277,17 @@ class MdlmArgs:
 
 
 SECTIONS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs, "mdlm": MdlmArgs}
+
+KEY_ALIASES = {
+    "model_path": "model_name_or_path",
+    "data_path": "dataset_use",
+    "eval_data_path": "eval_dataset",
+    "multimodal_max_length": "model_max_length",
+    "single_image_max_pixels": "max_pixels",
+    "single_image_min_pixels": "min_pixels",
+}
+"""Other recipes' names for vltune's keys (the Ovis training recipe's: AIDC-AI/Ovis ovis/train/arguments.py),
+alias -> key. A recipe may use either name of a key, not both."""
 
 
 @dataclass

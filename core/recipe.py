@@ -1,13 +1,15 @@
 """Reading a recipe: a YAML file, a bundled recipe's name or a dict, plus flat command-line overrides,
 routed into the section dataclasses of core/config.py, coerced to each key's declared type, then
 checked by core/recipe_rules.py. Every problem is reported at once, unknown keys with the closest
-valid one.
+valid one. Other recipes' names for a key (`KEY_ALIASES`: the Ovis recipe's `model_path`, `data_path`, ...)
+are read as that key, and messages about its value name it as the recipe wrote it.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import fields
 from pathlib import Path
 from collections.abc import Iterable
@@ -15,7 +17,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from .config import RECIPE_DIR, SECTIONS, ConfigError, ModelArgs, RecipeConfig, base_model_type
+from .config import KEY_ALIASES, RECIPE_DIR, SECTIONS, ConfigError, ModelArgs, RecipeConfig, base_model_type
 from .families import FAMILIES
 from .recipe_rules import validate
 
@@ -100,19 +102,23 @@ def load_recipe(recipe: str | os.PathLike | dict | None, overrides: dict[str, An
         raw = _read_yaml(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"recipe {path}: expected a mapping of keys to values, got {type(raw).__name__}")
-    raw.update(overrides or {})
-
     index = _key_index()
-    problems: list[str] = []
+    raw, written, problems = canonical_keys(raw)
+    over, over_written, over_problems = canonical_keys(overrides or {})  # a command-line key overrides either name
+    for key in over:
+        written.pop(key, None)
+    raw.update(over)
+    written.update(over_written)
+    problems += over_problems
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for key, value in raw.items():
         if key not in index:
-            problems.append(f"unknown key {key!r}{suggestion(key, index)}")
+            problems.append(f"unknown key {key!r}{suggestion(key, list(index) + list(KEY_ALIASES))}")
             continue
         section, annotated = index[key]
         value = _coerce(value, annotated)
         if not _type_ok(value, annotated):
-            problems.append(f"{key}: {value!r} is not a valid {getattr(annotated, '__name__', annotated)}")
+            problems.append(f"{written.get(key, key)}: {value!r} is not a valid {getattr(annotated, '__name__', annotated)}")
             continue
         values[section][key] = value
     if problems:
@@ -120,8 +126,36 @@ def load_recipe(recipe: str | os.PathLike | dict | None, overrides: dict[str, An
 
     cfg = RecipeConfig(**{name: cls(**values[name]) for name, cls in SECTIONS.items()})
     _tiny_follows_model_type(cfg.model)
-    validate(cfg)
+    try:
+        validate(cfg, given=frozenset(raw))
+    except ConfigError as e:
+        raise ConfigError(_as_written(str(e), written)) from None
     return cfg
+
+
+def canonical_keys(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """`raw` with every alias (KEY_ALIASES) renamed to its key, {key: the alias written} for the renamed
+    ones, and a problem for each key given under two names."""
+    out: dict[str, Any] = {}
+    written: dict[str, str] = {}
+    problems = []
+    for name, value in raw.items():
+        key = KEY_ALIASES.get(name, name)
+        if key in out:
+            first = written.get(key, key)
+            problems.append(f"{first} and {name} are both given; they are the same key ({key}): keep one")
+            continue
+        out[key] = value
+        if key != name:
+            written[key] = name
+    return out, written, problems
+
+
+def _as_written(message: str, written: dict[str, str]) -> str:
+    """A validation message with each problem about an aliased key naming the alias the recipe used."""
+    for key, alias in written.items():
+        message = re.sub(rf"(?m)^(  - ){re.escape(key)}\b", rf"\g<1>{alias} ({key})", message)
+    return message
 
 
 def _read_yaml(path: Path) -> Any:

@@ -34,6 +34,8 @@ class RecipeKey:
     """The default as a YAML value would spell it (`null`, `true`, `"runs/vltune"`, `1e-05`)."""
     doc: str
     """The field's docstring, whitespace collapsed; empty when it has none (a test forbids that)."""
+    aliases: tuple[str, ...] = ()
+    """Other recipes' names for this key (config.KEY_ALIASES), which a recipe may use instead."""
 
 
 @functools.cache  # parsing the source costs ~40 ms a section; help, keys and the docs ask several times
@@ -83,19 +85,21 @@ def recipe_keys(section: str | None = None) -> list[RecipeKey]:
         for f in fields(cls):
             default = f.default if f.default is not MISSING else f.default_factory() if f.default_factory is not MISSING else None
             annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-            keys.append(RecipeKey(f.name, name, annotation, _yaml_value(default), _one_line(docs.get(f.name, ""))))
+            aliases = tuple(alias for alias, key in config.KEY_ALIASES.items() if key == f.name)
+            keys.append(RecipeKey(f.name, name, annotation, _yaml_value(default), _one_line(docs.get(f.name, "")), aliases))
     return keys
 
 
 def find(query: str) -> list[RecipeKey]:
-    """The keys of section `query`, or the key named `query`; a ConfigError naming the valid choices otherwise."""
+    """The keys of section `query`, or the key named `query` (or one of its aliases); a ConfigError naming the
+    valid choices otherwise."""
     if query in config.SECTIONS:
         return recipe_keys(query)
     keys = recipe_keys()
-    match = [k for k in keys if k.name == query]
+    match = [k for k in keys if query == k.name or query in k.aliases]
     if match:
         return match
-    hint = suggestion(query, [k.name for k in keys] + list(config.SECTIONS))
+    hint = suggestion(query, [k.name for k in keys] + list(config.KEY_ALIASES) + list(config.SECTIONS))
     raise config.ConfigError(f"{query!r} is neither a section ({', '.join(config.SECTIONS)}) nor a recipe key{hint}")
 
 
@@ -110,6 +114,7 @@ def render_text(keys: list[RecipeKey] | None = None, width: int = 100) -> str:
             lines += [""] if lines else []
             lines.append(f"[{section}] {about[section]}".rstrip())
         lines.append(f"  {key.name}: {key.type} = {key.default}")
+        lines += [f"      alias: {', '.join(key.aliases)}"] if key.aliases else []
         lines += textwrap.wrap(key.doc or "(no description)", width, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines) + "\n"
 
@@ -128,7 +133,9 @@ def render_markdown() -> str:
         "",
         "Every key below goes in a recipe YAML (`key: value`), in the dict given to `vltune.train`, or on the",
         "command line as `--key value` (`vltune train demo --learning_rate 2e-5`). Keys are flat: the section",
-        "only groups them here. `vltune keys [SECTION|KEY]` prints the same list in a terminal.",
+        "only groups them here. `vltune keys [SECTION|KEY]` prints the same list in a terminal. A key's aliases",
+        "are other recipes' names for it (the Ovis training recipe's `model_path`, `data_path`, ...): a recipe may",
+        "use either name, not both, and messages about the value use the name the recipe used.",
     ]
     for section in config.SECTIONS:
         out += ["", f"## {section}", ""]
@@ -136,5 +143,6 @@ def render_markdown() -> str:
             out += [about[section], ""]
         out += ["| key | type | default | description |", "| --- | --- | --- | --- |"]
         for k in recipe_keys(section):
-            out.append(f"| `{k.name}` | `{_cell(k.type)}` | `{_cell(k.default)}` | {_cell(k.doc)} |")
+            also = "".join(f" (alias `{alias}`)" for alias in k.aliases)
+            out.append(f"| `{k.name}`{also} | `{_cell(k.type)}` | `{_cell(k.default)}` | {_cell(k.doc)} |")
     return "\n".join(out) + "\n"

@@ -21,6 +21,7 @@ from .config import (
     TrainArgs, base_model_type,
 )
 from .families import FAMILIES, FamilySpec, family_names, get_family
+from . import train_modules as tm
 
 
 def circle_rope_settings(model: "ModelArgs", config_model_type: str) -> dict | None:
@@ -94,6 +95,9 @@ def family_problems(cfg: "RecipeConfig", spec: FamilySpec) -> list[str]:
         if asked and not getattr(spec.capabilities, flag)
     ]
     m = cfg.model
+    if m.train_modules is not None:
+        roots = {path.split(".")[0] for path in spec.modules.all_paths().values()}
+        problems += tm.name_problems(m.train_modules, spec.train_modules_table, roots, spec.name)
     fused = lora_target_parameters(m, spec) if m.train_type == "lora" and m.tune_mm_llm else []
     if fused and m.lora_dropout != 0:
         problems.append(
@@ -120,8 +124,9 @@ def check_family(cfg: "RecipeConfig", spec: FamilySpec) -> None:
         raise ConfigError(f"invalid recipe for a {spec.name} model:\n  - " + "\n  - ".join(problems))
 
 
-def validate(cfg: RecipeConfig) -> None:
-    """Collect every semantic problem of a recipe and raise once."""
+def validate(cfg: RecipeConfig, given: frozenset[str] = frozenset()) -> None:
+    """Collect every semantic problem of a recipe and raise once. `given`: the keys the recipe set itself
+    (rules about keys set together need it: a default value is not a choice)."""
     m, d, t = cfg.model, cfg.data, cfg.train
     problems = _non_finite_problems(cfg)
     if problems:  # alone: every range rule below would report the same NaN / inf once more
@@ -155,6 +160,7 @@ def validate(cfg: RecipeConfig) -> None:
     if t.objective not in ("ar", "mdlm"):
         problems.append(f"objective: {t.objective!r} is not one of ar, mdlm")
     problems += _mdlm_problems(cfg)
+    problems += _train_modules_problems(cfg, given)
     if t.lr_scheduler_type not in ("cosine", "linear", "constant"):
         problems.append(f"lr_scheduler_type: {t.lr_scheduler_type!r} is not one of cosine, linear, constant")
     for key in ("learning_rate", "vision_tower_lr", "mm_projector_lr"):
@@ -185,6 +191,34 @@ def validate(cfg: RecipeConfig) -> None:
         problems.append("use_liger_kernel and torch_compile are both set: pick one (compile fuses the same norms and gating)")
     if problems:
         raise ConfigError("invalid recipe:\n  - " + "\n  - ".join(problems))
+
+
+# The keys train_modules replaces: a recipe sets one or the other.
+TRAIN_MODULES_REPLACES = ("tune_mm_llm", "tune_mm_vision", "tune_mm_mlp", "vision_tower_lr", "mm_projector_lr")
+
+
+def _train_modules_problems(cfg: RecipeConfig, given: frozenset[str]) -> list[str]:
+    """train_modules: its syntax (names are checked against the family in family_problems), and what it
+    cannot be combined with."""
+    m, t = cfg.model, cfg.train
+    if m.train_modules is None:
+        return []
+    try:
+        tm.parse(m.train_modules)
+    except ValueError as e:
+        return [str(e)]
+    problems = []
+    both = [k for k in TRAIN_MODULES_REPLACES if k in given or getattr(t, k, None) is not None and k.endswith("_lr")]
+    if both:
+        problems.append(f"train_modules and {', '.join(both)} are both set: train_modules picks the trained modules and "
+                        "their learning rates itself (e.g. llm|merger:1e-4); use one or the other")
+    if t.objective == "mdlm":
+        problems.append("train_modules with objective mdlm: mdlm trains the language model (freeze_vision / freeze_merger "
+                        "decide the rest); use tune_mm_* instead")
+    if m.train_type == "lora" and t.backend == "mindspore":
+        problems.append("train_modules with train_type lora on backend mindspore is not wired (its LoRA follows tune_mm_*); "
+                        "use tune_mm_* there, or backend: torch")
+    return problems
 
 
 def _non_finite_problems(cfg: RecipeConfig) -> list[str]:
