@@ -30,7 +30,12 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .config import ConfigError
+
 KEY = "train_modules"
+MODEL_ATTR = "vltune_train_modules"
+"""Attribute under which freezing leaves a model's resolved Selection for the optimizer's groups (torch: the
+model, which peft's and FSDP's wrappers forward attribute reads to; MindSpore: each parameter)."""
 EXCLUDE = "!"
 """Prefix of an alias path that is carved out of the alias (never written by users)."""
 LAST = "-1"
@@ -49,24 +54,24 @@ class TrainModule:
 
 
 def parse(text: str) -> list[TrainModule]:
-    """The items of a train_modules value; a ValueError naming the item for an empty name, a bad or
+    """The items of a train_modules value; a ConfigError naming the item for an empty name, a bad or
     non-positive learning rate or a name given twice."""
     items, seen = [], set()
     for raw in str(text).split("|"):
         item = raw.replace(" ", "")
         name, sep, lr_text = item.partition(":")
         if not name:
-            raise ValueError(f"{KEY}: {text!r} has an empty module name (in {raw!r}); write e.g. llm|vte:1e-5")
+            raise ConfigError(f"{KEY}: {text!r} has an empty module name (in {raw!r}); write e.g. llm|vte:1e-5")
         lr = None
         if sep:
             try:
                 lr = float(lr_text)
             except ValueError:
-                raise ValueError(f"{KEY}: {item!r}: {lr_text!r} is not a learning rate; write NAME:LR, e.g. vte:1e-5") from None
+                raise ConfigError(f"{KEY}: {item!r}: {lr_text!r} is not a learning rate; write NAME:LR, e.g. vte:1e-5") from None
             if not (math.isfinite(lr) and lr > 0):
-                raise ValueError(f"{KEY}: {item!r}: the learning rate must be a finite number > 0")
+                raise ConfigError(f"{KEY}: {item!r}: the learning rate must be a finite number > 0")
         if name in seen:
-            raise ValueError(f"{KEY}: {name!r} is listed twice in {text!r}; list each module once")
+            raise ConfigError(f"{KEY}: {name!r} is listed twice in {text!r}; list each module once")
         seen.add(name)
         items.append(TrainModule(name, lr))
     return items
@@ -89,7 +94,7 @@ def name_problems(text: str, aliases: dict[str, tuple[str, ...]], roots: Iterabl
     are `roots`); paths are checked in full once the model is loaded."""
     try:
         items = parse(text)
-    except ValueError as e:
+    except ConfigError as e:
         return [str(e)]
     roots = set(roots)
     problems = []
@@ -148,7 +153,7 @@ class Selection:
     @classmethod
     def resolve(cls, text: str, aliases: dict[str, tuple[str, ...]], names: Iterable[str]) -> "Selection":
         """Resolve `text` against the model's module and parameter `names` (plain or peft-wrapped); a
-        ValueError names the key, the item and the path that the model does not have."""
+        ConfigError names the key, the item and the path that the model does not have."""
         names = sorted({plain_name(n) for n in names})
         entries = []
         for item in parse(text):
@@ -160,7 +165,7 @@ class Selection:
                     continue
                 if not any(_covers(path, n) for n in names):
                     tops = sorted({n.split(".")[0] for n in names})
-                    raise ValueError(f"{KEY}: {item.name!r} -> {path!r}: the model has no such module "
+                    raise ConfigError(f"{KEY}: {item.name!r} -> {path!r}: the model has no such module "
                                      f"(its top-level modules: {', '.join(tops)})")
                 paths.append(path)
             entries.append(Entry(item.name, item.lr, tuple(paths), tuple(excluded)))
@@ -168,7 +173,7 @@ class Selection:
         for path in set(paths):
             owners = [e.label for e in entries if path in e.paths]
             if len(owners) > 1:
-                raise ValueError(f"{KEY}: {' and '.join(repr(o) for o in owners)} both select {path or 'the whole model'!r}; "
+                raise ConfigError(f"{KEY}: {' and '.join(repr(o) for o in owners)} both select {path or 'the whole model'!r}; "
                                  "list each module once")
         return cls(tuple(entries))
 

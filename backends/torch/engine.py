@@ -35,11 +35,27 @@ from .attention import enable_varlen
 from .optim import MasterWeights, bf16_weights, build_optimizer, build_param_groups, set_learning_rates, upcast_trainable
 
 def apply_freeze(model: torch.nn.Module, model_args: ModelArgs) -> None:
-    """Set requires_grad from tune_mm_llm / tune_mm_vision / tune_mm_mlp.
+    """Set requires_grad from tune_mm_llm / tune_mm_vision / tune_mm_mlp, or from train_modules.
 
     The LM head follows tune_mm_llm whether or not it is tied to the embedding (the official
     scripts leave an untied head trainable with tune_mm_llm=False).
+    train_modules (core/train_modules.py): only the listed modules train (a tied weight when any of its
+    names is listed); the resolved selection stays on the model for build_param_groups' per-module rates.
     """
+    if model_args.train_modules is not None:
+        from vltune.core.config import ConfigError
+        from vltune.core.train_modules import MODEL_ATTR
+
+        from .optim import train_modules_selection
+
+        selection = train_modules_selection(model, model_args.train_modules)
+        chosen = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if selection.entry_of(name) is not None}
+        for param in model.parameters():
+            param.requires_grad_(id(param) in chosen)
+        if not chosen:
+            raise ConfigError(f"train_modules: {model_args.train_modules!r} selects no parameter of the model")
+        setattr(model, MODEL_ATTR, selection)
+        return
     modules = get_family(model.config.model_type).modules
     train = {"vision": model_args.tune_mm_vision, "merger": model_args.tune_mm_mlp, "llm": model_args.tune_mm_llm}
     for name, param in model.named_parameters():

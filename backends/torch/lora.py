@@ -23,6 +23,14 @@ Semantics of `apply_lora(model, model_args)` (train_type: lora):
 - lora_r, lora_alpha and lora_dropout go to peft unchanged: dropout 0.0 gives nn.Identity, and the
   adapter scale is lora_alpha / lora_r.
 - Nothing trainable (all three flags off and no lora_modules_to_save) is a ValueError.
+- `train_modules` (instead of the three flags; core/train_modules.py): each listed module gets what the
+  flags would give its parts. Linear layers of the LLM's decoder layers that `lora_target_modules` names
+  and every linear layer of the vision blocks get adapters when they lie in a listed module; a listed
+  projector (or a listed module inside one, e.g. Ovis2.5's `vte`) trains in full through `modules_to_save`.
+  Anything else a listed module holds (norms, embeddings, the LM head, the patch embedding) stays frozen,
+  as under the flags; a listed module that keeps nothing to train is an error naming it. The family's
+  fused target parameters (MoE experts) are adapted when the whole decoder stack is listed, and a listing
+  of some layers only is refused for such a family (peft matches those parameters by name suffix alone).
 - objective mdlm: the `<|mask|>` embedding row trains through peft's `trainable_token_indices`
   (a per-row delta saved in the adapter; see lora_config), not the whole embedding.
 
@@ -45,7 +53,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.constants import DUMMY_TARGET_MODULES
 
-from vltune.core.config import ModelArgs
+from vltune.core.config import ConfigError, ModelArgs
+from vltune.core.train_modules import MODEL_ATTR, Selection
 from vltune.core.recipe_rules import lora_target_parameters
 from vltune.core.families import FamilySpec, ModuleMap, get_family
 
@@ -149,16 +158,19 @@ def lora_config(model: torch.nn.Module, model_args: ModelArgs, trainable_token_i
     spec = _family(model)
     modules = spec.modules
     patterns, parameters = [], []
-    if model_args.tune_mm_llm:
+    if model_args.train_modules is not None:
+        patterns, parameters, modules_to_save = _selected_targets(model, model_args, spec)
+    if model_args.train_modules is None and model_args.tune_mm_llm:
         targets = _split_csv(model_args.lora_target_modules) or list(modules.lora_targets)
         patterns.append(_llm_target_regex(model, modules.decoder_layers, targets))
         parameters = _resolve_target_parameters(model, modules.decoder_layers, lora_target_parameters(model_args, spec))
         if parameters and model_args.lora_dropout != 0:
             raise ValueError(f"lora_dropout {model_args.lora_dropout}: peft adapts fused parameters ({', '.join(parameters)}) "
                              "only with lora_dropout: 0; set it, or lora_target_parameters: none")
-    if model_args.tune_mm_vision:
-        patterns.append(_vision_target_regex(model, modules.vision_blocks))
-    modules_to_save = _merger_modules(model, modules.projectors) if model_args.tune_mm_mlp else []
+    if model_args.train_modules is None:
+        if model_args.tune_mm_vision:
+            patterns.append(_vision_target_regex(model, modules.vision_blocks))
+        modules_to_save = _merger_modules(model, modules.projectors) if model_args.tune_mm_mlp else []
     modules_to_save += _resolve_modules_to_save(model, _split_csv(model_args.lora_modules_to_save))
     modules_to_save = list(dict.fromkeys(modules_to_save))
     if not patterns and not modules_to_save:
@@ -184,6 +196,49 @@ def lora_config(model: torch.nn.Module, model_args: ModelArgs, trainable_token_i
         trainable_token_indices={embedding: train_rows} if train_rows else None,
         bias="none",
     )
+
+
+def _selected_targets(model: torch.nn.Module, model_args: ModelArgs, spec: FamilySpec) -> tuple[list[str], list[str], list[str]]:
+    """train_modules under LoRA: (target regexes, fused target parameters, modules_to_save), by the rule in the
+    module docstring; the resolved selection is left on the model for the optimizer's groups."""
+    from .optim import train_modules_selection
+
+    modules = spec.modules
+    selection: Selection = train_modules_selection(model, model_args.train_modules)
+    setattr(model, MODEL_ATTR, selection)
+    targets = _split_csv(model_args.lora_target_modules) or list(modules.lora_targets)
+    llm_regex = _llm_target_regex(model, modules.decoder_layers, targets)
+    vision_regex = rf"{re.escape(modules.vision_blocks)}\.\d+\."
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    adapted = [n for n in linears if (re.fullmatch(llm_regex, n) or re.match(vision_regex, n)) and selection.entry_of(n)]
+    saved = []
+    for projector in _merger_modules(model, modules.projectors):
+        if selection.entry_of(projector) is not None:
+            saved.append(projector)
+        else:  # a listed module inside the projector (Ovis2.5's vte) trains alone
+            saved += [p for p in selection.paths() if p.startswith(projector + ".")]
+    served = {selection.entry_of(n).label for n in adapted + saved if selection.entry_of(n) is not None}
+    idle = [e.label for e in selection.entries if e.label not in served]
+    if idle:
+        raise ConfigError(
+            f"train_modules: {', '.join(repr(label) for label in idle)} has nothing LoRA can train (no linear layer of the "
+            "LLM's decoder layers in lora_target_modules or of the vision blocks, and no projector); use train_type: full "
+            "for it, or name its modules in lora_modules_to_save"
+        )
+    parameters = []
+    fused = lora_target_parameters(model_args, spec)
+    llm_layers = [n for n in adapted if re.fullmatch(llm_regex, n)]
+    if fused and llm_layers:
+        if selection.entry_of(modules.decoder_layers) is None:
+            raise ConfigError(f"train_modules: some decoder layers of {spec.name} are listed, and its fused parameters "
+                              f"({', '.join(fused)}) can only be adapted in every layer; list the whole LLM, or set "
+                              "lora_target_parameters: none")
+        parameters = _resolve_target_parameters(model, modules.decoder_layers, fused)
+        if model_args.lora_dropout != 0:
+            raise ValueError(f"lora_dropout {model_args.lora_dropout}: peft adapts fused parameters ({', '.join(parameters)}) "
+                             "only with lora_dropout: 0; set it, or lora_target_parameters: none")
+    patterns = ["|".join(re.escape(n) for n in adapted)] if adapted else []
+    return patterns, parameters, saved
 
 
 def apply_lora(model: torch.nn.Module, model_args: ModelArgs, trainable_token_ids: tuple[int, ...] = ()) -> PeftModel:

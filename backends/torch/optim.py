@@ -28,6 +28,12 @@ Decay: matrices (ndim >= 2) whose name has no "norm" get weight_decay; norms, bi
 
 Every group carries `base_lr` (= its `lr`): a schedule sets `lr = base_lr * multiplier` so that
 the per-component ratios survive warmup and decay.
+
+With `train_modules` (the Ovis recipe's selection, core/train_modules.py) the groups are instead one per
+(selected module, decay), named by the module as the recipe wrote it (`vte`, `vte_no_decay`, `llm`, ...),
+each at that module's own rate or learning_rate; trained parameters outside every listed module (LoRA's
+lora_modules_to_save) join `unlisted` at learning_rate. Freezing leaves the resolved selection on the model
+(`train_modules_selection`), where this reads it.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import torch
 from vltune.core.config import OPTIMIZERS, TrainArgs
 from vltune.core.families import ModuleMap
 from vltune.core.param_groups import COMPONENTS, component_lrs, component_of, decays
+from vltune.core.train_modules import MODEL_ATTR, Selection
 
 
 def build_optimizer(groups: list[dict], args: TrainArgs, device: torch.device) -> torch.optim.Optimizer:
@@ -185,34 +192,56 @@ class MasterWeights:
             master.copy_(state[key])
 
 
+def train_modules_selection(model: torch.nn.Module, text: str) -> Selection:
+    """`train_modules` resolved against a transformers model's module and parameter names (tied ones too), by
+    the names of the model's family; a ConfigError names a path the model lacks."""
+    from vltune.core.families import get_family
+
+    spec = get_family(model.config.model_type)
+    names = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    return Selection.resolve(text, spec.train_modules_table, names)
+
+
 def build_param_groups(model: torch.nn.Module, modules: ModuleMap, train_args: TrainArgs) -> list[dict]:
     """AdamW groups for the trainable parameters of `model`, named llm, llm_no_decay, vision, ...
+    (with train_modules: one per listed module, see the module docstring).
 
     The split is by name through the family's module map; freezing (apply_freeze / apply_lora) has
     already decided what trains.
     Each trainable parameter lands in exactly one group; frozen ones in none; empty groups are dropped.
     """
+    selection: Selection | None = getattr(model, MODEL_ATTR, None)
     lrs = component_lrs(train_args)
-    buckets: dict[tuple[str, bool], list[torch.nn.Parameter]] = {(c, d): [] for c in COMPONENTS for d in (True, False)}
+    buckets: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    if selection is None:
+        buckets = {(c, d): [] for c in COMPONENTS for d in (True, False)}
+    else:
+        lrs = {e.label: selection.lr_of(e, train_args.learning_rate) for e in selection.entries}
+        lrs["unlisted"] = train_args.learning_rate
     seen: set[int] = set()
     for name, param in model.named_parameters():
         if not param.requires_grad or id(param) in seen:
             continue  # named_parameters already drops tied duplicates; `seen` guards custom modules
         seen.add(id(param))
-        buckets[(component_of(name, modules), decays(name, param.shape))].append(param)
+        if selection is None:
+            label = component_of(name, modules)
+        else:
+            entry = selection.entry_of(name)
+            label = entry.label if entry is not None else "unlisted"
+        buckets.setdefault((label, decays(name, param.shape)), []).append(param)
 
     groups = []
-    for (component, decay), params in buckets.items():
+    for (label, decay), params in buckets.items():
         if not params:
             continue
-        lr = lrs[component]
+        lr = lrs[label]
         groups.append(
             {
                 "params": params,
                 "weight_decay": train_args.weight_decay if decay else 0.0,
                 "lr": lr,
                 "base_lr": lr,
-                "name": component if decay else f"{component}_no_decay",
+                "name": label if decay else f"{label}_no_decay",
             }
         )
     return groups

@@ -1,0 +1,94 @@
+"""train_modules on the torch backend: what apply_freeze / apply_lora leave trainable and the AdamW groups' rates."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from vltune.backends.torch.engine import apply_freeze  # noqa: E402
+from vltune.backends.torch.lora import apply_lora  # noqa: E402
+from vltune.backends.torch.models import load_model  # noqa: E402
+from vltune.backends.torch.optim import build_param_groups, set_learning_rates  # noqa: E402
+from vltune.core.config import ConfigError, ModelArgs, TrainArgs  # noqa: E402
+from vltune.core.families import get_family  # noqa: E402
+
+PEFT = "base_model.model."
+
+
+def _trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _groups(model, lr=1e-3):
+    groups = build_param_groups(model, get_family(model.config.model_type).modules, TrainArgs(learning_rate=lr))
+    return {g["name"]: g for g in groups}
+
+
+def test_ovis_llm_and_vte_train_each_at_its_rate(tiny_models):
+    model = load_model(tiny_models["ovis2_5"])
+    apply_freeze(model, ModelArgs(train_modules="llm|vte:1e-5"))
+    names = {n for n, _ in model.named_parameters()}
+    llm = {n for n in names if n.startswith(("model.language_model.", "lm_head."))}
+    vte = {n for n in names if n.startswith("model.multi_modal_projector.visual_embeddings_table.")}
+    assert vte and _trainable(model) == llm | vte  # tower and visual head frozen
+    groups = _groups(model)
+    assert {g["name"]: g["lr"] for g in groups.values()} == {"llm": 1e-3, "llm_no_decay": 1e-3, "vte": 1e-5}
+    assert all(g["base_lr"] == g["lr"] for g in groups.values())
+    assert {id(p) for p in groups["vte"]["params"]} == {id(p) for n, p in model.named_parameters() if n in vte}
+    opt = torch.optim.AdamW(list(groups.values()))
+    set_learning_rates(opt, 0.5)  # the schedule scales every group, keeping the ratios
+    assert {g["name"]: g["lr"] for g in opt.param_groups} == {"llm": 5e-4, "llm_no_decay": 5e-4, "vte": 5e-6}
+
+
+def test_ovis_last_block_and_longest_prefix(tiny_models):
+    model = load_model(tiny_models["ovis2_5"])
+    apply_freeze(model, ModelArgs(train_modules="all|visual_tokenizer.vit.last_block:2e-5|llm.layers.1:3e-5"))
+    assert _trainable(model) == {n for n, _ in model.named_parameters()}
+    rates = {}
+    for group in build_param_groups(model, get_family("ovis2_5").modules, TrainArgs(learning_rate=1e-3)):
+        rates.update({id(p): group["lr"] for p in group["params"]})
+    for name, param in model.named_parameters():
+        expected = (2e-5 if name.startswith(("model.vision_tower.layers.1.", "model.vision_tower.post_layernorm."))
+                    else 3e-5 if name.startswith("model.language_model.layers.1.") else 1e-3)
+        assert rates[id(param)] == expected, name
+
+
+def test_a_path_the_model_lacks_is_a_config_error(tiny_models):
+    model = load_model(tiny_models["ovis2_5"])
+    with pytest.raises(ConfigError, match=r"train_modules: 'llm.layers.9' -> 'model.language_model.layers.9'"):
+        apply_freeze(model, ModelArgs(train_modules="llm.layers.9"))
+
+
+def test_qwen_default_names(tiny_models):
+    model = load_model(tiny_models["qwen2_5_vl"])
+    apply_freeze(model, ModelArgs(train_modules="merger:1e-4|llm"))
+    names = {n for n, _ in model.named_parameters()}
+    merger = {n for n in names if n.startswith("model.visual.merger.")}
+    assert _trainable(model) == {n for n in names if not n.startswith("model.visual.")} | merger
+    assert {g["name"]: g["lr"] for g in _groups(model).values()} == {
+        "merger": 1e-4, "merger_no_decay": 1e-4, "llm": 1e-3, "llm_no_decay": 1e-3}
+    apply_freeze(model, ModelArgs(train_modules="vision"))  # the tower without its merger
+    assert _trainable(model) == {n for n in names if n.startswith("model.visual.") and n not in merger}
+
+
+def test_lora_ovis_adapters_in_the_llm_vte_in_full(tiny_models):
+    model = load_model(tiny_models["ovis2_5"])
+    peft_model = apply_lora(model, ModelArgs(train_type="lora", lora_r=2, lora_alpha=4.0, lora_dropout=0.0,
+                                             train_modules="llm|vte:1e-5|visual_tokenizer.vit.last_block:2e-5"))
+    trainable = _trainable(peft_model)
+    assert trainable and all(
+        ".lora_" in n and (n.startswith(PEFT + "model.language_model.layers.") or n.startswith(PEFT + "model.vision_tower.layers.1."))
+        or n.startswith(PEFT + "model.multi_modal_projector.visual_embeddings_table.modules_to_save.")
+        for n in trainable
+    ), sorted(trainable)
+    assert any("vision_tower" in n for n in trainable) and any("visual_embeddings_table" in n for n in trainable)
+    rates = {g["name"]: g["lr"] for g in _groups(peft_model).values()}
+    assert rates == {"llm": 1e-3, "vte": 1e-5, "visual_tokenizer.vit.last_block": 2e-5}
+
+
+def test_lora_refuses_a_module_with_nothing_to_adapt(tiny_models):
+    model = load_model(tiny_models["qwen2_5_vl"])
+    with pytest.raises(ConfigError, match="'model.language_model.norm' has nothing LoRA can train"):
+        apply_lora(model, ModelArgs(train_type="lora", train_modules="llm|model.language_model.norm"))
