@@ -46,12 +46,27 @@ from .optim import AdamW, build_param_groups, clip_grads, global_norm
 
 def apply_freeze(model: nn.Cell, model_args: ModelArgs) -> None:
     """requires_grad from tune_mm_llm / tune_mm_vision / tune_mm_mlp (the torch backend's rule: the LM
-    head follows tune_mm_llm, tied or not)."""
-    modules = get_family(model.cfg.model_type).modules
+    head follows tune_mm_llm, tied or not), or from train_modules (core/train_modules.py; the cells carry
+    the HF names). With train_modules each parameter carries the resolved selection, which
+    build_param_groups reads for the per-module rates."""
+    from vltune.core.config import ConfigError
+    from vltune.core.train_modules import MODEL_ATTR, Selection
+
+    spec = get_family(model.cfg.model_type)
+    selection = None
+    if model_args.train_modules is not None:
+        names = [n for n, _ in model.cells_and_names()] + [n for n, _ in model.parameters_and_names()]
+        selection = Selection.resolve(model_args.train_modules, spec.train_modules_table, names)
     train = {"vision": model_args.tune_mm_vision, "merger": model_args.tune_mm_mlp, "llm": model_args.tune_mm_llm}
     for name, param in model.parameters_and_names():
-        param.requires_grad = train[modules.component_of(name)]
+        if selection is not None:
+            param.requires_grad = selection.entry_of(name) is not None
+        else:
+            param.requires_grad = train[spec.modules.component_of(name)]
+        setattr(param, MODEL_ATTR, selection)
     if not any(p.requires_grad for p in model.get_parameters()):
+        if selection is not None:
+            raise ConfigError(f"train_modules: {model_args.train_modules!r} selects no parameter of the model")
         raise ValueError("tune_mm_llm, tune_mm_vision and tune_mm_mlp are all false: nothing to train")
 
 

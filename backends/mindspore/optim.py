@@ -11,6 +11,9 @@ multiplies. The update is torch's single-tensor AdamW, operation by operation:
 Written here rather than taken from `mindspore.experimental.optim.AdamW` because its kernels are not
 all registered on CPU (REFERENCE.md s5) and because exact agreement with torch is a tested property.
 State (step, m, v) is exported as numpy for the checkpoint, so a resumed run takes the same step.
+
+With `train_modules` the groups are the torch backend's too: one per (listed module, decay), named as the
+recipe wrote the module, at its own rate (apply_freeze leaves the resolved selection on each parameter).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from mindspore import Parameter, Tensor, ops
 from vltune.core.config import TrainArgs
 from vltune.core.families import ModuleMap
 from vltune.core.param_groups import COMPONENTS, component_lrs, component_of, decays
+from vltune.core.train_modules import MODEL_ATTR
 
 
 @dataclass
@@ -40,11 +44,23 @@ class ParamGroup:
 
 
 def build_param_groups(named_params: list[tuple[str, Parameter]], modules: ModuleMap, args: TrainArgs) -> list[ParamGroup]:
-    """Groups named llm, llm_no_decay, vision, ... over the trainable parameters; empty ones dropped."""
-    lrs = component_lrs(args)
-    buckets: dict[tuple[str, bool], list[Parameter]] = {(c, d): [] for c in COMPONENTS for d in (True, False)}
+    """Groups named llm, llm_no_decay, vision, ... (with train_modules: one per listed module) over the
+    trainable parameters; empty ones dropped."""
+    selection = next((s for _, p in named_params if (s := getattr(p, MODEL_ATTR, None)) is not None), None)
+    buckets: dict[tuple[str, bool], list[Parameter]] = {}
+    if selection is None:
+        lrs = component_lrs(args)
+        buckets = {(c, d): [] for c in COMPONENTS for d in (True, False)}
+    else:
+        lrs = {e.label: selection.lr_of(e, args.learning_rate) for e in selection.entries}
+        lrs["unlisted"] = args.learning_rate
     for name, param in named_params:
-        buckets[(component_of(name, modules), decays(name, param.shape))].append(param)
+        if selection is None:
+            label = component_of(name, modules)
+        else:
+            entry = selection.entry_of(name)
+            label = entry.label if entry is not None else "unlisted"
+        buckets.setdefault((label, decays(name, param.shape)), []).append(param)
     return [
         ParamGroup(c if d else f"{c}_no_decay", params, lrs[c], args.weight_decay if d else 0.0)
         for (c, d), params in buckets.items()
