@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from vltune.core.config import ConfigError, RecipeConfig
+from vltune.core.config import ConfigError, RecipeConfig, TrainArgs
 from vltune.core.recipe import load_recipe
 from vltune.core.recipe_rules import check_family, circle_rope_settings
 from vltune.core.checkpointing import CheckpointManager, read_trainer_state
 from vltune.core.families import read_config
 from vltune.core.flops import batch_flops, shape_from_config
-from vltune.core.loop import LoopState, TrainingStopped, run_training
+from vltune.core.loop import LoopResult, LoopState, TrainingStopped, run_training
 from vltune.core.mdlm import MaskedBatches
 from vltune.core.metrics import MetricsWriter
 from vltune.core.run_dir import OutputDirLock, claim_output_dir
@@ -151,6 +151,16 @@ def _engine_name(cfg: RecipeConfig, world_size: int) -> str:
     return "data_parallel" if cfg.train.backend == "mindspore" else "ddp"
 
 
+def stop_reason(args: TrainArgs, result: LoopResult, total_steps: int) -> str:
+    """Why the run ended, in words, for run_summary.json (`stopped_early_at` says when)."""
+    if result.stopped_early_at is not None:
+        return (f"early stopping at step {result.stopped_early_at}: {args.metric_for_best_model} did not improve on its "
+                f"best ({result.best_metric}) by more than early_stopping_threshold {args.early_stopping_threshold} for "
+                f"early_stopping_patience {args.early_stopping_patience} evaluations in a row")
+    planned = "max_steps" if args.max_steps > 0 else f"num_train_epochs {args.num_train_epochs}"
+    return f"finished: step {result.steps} of the {total_steps} planned ({planned})"
+
+
 def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = None, show_progress: bool = True) -> dict:
     """Run a recipe end to end and return the run summary (also written to OUTPUT_DIR/run_summary.json)."""
     cfg = config if isinstance(config, RecipeConfig) else load_recipe(config, overrides)
@@ -252,6 +262,7 @@ def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
         "best_metric": result.best_metric,
         "best_checkpoint": result.best_checkpoint,
         "stopped_early_at": result.stopped_early_at,
+        "stop_reason": stop_reason(cfg.train, result, total_steps),
         "bad_steps": result.bad_steps,
         "resumed_from": str(resume_from) if resume_from else None,
         "backend": cfg.train.backend,
