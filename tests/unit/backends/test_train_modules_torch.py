@@ -92,3 +92,20 @@ def test_lora_refuses_a_module_with_nothing_to_adapt(tiny_models):
     model = load_model(tiny_models["qwen2_5_vl"])
     with pytest.raises(ConfigError, match="'model.language_model.norm' has nothing LoRA can train"):
         apply_lora(model, ModelArgs(train_type="lora", train_modules="llm|model.language_model.norm"))
+
+
+@pytest.mark.parametrize("family", sorted(__import__("vltune.core.families", fromlist=["FAMILIES"]).FAMILIES))
+def test_every_family_name_resolves_on_its_tiny_model(tiny_models, family):
+    """Each family's train_modules names select something, and `all` everything, on the tiny model."""
+    from vltune.backends.torch.optim import train_modules_selection
+
+    model = load_model(tiny_models[family])
+    names = [n for n, _ in model.named_parameters()]
+    for name in get_family(family).train_modules_table:
+        selection = train_modules_selection(model, name)
+        chosen = [n for n in names if selection.entry_of(n) is not None]
+        assert chosen, name
+        if name == "all":
+            assert chosen == names
+        if name == "vision":  # the projectors stay with `merger`
+            assert not any(get_family(family).modules.component_of(n) == "merger" for n in chosen)
