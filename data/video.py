@@ -70,7 +70,12 @@ GPU-machine parity in ``tools/gpu/parity_ovis_video.py``):
   like the bicubic one (``resize_bilinear_aa``); anywhere else (AVX512 hosts, aarch64, no AVX) it
   converts to float32, interpolates, rounds half-to-even and casts back (``resize_bilinear_aa_float``).
   ``VideoConfig.bilinear_path`` picks which one we reproduce ("float" by default, the path of every
-  non-AVX2 CPU, which includes the AVX512 hosts of GPU machines; "uint8" for AVX2-only hosts).
+  non-AVX2 CPU, which includes the AVX512 hosts of GPU machines; "uint8" for AVX2-only hosts). The
+  two differ by one uint8 level in 15-20% of values, so the choice matters. ``resize_bilinear_aa`` is
+  bit-exact with ATen's uint8 kernel under every capability; ``resize_bilinear_aa_float`` is bit-exact
+  with ATen's scalar (DEFAULT) float kernel, while its vectorised builds (AVX2 measured here; AVX512
+  presumably alike) fuse multiply-adds on contiguous tensors, leaving a few values in 10^4 one level
+  apart after rounding.
 """
 
 from __future__ import annotations
