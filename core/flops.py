@@ -52,10 +52,10 @@ def llm_flops(shape: ModelShape, seq_lens: list[int], multiplier: int = 6) -> fl
 def vision_flops(shape: ModelShape, patches_per_image: list[int], multiplier: int = 2) -> float:
     """FLOPs of the vision tower (blocks, patch embedding, merger) over these images."""
     h, p, m = shape.vision_hidden, shape.patch_size, shape.merge_size
-    block = 4 * h * h + get_family(shape.model_type).vision_mlp_matrices * h * shape.vision_intermediate
-    embed = 3 * 2 * p * p * h
-    merger_in = h * m * m
-    merger = merger_in * merger_in + merger_in * shape.hidden
+    family = get_family(shape.model_type)
+    block = 4 * h * h + family.vision_mlp_matrices * h * shape.vision_intermediate
+    embed = 3 * shape.temporal_patch * p * p * h
+    merger = family.merger_params(shape)
     head_dim = h // shape.vision_heads
     window = (shape.window_size // p) ** 2 if shape.fullatt_blocks else None
     total = 0.0
@@ -63,7 +63,7 @@ def vision_flops(shape: ModelShape, patches_per_image: list[int], multiplier: in
         ctx = [n if window is None or i in shape.fullatt_blocks else min(window, n) for i in range(shape.vision_depth)]
         total += multiplier * (shape.vision_depth * block + embed) * n
         total += 2 * multiplier * shape.vision_heads * head_dim * n * sum(ctx)
-        total += multiplier * merger * (1 + len(shape.deepstack)) * n / (m * m)  # Qwen3-VL: DeepStack mergers too
+        total += multiplier * merger * n / (m * m)  # the family's merger (Qwen3-VL: DeepStack mergers too)
     return total
 
 

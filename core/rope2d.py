@@ -87,6 +87,9 @@ def get_rope_index(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (position_ids [3, B, L], rope_deltas [B, 1]): int64, or float64 with `circle_rope`.
 
+    A family with 1-D positions (`PositionRule.rotary` "text") gets 0, 1, 2, ... over each row's tokens
+    in all three rows, deltas 0.
+
     `image_grid_thw` / `video_grid_thw` are the *patch* grids of the processor ([n, 3], unmerged h, w),
     listed for the whole batch in order. Padded positions (attention_mask == 0) get id 0, as in
     transformers 5.x. For Qwen3-VL each video frame group is its own item with t = 1 (the timestamps live
@@ -115,6 +118,12 @@ def get_rope_index(
     if rule.video_time == "per_frame" and videos:
         videos = [(1, h, w) for t, h, w in videos for _ in range(t)]
         spts = None
+
+    if rule.rotary == "text":  # 1-D positions (Ovis2.5): every token, media included, one step; rows equal
+        if circle_rope:
+            raise ValueError(f"Circle-RoPE needs M-RoPE positions; {model_type} has 1-D text positions")
+        ids_1d = np.where(mask.astype(bool), np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
+        return np.broadcast_to(ids_1d, (3, batch, length)).copy(), np.zeros((batch, 1), dtype=np.int64)
 
     dtype = np.float64 if circle_rope else np.int64
     position_ids = np.zeros((3, batch, length), dtype=dtype)

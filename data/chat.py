@@ -4,8 +4,9 @@ Why not transformers' processor: in transformers 5.x the Qwen VL processors cann
 torchvision (their video processor requires it), and data/ must not pull torch in. So this module
 reads the same files the processor reads -- `tokenizer.json` through the `tokenizers` library and the
 chat template through jinja2 with transformers' environment settings -- and reproduces the
-processor's output: the rendered text, tokenised, with each `<|image_pad|>` expanded to the image's
-merged token count.
+processor's output: the rendered text, tokenised, with each image tag the template writes (Qwen's
+`<|image_pad|>`, Ovis2.5's `<image>`) expanded to the image's merged token count, wrapped as the
+family's processor wraps it (`MediaRule.image_tokens`).
 
 Labels come from the template's *structure*: for assistant turn i, the characters between
 render(messages[:i], add_generation_prompt=True) and render(messages[:i+1]) are the answer plus its
@@ -28,13 +29,12 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from ..core.contracts import IGNORE_INDEX
+from ..core.families import MediaRule, family_of_config, read_config
 
 
-IMAGE_PAD = "<|image_pad|>"
-VIDEO_PAD = "<|video_pad|>"
 EMPTY_THINK = "<think>\n\n</think>\n\n"
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
-_PADS = re.compile(re.escape(IMAGE_PAD) + "|" + re.escape(VIDEO_PAD))
+TURN_END = "<|im_end|>\n"
 
 
 def _text_of(message: dict[str, Any]) -> str:
@@ -109,24 +109,41 @@ def _load_template(model_dir: Path) -> str:
     raise FileNotFoundError(f"{model_dir}: no chat template (chat_template.jinja, chat_template.json or tokenizer_config.json)")
 
 
+def _family_of_dir(model_dir: Path):
+    """The family of a model directory's config.json, or None for a tokenizer-only directory (the Qwen
+    rules then; a config.json naming an unknown family is an error, never a fallback)."""
+    if not (model_dir / "config.json").exists():
+        return None
+    return family_of_config(read_config(model_dir), str(model_dir / "config.json"))
+
+
 class ChatTokenizer:
     """Renders and tokenises conversations exactly as the model's processor does."""
 
     def __init__(self, model_dir: str | Path, template_kwargs: dict[str, Any] | None = None):
         """`template_kwargs`: extra variables for every render of the chat template, e.g.
-        `{"enable_thinking": True}` for templates with a thinking switch."""
+        `{"enable_thinking": True}` for templates with a thinking switch.
+
+        The family (config.json's model_type) says how media tags expand (`MediaRule`), and may replace the
+        directory's template for training data (`FamilySpec.training_chat_template`: Ovis2.5's released
+        template drops the reasoning its recipe trains)."""
         self.template_kwargs = dict(template_kwargs or {})
         self.model_dir = model_dir = Path(model_dir)
         tokenizer_file = model_dir / "tokenizer.json"
         if not tokenizer_file.exists():
             raise FileNotFoundError(f"{model_dir}: no tokenizer.json")
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        family = _family_of_dir(model_dir)
+        self.media: MediaRule = family.media if family is not None else MediaRule()
+        self.trains_turn_newline = family.trains_turn_newline if family is not None else True
         # transformers renders with trim_blocks/lstrip_blocks and these helpers; so must we.
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        self.template = env.from_string(_load_template(model_dir))
+        training = family.training_chat_template if family is not None else None
+        self.template = env.from_string(training or _load_template(model_dir))
+        self._tags = re.compile(re.escape(self.media.image_tag) + "|" + re.escape(self.media.video_tag))
 
         def token_id(tok: str) -> int:
             tid = self.tokenizer.token_to_id(tok)
@@ -134,10 +151,10 @@ class ChatTokenizer:
                 raise ValueError(f"{model_dir}: tokenizer has no {tok} token")
             return tid
 
-        self.image_token_id = token_id("<|image_pad|>")
-        self.video_token_id = token_id("<|video_pad|>")
-        self.vision_start_token_id = token_id("<|vision_start|>")
-        self.vision_end_token_id = token_id("<|vision_end|>")
+        self.image_token_id = token_id(self.media.image_tokens[1])
+        self.video_token_id = token_id(self.media.video_tokens[1])
+        self.span_open_ids = tuple(token_id(t) for t in self.media.span_open)
+        self.span_close_ids = tuple(token_id(t) for t in self.media.span_close)
         self.im_end_id = token_id("<|im_end|>")
         self.pad_token_id = token_id("<|endoftext|>")
 
@@ -179,17 +196,21 @@ class ChatTokenizer:
                 opened = header + len(ASSISTANT_HEADER) if header >= 0 else start
                 if text.startswith(EMPTY_THINK, opened):
                     start = max(start, opened + len(EMPTY_THINK))
-            spans.append((start, len(through)))
+            end = len(through)
+            if not self.trains_turn_newline and through.endswith(TURN_END):
+                end -= 1  # the Ovis recipe trains the answer through <|im_end|>, not the newline after it
+            spans.append((start, end))
         return spans
 
     def _expand_media(self, text: str, image_repl: list[str], video_repl: list[str]) -> tuple[str, list[tuple[int, int]]]:
-        """Replace the k-th `<|image_pad|>` / `<|video_pad|>` with its replacement, as the processor does.
+        """Replace the k-th image / video tag (`<|image_pad|>` / `<|video_pad|>`, Ovis2.5's `<image>` /
+        `<video>`) with its replacement, as the processor does.
 
         Returns the expanded text and (position in the original text, length added) per replacement,
         so character spans of the rendered text can be moved onto the expanded one.
         """
-        found = [m for m in _PADS.finditer(text)]
-        n_images = sum(m.group() == IMAGE_PAD for m in found)
+        found = [m for m in self._tags.finditer(text)]
+        n_images = sum(m.group() == self.media.image_tag for m in found)
         if n_images != len(image_repl) or len(found) - n_images != len(video_repl):
             raise ValueError(
                 f"{n_images} image and {len(found) - n_images} video placeholder(s) in the rendered text but "
@@ -198,7 +219,7 @@ class ChatTokenizer:
         images, videos = iter(image_repl), iter(video_repl)
         pieces, shifts, last = [], [], 0
         for m in found:
-            repl = next(images) if m.group() == IMAGE_PAD else next(videos)
+            repl = next(images) if m.group() == self.media.image_tag else next(videos)
             pieces += [text[last : m.start()], repl]
             shifts.append((m.start(), len(repl) - len(m.group())))
             last = m.end()
@@ -245,10 +266,23 @@ class ChatTokenizer:
         text, _ = self._expand_media(rendered, list(image_repl), list(video_repl))
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
-    @staticmethod
-    def image_placeholder(n_tokens: int) -> str:
-        """What one image's `<|image_pad|>` becomes: one pad per merged patch."""
-        return IMAGE_PAD * n_tokens
+    def image_placeholder(self, n_tokens: int) -> str:
+        """What one image's tag becomes: one pad per merged patch, inside the family's open/close tokens."""
+        opening, pad, closing = self.media.image_tokens
+        return opening + pad * n_tokens + closing
+
+    def video_pads(self, n_tokens: int) -> str:
+        """A video's pads for `n_tokens` merged patches (the whole video, or one frame group of Qwen3-VL's)."""
+        return self.media.video_tokens[1] * n_tokens
+
+    def video_placeholder(self, n_tokens: int) -> str:
+        """What one video's tag becomes when its pads form one span (`MediaRule.video_placeholder` "pads")."""
+        opening, _, closing = self.media.video_tokens
+        return opening + self.video_pads(n_tokens) + closing
+
+    def open_spans(self, ids: np.ndarray) -> int:
+        """How many media spans are open at the end of `ids` (0: a cut there splits none)."""
+        return int(np.isin(ids, self.span_open_ids).sum() - np.isin(ids, self.span_close_ids).sum())
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

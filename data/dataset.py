@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat import VIDEO_PAD, ChatTokenizer, TextTooLong
+from .chat import ChatTokenizer, TextTooLong
 from .formats import Sample, SampleError
 from .model_info import ModelInfo, read_model_info
 from .vision import VisionConfig, image_size, load_image, preprocess_image
@@ -127,19 +127,21 @@ class SFTDataset:
         return out
 
     def _video_placeholder(self, video: VideoFeatures) -> str:
-        """What a video's `<|video_pad|>` becomes: pads (Qwen2/2.5-VL), or per temporal patch
-        `<t seconds><|vision_start|>pads<|vision_end|>` (Qwen3-VL's processor, outer wrapper kept)."""
+        """What a video's tag becomes: its pads in one span (Qwen2/2.5-VL; Ovis2.5 inside its video
+        indicators), or per temporal patch `<t seconds><|vision_start|>pads<|vision_end|>` (Qwen3-VL's
+        processor, outer wrapper kept)."""
         t, h, w = (int(x) for x in video.grid_thw)
         per_frame = h * w // self.vision.merge_size**2
         if self.info.family.media.video_placeholder == "pads":
-            return VIDEO_PAD * (t * per_frame)
-        return "".join(f"<{video.timestamps[i]:.1f} seconds><|vision_start|>{VIDEO_PAD * per_frame}<|vision_end|>" for i in range(t))
+            return self.tokenizer.video_placeholder(t * per_frame)
+        pads = self.tokenizer.video_pads(per_frame)
+        return "".join(f"<{video.timestamps[i]:.1f} seconds><|vision_start|>{pads}<|vision_end|>" for i in range(t))
 
     # -- tokens --------------------------------------------------------------------------------
 
     def _encode(self, sample: Sample, messages, image_grids, videos: list[VideoFeatures], prompt: bool = False,
                 answer: dict | None = None):
-        image_repl = [ChatTokenizer.image_placeholder(self._image_tokens(g)) for g in image_grids]
+        image_repl = [self.tokenizer.image_placeholder(self._image_tokens(g)) for g in image_grids]
         video_repl = [self._video_placeholder(v) for v in videos]
         try:
             if prompt:
@@ -183,7 +185,7 @@ class SFTDataset:
         if self.truncation != "right":
             raise SampleError(f"{too_long} (raise model_max_length, lower max_pixels, or set truncation_strategy)", "too_long")
         cut = self.max_length
-        if _vision_depth(input_ids[:cut], self.tokenizer.vision_start_token_id, self.tokenizer.vision_end_token_id) != 0:
+        if self.tokenizer.open_spans(input_ids[:cut]) != 0:
             raise SampleError(f"{too_long}, and cutting there would split an image/video span", "too_long")
         if not (labels[:cut] != -100).any():
             raise SampleError(f"{too_long}, and cutting there would leave no answer token", "too_long")
@@ -224,11 +226,6 @@ def _stack_videos(videos: list[VideoFeatures]) -> tuple:
         np.stack([v.grid_thw for v in videos]),
         np.asarray([v.second_per_grid_ts for v in videos], dtype=np.float32),
     )
-
-
-def _vision_depth(ids: np.ndarray, start_id: int, end_id: int) -> int:
-    """How many vision spans are open at the end of `ids` (0: a cut there splits none)."""
-    return int((ids == start_id).sum() - (ids == end_id).sum())
 
 
 def _media_kind(error: ValueError) -> str:

@@ -285,9 +285,12 @@ def record_to_sample(record: Any, where: str, data_path: str | Path, pack: int |
         tags = _count(content, "image") + _count(content, "video")
         if tags and role == "assistant":
             raise SampleError(f"{where}: turn {i} is an answer containing a media tag; tags belong in user turns", "tag_in_answer")
+        message = {"role": role, "content": content}
         if isinstance(content, str) and tags:
-            content = _split_tags(content)
-        messages.append({"role": role, "content": content})
+            # `media_inline`: the parts were one text with tags, to be rendered back to back; a template that
+            # separates parts (Ovis2.5's, with newlines) keeps the text as written instead (its recipe does)
+            message = {"role": role, "content": _split_tags(content), "media_inline": True}
+        messages.append(message)
     for kind in ("image", "video"):
         n_tags = sum(_count(m["content"], kind) for m in messages)
         if n_tags != len(media[kind]):

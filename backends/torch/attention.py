@@ -25,6 +25,7 @@ import types
 
 import torch
 
+from vltune.core.families import get_family
 from vltune.ops.torch.attention import varlen_attention
 from vltune.ops.torch.memo import PerTensor
 
@@ -75,6 +76,19 @@ def _text_attention(module, query, key, value, attention_mask, dropout: float = 
     return out.unsqueeze(0), None
 
 
+def _sdpa_mask_unless_unpadded(*args, attention_mask=None, q_length=None, kv_length=None, **kwargs):
+    """sdpa's mask function, except that a square call without a padding mask gets None.
+
+    Such a call is a causal row, which sdpa runs with `is_causal` anyway, or a packed row: transformers
+    reads packing from 1-D position ids that restart (a Qwen3 language model, Ovis2.5's) and builds an
+    L x L block mask, which the varlen kernel does not take; the packed row's own `cu_seqlens` say the same."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and q_length == kv_length:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, q_length=q_length, kv_length=kv_length, **kwargs)
+
+
 @functools.cache
 def register_varlen_implementations() -> tuple[str, ...]:
     """Register `vltune_varlen_sdpa` / `_eager` with transformers (attention function and mask function)."""
@@ -85,7 +99,8 @@ def register_varlen_implementations() -> tuple[str, ...]:
     for fallback in FALLBACKS:
         name = VARLEN_PREFIX + fallback
         AttentionInterface.register(name, functools.partial(_text_attention, fallback=fallback))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[fallback])
+        mask = _sdpa_mask_unless_unpadded if fallback == "sdpa" else ALL_MASK_ATTENTION_FUNCTIONS[fallback]
+        AttentionMaskInterface.register(name, mask)
         names.append(name)
     return tuple(names)
 
@@ -95,36 +110,57 @@ _max_length = PerTensor(lambda cu_seqlens: int((cu_seqlens[1:] - cu_seqlens[:-1]
 device-to-host read per tensor and forward instead of one per layer."""
 
 
-def _vision_attention_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
-                              position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                              max_seqlen: int | None = None, **kwargs) -> torch.Tensor:
-    """Qwen2.5-VL / Qwen3-VL vision attention, [T, C] -> [T, C], as one varlen call over `cu_seqlens`.
-
-    The same projections and rotary as the stock forward (`self.qkv`, the modeling file's
-    `apply_rotary_pos_emb_vision`, `self.proj`), so LoRA on the vision blocks keeps working. `kwargs`
-    (the language model's packing arguments, forwarded to the tower by the model) are not the tower's.
-    """
-    seq_length = hidden_states.shape[0]
-    q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+def _varlen_vision(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                   position_embeddings: tuple[torch.Tensor, torch.Tensor], max_seqlen: int | None) -> torch.Tensor:
+    """Rotary (the modeling file's `apply_rotary_pos_emb_vision`) then one varlen call: [T, H, D] -> [T, H*D]."""
     cos, sin = position_embeddings
     q, k = _modeling_module(self).apply_rotary_pos_emb_vision(q, k, cos, sin)
     device = q.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else v.dtype
     max_seqlen = max_seqlen if max_seqlen is not None else _max_length(cu_seqlens)
     out = varlen_attention(q.to(dtype), k.to(dtype), v.to(dtype), cu_seqlens, max_seqlen, causal=False, scale=self.scaling)
-    return self.proj(out.reshape(seq_length, -1))
+    return out.reshape(q.shape[0], -1)
+
+
+def _vision_attention_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                              position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                              max_seqlen: int | None = None, **kwargs) -> torch.Tensor:
+    """Qwen2.5-VL / Qwen3-VL vision attention (fused `qkv`, `proj`), [T, C] -> [T, C], as one varlen call
+    over `cu_seqlens`.
+
+    The same projections and rotary as the stock forward, so LoRA on the vision blocks keeps working.
+    `kwargs` (the language model's packing arguments, forwarded to the tower by the model) are not the tower's.
+    """
+    seq_length = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    return self.proj(_varlen_vision(self, q, k, v, cu_seqlens, position_embeddings, max_seqlen))
+
+
+def _vision_attention_forward_split(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                                    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                                    max_seqlen: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """Ovis2.5's SigLIP2 attention (`q_proj`/`k_proj`/`v_proj`, `out_proj`; returns (output, weights)) as one
+    varlen call; the stock forward runs one attention per image (or window) under sdpa."""
+    shape = (hidden_states.shape[0], self.num_heads, self.head_dim)
+    q, k, v = (proj(hidden_states).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
+    return self.out_proj(_varlen_vision(self, q, k, v, cu_seqlens, position_embeddings, max_seqlen)), None
 
 
 def vision_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The attention modules of the vision tower's blocks; `model` is the VL model or the tower itself."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    blocks = base.blocks if hasattr(base, "blocks") else part(base, "vision_blocks")
-    return [block.attn for block in blocks]
+    if hasattr(base, "blocks"):  # a Qwen tower on its own
+        return [block.attn for block in base.blocks]
+    modules = get_family(base.config.model_type).modules
+    return [getattr(block, modules.vision_attention) for block in part(base, "vision_blocks")]
 
 
 def enable_varlen_vision(model: torch.nn.Module) -> int:
     """One varlen call per vision layer (the VL model or its tower alone); idempotent; returns the layer count."""
-    return swap_forward(vision_attention_modules(model), _vision_attention_forward)
+    attentions = vision_attention_modules(model)
+    fused = [a for a in attentions if hasattr(a, "qkv")]
+    split = [a for a in attentions if not hasattr(a, "qkv")]
+    return swap_forward(fused, _vision_attention_forward) + swap_forward(split, _vision_attention_forward_split)
 
 
 def text_config(model: torch.nn.Module):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from vltune.core.contracts import Batch
+from vltune.core.families import get_family
 
 from .attention import require_varlen
 
@@ -85,9 +86,10 @@ def vision_tower_kwargs(visual: torch.nn.Module, parts: tuple[str, ...], grid_th
         )
         out["max_window_seqlen"] = _longest(out["cu_window_seqlens"])
     if "interpolation" in parts:
+        grid = getattr(visual, "embeddings", visual)  # where the position grid lives (Ovis2.5: the embeddings)
         out["interp_indices"], out["interp_weights"] = vu.get_vision_interpolation_indices_and_weights(
-            grid_thw, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
-            align_corners=visual.interpolation_align_corners, spatial_merge_size=merge,
+            grid_thw, num_grid_per_side=grid.num_grid_per_side, mode=grid.interpolation_mode,
+            align_corners=grid.interpolation_align_corners, spatial_merge_size=merge,
         )
     return {key: send(value, device) if isinstance(value, torch.Tensor) else value for key, value in out.items()}
 
@@ -119,6 +121,8 @@ def to_model_inputs(batch: Batch, device: torch.device, keys=MODEL_INPUTS, model
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
         accepted = _forward_parameters(type(base))
         keys = {k: v for k, v in keys.items() if k in accepted}
+        if "position_ids" in batch and get_family(base.config.model_type).position.rotary == "text":
+            batch = {**batch, "position_ids": batch["position_ids"][0]}  # 1-D positions: the rows are equal
     inputs = {key: to_tensor(batch[key], device, dtype) for key, dtype in keys.items() if key in batch}
     if "cu_seqlens" in batch:  # a packed [1, L] row: transformers forwards these to every text attention call
         require_varlen(model)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .models import part
+from .models import model_entry, part
 
 
 
@@ -125,12 +125,18 @@ class VisionSync:
     def __init__(self, model: torch.nn.Module, ctx: DistContext):
         self.ctx = ctx
         self.visual = part(model, "vision_tower")
+        self.inner = (model.get_base_model() if hasattr(model, "get_base_model") else model).model
+        entry = model_entry(model.config.model_type)
+        self.dummy_encode, self.dummy_encode_late = entry.dummy_encode, entry.dummy_encode_late
+        self.early: list[torch.Tensor] = []
         cfg = self.visual.config
         merge = cfg.spatial_merge_size
         self.grid = torch.tensor([[1, merge, merge]], dtype=torch.long)
-        patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+        channels = getattr(cfg, "in_channels", None) or cfg.num_channels  # Qwen's name, SigLIP's (Ovis2.5)
+        patch_dim = channels * cfg.temporal_patch_size * cfg.patch_size**2
         self.n_patches, self.patch_dim = merge * merge, patch_dim
         self.pending = 0
+        self._early_hook = None
         part(model, "llm").register_forward_pre_hook(self._run_pending, with_kwargs=True)
 
     @staticmethod
@@ -141,9 +147,24 @@ class VisionSync:
     def prepare(self, batch: dict) -> None:
         """Agree with the other ranks (one small all-reduce) on this micro-batch's number of tower calls."""
         local = self.tower_calls(batch)
+        if self.dummy_encode is not None and self._early_hook is None:
+            # A forward that encodes before embedding the tokens (Ovis2.5): the dummy runs at the start of the
+            # inner model's forward, after the engine's own hooks there (ZeRO-3 traces the module order,
+            # which must be every rank's), so registered now, once the engine has wrapped the model.
+            self._early_hook = self.inner.register_forward_pre_hook(self._run_pending_early)
         (most,) = self.ctx.all_reduce([local], op="max")
         # At least one call: under DDP the tower's trainable parameters need a gradient every step.
         self.pending = max(int(most), 1) - local
+
+    def _dummy_pixels(self, device: torch.device) -> torch.Tensor:
+        dtype = next(self.visual.parameters()).dtype
+        return torch.zeros(self.n_patches, self.patch_dim, dtype=dtype, device=device)
+
+    def _run_pending_early(self, module: torch.nn.Module, args: tuple) -> None:
+        """The family's encoding calls that precede the token embedding, kept for `_run_pending`."""
+        device = next(self.visual.parameters()).device
+        for _ in range(self.pending):
+            self.early += self.dummy_encode(self.inner, self._dummy_pixels(device), self.grid.to(device))
 
     def _run_pending(self, module: torch.nn.Module, args: tuple, kwargs: dict):
         if self.pending <= 0:
@@ -151,11 +172,15 @@ class VisionSync:
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             raise RuntimeError("VisionSync: the language model was called without inputs_embeds")
-        dtype = next(self.visual.parameters()).dtype
-        pixels = torch.zeros(self.n_patches, self.patch_dim, dtype=dtype, device=embeds.device)
+        pixels = self._dummy_pixels(embeds.device)
         kwargs = dict(kwargs)
+        grid = self.grid.to(embeds.device)
         for _ in range(self.pending):
-            merged, *deepstack = _used_features(self.visual(pixels, grid_thw=self.grid.to(embeds.device)))
+            if self.dummy_encode is not None:  # encoded at the forward's start; what follows the embedding now
+                used = self.dummy_encode_late(self.inner, embeds.device) if self.dummy_encode_late else []
+                embeds = embeds + 0.0 * sum(f.sum() for f in used).to(embeds.dtype)
+                continue
+            merged, *deepstack = _used_features(self.visual(pixels, grid_thw=grid))
             embeds = embeds + 0.0 * merged.sum().to(embeds.dtype)
             if deepstack and kwargs.get("deepstack_visual_embeds") is None:
                 # Qwen3-VL: the deepstack features enter early decoder layers, as on a rank with images
@@ -167,6 +192,9 @@ class VisionSync:
             else:
                 for feature in deepstack:
                     embeds = embeds + 0.0 * feature.sum().to(embeds.dtype)
+        if self.early:
+            embeds = embeds + 0.0 * sum(f.sum() for f in self.early).to(embeds.dtype)
+            self.early = []
         self.pending = 0
         kwargs["inputs_embeds"] = embeds
         return args, kwargs

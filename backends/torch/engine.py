@@ -41,6 +41,7 @@ def apply_freeze(model: torch.nn.Module, model_args: ModelArgs) -> None:
     scripts leave an untied head trainable with tune_mm_llm=False).
     train_modules (core/train_modules.py): only the listed modules train (a tied weight when any of its
     names is listed); the resolved selection stays on the model for build_param_groups' per-module rates.
+    Modules the forward never reaches (`ModuleMap.unreached`) stay frozen: DDP would wait for their gradients.
     """
     if model_args.train_modules is not None:
         from vltune.core.config import ConfigError
@@ -55,13 +56,15 @@ def apply_freeze(model: torch.nn.Module, model_args: ModelArgs) -> None:
         if not chosen:
             raise ConfigError(f"train_modules: {model_args.train_modules!r} selects no parameter of the model")
         setattr(model, MODEL_ATTR, selection)
-        return
-    modules = get_family(model.config.model_type).modules
-    train = {"vision": model_args.tune_mm_vision, "merger": model_args.tune_mm_mlp, "llm": model_args.tune_mm_llm}
-    for name, param in model.named_parameters():
-        param.requires_grad_(train[modules.component_of(name)])
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("tune_mm_llm, tune_mm_vision and tune_mm_mlp are all false: nothing to train")
+    else:
+        modules = get_family(model.config.model_type).modules
+        train = {"vision": model_args.tune_mm_vision, "merger": model_args.tune_mm_mlp, "llm": model_args.tune_mm_llm}
+        for name, param in model.named_parameters():
+            param.requires_grad_(train[modules.component_of(name)])
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("tune_mm_llm, tune_mm_vision and tune_mm_mlp are all false: nothing to train")
+    for path in get_family(model.config.model_type).modules.unreached:
+        model.get_submodule(path).requires_grad_(False)
 
 
 class Engine:

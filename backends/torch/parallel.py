@@ -65,6 +65,7 @@ def apply_fsdp(model: torch.nn.Module, mesh: Any, param_dtype: torch.dtype | Non
     the sharded parameters and optimizer state staying fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    recordable = _recordable_outputs(model)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
     for block in part(model, "vision_blocks"):
         fully_shard(block, mesh=mesh, mp_policy=policy)
@@ -73,6 +74,24 @@ def apply_fsdp(model: torch.nn.Module, mesh: Any, param_dtype: torch.dtype | Non
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     root = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype, cast_forward_inputs=False)
     fully_shard(model, mesh=mesh, mp_policy=root)
+    _restore_recordable_outputs(recordable)
+
+
+def _recordable_outputs(model: torch.nn.Module) -> list[tuple[torch.nn.Module, dict]]:
+    """transformers' output capturing (which layer outputs a forward collects: Ovis2.5's visual tokenizer
+    reads its tower's last layer this way) is registered per model *class*, and fully_shard replaces
+    each sharded module's class with an FSDP subclass: the registrations, taken before sharding."""
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+
+    return [(m, _CAN_RECORD_REGISTRY.get(m)) for m in model.modules() if _CAN_RECORD_REGISTRY.get(m)]
+
+
+def _restore_recordable_outputs(recordable: list[tuple[torch.nn.Module, dict]]) -> None:
+    """Register each model's outputs again under its new (FSDP) class."""
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+
+    for module, flags in recordable:
+        _CAN_RECORD_REGISTRY[module] = flags
 
 
 def apply_deepspeed(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict, moe_block: str | None):

@@ -273,3 +273,41 @@ QWEN3_5_CHAT_TEMPLATE = QWEN3_VL_THINKING_CHAT_TEMPLATE[: -len(_THINKING_PROMPT)
     {%- endif %}
 {%- endif %}
 '''
+
+# Ovis2.5 (chat_template.json of the released AIDC-AI/Ovis2.5-2B / -9B checkpoints). An image or video
+# item renders `<image>` / `<video>`, which the processor expands; every assistant answer is rendered
+# without its reasoning (`content.split('</think>')[-1]`): right for prompting, not for training.
+OVIS2_5_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n'}}"
+    "{%- if message.role == 'system' or message.role == 'user' %}{%- if message.content is string %}"
+    "{{- message.content | replace('<image>', '') | replace('<video>', '') }}"
+    "{%- else %}{%- for item in message.content %}{%- if item.type == 'text' and 'text' in item %}"
+    "{{- item.text | replace('<image>', '') | replace('<video>', '') }}"
+    "{%- elif item.type == 'image' %}{{- '<image>'}}{%- elif item.type == 'video' %}{{- '<video>'}}"
+    "{%- else %}{{- raise_exception('Invalid content type. Supported types for system and user are text, image, video.')}}"
+    "{%- endif %}{%- if not loop.last %}{{- '\\n'}}{%- endif %}{%- endfor %}{%- endif %}"
+    "{%- elif message.role == 'assistant' %}{%- set content = '' %}{%- if message.content is string %}"
+    "{%- set content = message.content | replace('<image>', '') | replace('<video>', '') %}"
+    "{%- else %}{%- for item in message.content %}{%- if item.type == 'text' and 'text' in item %}"
+    "{%- set content = content ~ (item.text | replace('<image>', '') | replace('<video>', '')) %}"
+    "{%- else %}{{- raise_exception('Invalid content type. Supported type for assistant is text.')}}"
+    "{%- endif %}{%- endfor %}{%- endif %}{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{{- content }}{%- else %}{{- raise_exception('Invalid role. Supported roles are system, user, assistant.')}}"
+    "{%- endif %}{{- '<|im_end|>\\n'}}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}"
+)
+
+# What Ovis2.5's training formatter (the Ovis repository's Qwen3ConversationFormatter) renders, as a
+# template: the released one, except that an answer keeps its `<think>...</think>` whole and an answer
+# without reasoning is preceded by the empty think block (shown to the model, not trained), and a LLaVA
+# text whose `<image>` tags data/ split into parts renders as written (the formatter tokenises it as is).
+# Prompts (`add_generation_prompt`) render exactly as the released template's.
+OVIS2_5_TRAINING_TEMPLATE = OVIS2_5_CHAT_TEMPLATE.replace(
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{{- content }}",
+    "{%- if '<think>' in content and '</think>' in content %}{{- content }}"
+    "{%- else %}{{- '<think>\\n\\n</think>\\n\\n' + content }}{%- endif %}",
+).replace(  # a LLaVA text with <image> tags, split into parts by data/formats.py, renders as written
+    "{%- if not loop.last %}{{- '\\n'}}{%- endif %}", "{%- if not loop.last and not message.media_inline %}{{- '\\n'}}{%- endif %}"
+)
+assert OVIS2_5_TRAINING_TEMPLATE.count("media_inline") == 1 and "'<think>' in content" in OVIS2_5_TRAINING_TEMPLATE

@@ -63,6 +63,10 @@ class PositionRule:
     video_time: Literal["frame_index", "seconds", "per_frame"]
     mrope_interleaved: bool = False
     """Rotary layout of the three sections: chunked [t..., h..., w...] (Qwen2/2.5) or interleaved (Qwen3)."""
+    rotary: Literal["mrope", "text"] = "mrope"
+    """"mrope": 3D ids from the media grids; "text": one id per token, media tokens included (Ovis2.5's
+    Qwen3 language model). The batch keeps the [3, B, L] layout with three equal rows either way, so
+    packing and every other consumer of ids stay one code path; the model is fed row 0."""
 
 
 @dataclass(frozen=True)
@@ -70,11 +74,24 @@ class MediaRule:
     """How images and videos become tokens and pixels (data/ executes it)."""
 
     image_processor: str = "Qwen2VLImageProcessor"
-    video_processor: Literal["Qwen2VLVideoProcessor", "Qwen3VLVideoProcessor"] = "Qwen2VLVideoProcessor"
+    video_processor: Literal["Qwen2VLVideoProcessor", "Qwen3VLVideoProcessor", "Ovis2_5VideoProcessor"] = "Qwen2VLVideoProcessor"
     """Whose frame sampling and resize rules data/video.py follows."""
     video_placeholder: Literal["pads", "timestamped_frames"] = "pads"
     """`<|video_pad|>` x N in one span, or per frame group `<t seconds><|vision_start|>pads<|vision_end|>`."""
     processor_class: str = "Qwen2VLProcessor"
+    image_tag: str = "<|image_pad|>"
+    """What the chat template writes for one image; data/ expands it into `image_tokens`."""
+    video_tag: str = "<|video_pad|>"
+    image_tokens: tuple[str, str, str] = ("", "<|image_pad|>", "")
+    """(open, pad, close): an image becomes open + pad x (merged patches) + close, as the processor
+    expands it (Qwen: pads only, the template writes <|vision_start|>/<|vision_end|> itself; Ovis2.5:
+    its indicator tokens around the pads)."""
+    video_tokens: tuple[str, str, str] = ("", "<|video_pad|>", "")
+    span_open: tuple[str, ...] = ("<|vision_start|>",)
+    """Tokens that open a media span in the token stream: truncation never cuts inside one."""
+    span_close: tuple[str, ...] = ("<|vision_end|>",)
+    added_tokens: tuple[str, ...] = ()
+    """Special tokens the family's tokenizer adds after Qwen's (the tiny factory appends them in order)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +131,12 @@ class ModuleMap:
         if f".{self.vision_tower}." in dotted:
             return "vision"
         return "llm"
+
+    unreached: tuple[str, ...] = ()
+    """Modules of the transformers model that its forward never uses (Ovis2.5's tower post-norm: the visual
+    tokenizer reads the last layer's output before it): always frozen."""
+    vision_attention: str = "attn"
+    """Attribute of a vision block holding its attention module (the varlen vision forward replaces it)."""
 
     def all_paths(self) -> dict[str, str]:
         """Every module path of the map, by role (the conformance suite resolves each on the tiny model)."""
@@ -185,6 +208,10 @@ class ModelShape:
     linear_conv_kernel: int = 0
     partial_rotary: float = 1.0
     """Fraction of the attention head dim that is rotated (Qwen3.5: 0.25)."""
+    temporal_patch: int = 2
+    """Frames per patch of the tower's patch embedding (Qwen: 2; Ovis2.5: 1)."""
+    visual_vocab: int = 0
+    """Ovis2.5: rows of the visual embedding table (its visual tokenizer's softmax width + 4 indicators)."""
 
     @property
     def attention_layers(self) -> int:
@@ -207,6 +234,9 @@ class TokenIds:
     bos: int
     eos: int
     pad: int
+    video_start: int | None = None
+    """Ovis2.5's video indicator tokens (Qwen's videos share <|vision_start|> / <|vision_end|>)."""
+    video_end: int | None = None
 
 
 class FamilySpec:
@@ -237,6 +267,14 @@ class FamilySpec:
     released_token_ids: TokenIds | None = None
     """The special token ids of the released tokenizer (what their config.json files carry): the bench's
     models of a released shape use them, having no tokenizer of their own."""
+    training_chat_template: str | None = None
+    """The template data/ renders training and evaluation conversations with, when the family's recipe
+    labels answers differently from its released template (Ovis2.5's template drops reasoning from
+    every answer; its training formatter keeps it). None: the model directory's own template."""
+    trains_turn_newline: bool = True
+    """Whether the `\n` after an answer's `<|im_end|>` is trained (Qwen's scripts: yes; Ovis: no)."""
+    train_module_aliases: dict[str, tuple[str, ...]] = {}
+    """`train_modules` names (the Ovis recipe's) -> module paths from the HF model root ("" = all)."""
 
     # -- config.json -> what vltune needs -----------------------------------------------------
 
@@ -257,6 +295,14 @@ class FamilySpec:
             num_hidden_layers=text["num_hidden_layers"],
             rotary_layers=len(attention_layer_indices(text.get("layer_types"), text["num_hidden_layers"])),
         )
+
+    def token_ids(self, ids: dict[str, int]) -> TokenIds:
+        """The TokenIds of a tokenizer's added vocabulary (token string -> id), by the media rule's tokens."""
+        media = self.media
+        return TokenIds(image=ids[media.image_tokens[1]], video=ids[media.video_tokens[1]],
+                        vision_start=ids[media.span_open[0]], vision_end=ids[media.span_close[0]],
+                        bos=ids["<|endoftext|>"], eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"],
+                        video_start=ids.get(media.span_open[-1]), video_end=ids.get(media.span_close[-1]))
 
     def vision_sizes(self, vision: dict) -> tuple[int, int]:
         """(hidden, intermediate) of the vision blocks."""
@@ -303,6 +349,12 @@ class FamilySpec:
         QK^T and AV, causality not halved). A hybrid family adds its recurrent layers' term."""
         squares = sum(n * n for n in seq_lens)
         return 2 * multiplier * shape.attention_layers * shape.heads * shape.text_head_dim * squares
+
+    def merger_params(self, shape: ModelShape) -> int:
+        """Weights one merged visual token passes through after the tower: the 2-layer patch merger (and
+        Qwen3-VL's DeepStack mergers)."""
+        merger_in = shape.vision_hidden * shape.merge_size**2
+        return (merger_in * merger_in + merger_in * shape.hidden) * (1 + len(shape.deepstack))
 
     def mlp_params(self, shape: ModelShape) -> int:
         """Weights of one decoder layer's MLP that a token passes through: the SwiGLU MLP, or for an MoE
@@ -362,6 +414,11 @@ class FamilySpec:
     def processor_configs(self) -> dict[str, dict]:
         """The processor JSON files a released checkpoint ships, by file name."""
         raise NotImplementedError(f"{type(self).__name__} must define processor_configs")
+
+    def tiny_processor_configs(self) -> dict[str, dict]:
+        """The processor files of the tiny models: the released ones unless the family's pixel bounds
+        would make every test image large (Ovis2.5's 448 x 448 minimum)."""
+        return self.processor_configs()
 
     def tiny_shape(self, *, text_hidden: int, text_layers: int, text_heads: int, text_kv_heads: int,
                    text_intermediate: int, vision_hidden: int, vision_layers: int, vision_heads: int,

@@ -17,12 +17,15 @@ torch = pytest.importorskip("torch")
 
 
 def _matrices(module: torch.nn.Module, routed: float = 1.0) -> float:
-    """Weights of the matrices in `module`: 2-D weights whole, 3-D fused expert weights times `routed`
+    """Weights of the matrices in `module`: 2-D weights whole (embedding lookups excluded), 3-D fused expert weights times `routed`
     (the share of experts a token is sent to); a depthwise conv's [C, 1, W] weight whole (Qwen3.5's Gated
     DeltaNet: W multiply-adds per channel and token). Biases and norms are vector parameters: not counted."""
     total = 0.0
+    lookups = {f"{name}.weight" for name, sub in module.named_modules() if isinstance(sub, torch.nn.Embedding)}
     for name, param in module.named_parameters():
-        if param.dim() == 2 and "embed" not in name:
+        if name in lookups:  # token and position tables are looked up, not multiplied (Ovis2.5's visual
+            continue  # embedding table is an nn.Linear over the visual-token softmax: a matrix, counted)
+        if param.dim() == 2:
             total += param.numel()
         elif param.dim() == 3:
             total += param.numel() * (routed if ".experts." in f".{name}" else 1.0)
@@ -43,7 +46,7 @@ def test_vision_flops_count_the_towers_matrices(spec, model_dir, torch_model):
     blocks = torch_model.get_submodule(spec.modules.vision_blocks)
     per_patch_blocks = sum(_matrices(block) for block in blocks)
     projectors = sum(_matrices(torch_model.get_submodule(p)) for p in spec.modules.projectors)
-    patch_embed = 2 * 3 * shape.patch_size**2 * shape.vision_hidden  # the conv, 2 frames x RGB x P x P -> hidden
+    patch_embed = shape.temporal_patch * 3 * shape.patch_size**2 * shape.vision_hidden  # the conv, frames x RGB x P x P -> hidden
     merge = shape.merge_size**2
     # One (1, m, m) grid = m*m patches = one merged token, forward only (multiplier 2): the matrices per
     # patch, the projectors per merged token, and attention over a window of m*m patches in every block.

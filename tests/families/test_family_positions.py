@@ -1,5 +1,6 @@
 """Position ids equal transformers' own `get_rope_index` of the family's model, for padded rows of
-text and images and for videos (with the family's video placeholders)."""
+text and images and for videos (with the family's video placeholders); for a family with 1-D positions
+(Ovis2.5), the ids transformers' generation derives from the attention mask."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ torch = pytest.importorskip("torch")
 
 
 def _theirs(model, ids, mask, image_grid, video_grid, spts, cfg):
-    """transformers' get_rope_index, called as the family's forward calls it."""
+    """transformers' get_rope_index, called as the family's forward calls it; for a model with 1-D
+    positions (no get_rope_index), the ids generation derives from the attention mask, in three rows."""
     import inspect
 
     tids = torch.as_tensor(ids)
+    if not hasattr(model.model, "get_rope_index"):
+        positions = model._prepare_position_ids_for_generation(tids, {"attention_mask": torch.as_tensor(mask)})
+        return np.broadcast_to(positions.numpy(), (3, *ids.shape)), np.zeros((len(ids), 1), dtype=np.int64)
     kwargs = {"attention_mask": torch.as_tensor(mask)}
     params = inspect.signature(model.model.get_rope_index).parameters
     if "mm_token_type_ids" in params:
@@ -33,10 +38,18 @@ def _theirs(model, ids, mask, image_grid, video_grid, spts, cfg):
     return positions.numpy(), deltas.numpy()
 
 
+def _span(cfg, video: bool) -> tuple[int, int]:
+    """The ids that open and close an image's / a video's span (Ovis2.5: its indicator tokens)."""
+    if hasattr(cfg, "image_start_token_id"):
+        return (cfg.video_start_token_id, cfg.video_end_token_id) if video else (cfg.image_start_token_id, cfg.image_end_token_id)
+    return cfg.vision_start_token_id, cfg.vision_end_token_id
+
+
 def _video_tokens(spec, cfg, t, h, w, rng):
     """A video span as the family's processor writes it (h, w merged)."""
     if spec.media.video_placeholder == "pads":
-        return [cfg.vision_start_token_id] + [cfg.video_token_id] * (t * h * w) + [cfg.vision_end_token_id]
+        opening, closing = _span(cfg, video=True)
+        return [opening] + [cfg.video_token_id] * (t * h * w) + [closing]
     out = [cfg.vision_start_token_id]
     for _ in range(t):  # timestamp text, then each frame group in its own vision span
         out += list(rng.integers(10, 50, 3)) + [cfg.vision_start_token_id] + [cfg.video_token_id] * (h * w) + [cfg.vision_end_token_id]
@@ -65,7 +78,8 @@ def test_position_ids_equal_transformers(family, spec, torch_model, with_video):
                     row += _video_tokens(spec, cfg, t, h, w, rng)
                 else:
                     images.append([1, h * merge, w * merge])
-                    row += [cfg.vision_start_token_id] + [cfg.image_token_id] * (h * w) + [cfg.vision_end_token_id]
+                    opening, closing = _span(cfg, video=False)
+                    row += [opening] + [cfg.image_token_id] * (h * w) + [closing]
                 row += list(rng.integers(10, 50, rng.integers(0, 4)))
             rows.append(row)
         length = max(map(len, rows))
@@ -79,7 +93,7 @@ def test_position_ids_equal_transformers(family, spec, torch_model, with_video):
         ours, our_deltas = get_rope_index(
             ids, image_grid, video_grid, spts or None, mask, model_type=family, spatial_merge_size=merge,
             image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
-            vision_start_token_id=cfg.vision_start_token_id,
+            vision_start_token_id=_span(cfg, video=False)[0],
             tokens_per_second=getattr(cfg.vision_config, "tokens_per_second", 2),
         )
         theirs, their_deltas = _theirs(torch_model, ids, mask, image_grid, video_grid, spts or None, cfg)

@@ -34,11 +34,13 @@ def test_tokens_and_pixels_equal_transformers(spec, model_dir, samples):
         theirs = image_processor(images=[Image.open(p) for p in sample.images], return_tensors="np")
         assert np.array_equal(theirs["image_grid_thw"], ours.image_grid_thw)
         assert np.array_equal(theirs["pixel_values"], ours.pixel_values)
-        text = tokenizer.apply_chat_template(sample.messages, tokenize=False)
+        # A family whose recipe trains with its own template (Ovis2.5) is rendered with that one
+        text = tokenizer.apply_chat_template(sample.messages, tokenize=False, chat_template=spec.training_chat_template)
         assert text == dataset.tokenizer.render(sample.messages)
-        for grid in theirs["image_grid_thw"]:  # the processor's expansion: one pad per merged patch
-            text = text.replace("<|image_pad|>", "<|placeholder|>" * (int(np.prod(grid)) // merge**2), 1)
-        expected = tokenizer(text.replace("<|placeholder|>", "<|image_pad|>"), add_special_tokens=False)["input_ids"]
+        opening, pad, closing = spec.media.image_tokens
+        for grid in theirs["image_grid_thw"]:  # the processor's expansion: one pad per merged patch (+ indicators)
+            text = text.replace(spec.media.image_tag, opening + "<|placeholder|>" * (int(np.prod(grid)) // merge**2) + closing, 1)
+        expected = tokenizer(text.replace("<|placeholder|>", pad), add_special_tokens=False)["input_ids"]
         assert ours.input_ids.tolist() == expected
 
 

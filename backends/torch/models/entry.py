@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import Callable
+
+import torch
 
 from vltune.core.families import get_family
 
@@ -22,6 +25,15 @@ class TorchModel:
     features_to_forward: bool = False
     """The tower's outputs go to the stock forward as `mm_encoder_outputs` (Qwen3-VL: DeepStack features
     feed early decoder layers) instead of being placed into the input embeddings here."""
+    dummy_encode: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], list[torch.Tensor]] | None = None
+    """For a data-parallel rank without images (backends/torch/distributed.py VisionSync): what one
+    image-encoding call of a stock forward that encodes *before* embedding the tokens runs, (the inner
+    VL model, pixels, grid) -> the tensors it uses; VisionSync runs it where the real calls happen, at
+    the start of the inner model's forward. None: the Qwen order (tokens embedded first, then the tower
+    with its merger inside, run in the language model's pre-hook)."""
+    dummy_encode_late: Callable[[torch.nn.Module, torch.device], list[torch.Tensor]] | None = None
+    """With `dummy_encode`: what the stock forward runs per encoding call after embedding the tokens
+    (Ovis2.5: the indicator embeddings of the start / end tokens), in the language model's pre-hook."""
 
 
 def model_entry(model_type: str) -> TorchModel:

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from vltune.core.families import FamilySpec, ModelShape, TokenIds, get_family
+from vltune.core.families import DEFAULT_FAMILY, FamilySpec, ModelShape, TokenIds, get_family
 
 from .tokenizer import build_transformers_tokenizer, train_qwen_style_tokenizer
 
@@ -52,10 +52,9 @@ def tiny_shape(spec: FamilySpec, size: TinySize, vocab: int) -> ModelShape:
     )
 
 
-def token_ids(ids: dict[str, int]) -> TokenIds:
-    """The config.json token ids from the tokenizer's added tokens."""
-    return TokenIds(image=ids["<|image_pad|>"], video=ids["<|video_pad|>"], vision_start=ids["<|vision_start|>"],
-                    vision_end=ids["<|vision_end|>"], bos=ids["<|endoftext|>"], eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"])
+def token_ids(ids: dict[str, int], spec: FamilySpec | None = None) -> TokenIds:
+    """The config.json token ids from the tokenizer's added tokens (by the family's media tokens)."""
+    return (spec or get_family(DEFAULT_FAMILY)).token_ids(ids)
 
 
 def _add_untrained(out: Path, prefixes: tuple[str, ...], hidden: int, seed: int) -> None:
@@ -94,11 +93,12 @@ def make_tiny(
         raise FileExistsError(f"{out} is a file, not a directory: give make-tiny a new directory to write the model to")
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = build_transformers_tokenizer(train_qwen_style_tokenizer(extra_corpus, size.tokenizer_vocab), spec.chat_template)
+    tokenizer = build_transformers_tokenizer(train_qwen_style_tokenizer(extra_corpus, size.tokenizer_vocab), spec.chat_template,
+                                             spec.media)
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in tokenizer.get_added_vocab()}
     vocab = _padded_vocab(len(tokenizer))
 
-    config = AutoConfig.for_model(**spec.config_json(tiny_shape(spec, size, vocab), token_ids(ids)))
+    config = AutoConfig.for_model(**spec.config_json(tiny_shape(spec, size, vocab), token_ids(ids, spec)))
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(
@@ -111,6 +111,6 @@ def make_tiny(
     if spec.untrained_prefixes:
         _add_untrained(out, spec.untrained_prefixes, config.get_text_config().hidden_size, seed)
     tokenizer.save_pretrained(out)
-    for name, content in spec.processor_configs().items():
+    for name, content in spec.tiny_processor_configs().items():
         (out / name).write_text(json.dumps(content, indent=2) + "\n")
     return out

@@ -97,8 +97,10 @@ def train_qwen_style_tokenizer(extra_corpus: list[str] | None = None, vocab_size
     return tok
 
 
-def build_transformers_tokenizer(bpe: Tokenizer, chat_template: str):
-    """Wrap the trained BPE as transformers' `Qwen2Tokenizer` with Qwen's added tokens and template."""
+def build_transformers_tokenizer(bpe: Tokenizer, chat_template: str, media=None):
+    """Wrap the trained BPE as transformers' `Qwen2Tokenizer` with Qwen's added tokens and template, plus
+    a family's own media tokens (`media`: its MediaRule; Ovis2.5's indicator tokens), which are also
+    named as the tokenizer's image/video tokens so that transformers' processor finds them."""
     from transformers import Qwen2Tokenizer
 
     model = json.loads(bpe.to_str())["model"]
@@ -116,6 +118,13 @@ def build_transformers_tokenizer(bpe: Tokenizer, chat_template: str):
     # (naming it in the constructor would give it the first added id).
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS], special_tokens=True)
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_ADDED_TOKENS])
+    if media is not None and media.added_tokens:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in media.added_tokens], special_tokens=True)
+        (image_open, image_pad, image_close), (video_open, video_pad, video_close) = media.image_tokens, media.video_tokens
+        tokenizer._set_model_specific_special_tokens({
+            "image_token": image_pad, "video_token": video_pad, "image_start_token": image_open,
+            "image_end_token": image_close, "video_start_token": video_open, "video_end_token": video_close,
+        })
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.chat_template = chat_template
     return tokenizer

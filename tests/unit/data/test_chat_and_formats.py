@@ -65,7 +65,8 @@ GOOD = {"id": "a", "image": "x.png", "conversations": [{"from": "human", "value"
 def test_llava_record_becomes_messages(tmp_path):
     sample = record_to_sample(GOOD, "f:1", tmp_path)
     assert sample.messages == [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nQ?"}]},
+        # `media_inline`: the parts were one text (a template that separates parts keeps it as written)
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nQ?"}], "media_inline": True},
         {"role": "assistant", "content": "A"},
     ]
     assert sample.images == [tmp_path / "x.png"]
