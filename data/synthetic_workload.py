@@ -3,7 +3,8 @@
 Speed depends on the shapes a batch carries, not on what the pixels show, so the benchmark skips
 decoding and tokenising: each sample is a text of 64-1024 tokens (long-tailed), and in 80% of the
 samples one image of 448-1280 px a side, sized by smart_resize exactly as the processor would, its
-pad tokens placed between `<|vision_start|>` and `<|vision_end|>` after a short prompt. The last 30%
+pad tokens placed between the span's opening and closing tokens (`<|vision_start|>` / `<|vision_end|>`,
+Ovis2.5's image indicators) after a short prompt. The last 30%
 of the text is the trained answer.
 """
 
@@ -31,6 +32,7 @@ def mixed_features(
     *,
     patch_size: int = 14,
     merge_size: int = 2,
+    temporal_patch: int = 2,
     max_pixels: int = 1280 * 28 * 28,
     image_fraction: float = 0.8,
     seed: int = 0,
@@ -49,7 +51,7 @@ def mixed_features(
             rh, rw = smart_resize(h, w, factor, 56 * 56, max_pixels)
             gh, gw = rh // patch_size, rw // patch_size
             grid = np.array([[1, gh, gw]], dtype=np.int64)
-            pixel_values = rng.standard_normal((gh * gw, 3 * 2 * patch_size * patch_size), dtype=np.float32)
+            pixel_values = rng.standard_normal((gh * gw, 3 * temporal_patch * patch_size * patch_size), dtype=np.float32)
             vision = np.concatenate([[tokens.vision_start_token_id], np.full(gh * gw // merge_size**2, tokens.image_token_id), [tokens.vision_end_token_id]])
         input_ids = np.concatenate([prompt[:8], vision, prompt[8:], answer]).astype(np.int64)
         labels = np.full_like(input_ids, -100)

@@ -39,6 +39,7 @@ from vltune.ops.torch.gated_delta import prepare_fla_kernels
 
 from .batch import to_model_inputs
 from .lora import apply_lora
+from .models import part
 from .optim import bf16_weights, upcast_trainable
 from .engine import Engine
 
@@ -89,7 +90,8 @@ def _info(shape: ModelShape) -> ModelInfo:
 def _features(shape: ModelShape, n: int, seed: int):
     ids = _ids(shape)
     tokens = WorkloadTokens(shape.vocab, ids.image, ids.vision_start, ids.vision_end)
-    return mixed_features(n, tokens, patch_size=shape.patch_size, seed=seed, max_pixels=1280 * (shape.patch_size * 2) ** 2)
+    return mixed_features(n, tokens, patch_size=shape.patch_size, temporal_patch=shape.temporal_patch, seed=seed,
+                          max_pixels=1280 * (shape.patch_size * 2) ** 2)
 
 
 def _batches(shape: ModelShape, steps: int, batch_size: int, seed: int, per_step: int) -> list[list[dict]]:
@@ -213,10 +215,12 @@ def _run_stock(shape, seed, device, model_args: ModelArgs, padded, padded_warmup
         model = apply_lora(model, model_args)
         upcast_trainable(model)
     else:
-        for p in model.model.visual.parameters():
-            p.requires_grad_(False)  # vision tower frozen (qwen-vl-finetune's default), merger trained
-        for p in model.model.visual.merger.parameters():
-            p.requires_grad_(True)
+        modules = get_family(shape.model_type).modules  # vision tower frozen (qwen-vl-finetune's default), projectors trained
+        part(model, "vision_tower").requires_grad_(False)
+        for path in modules.projectors:
+            model.get_submodule(path).requires_grad_(True)
+        for path in modules.unreached:
+            model.get_submodule(path).requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
     torch.cuda.reset_peak_memory_stats()
     seconds, losses, _ = _time(lambda b: _stock_step(model, optimizer, b, device), padded_warmup, padded)

@@ -25,6 +25,7 @@ from vltune.backends.torch.batch import to_model_inputs  # noqa: E402
 from vltune.backends.torch.engine import Engine  # noqa: E402
 from vltune.backends.torch.models import load_model  # noqa: E402
 from vltune.core.config import ModelArgs, TrainArgs  # noqa: E402
+from vltune.data.chat import ChatTokenizer  # noqa: E402
 from vltune.data.collate import Collator  # noqa: E402
 from vltune.data.dataset import SFTDataset  # noqa: E402
 from vltune.data.formats import load_samples  # noqa: E402
@@ -96,3 +97,31 @@ def test_two_ranks_match_one_process(engine, recipe, padded_run, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     np.testing.assert_allclose(_losses(out), _losses(padded_run), rtol=1e-4)
+
+
+def test_greedy_answer_equals_a_full_recompute_without_cache(ovis_dir, vqa_data):
+    """`vltune infer`'s generation (transformers' generate with its KV cache and 1-D positions from the
+    attention mask) against the argmax of a whole forward per step over the same prompt."""
+    from vltune.core.generation import GenerationSettings
+    from vltune.inference import answer_prompt
+
+    sample = load_samples(vqa_data["eval_file"])[0]
+    steps = 6
+    answer = answer_prompt(ovis_dir, "Which color?", [str(sample.images[0])], settings=GenerationSettings(max_new_tokens=steps))
+    dataset = SFTDataset([sample], ovis_dir, max_length=4096)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which color?"}]}]
+    features = dataset[0]
+    chat = ChatTokenizer(ovis_dir, {"enable_thinking": False})  # as `vltune infer` without --thinking renders it
+    ids = chat.encode_prompt(messages, [chat.image_placeholder(int(features.image_grid_thw.prod()) // 4)])
+    assert chat.decode(ids[-6:], skip_special_tokens=False).endswith("<think>\n\n</think>\n\n")
+    model = load_model(ovis_dir).eval()
+    vision = {"pixel_values": torch.as_tensor(features.pixel_values), "image_grid_thw": torch.as_tensor(features.image_grid_thw)}
+    row = torch.as_tensor(ids)[None]
+    with torch.no_grad():
+        for _ in range(steps):
+            token = model(input_ids=row, **vision, use_cache=False).logits[0, -1].argmax()
+            row = torch.cat([row, token.view(1, 1)], dim=1)
+            if int(token) in (dataset.tokenizer.im_end_id, dataset.tokenizer.pad_token_id):
+                break
+    expected = dataset.tokenizer.decode(row[0, len(ids):].tolist()).strip()
+    assert answer.prediction == expected and answer.generated_tokens >= 1
