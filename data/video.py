@@ -213,7 +213,7 @@ class VideoConfig:
         return self.processor == "Ovis2_5VideoProcessor"
 
     @classmethod
-    def ovis2_5(cls, **changes: Any) -> "VideoConfig":
+    def ovis(cls, **changes: Any) -> "VideoConfig":
         """``Ovis2_5VideoProcessor``'s class defaults plus Ovis's training frame counts, with ``changes``."""
         d = _OVIS_DEFAULTS
         base = dict(
@@ -285,9 +285,9 @@ class VideoConfig:
 
     @classmethod
     def _from_ovis_config(cls, raw: Mapping[str, Any]) -> "VideoConfig":
-        """An Ovis2.5 video processor dict over ``VideoConfig.ovis2_5()`` (null = default). Bounds come
+        """An Ovis2.5 video processor dict over ``VideoConfig.ovis()`` (null = default). Bounds come
         from ``size`` only: ``Ovis2_5VideoProcessor`` has no top-level min/max_pixels keys."""
-        base = cls.ovis2_5()
+        base = cls.ovis()
         size = raw.get("size") or {}
         resample = int(_first(raw.get("resample"), base.resample))
         if resample not in _RESAMPLES["Ovis2_5VideoProcessor"]:

@@ -16,7 +16,7 @@ merge-window order.
 
 Ovis2.5 (``transformers.Ovis2_5ImageProcessorPil``, checked bit for bit by
 ``tests/unit/data/test_vision_ovis.py``) runs the very same pipeline with other
-settings and another resize rule (``VisionConfig.resize_rule == "ovis2_5"``):
+settings and another resize rule (``VisionConfig.resize_rule == "Ovis2_5ImageProcessor"``):
 ``smart_resize_ovis`` (sides below the factor are scaled up first, aspect ratios
 above 200 are clamped instead of refused, no ``max(factor, ...)`` floor), PIL
 *bilinear* (resample 2), mean/std 0.5, patch 16, ``temporal_patch_size`` 1 and
@@ -51,9 +51,9 @@ _BICUBIC = 3  # PIL.Image.Resampling.BICUBIC; the only filter the Qwen processor
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
 
-RESIZE_RULES = ("qwen2_vl", "ovis2_5")
+RESIZE_RULES = ("Qwen2VLImageProcessor", "Ovis2_5ImageProcessor")
 """Whose smart_resize a VisionConfig follows: Qwen2/2.5/3-VL's or Ovis2.5's."""
-_RESAMPLES = {"qwen2_vl": (_BICUBIC,), "ovis2_5": (_BILINEAR, _BICUBIC)}
+_RESAMPLES = {"Qwen2VLImageProcessor": (_BICUBIC,), "Ovis2_5ImageProcessor": (_BILINEAR, _BICUBIC)}
 """PIL filters we reproduce per rule (the resize is PIL's own call, so exact for each; only these are tested)."""
 _OVIS_IMAGE_PROCESSORS = ("Ovis2_5ImageProcessor", "Ovis2_5ImageProcessorPil")
 
@@ -99,7 +99,7 @@ def smart_resize_ovis(
     max_pixels: int = 1344 * 1792,
 ) -> tuple[int, int]:
     """Ovis2.5's target (height, width): a line-for-line copy of transformers'
-    ``models/ovis2_5`` ``smart_resize`` (the image and the video module carry the same one;
+    transformers' Ovis2.5 ``smart_resize`` (the image and the video module carry the same one;
     the pixel budget is per frame).
 
     Unlike Qwen's: a side below ``factor`` is first set to ``factor`` with the other side
@@ -143,7 +143,7 @@ def smart_resize_ovis(
 @dataclass(frozen=True)
 class VisionConfig:
     """Preprocessing settings; the defaults are Qwen2-VL / Qwen2.5-VL's
-    (and those of transformers' ``Qwen2VLImageProcessorPil`` class). ``VisionConfig.ovis2_5()``
+    (and those of transformers' ``Qwen2VLImageProcessorPil`` class). ``VisionConfig.ovis()``
     gives ``Ovis2_5ImageProcessorPil``'s."""
 
     patch_size: int = 14
@@ -154,8 +154,8 @@ class VisionConfig:
     image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     image_std: tuple[float, ...] = OPENAI_CLIP_STD
     rescale_factor: float = 1 / 255
-    resize_rule: str = "qwen2_vl"
-    """Whose smart_resize picks the target size: "qwen2_vl" (Qwen2/2.5/3-VL) or "ovis2_5"."""
+    resize_rule: str = "Qwen2VLImageProcessor"
+    """Whose smart_resize picks the target size: "Qwen2VLImageProcessor" (Qwen2/2.5/3-VL) or "Ovis2_5ImageProcessor"."""
     resample: int = _BICUBIC
     """PIL filter of the resize (3 bicubic for Qwen; Ovis2.5 uses 2, bilinear)."""
 
@@ -181,11 +181,11 @@ class VisionConfig:
         return self.patch_size * self.merge_size
 
     @classmethod
-    def ovis2_5(cls, **changes: Any) -> "VisionConfig":
+    def ovis(cls, **changes: Any) -> "VisionConfig":
         """``Ovis2_5ImageProcessorPil``'s class defaults, with ``changes`` applied."""
         defaults: dict[str, Any] = dict(
             patch_size=16, temporal_patch_size=1, merge_size=2, min_pixels=448 * 448, max_pixels=1344 * 1792,
-            image_mean=IMAGENET_STANDARD_MEAN, image_std=IMAGENET_STANDARD_STD, resize_rule="ovis2_5",
+            image_mean=IMAGENET_STANDARD_MEAN, image_std=IMAGENET_STANDARD_STD, resize_rule="Ovis2_5ImageProcessor",
             resample=_BILINEAR,
         )
         return cls(**{**defaults, **changes})
@@ -196,7 +196,7 @@ class VisionConfig:
         The one place that picks the rule: token counts from headers, the pixels themselves and
         any estimate must all agree, or a sample's placeholders and features disagree.
         """
-        if self.resize_rule == "ovis2_5":
+        if self.resize_rule == "Ovis2_5ImageProcessor":
             return smart_resize_ovis(height, width, self.factor, self.min_pixels, self.max_pixels)
         return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
 
@@ -247,10 +247,10 @@ class VisionConfig:
     @classmethod
     def _from_ovis_config(cls, raw: Mapping[str, Any]) -> "VisionConfig":
         """An Ovis2.5 processor dict over ``Ovis2_5ImageProcessorPil``'s class defaults (null = default)."""
-        base = cls.ovis2_5()
+        base = cls.ovis()
         size = raw.get("size") or {}
         resample = int(_first(raw.get("resample"), base.resample))
-        if resample not in _RESAMPLES["ovis2_5"]:
+        if resample not in _RESAMPLES["Ovis2_5ImageProcessor"]:
             raise ValueError(
                 f"Ovis2.5 preprocessor config sets resample={resample}; vltune reproduces only "
                 f"2 (bilinear, Ovis2.5's default) and 3 (bicubic)"

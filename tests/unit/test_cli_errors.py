@@ -27,7 +27,7 @@ def _fails(capsys, argv: list[str], status: int = 1) -> str:
     (["--eval_max_new_tokens", "0"], "eval_max_new_tokens: 0 must be >= 1"),
     (["--learning_rate", "nan"], "learning_rate: nan is not a finite number"),
     (["--per_device_batch_size", "4"], "did you mean 'per_device_train_batch_size'?"),
-    (["--model_type", "llava"], "is not a supported family (one of qwen"),
+    (["--model_type", "llava"], "is not a supported family (one of "),
     (["--nproc", "0", "--print-launch"], "--nproc 0 must be >= 1"),
     (["--nproc", "-1", "--print-launch"], "--nproc -1 must be >= 1"),
 ])
@@ -129,7 +129,7 @@ def test_broken_model_directories_are_named(capsys, broken_models):
     bad_config = infer("bad_config")
     assert f"{broken_models['bad_config'] / 'config.json'}: not valid JSON" in bad_config
     assert "copy it again" in bad_config and "--debug" not in bad_config  # a user error with its fix, not a crash
-    assert "'llava' is not a model family vltune supports (supported: qwen" in infer("other")
+    assert "'llava' is not a model family vltune supports (supported: " in infer("other")
 
 
 def test_merge_lora_refuses_to_replace_a_model_directory(capsys, tiny_models, tmp_path):

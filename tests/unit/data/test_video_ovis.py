@@ -41,7 +41,7 @@ from vltune.data.video import (
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-OVIS = VideoConfig.ovis2_5()
+OVIS = VideoConfig.ovis()
 SMALL = replace(OVIS, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 24)
 
 
@@ -264,7 +264,7 @@ def test_unsupported_resample_is_refused(resample):
     with pytest.raises(ValueError, match=rf"resample={resample}.*2 \(bilinear"):
         VideoConfig.from_preprocessor_config({"video_processor_type": "Ovis2_5VideoProcessor", "resample": resample})
     with pytest.raises(ValueError, match=f"resample={resample} is not reproduced"):
-        VideoConfig.ovis2_5(resample=resample)
+        VideoConfig.ovis(resample=resample)
 
 
 def test_load_video_short_clip_repeats_frames(tmp_path):

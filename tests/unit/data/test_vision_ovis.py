@@ -24,7 +24,7 @@ from vltune.data.vision import VisionConfig, image_size, load_image, preprocess_
 transformers = pytest.importorskip("transformers")
 from transformers.models.ovis2_5 import image_processing_pil_ovis2_5 as ref_image  # noqa: E402
 
-OVIS = VisionConfig.ovis2_5()
+OVIS = VisionConfig.ovis()
 SMALL = replace(OVIS, min_pixels=64 * 64, max_pixels=160 * 160)  # binds both limits on small images
 
 
@@ -226,7 +226,7 @@ def test_config_detects_ovis_from_the_file():
     cfg = VisionConfig.from_preprocessor_config(
         {"image_processor_type": "Ovis2_5ImageProcessor", "resample": 3, "size": {"shortest_edge": 100, "longest_edge": 9000},
          "min_pixels": 5, "max_pixels": 6})  # top-level keys are not Ovis2.5 processor keys
-    assert (cfg.resample, cfg.min_pixels, cfg.max_pixels, cfg.resize_rule) == (3, 100, 9000, "ovis2_5")
+    assert (cfg.resample, cfg.min_pixels, cfg.max_pixels, cfg.resize_rule) == (3, 100, 9000, "Ovis2_5ImageProcessor")
     proc = transformers.Ovis2_5ImageProcessorPil()
     assert (OVIS.patch_size, OVIS.temporal_patch_size, OVIS.merge_size) == (proc.patch_size, proc.temporal_patch_size, proc.merge_size)
     assert (OVIS.min_pixels, OVIS.max_pixels) == (proc.size["shortest_edge"], proc.size["longest_edge"])
@@ -241,7 +241,7 @@ def test_config_from_transformers_saved_processor(tmp_path):
 
 def test_qwen_files_keep_qwen_rule():
     assert VisionConfig.from_preprocessor_config({}) == VisionConfig()
-    assert VisionConfig.from_preprocessor_config({"image_processor_type": "Qwen2VLImageProcessor"}).resize_rule == "qwen2_vl"
+    assert VisionConfig.from_preprocessor_config({"image_processor_type": "Qwen2VLImageProcessor"}).resize_rule == "Qwen2VLImageProcessor"
 
 
 @pytest.mark.parametrize("resample", [0, 1, 4, 5])
@@ -249,6 +249,6 @@ def test_unsupported_resample_is_refused(resample):
     with pytest.raises(ValueError, match=rf"resample={resample}.*2 \(bilinear"):
         VisionConfig.from_preprocessor_config({"image_processor_type": "Ovis2_5ImageProcessor", "resample": resample})
     with pytest.raises(ValueError, match=f"resample={resample} is not reproduced"):
-        VisionConfig.ovis2_5(resample=resample)
+        VisionConfig.ovis(resample=resample)
     with pytest.raises(ValueError, match="bicubic"):
         VisionConfig.from_preprocessor_config({"resample": 2})  # Qwen still takes bicubic only
