@@ -73,8 +73,20 @@ def recipe(ovis_dir, mixed_jsonl) -> dict:
 @pytest.fixture(scope="module")
 def padded_run(recipe, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("padded") / "out"
-    train({**recipe, "output_dir": str(out)}, show_progress=False)
+    train({**recipe, "save_steps": 3, "output_dir": str(out)}, show_progress=False)
     return out
+
+
+def test_resume_from_step_3_is_bit_exact(recipe, padded_run, tmp_path):
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "resumed"
+    summary = train({**recipe, "save_steps": 3, "output_dir": str(out),
+                     "resume_from_checkpoint": str(padded_run / "checkpoint-3")}, show_progress=False)
+    assert summary["resumed_from"].endswith("checkpoint-3")
+    assert _losses(out) == _losses(padded_run)[3:]
+    ours, straight = load_file(out / "model.safetensors"), load_file(padded_run / "model.safetensors")
+    assert ours.keys() == straight.keys() and all(np.array_equal(ours[k], straight[k]) for k in ours)
 
 
 def test_flattened_checkpointed_rows_train_as_the_padded_batches(recipe, padded_run, tmp_path):
