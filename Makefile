@@ -28,8 +28,10 @@ demo: setup
 	$(VENV)/bin/vltune train demo
 	$(PY) tools/demo_infer.py runs/demo
 
+# Two workers, whole files each (module fixtures, e.g. a trained run shared by a file's tests, are built
+# once): the suite is largely single-threaded Python and subprocess start-up, so 2 cores nearly halve it.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf runs .pytest_cache

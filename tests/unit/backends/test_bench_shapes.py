@@ -25,7 +25,8 @@ def test_shapes_match_the_formula(name):
     assert matrices + model.lm_head.weight.numel() == llm_params(shape)
     total = sum(p.numel() for p in model.parameters())  # a tied head shares the embedding's tensor: counted once
     expected_billions = {"qwen2_5_vl-3b": 3.75, "qwen2_5_vl-7b": 8.29, "qwen3_vl-2b": 2.13, "qwen3_vl-8b": 8.77,
-                         "qwen3_vl-30b-a3b": 31.07, "qwen3_5-2b": 2.21, "qwen3_5-9b": 9.41, "qwen3_5-35b-a3b": 35.11}[name]
+                         "qwen3_vl-30b-a3b": 31.07, "qwen3_5-2b": 2.21, "qwen3_5-9b": 9.41, "qwen3_5-35b-a3b": 35.11,
+                         "ovis2_5-2b": 2.57, "ovis2_5-9b": 9.17}[name]
     assert abs(total / 1e9 - expected_billions) < 0.05, total
 
 
