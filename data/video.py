@@ -91,7 +91,7 @@ from typing import Any, Mapping, Union
 import numpy as np
 
 from ..core.families import get_family, read_config
-from .vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, file_problem, smart_resize, smart_resize_ovis
+from .vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, file_problem, ovis_pixel_settings, smart_resize, smart_resize_ovis
 
 PathLike = Union[str, "os.PathLike[str]"]
 _BILINEAR = 2  # PILImageResampling.BILINEAR, Ovis2.5's filter
@@ -288,28 +288,12 @@ class VideoConfig:
         """An Ovis2.5 video processor dict over ``VideoConfig.ovis()`` (null = default). Bounds come
         from ``size`` only: ``Ovis2_5VideoProcessor`` has no top-level min/max_pixels keys."""
         base = cls.ovis()
-        size = raw.get("size") or {}
-        resample = int(_first(raw.get("resample"), base.resample))
-        if resample not in _RESAMPLES["Ovis2_5VideoProcessor"]:
-            raise ValueError(
-                f"Ovis2.5 video processor config sets resample={resample}; vltune reproduces only "
-                f"2 (bilinear, Ovis2.5's default) and 3 (bicubic)"
-            )
         used = {"size", "resample", "patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std",
                 "rescale_factor", "min_frames", "max_frames"}
         return replace(
-            base,
-            patch_size=int(_first(raw.get("patch_size"), base.patch_size)),
-            temporal_patch_size=int(_first(raw.get("temporal_patch_size"), base.temporal_patch_size)),
-            merge_size=int(_first(raw.get("merge_size"), base.merge_size)),
-            min_pixels=int(_first(size.get("shortest_edge"), base.min_pixels)),
-            max_pixels=int(_first(size.get("longest_edge"), base.max_pixels)),
-            image_mean=tuple(float(v) for v in _first(raw.get("image_mean"), base.image_mean)),
-            image_std=tuple(float(v) for v in _first(raw.get("image_std"), base.image_std)),
-            rescale_factor=float(_first(raw.get("rescale_factor"), base.rescale_factor)),
+            base, **ovis_pixel_settings(raw, base, "video processor"),
             min_frames=int(_first(raw.get("min_frames"), base.min_frames)),
             max_frames=int(_first(raw.get("max_frames"), base.max_frames)),
-            resample=resample,
             extra={k: v for k, v in raw.items() if k not in used},
         )
 

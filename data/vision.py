@@ -248,25 +248,7 @@ class VisionConfig:
     def _from_ovis_config(cls, raw: Mapping[str, Any]) -> "VisionConfig":
         """An Ovis2.5 processor dict over ``Ovis2_5ImageProcessorPil``'s class defaults (null = default)."""
         base = cls.ovis()
-        size = raw.get("size") or {}
-        resample = int(_first(raw.get("resample"), base.resample))
-        if resample not in _RESAMPLES["Ovis2_5ImageProcessor"]:
-            raise ValueError(
-                f"Ovis2.5 preprocessor config sets resample={resample}; vltune reproduces only "
-                f"2 (bilinear, Ovis2.5's default) and 3 (bicubic)"
-            )
-        return replace(
-            base,
-            patch_size=int(_first(raw.get("patch_size"), base.patch_size)),
-            temporal_patch_size=int(_first(raw.get("temporal_patch_size"), base.temporal_patch_size)),
-            merge_size=int(_first(raw.get("merge_size"), base.merge_size)),
-            min_pixels=int(_first(size.get("shortest_edge"), base.min_pixels)),
-            max_pixels=int(_first(size.get("longest_edge"), base.max_pixels)),
-            image_mean=tuple(float(v) for v in _first(raw.get("image_mean"), base.image_mean)),
-            image_std=tuple(float(v) for v in _first(raw.get("image_std"), base.image_std)),
-            rescale_factor=float(_first(raw.get("rescale_factor"), base.rescale_factor)),
-            resample=resample,
-        )
+        return replace(base, **ovis_pixel_settings(raw, base, "preprocessor"))
 
 
 def _read_image_processor_config(path_or_dict: PathLike | Mapping[str, Any]) -> dict:
@@ -289,6 +271,28 @@ def _read_image_processor_config(path_or_dict: PathLike | Mapping[str, Any]) -> 
 def _is_ovis(raw: Mapping[str, Any]) -> bool:
     """Whether a processor dict names Ovis2.5's image processor (or its combined processor)."""
     return raw.get("image_processor_type") in _OVIS_IMAGE_PROCESSORS or raw.get("processor_class") == "Ovis2_5Processor"
+
+
+def ovis_pixel_settings(raw: Mapping[str, Any], base: Any, what: str) -> dict[str, Any]:
+    """The pixel settings an Ovis2.5 image or video processor dict sets over `base`'s (null = default):
+    one reader for both, as both processors share them. Bounds come from ``size`` only (the Ovis
+    processors have no top-level min/max_pixels keys); a filter other than 2 or 3 is refused."""
+    size = raw.get("size") or {}
+    resample = int(_first(raw.get("resample"), base.resample))
+    if resample not in _RESAMPLES["Ovis2_5ImageProcessor"]:
+        raise ValueError(f"Ovis2.5 {what} config sets resample={resample}; vltune reproduces only "
+                         f"2 (bilinear, Ovis2.5's default) and 3 (bicubic)")
+    return dict(
+        patch_size=int(_first(raw.get("patch_size"), base.patch_size)),
+        temporal_patch_size=int(_first(raw.get("temporal_patch_size"), base.temporal_patch_size)),
+        merge_size=int(_first(raw.get("merge_size"), base.merge_size)),
+        min_pixels=int(_first(size.get("shortest_edge"), base.min_pixels)),
+        max_pixels=int(_first(size.get("longest_edge"), base.max_pixels)),
+        image_mean=tuple(float(v) for v in _first(raw.get("image_mean"), base.image_mean)),
+        image_std=tuple(float(v) for v in _first(raw.get("image_std"), base.image_std)),
+        rescale_factor=float(_first(raw.get("rescale_factor"), base.rescale_factor)),
+        resample=resample,
+    )
 
 
 def _first(*values: Any) -> Any:

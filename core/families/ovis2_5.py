@@ -164,19 +164,11 @@ class Ovis2_5(FamilySpec):
         }
 
     def config_json(self, shape: ModelShape, ids: TokenIds) -> dict:
-        return {
-            "architectures": [self.architecture],
-            "model_type": self.name,
-            "image_token_id": ids.image,
-            "video_token_id": ids.video,
-            "image_start_token_id": ids.vision_start,
-            "image_end_token_id": ids.vision_end,
-            "video_start_token_id": ids.video_start,
-            "video_end_token_id": ids.video_end,
-            "tie_word_embeddings": shape.tie_word_embeddings,
-            "text_config": self.text_config(shape, ids),
-            "vision_config": self.vision_config(shape),
-        }
+        """Qwen's layout with the indicator tokens' ids in place of <|vision_start|> / <|vision_end|>."""
+        config = super().config_json(shape, ids)
+        del config["vision_start_token_id"], config["vision_end_token_id"]
+        return {**config, "image_start_token_id": ids.vision_start, "image_end_token_id": ids.vision_end,
+                "video_start_token_id": ids.video_start, "video_end_token_id": ids.video_end}
 
     def _processor_files(self, min_pixels: int, max_pixels: int) -> dict[str, dict]:
         common = {"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}, "patch_size": 16,
