@@ -69,13 +69,13 @@ GPU-machine parity in ``tools/gpu/parity_ovis_video.py``):
   contains "AVX2" -- i.e. it is exactly "AVX2" -- it calls ATen's uint8 kernel, integer arithmetic
   like the bicubic one (``resize_bilinear_aa``); anywhere else (AVX512 hosts, aarch64, no AVX) it
   converts to float32, interpolates, rounds half-to-even and casts back (``resize_bilinear_aa_float``).
-  ``VideoConfig.bilinear_path`` picks which one we reproduce ("float" by default, the path of every
-  non-AVX2 CPU, which includes the AVX512 hosts of GPU machines; "uint8" for AVX2-only hosts). The
-  two differ by one uint8 level in 15-20% of values, so the choice matters. ``resize_bilinear_aa`` is
-  bit-exact with ATen's uint8 kernel under every capability; ``resize_bilinear_aa_float`` is bit-exact
-  with ATen's scalar (DEFAULT) float kernel, while its vectorised builds (AVX2 measured here; AVX512
-  presumably alike) fuse multiply-adds on contiguous tensors, leaving a few values in 10^4 one level
-  apart after rounding.
+  ``VideoConfig.bilinear_path`` picks which one we reproduce. Measured on the lent H100 host (AVX512,
+  torch 2.11, torchvision 0.26; tools/gpu/parity_ovis_video.py, docs/bench/h100-2026-12-07-ovis/): the
+  processor's frames equal ``resize_bilinear_aa`` (the integer kernel) in 21 of 21 cases under the
+  host's native and AVX2 capabilities and ``resize_bilinear_aa_float`` in 21 of 21 under DEFAULT. So
+  "uint8" is the default; "float" is for hosts whose torch capability is DEFAULT. The two differ by one
+  uint8 level in 15-20% of values. ``resize_bilinear_aa`` is bit-exact with ATen's uint8 kernel under
+  every capability; ``resize_bilinear_aa_float`` with ATen's scalar (DEFAULT) float kernel.
 """
 
 from __future__ import annotations
@@ -170,10 +170,10 @@ class VideoConfig:
     max_video_tokens: int = 128000
     resample: int = _BICUBIC
     """torchvision filter of the resize: 3 bicubic (Qwen); Ovis2.5 uses 2, bilinear."""
-    bilinear_path: str = "float"
-    """Which of torchvision's two CPU paths for a uint8 bilinear resize to reproduce: "float" (float32
-    interpolate, round, cast: every CPU whose torch capability is not exactly AVX2) or "uint8" (ATen's
-    integer kernel, AVX2 hosts). See the module docstring."""
+    bilinear_path: str = "uint8"
+    """Which of torchvision's two CPU paths for a uint8 bilinear resize to reproduce: "uint8" (ATen's
+    integer kernel: what the processor gave on the AVX512 and AVX2 capabilities of the GPU host) or
+    "float" (float32 interpolate, round, cast: torch's DEFAULT capability). See the module docstring."""
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """Processor config keys not used here, kept for reference."""
 
