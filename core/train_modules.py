@@ -33,9 +33,6 @@ from dataclasses import dataclass
 from .config import ConfigError
 
 KEY = "train_modules"
-MODEL_ATTR = "vltune_train_modules"
-"""Attribute under which freezing leaves a model's resolved Selection for the optimizer's groups (torch: the
-model, which peft's and FSDP's wrappers forward attribute reads to; MindSpore: each parameter)."""
 EXCLUDE = "!"
 """Prefix of an alias path that is carved out of the alias (never written by users)."""
 LAST = "-1"

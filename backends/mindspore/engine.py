@@ -21,6 +21,7 @@ from vltune.core.config import ModelArgs, TrainArgs, mdlm_model_args
 from vltune.core.contracts import Batch, loss_denominator
 from vltune.core.families import get_family
 from vltune.core.mdlm import MdlmObjective
+from vltune.core.train_modules import Selection
 from vltune.data.mdlm_tokens import write_mdlm_files
 from vltune.data.model_info import ModelInfo
 
@@ -44,13 +45,11 @@ from .models import ModelInputs
 from .optim import AdamW, build_param_groups, clip_grads, global_norm
 
 
-def apply_freeze(model: nn.Cell, model_args: ModelArgs) -> None:
+def apply_freeze(model: nn.Cell, model_args: ModelArgs) -> Selection | None:
     """requires_grad from tune_mm_llm / tune_mm_vision / tune_mm_mlp (the torch backend's rule: the LM
     head follows tune_mm_llm, tied or not), or from train_modules (core/train_modules.py; the cells carry
-    the HF names). With train_modules each parameter carries the resolved selection, which
-    build_param_groups reads for the per-module rates."""
+    the HF names). Returns the resolved train_modules selection, whose per-module rates build_param_groups takes."""
     from vltune.core.config import ConfigError
-    from vltune.core.train_modules import MODEL_ATTR, Selection
 
     spec = get_family(model.cfg.model_type)
     selection = None
@@ -63,11 +62,11 @@ def apply_freeze(model: nn.Cell, model_args: ModelArgs) -> None:
             param.requires_grad = selection.entry_of(name) is not None
         else:
             param.requires_grad = train[spec.modules.component_of(name)]
-        setattr(param, MODEL_ATTR, selection)
     if not any(p.requires_grad for p in model.get_parameters()):
         if selection is not None:
             raise ConfigError(f"train_modules: {model_args.train_modules!r} selects no parameter of the model")
         raise ValueError("tune_mm_llm, tune_mm_vision and tune_mm_mlp are all false: nothing to train")
+    return selection
 
 
 def set_recompute(model: nn.Cell, enabled: bool) -> None:
@@ -96,15 +95,15 @@ class Engine:
         if mdlm is not None:
             model_args = mdlm_model_args(model_args, mdlm.args)  # freeze_vision / freeze_merger
         self.lora = LoraState(model, model_args, seed=args.seed) if model_args.train_type == "lora" else None
-        if self.lora is None:
-            apply_freeze(model, model_args)
+        selection = apply_freeze(model, model_args) if self.lora is None else None
         set_recompute(model, args.gradient_checkpointing)
         self.circle = dict(circle_rope) if circle_rope else None
         if self.circle:
             layers = model.cfg.text.num_hidden_layers
             model.model.language_model.set_alt_layers(age_layer_mask(self.circle.get("AGE_mode", "strategy_1"), layers))
         trainable = [(n, p) for n, p in model.parameters_and_names() if p.requires_grad]
-        self.optimizer = AdamW(build_param_groups(trainable, get_family(model.cfg.model_type).modules, args), (args.adam_beta1, args.adam_beta2), args.adam_epsilon)
+        groups = build_param_groups(trainable, get_family(model.cfg.model_type).modules, args, selection)
+        self.optimizer = AdamW(groups, (args.adam_beta1, args.adam_beta2), args.adam_epsilon)
         self.params = self.optimizer.params
         self.grads: list[Tensor] | None = None
         self._router_aux_log: list[tuple[float, int]] = []

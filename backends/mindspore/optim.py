@@ -28,7 +28,7 @@ from mindspore import Parameter, Tensor, ops
 from vltune.core.config import TrainArgs
 from vltune.core.families import ModuleMap
 from vltune.core.param_groups import COMPONENTS, component_lrs, component_of, decays
-from vltune.core.train_modules import MODEL_ATTR
+from vltune.core.train_modules import Selection
 
 
 @dataclass
@@ -43,10 +43,10 @@ class ParamGroup:
         self.lr = self.base_lr
 
 
-def build_param_groups(named_params: list[tuple[str, Parameter]], modules: ModuleMap, args: TrainArgs) -> list[ParamGroup]:
-    """Groups named llm, llm_no_decay, vision, ... (with train_modules: one per listed module) over the
-    trainable parameters; empty ones dropped."""
-    selection = next((s for _, p in named_params if (s := getattr(p, MODEL_ATTR, None)) is not None), None)
+def build_param_groups(named_params: list[tuple[str, Parameter]], modules: ModuleMap, args: TrainArgs,
+                       selection: Selection | None = None) -> list[ParamGroup]:
+    """Groups named llm, llm_no_decay, vision, ... over the trainable parameters (with `selection`, the
+    resolved train_modules that apply_freeze returns: one per listed module); empty ones dropped."""
     buckets: dict[tuple[str, bool], list[Parameter]] = {}
     if selection is None:
         lrs = component_lrs(args)

@@ -18,6 +18,7 @@ from vltune.core.families import get_family
 from vltune.core.flops import gpu_peak_flops
 from vltune.core.mdlm import MdlmObjective
 from vltune.core.mdlm_sampler import SamplerSettings
+from vltune.core.train_modules import Selection
 from vltune.data.mdlm_tokens import write_mdlm_files
 from vltune.data.model_info import ModelInfo
 
@@ -32,22 +33,21 @@ from .models import model_entry, part
 from .models.bidirectional import make_bidirectional
 from .models.circle_rope import CircleRopeAdapter
 from .attention import enable_varlen
-from .optim import MasterWeights, bf16_weights, build_optimizer, build_param_groups, set_learning_rates, upcast_trainable
+from .optim import (MasterWeights, bf16_weights, build_optimizer, build_param_groups, set_learning_rates, train_modules_selection,
+                    upcast_trainable)
 
-def apply_freeze(model: torch.nn.Module, model_args: ModelArgs) -> None:
+def apply_freeze(model: torch.nn.Module, model_args: ModelArgs) -> Selection | None:
     """Set requires_grad from tune_mm_llm / tune_mm_vision / tune_mm_mlp, or from train_modules.
 
     The LM head follows tune_mm_llm whether or not it is tied to the embedding (the official
     scripts leave an untied head trainable with tune_mm_llm=False).
     train_modules (core/train_modules.py): only the listed modules train (a tied weight when any of its
-    names is listed); the resolved selection stays on the model for build_param_groups' per-module rates.
+    names is listed); returns the resolved selection, whose per-module rates build_param_groups takes.
     Modules the forward never reaches (`ModuleMap.unreached`) stay frozen: DDP would wait for their gradients.
     """
+    selection = None
     if model_args.train_modules is not None:
         from vltune.core.config import ConfigError
-        from vltune.core.train_modules import MODEL_ATTR
-
-        from .optim import train_modules_selection
 
         selection = train_modules_selection(model, model_args.train_modules)
         chosen = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if selection.entry_of(name) is not None}
@@ -55,7 +55,6 @@ def apply_freeze(model: torch.nn.Module, model_args: ModelArgs) -> None:
             param.requires_grad_(id(param) in chosen)
         if not chosen:
             raise ConfigError(f"train_modules: {model_args.train_modules!r} selects no parameter of the model")
-        setattr(model, MODEL_ATTR, selection)
     else:
         modules = get_family(model.config.model_type).modules
         train = {"vision": model_args.tune_mm_vision, "merger": model_args.tune_mm_mlp, "llm": model_args.tune_mm_llm}
@@ -65,6 +64,7 @@ def apply_freeze(model: torch.nn.Module, model_args: ModelArgs) -> None:
             raise ValueError("tune_mm_llm, tune_mm_vision and tune_mm_mlp are all false: nothing to train")
     for path in get_family(model.config.model_type).modules.unreached:
         model.get_submodule(path).requires_grad_(False)
+    return selection
 
 
 class Engine:
@@ -102,11 +102,13 @@ class Engine:
         if self.lora:
             # Freezes the base, adds adapters per tune_mm_* flags; MDLM's mask row trains as well.
             mask_row = (mdlm.mask_token_id,) if mdlm is not None else ()
+            # train_modules' per-module rates, by the plain model's names (the selection reads peft's too)
+            self.selection = train_modules_selection(model, model_args.train_modules) if model_args.train_modules else None
             model = apply_lora(model, model_args, trainable_token_ids=mask_row)
             if args.pure_bf16:
                 upcast_trainable(model)  # modules_to_save copies (the merger) and token deltas train in fp32 too
         else:
-            apply_freeze(model, model_args)
+            self.selection = apply_freeze(model, model_args)
         if args.use_liger_kernel:
             apply_liger_kernels(model.get_base_model() if self.lora else model)
         if args.gradient_checkpointing:
@@ -149,7 +151,7 @@ class Engine:
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the per-component groups; a sharding engine calls it again once parameters are sharded."""
-        groups = build_param_groups(self.model, self.info.family.modules, self.args)
+        groups = build_param_groups(self.model, self.info.family.modules, self.args, self.selection)
         if self.masters is not None:
             groups = self.masters.groups(groups)
         self.trainable = [p for group in groups for p in group["params"]]

@@ -54,7 +54,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.constants import DUMMY_TARGET_MODULES
 
 from vltune.core.config import ConfigError, ModelArgs
-from vltune.core.train_modules import MODEL_ATTR, Selection
+from vltune.core.train_modules import Selection
 from vltune.core.recipe_rules import lora_target_parameters
 from vltune.core.families import FamilySpec, ModuleMap, get_family
 
@@ -200,12 +200,11 @@ def lora_config(model: torch.nn.Module, model_args: ModelArgs, trainable_token_i
 
 def _selected_targets(model: torch.nn.Module, model_args: ModelArgs, spec: FamilySpec) -> tuple[list[str], list[str], list[str]]:
     """train_modules under LoRA: (target regexes, fused target parameters, modules_to_save), by the rule in the
-    module docstring; the resolved selection is left on the model for the optimizer's groups."""
+    module docstring."""
     from .optim import train_modules_selection
 
     modules = spec.modules
     selection: Selection = train_modules_selection(model, model_args.train_modules)
-    setattr(model, MODEL_ATTR, selection)
     targets = _split_csv(model_args.lora_target_modules) or list(modules.lora_targets)
     llm_regex = _llm_target_regex(model, modules.decoder_layers, targets)
     vision_regex = rf"{re.escape(modules.vision_blocks)}\.\d+\."

@@ -45,7 +45,7 @@ import torch
 from vltune.core.config import OPTIMIZERS, TrainArgs
 from vltune.core.families import ModuleMap
 from vltune.core.param_groups import COMPONENTS, component_lrs, component_of, decays
-from vltune.core.train_modules import MODEL_ATTR, Selection
+from vltune.core.train_modules import Selection
 
 
 def build_optimizer(groups: list[dict], args: TrainArgs, device: torch.device) -> torch.optim.Optimizer:
@@ -202,15 +202,16 @@ def train_modules_selection(model: torch.nn.Module, text: str) -> Selection:
     return Selection.resolve(text, spec.train_modules_table, names)
 
 
-def build_param_groups(model: torch.nn.Module, modules: ModuleMap, train_args: TrainArgs) -> list[dict]:
+def build_param_groups(model: torch.nn.Module, modules: ModuleMap, train_args: TrainArgs,
+                       selection: Selection | None = None) -> list[dict]:
     """AdamW groups for the trainable parameters of `model`, named llm, llm_no_decay, vision, ...
     (with train_modules: one per listed module, see the module docstring).
 
     The split is by name through the family's module map; freezing (apply_freeze / apply_lora) has
     already decided what trains.
     Each trainable parameter lands in exactly one group; frozen ones in none; empty groups are dropped.
+    `selection`: train_modules resolved (apply_freeze returns it): one group per listed module.
     """
-    selection: Selection | None = getattr(model, MODEL_ATTR, None)
     lrs = component_lrs(train_args)
     buckets: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     if selection is None:

@@ -10,7 +10,7 @@ pytest.importorskip("peft")
 from vltune.backends.torch.engine import apply_freeze  # noqa: E402
 from vltune.backends.torch.lora import apply_lora  # noqa: E402
 from vltune.backends.torch.models import load_model  # noqa: E402
-from vltune.backends.torch.optim import build_param_groups, set_learning_rates  # noqa: E402
+from vltune.backends.torch.optim import build_param_groups, set_learning_rates, train_modules_selection  # noqa: E402
 from vltune.core.config import ConfigError, ModelArgs, TrainArgs  # noqa: E402
 from vltune.core.families import get_family  # noqa: E402
 
@@ -21,19 +21,19 @@ def _trainable(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _groups(model, lr=1e-3):
-    groups = build_param_groups(model, get_family(model.config.model_type).modules, TrainArgs(learning_rate=lr))
+def _groups(model, selection, lr=1e-3):
+    groups = build_param_groups(model, get_family(model.config.model_type).modules, TrainArgs(learning_rate=lr), selection)
     return {g["name"]: g for g in groups}
 
 
 def test_ovis_llm_and_vte_train_each_at_its_rate(tiny_models):
     model = load_model(tiny_models["ovis2_5"])
-    apply_freeze(model, ModelArgs(train_modules="llm|vte:1e-5"))
+    selection = apply_freeze(model, ModelArgs(train_modules="llm|vte:1e-5"))
     names = {n for n, _ in model.named_parameters()}
     llm = {n for n in names if n.startswith(("model.language_model.", "lm_head."))}
     vte = {n for n in names if n.startswith("model.multi_modal_projector.visual_embeddings_table.")}
     assert vte and _trainable(model) == llm | vte  # tower and visual head frozen
-    groups = _groups(model)
+    groups = _groups(model, selection)
     assert {g["name"]: g["lr"] for g in groups.values()} == {"llm": 1e-3, "llm_no_decay": 1e-3, "vte": 1e-5}
     assert all(g["base_lr"] == g["lr"] for g in groups.values())
     assert {id(p) for p in groups["vte"]["params"]} == {id(p) for n, p in model.named_parameters() if n in vte}
@@ -44,11 +44,11 @@ def test_ovis_llm_and_vte_train_each_at_its_rate(tiny_models):
 
 def test_ovis_last_block_and_longest_prefix(tiny_models):
     model = load_model(tiny_models["ovis2_5"])
-    apply_freeze(model, ModelArgs(train_modules="all|visual_tokenizer.vit.last_block:2e-5|llm.layers.1:3e-5"))
+    selection = apply_freeze(model, ModelArgs(train_modules="all|visual_tokenizer.vit.last_block:2e-5|llm.layers.1:3e-5"))
     unreached = "model.vision_tower.post_layernorm."  # never used by the forward: always frozen (ModuleMap.unreached)
     assert _trainable(model) == {n for n, _ in model.named_parameters() if not n.startswith(unreached)}
     rates = {}
-    for group in build_param_groups(model, get_family("ovis2_5").modules, TrainArgs(learning_rate=1e-3)):
+    for group in build_param_groups(model, get_family("ovis2_5").modules, TrainArgs(learning_rate=1e-3), selection):
         rates.update({id(p): group["lr"] for p in group["params"]})
     for name, param in model.named_parameters():
         if name.startswith(unreached):
@@ -66,11 +66,11 @@ def test_a_path_the_model_lacks_is_a_config_error(tiny_models):
 
 def test_qwen_default_names(tiny_models):
     model = load_model(tiny_models["qwen2_5_vl"])
-    apply_freeze(model, ModelArgs(train_modules="merger:1e-4|llm"))
+    selection = apply_freeze(model, ModelArgs(train_modules="merger:1e-4|llm"))
     names = {n for n, _ in model.named_parameters()}
     merger = {n for n in names if n.startswith("model.visual.merger.")}
     assert _trainable(model) == {n for n in names if not n.startswith("model.visual.")} | merger
-    assert {g["name"]: g["lr"] for g in _groups(model).values()} == {
+    assert {g["name"]: g["lr"] for g in _groups(model, selection).values()} == {
         "merger": 1e-4, "merger_no_decay": 1e-4, "llm": 1e-3, "llm_no_decay": 1e-3}
     apply_freeze(model, ModelArgs(train_modules="vision"))  # the tower without its merger
     assert _trainable(model) == {n for n in names if n.startswith("model.visual.") and n not in merger}
@@ -78,8 +78,9 @@ def test_qwen_default_names(tiny_models):
 
 def test_lora_ovis_adapters_in_the_llm_vte_in_full(tiny_models):
     model = load_model(tiny_models["ovis2_5"])
-    peft_model = apply_lora(model, ModelArgs(train_type="lora", lora_r=2, lora_alpha=4.0, lora_dropout=0.0,
-                                             train_modules="llm|vte:1e-5|visual_tokenizer.vit.last_block:2e-5"))
+    chosen = "llm|vte:1e-5|visual_tokenizer.vit.last_block:2e-5"
+    selection = train_modules_selection(model, chosen)  # what the engine resolves before wrapping
+    peft_model = apply_lora(model, ModelArgs(train_type="lora", lora_r=2, lora_alpha=4.0, lora_dropout=0.0, train_modules=chosen))
     trainable = _trainable(peft_model)
     assert trainable and all(
         ".lora_" in n and (n.startswith(PEFT + "model.language_model.layers.") or n.startswith(PEFT + "model.vision_tower.layers.1."))
@@ -87,7 +88,7 @@ def test_lora_ovis_adapters_in_the_llm_vte_in_full(tiny_models):
         for n in trainable
     ), sorted(trainable)
     assert any("vision_tower" in n for n in trainable) and any("visual_embeddings_table" in n for n in trainable)
-    rates = {g["name"]: g["lr"] for g in _groups(peft_model).values()}
+    rates = {g["name"]: g["lr"] for g in _groups(peft_model, selection).values()}
     assert rates == {"llm": 1e-3, "vte": 1e-5, "visual_tokenizer.vit.last_block": 2e-5}
 
 
