@@ -119,7 +119,10 @@ class VisionSync:
     runs the difference on a dummy 1-merged-token input, in a forward pre-hook of the language model,
     i.e. exactly where the real calls happen, so the order of collectives matches on every rank.
     The dummy output enters the input embeddings times zero: gradients of exactly zero flow back
-    through the tower (DDP and ZeRO reduce them like any other), and the loss is unchanged.
+    through the tower (DDP and ZeRO reduce them like any other), and the loss is unchanged. A family
+    whose stock forward encodes before embedding the tokens (Ovis2.5; its model entry's `dummy_encode`)
+    runs the dummy at the start of the inner model's forward instead, and what follows the embedding
+    (`dummy_encode_late`) in the language model's pre-hook: ZeRO-3 checks the module order across ranks.
     """
 
     def __init__(self, model: torch.nn.Module, ctx: DistContext):
