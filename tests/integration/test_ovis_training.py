@@ -3,7 +3,8 @@ table, Qwen3 LLM with 1-D positions).
 
 The loss of a padded batch is transformers' own `outputs.loss`; flattened rows (varlen attention in the
 LLM and in the tower) and gradient checkpointing change the layout and the memory, not the loss curve;
-FSDP2 and ZeRO-3 on 2 CPU processes give the one-process curve of the same global batch. (A packed row's
+DDP, ZeRO-0 to 3 and FSDP2 on 2 CPU processes give the one-process curve of the same global batch (the
+data mixes text-only samples in, so ranks meet micro-steps without an image). (A packed row's
 per-sample exactness is in tests/unit/backends/test_packing_torch.py, which runs every family.)
 """
 
@@ -97,7 +98,8 @@ def test_flattened_checkpointed_rows_train_as_the_padded_batches(recipe, padded_
 
 
 @pytest.mark.timeout(2 * RUN_TIMEOUT_S + 60)
-@pytest.mark.parametrize("engine", [["--fsdp", "true"], ["--deepspeed", "zero3"]], ids=["fsdp2", "zero3"])
+@pytest.mark.parametrize("engine", [[], *(["--deepspeed", f"zero{n}"] for n in range(4)), ["--fsdp", "true"]],
+                         ids=["ddp", "zero0", "zero1", "zero2", "zero3", "fsdp2"])
 def test_two_ranks_match_one_process(engine, recipe, padded_run, tmp_path):
     """Each rank's micro-batch is 1 sample, the one-process run's 2: the same global batch."""
     path = tmp_path / "recipe.yaml"
