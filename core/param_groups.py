@@ -12,6 +12,7 @@ from typing import Sequence
 
 from .config import TrainArgs
 from .families import ModuleMap
+from .train_modules import Selection
 
 COMPONENTS = ("llm", "vision", "merger")
 
@@ -34,3 +35,25 @@ def component_lrs(args: TrainArgs) -> dict[str, float]:
         "vision": args.vision_tower_lr if args.vision_tower_lr is not None else lr,
         "merger": args.mm_projector_lr if args.mm_projector_lr is not None else lr,
     }
+
+
+UNLISTED = "unlisted"
+"""The group of trainable parameters outside every listed train_modules module (`lora_modules_to_save`)."""
+
+
+def group_lrs(args: TrainArgs, selection: Selection | None) -> dict[str, float]:
+    """The learning rate of each group label: by component, or with train_modules by listed module."""
+    if selection is None:
+        return component_lrs(args)
+    lrs = {e.label: selection.lr_of(e, args.learning_rate) for e in selection.entries}
+    lrs[UNLISTED] = args.learning_rate
+    return lrs
+
+
+def group_label(name: str, modules: ModuleMap, selection: Selection | None) -> str:
+    """The group a trainable parameter joins (before the decay split): its component, or with
+    train_modules the listed module it trains as. Both backends' build_param_groups use this rule."""
+    if selection is None:
+        return component_of(name, modules)
+    entry = selection.entry_of(name)
+    return entry.label if entry is not None else UNLISTED

@@ -27,7 +27,7 @@ from mindspore import Parameter, Tensor, ops
 
 from vltune.core.config import TrainArgs
 from vltune.core.families import ModuleMap
-from vltune.core.param_groups import COMPONENTS, component_lrs, component_of, decays
+from vltune.core.param_groups import COMPONENTS, decays, group_label, group_lrs
 from vltune.core.train_modules import Selection
 
 
@@ -47,20 +47,12 @@ def build_param_groups(named_params: list[tuple[str, Parameter]], modules: Modul
                        selection: Selection | None = None) -> list[ParamGroup]:
     """Groups named llm, llm_no_decay, vision, ... over the trainable parameters (with `selection`, the
     resolved train_modules that apply_freeze returns: one per listed module); empty ones dropped."""
-    buckets: dict[tuple[str, bool], list[Parameter]] = {}
-    if selection is None:
-        lrs = component_lrs(args)
-        buckets = {(c, d): [] for c in COMPONENTS for d in (True, False)}
-    else:
-        lrs = {e.label: selection.lr_of(e, args.learning_rate) for e in selection.entries}
-        lrs["unlisted"] = args.learning_rate
+    lrs = group_lrs(args, selection)
+    # the components in a fixed order (llm, vision, merger); listed modules in first-seen order
+    buckets: dict[tuple[str, bool], list[Parameter]] = (
+        {(c, d): [] for c in COMPONENTS for d in (True, False)} if selection is None else {})
     for name, param in named_params:
-        if selection is None:
-            label = component_of(name, modules)
-        else:
-            entry = selection.entry_of(name)
-            label = entry.label if entry is not None else "unlisted"
-        buckets.setdefault((label, decays(name, param.shape)), []).append(param)
+        buckets.setdefault((group_label(name, modules, selection), decays(name, param.shape)), []).append(param)
     return [
         ParamGroup(c if d else f"{c}_no_decay", params, lrs[c], args.weight_decay if d else 0.0)
         for (c, d), params in buckets.items()

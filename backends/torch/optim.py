@@ -44,7 +44,7 @@ import torch
 
 from vltune.core.config import OPTIMIZERS, TrainArgs
 from vltune.core.families import ModuleMap
-from vltune.core.param_groups import COMPONENTS, component_lrs, component_of, decays
+from vltune.core.param_groups import COMPONENTS, decays, group_label, group_lrs
 from vltune.core.train_modules import Selection
 
 
@@ -212,24 +212,16 @@ def build_param_groups(model: torch.nn.Module, modules: ModuleMap, train_args: T
     Each trainable parameter lands in exactly one group; frozen ones in none; empty groups are dropped.
     `selection`: train_modules resolved (apply_freeze returns it): one group per listed module.
     """
-    lrs = component_lrs(train_args)
-    buckets: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
-    if selection is None:
-        buckets = {(c, d): [] for c in COMPONENTS for d in (True, False)}
-    else:
-        lrs = {e.label: selection.lr_of(e, train_args.learning_rate) for e in selection.entries}
-        lrs["unlisted"] = train_args.learning_rate
+    lrs = group_lrs(train_args, selection)
+    # the components in a fixed order (llm, vision, merger); listed modules in first-seen order
+    buckets: dict[tuple[str, bool], list[torch.nn.Parameter]] = (
+        {(c, d): [] for c in COMPONENTS for d in (True, False)} if selection is None else {})
     seen: set[int] = set()
     for name, param in model.named_parameters():
         if not param.requires_grad or id(param) in seen:
             continue  # named_parameters already drops tied duplicates; `seen` guards custom modules
         seen.add(id(param))
-        if selection is None:
-            label = component_of(name, modules)
-        else:
-            entry = selection.entry_of(name)
-            label = entry.label if entry is not None else "unlisted"
-        buckets.setdefault((label, decays(name, param.shape)), []).append(param)
+        buckets.setdefault((group_label(name, modules, selection), decays(name, param.shape)), []).append(param)
 
     groups = []
     for (label, decay), params in buckets.items():

@@ -231,7 +231,7 @@ import sys
 import numpy as np, torch, torch.nn.functional as F
 sys.path.insert(0, TEST_DIR)
 from test_video import _frames_for, _resize_cases
-from vltune.data.video import resize_bicubic_aa
+from vltune.data.frame_resize import resize_bicubic_aa
 bad = 0
 for seed, (h, w, oh, ow) in enumerate(_resize_cases(1, 25)):
     f = _frames_for(h, w, seed)

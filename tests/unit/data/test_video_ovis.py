@@ -184,7 +184,7 @@ def test_patch_layout_matches_reference_patchify():
 
 _KERNEL_CHECK = """
 import numpy as np, torch
-from vltune.data.video import resize_bilinear_aa, resize_bilinear_aa_float
+from vltune.data.frame_resize import resize_bilinear_aa, resize_bilinear_aa_float
 torch.set_num_threads(1)
 rng = np.random.default_rng(0)
 bad_uint8 = bad_float = total = 0
