@@ -26,6 +26,7 @@ from vltune.core.loop import LoopResult, LoopState, TrainingStopped, run_trainin
 from vltune.core.mdlm import MaskedBatches
 from vltune.core.metrics import MetricsWriter
 from vltune.core.run_dir import OutputDirLock, claim_output_dir
+from vltune.core.sequence_parallel import SequenceLayout, model_head_problems
 from vltune.data.collate import Collator
 from vltune.data.packing import PackedCollator, packed_rows
 from vltune.data.prepare import build_dataset
@@ -172,6 +173,21 @@ def train(config: dict | str | RecipeConfig, overrides: dict[str, Any] | None = 
         ctx.close()
 
 
+def _sequence_layout(cfg: RecipeConfig, ctx) -> SequenceLayout:
+    """This rank's sequence group and data-parallel coordinates; the loader reads the data of its
+    data-parallel rank (the ranks of one sequence group share a row). Checked before any model loads:
+    the world size and the model's head counts must divide by sequence_parallel_size."""
+    n = cfg.train.sequence_parallel_size
+    problems = []
+    if ctx.world_size % n:
+        problems.append(f"sequence_parallel_size {n} must divide the number of processes ({ctx.world_size}; --nproc)")
+    if n > 1:
+        problems += model_head_problems(cfg.model.model_name_or_path, n)
+    if problems:
+        raise ConfigError("invalid recipe:\n  - " + "\n  - ".join(problems))
+    return SequenceLayout.of(ctx.rank, ctx.world_size, n)
+
+
 def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
     """train() inside its process group: every rank runs this; rank 0 alone writes files and logs."""
     _seed_everything(cfg.train.seed)
@@ -180,6 +196,7 @@ def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
     ctx.barrier()
     info = read_model_info(cfg.model.model_name_or_path)  # fail here, clearly, on a wrong model directory
     check_family(cfg, info.family)  # its capability flags, before any model loads
+    layout = _sequence_layout(cfg, ctx)
     circle_rope = circle_rope_settings(cfg.model, info.model_type)
     out_dir = Path(cfg.train.output_dir)
     # The checkpoint to resume (whole, same recipe), before recipe.json is rewritten; a fresh run into
@@ -205,7 +222,7 @@ def _train(cfg: RecipeConfig, ctx, show_progress: bool) -> dict:
         )
         train_collate = PackedCollator(info, circle_rope)
     batches = BatchIterator(rows, per_row, train_collate, seed=cfg.train.seed, skip_bad_samples=cfg.data.skip_bad_samples,
-        rank=ctx.rank, world_size=ctx.world_size, num_workers=cfg.data.dataloader_num_workers)
+        rank=layout.dp_rank, world_size=layout.dp_size, num_workers=cfg.data.dataloader_num_workers)
     steps_per_epoch = max(1, batches.batches_per_epoch // cfg.train.gradient_accumulation_steps)
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.num_train_epochs * steps_per_epoch)
 

@@ -228,6 +228,9 @@ class TrainArgs:
     Its "auto" values come from this recipe; the optimizer and schedule always do (per-module learning rates)."""
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state with torch FSDP2 (`fully_shard`); bf16 follows `bf16`."""
+    sequence_parallel_size: int = 1
+    """torch, packed rows: split each row's tokens over this many ranks (Ulysses sequence parallelism, an
+    all-to-all around attention); data parallelism runs over world size / N groups. 1 = off."""
 
 
 # The configuration released with the Circle-RoPE paper's code.

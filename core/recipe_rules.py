@@ -86,6 +86,7 @@ def family_problems(cfg: "RecipeConfig", spec: FamilySpec) -> list[str]:
         ("mindspore", t.backend == "mindspore", "backend: mindspore"),
         ("zero3", deepspeed_stage(t.deepspeed) == 3, "DeepSpeed ZeRO-3"),
         ("fsdp2", t.fsdp, "fsdp"),
+        ("sequence_parallel", t.sequence_parallel_size > 1, "sequence_parallel_size > 1"),
     )
     problems = [
         f"{what}: vltune does not support it for {spec.name}"
@@ -182,6 +183,7 @@ def validate(cfg: RecipeConfig, given: frozenset[str] = frozenset()) -> None:
         problems.append(f"num_train_epochs: {t.num_train_epochs} must be > 0 when max_steps is -1")
     problems += _packing_problems(cfg)
     problems += _parallel_problems(t)
+    problems += _sequence_parallel_problems(cfg)
     problems += precision_problems(t, m.train_type)
     if t.use_liger_kernel and t.backend == "torch" and importlib.util.find_spec("liger_kernel") is None:
         problems.append("use_liger_kernel: the liger-kernel package is not installed: pip install liger-kernel "
@@ -314,6 +316,25 @@ def precision_problems(t: TrainArgs, train_type: str) -> list[str]:
         # A bf16 weight of magnitude w moves only in steps of ~w/256: plain AdamW's 1e-5-sized updates round to zero.
         problems.append("pure_bf16 with train_type full needs optim: adamw_torch_8bit (its stochastic rounding keeps "
                         "updates smaller than bf16's resolution; plain AdamW would round them away)")
+    return problems
+
+
+def _sequence_parallel_problems(cfg: RecipeConfig) -> list[str]:
+    """sequence_parallel_size: what sharding a row's tokens needs (the world size and the model's heads are
+    checked where they are known: training.py)."""
+    t, d = cfg.train, cfg.data
+    n = t.sequence_parallel_size
+    if n == 1:
+        return []
+    if n < 1:
+        return [f"sequence_parallel_size: {n} must be >= 1 (1 = off)"]
+    problems = []
+    if t.backend != "torch":
+        problems.append(f"sequence_parallel_size: {n} is for backend: torch (the MindSpore engine has no sequence parallelism)")
+    if not (d.data_packing or d.data_flatten):
+        problems.append(f"sequence_parallel_size: {n} shards packed rows: set data_packing: true (or data_flatten: true)")
+    if t.objective != "ar":
+        problems.append(f"sequence_parallel_size: {n} is for objective: ar (MDLM's bidirectional batches are padded, not packed)")
     return problems
 
 

@@ -10,6 +10,8 @@ Two hooks, neither editing transformers' model code nor the weights:
   exactly the implementation it replaced, masks included (the same mask function is registered).
   A permanent switch rather than a context manager on purpose: non-reentrant checkpointing recomputes
   the forward inside backward(), after any context of the training step has closed.
+  Under sequence parallelism (sequence_parallel.py) the call is wrapped in the all-to-all that trades
+  this rank's tokens for this rank's heads.
 * Recurrent layers (Qwen3.5's Gated DeltaNet): restarted at every sample of a packed row
   (linear_attention.py).
 * Vision: each vision attention module's `forward` is replaced by one varlen call over the
@@ -29,6 +31,7 @@ from vltune.core.families import get_family
 from vltune.ops.torch.attention import varlen_attention
 from vltune.ops.torch.memo import PerTensor
 
+from . import sequence_parallel
 from .linear_attention import enable_varlen_linear_attention, linear_attention_varlen_ready
 from .models import part, swap_forward
 
@@ -72,7 +75,12 @@ def _text_attention(module, query, key, value, attention_mask, dropout: float = 
     device = query.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value.dtype
     q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))
+    group = sequence_parallel.active()
+    if group is not None:  # this rank's tokens, every head -> every token, this rank's heads (and back)
+        q, k, v = (group.seq_to_heads(t) for t in (q, k, v))
     out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=getattr(module, "is_causal", True), scale=scaling)
+    if group is not None:
+        out = group.heads_to_seq(out)
     return out.unsqueeze(0), None
 
 

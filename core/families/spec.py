@@ -159,6 +159,9 @@ class Capabilities:
     """A native MindSpore model exists (backends/mindspore/models/<family>.py)."""
     zero3: bool = True
     fsdp2: bool = True
+    sequence_parallel: bool = True
+    """Ulysses sequence parallelism: every layer that mixes tokens does so per head (attention, Gated
+    DeltaNet), so an all-to-all can trade token shards for head shards around it."""
     mindspeed: bool = False
     """`vltune convert` to and from MindSpeed-MM."""
 
