@@ -8,6 +8,10 @@ command works under Slurm (`tools/slurm/train.sbatch`) and by hand.
 
 Each worker re-runs the very same `vltune train RECIPE --key value ...` command line, minus the
 launch flags: the recipe is read again in every worker, never pickled across.
+
+The command is the same on Ascend NPUs (torch_npu): `--nproc` counts NPUs there, and each worker finds
+its device, HCCL and DeepSpeed's npu accelerator itself (backends/torch/device.py). The launcher imports
+no torch, so it decides nothing about devices.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ without it), so the kernels are tried in this order:
     flex          FlexAttention with a document block mask       CUDA (compiled), any dtype; CPU on request
     sdpa          `scaled_dot_product_attention` per sub-sequence anywhere (the CPU path)
 
+On an Ascend NPU (torch_npu, optional) the table is `npu_fusion` (`torch_npu.npu_fusion_attention` in
+TND layout, grouped-query K/V as they are, any dtype the installed CANN takes) then `sdpa`; the CUDA
+kernels above are never offered there, nor `npu_fusion` anywhere else.
+
 and `reference` (a dense block-diagonal mask, fp32 softmax) is the eager definition the others are
 tested against. `fa4` comes after torch's own FA2 (so "auto" picks it only without torch >= 2.10 and
 flash-attn) although its kernels are faster: on an H100 its forward over a Qwen2.5-VL-3B row's
@@ -38,7 +42,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("flash_attn", "aten_flash", "torch_varlen", "fa4", "flex", "sdpa", "reference")
+from .memo import PerTensor
+
+BACKENDS = ("flash_attn", "aten_flash", "torch_varlen", "fa4", "npu_fusion", "flex", "sdpa", "reference")
 BACKEND_ENV = "VLTUNE_VARLEN_BACKEND"
 """Environment override of the automatic choice (benchmarks and tests compare kernels with it)."""
 
@@ -75,6 +81,8 @@ _TORCH_VARLEN, _TORCH_VARLEN_PARAMS = _load_torch_varlen()
 
 def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
     """The kernels usable for tensors on `device` of `dtype`, in the order "auto" prefers them (`reference` excluded)."""
+    if device.type == "npu":
+        return ["npu_fusion", "sdpa"]
     if device.type != "cuda":
         return ["sdpa", "flex"]  # flex runs on CPU unfused (a full score matrix): asked for, never picked
     out = []
@@ -219,6 +227,40 @@ def _torch_varlen(q, k, v, cu, max_len, causal, scale):
     return _TORCH_VARLEN(q, k, v, cu, cu, max_len, max_len, **extra)
 
 
+NPU_MASK_SIZE = 2048
+"""sparse_mode 3 takes its causal mask compressed: always this square, whatever the sequence lengths."""
+
+_npu_causal_masks: dict[torch.device, torch.Tensor] = {}
+
+_npu_sequence_ends = PerTensor(lambda cu: [int(end) for end in cu[1:].tolist()])
+"""The kernel takes the sub-sequences' cumulative ends as a host list without the leading 0; every layer
+of a forward passes the same cu_seqlens, so that device read happens once per forward, not per layer."""
+
+
+def npu_causal_mask(device: torch.device) -> torch.Tensor:
+    """The [2048, 2048] bool mask, True above the diagonal (= not attended), that `npu_fusion_attention`'s
+    sparse_mode 3 (right-down causal, per sub-sequence in TND layout) reads its causal pattern from."""
+    if device not in _npu_causal_masks:
+        ones = torch.ones(NPU_MASK_SIZE, NPU_MASK_SIZE, dtype=torch.bool, device=device)
+        _npu_causal_masks[device] = ones.triu(diagonal=1)
+    return _npu_causal_masks[device]
+
+
+def _npu_fusion(q, k, v, cu, max_len, causal, scale):
+    """Ascend's fused attention (torch_npu, CANN's FlashAttentionScore) over the packed row in TND layout:
+    q [T, N1, D], k/v [T, N2, D] with N2 dividing N1, each sub-sequence attending inside itself. It
+    returns (out, softmax_max, softmax_sum, softmax_out, seed, offset, numels); torch_npu defines its
+    backward. Not importable without torch_npu, which any tensor on an `npu` device implies."""
+    import torch_npu
+
+    ends = _npu_sequence_ends(cu)
+    return torch_npu.npu_fusion_attention(
+        q, k, v, q.shape[1], "TND",
+        atten_mask=npu_causal_mask(q.device) if causal else None, scale=scale, keep_prob=1.0,
+        actual_seq_qlen=ends, actual_seq_kvlen=ends, sparse_mode=3 if causal else 0,
+    )[0]
+
+
 @functools.cache
 def _compiled_flex() -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
@@ -297,6 +339,7 @@ _KERNELS: dict[str, Callable] = {
     "aten_flash": _aten_flash,
     "torch_varlen": _torch_varlen,
     "fa4": _fa4,
+    "npu_fusion": _npu_fusion,
     "flex": _flex,
     "sdpa": _sdpa,
     "reference": varlen_attention_reference,
