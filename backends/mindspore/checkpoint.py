@@ -5,7 +5,9 @@ two layouts HF checkpoints come in, kept in the one table `LEGACY_RENAMES`:
   transformers 5 layout   `model.language_model.*`, `model.visual.*`, `lm_head.*` (Qwen3-VL releases)
   legacy layout           `model.layers|embed_tokens|norm.*`, `visual.*`, `lm_head.*` (Qwen2/2.5-VL releases)
 Both are read; a model is saved in the layout its source directory had (which is also what
-transformers' own save_pretrained does: it reverts the renames it applied on load).
+transformers' own save_pretrained does: it reverts the renames it applied on load). A family whose
+checkpoints have a layout of their own (Ovis2.5's original one) carries its table on the model class as
+`hf_names` (`to_native` on load, `to_hf` per tensor on save), beside its cells in models/.
 
 Files: safetensors read and written here directly (header + raw little-endian buffers), because
 numpy has no bfloat16: bf16 tensors are widened to fp32 exactly on load and narrowed back (round to
@@ -158,6 +160,9 @@ def load_hf_weights(model: nn.Cell, model_dir: str | Path) -> None:
     writes the same layout back.
     """
     tensors, dtypes, layout = read_hf_weights(model_dir)
+    family_names = getattr(model, "hf_names", None)
+    if family_names is not None:
+        tensors, dtypes, layout = family_names.to_native(tensors, dtypes, layout)
     params = dict(model.parameters_and_names())
     if getattr(model, "tied", False):
         tensors.pop("lm_head.weight", None)  # some tied checkpoints store the head too; the embedding is it
@@ -197,6 +202,11 @@ def save_hf_model(model: nn.Cell, source_dir: str | Path, out_dir: str | Path, c
     arrays = parameter_arrays(model)
     tensors = {native_to_hf(k, layout): v for k, v in arrays.items()}
     dtypes = {native_to_hf(k, layout): file_dtypes.get(k) for k in arrays}
+    family_names = getattr(model, "hf_names", None)
+    if family_names is not None:
+        renamed = {k: family_names.to_hf(k, v, layout) for k, v in arrays.items()}
+        tensors = dict(renamed.values())
+        dtypes = {renamed[k][0]: file_dtypes.get(k) for k in arrays}
 
     def write(tmp: Path) -> None:
         write_safetensors(tmp / WEIGHTS_FILE, tensors, dtypes)

@@ -57,11 +57,14 @@ def apply_freeze(model: nn.Cell, model_args: ModelArgs) -> Selection | None:
         names = [n for n, _ in model.cells_and_names()] + [n for n, _ in model.parameters_and_names()]
         selection = Selection.resolve(model_args.train_modules, spec.train_modules_table, names)
     train = {"vision": model_args.tune_mm_vision, "merger": model_args.tune_mm_mlp, "llm": model_args.tune_mm_llm}
+    unreached = tuple(path + "." for path in spec.modules.unreached)  # never used by the forward: frozen, as on torch
     for name, param in model.parameters_and_names():
         if selection is not None:
             param.requires_grad = selection.entry_of(name) is not None
         else:
             param.requires_grad = train[spec.modules.component_of(name)]
+        if unreached and name.startswith(unreached):
+            param.requires_grad = False
     if not any(p.requires_grad for p in model.get_parameters()):
         if selection is not None:
             raise ConfigError(f"train_modules: {model_args.train_modules!r} selects no parameter of the model")

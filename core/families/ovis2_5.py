@@ -64,12 +64,11 @@ class Ovis2_5(FamilySpec):
         vision_attention="self_attn",
         unreached=("model.vision_tower.post_layernorm",),
     )
-    capabilities = Capabilities(mdlm=False, circle_rope=False, liger=False, mindspore=False)
+    capabilities = Capabilities(mdlm=False, circle_rope=False, liger=False)
     capability_reasons = {
         "mdlm": "vltune's MDLM objective is built on the Qwen VL models' 3D M-RoPE batches; Ovis2.5 is not wired into it",
         "circle_rope": "Circle-RoPE places media on M-RoPE's three position axes; Ovis2.5's language model has 1-D positions",
         "liger": "vltune's Liger binding patches the Qwen VL modeling files, not Ovis2.5's",
-        "mindspore": "no native MindSpore model of it yet",
     }
     vision_mlp_matrices = 2  # fc1, fc2 (GELU)
     train_module_aliases = {

@@ -56,14 +56,15 @@ def _torch_ids(model_dir: Path, samples: list) -> tuple[list[list[int]], SFTData
     return ids, dataset
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", pytest.param("qwen3_vl", marks=pytest.mark.slow)])
-def test_greedy_ids_are_identical_on_both_backends_for_20_image_prompts(tiny_model_dirs, vqa20, model_type):
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", pytest.param("qwen3_vl", marks=pytest.mark.slow),
+                                        pytest.param("ovis2_5", marks=pytest.mark.slow)])
+def test_greedy_ids_are_identical_on_both_backends_for_20_image_prompts(tiny_models, vqa20, model_type):
     """The must-show: torch one prompt at a time; MindSpore all 20 in one left-padded batch with the KV
     cache (left padding, per-row positions and cached decoding all exercised at once)."""
     from vltune.backends.mindspore.generate import end_token_ids, generate
     from vltune.backends.mindspore.models import load_model
 
-    model_dir = tiny_model_dirs[model_type]
+    model_dir = tiny_models[model_type]
     want, dataset = _torch_ids(model_dir, vqa20["samples"])
     model = load_model(model_dir)
     batch = Collator(dataset.info, dataset.tokenizer.pad_token_id)([dataset.prompt(i)[0] for i in range(20)], padding_side="left")

@@ -86,6 +86,8 @@ class VLConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} has no MindSpore model (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         entry = model_entry(model_type)
+        if entry.read_config is not None:  # a family with its own config.json layout (models/entry.py)
+            return entry.read_config(cfg)
         text = cfg.get("text_config") or cfg  # released Qwen2.5-VL configs are flat
         vision = cfg["vision_config"]
         rope = text.get("rope_parameters") or {}

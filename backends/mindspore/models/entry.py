@@ -33,6 +33,9 @@ class MindSporeModel:
     """(TextConfig, layer index) -> the cell for that decoder layer's `mlp`, or None for the dense SwiGLU
     MLP (an MoE family's sparse blocks). A cell with a `router_logits` attribute takes part in the
     router load-balancing loss (loss.py)."""
+    read_config: Callable[[dict], Any] | None = None
+    """config.json (a dict) -> the config `cls` takes, for a family whose config.json is not the Qwen VL
+    layout VLConfig reads (Ovis2.5: a SigLIP2 tower config, indicator token ids)."""
 
 
 def model_entry(model_type: str) -> MindSporeModel:

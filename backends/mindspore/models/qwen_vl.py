@@ -128,6 +128,9 @@ class QwenVLModel(nn.Cell):
 class QwenVLForConditionalGeneration(nn.Cell):
     """The whole model: `model` + `lm_head` (or the embedding matrix when tied). Returns logits [B, L, V]."""
 
+    model_cls = QwenVLModel
+    """The `model` cell; a family with another module tree (Ovis2.5) subclasses with its own."""
+
     def new_cache(self) -> KVCache:
         """An empty KV cache for one generation (prefill, then one token per step)."""
         return KVCache(self.cfg.text.num_hidden_layers)
@@ -135,7 +138,7 @@ class QwenVLForConditionalGeneration(nn.Cell):
     def __init__(self, cfg: VLConfig, kernels: Kernels):
         super().__init__()
         self.cfg, self.kernels = cfg, kernels
-        self.model = QwenVLModel(cfg, kernels)
+        self.model = self.model_cls(cfg, kernels)
         self.tied = cfg.tie_word_embeddings
         if not self.tied:
             self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)

@@ -11,16 +11,18 @@ pytest.importorskip("torch")
 
 
 @pytest.mark.slow
-def test_first_ten_losses_match_torch(tiny_qwen2_5_vl, vqa_data, tmp_path):
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "ovis2_5"])
+def test_first_ten_losses_match_torch(tiny_models, vqa_data, tmp_path, model_type):
     """The demo recipe's settings (full fine-tuning with the vision tower, AdamW with decay, cosine with
-    warmup, clipping) on the shared tiny model: every per-step loss within 1e-3 of torch's."""
+    warmup, clipping) on the shared tiny model: every per-step loss within 1e-3 of torch's. Ovis2.5 as
+    well: its own tower, visual tokenizer and embedding table, 1-D positions."""
     import vltune
 
     losses = {}
     for backend in ("torch", "mindspore"):
         out = tmp_path / backend
         summary = vltune.train({
-            "model_name_or_path": str(tiny_qwen2_5_vl), "dataset_use": vqa_data["train_file"], "tune_mm_vision": True,
+            "model_name_or_path": str(tiny_models[model_type]), "dataset_use": vqa_data["train_file"], "tune_mm_vision": True,
             "max_pixels": 12544, "min_pixels": 3136, "learning_rate": 1e-3, "weight_decay": 0.01, "warmup_ratio": 0.05,
             "max_steps": 10, "per_device_train_batch_size": 4, "logging_steps": 1, "max_grad_norm": 1.0, "seed": 0,
             "backend": backend, "output_dir": str(out),

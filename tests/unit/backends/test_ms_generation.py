@@ -35,11 +35,11 @@ def _prompt_batch(model_dir, samples, circle_rope=None):
     return Collator(dataset.info, dataset.tokenizer.pad_token_id, circle_rope)(features, padding_side="left")
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
-def test_cached_generation_equals_uncached_token_for_token(tiny_model_dirs, corpus_samples, model_type):
-    """A left-padded batch of an image, a video and a text prompt (DeepStack on Qwen3-VL): the KV-cached
-    loop gives the ids of re-running the whole sequence every step."""
-    model_dir = tiny_model_dirs[model_type]
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl", "ovis2_5"])
+def test_cached_generation_equals_uncached_token_for_token(tiny_models, corpus_samples, model_type):
+    """A left-padded batch of an image, a video and a text prompt (DeepStack on Qwen3-VL, indicator
+    embeddings on Ovis2.5): the KV-cached loop gives the ids of re-running the whole sequence every step."""
+    model_dir = tiny_models[model_type]
     model = load_model(model_dir)
     batch = _prompt_batch(model_dir, corpus_samples)
     assert batch["attention_mask"].min() == 0  # rows of different lengths: left padding is exercised
