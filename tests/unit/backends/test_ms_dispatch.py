@@ -151,3 +151,27 @@ def test_packed_rows_equal_padded_rows_on_both_paths(tiny_model_dirs, fake_ascen
         got = model(ModelInputs.from_batch(packed, model.cfg)).asnumpy()[0]
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     assert ("TND", 3) in {(c["layout"], c["sparse_mode"]) for c in fake_ascend.calls if "layout" in c}
+
+
+@pytest.mark.parametrize("model_type", ["ovis2_5"])
+def test_ascend_path_equals_cpu_path_on_a_dataset_batch(tiny_models, vqa_data, fake_ascend, model_type):
+    """A family whose batches need the data pipeline's own tokens around each image (Ovis2.5's indicator
+    start / end), padded then packed: its text attention in BNSD then TND (causal), its tower in TND."""
+    from vltune.data.collate import collate_padded
+    from vltune.data.dataset import SFTDataset
+    from vltune.data.formats import load_samples
+    from vltune.data.packing import collate_packed
+
+    model_dir = tiny_models[model_type]
+    dataset = SFTDataset(load_samples(vqa_data["train_file"])[:2], model_dir, max_length=512, max_pixels=200 * 200)
+    features = [dataset[0], dataset[1]]
+    padded = collate_padded(features, dataset.info, dataset.tokenizer.pad_token_id)
+    real = padded["attention_mask"].astype(bool)
+    cpu, npu = load_model(model_dir), _ascend_model(model_dir)
+    want = cpu(ModelInputs.from_batch(padded, cpu.cfg)).asnumpy()[real]
+    for batch in (padded, collate_packed(features, dataset.info)):
+        got = npu(ModelInputs.from_batch(batch, npu.cfg)).asnumpy()
+        got = got[real] if "attention_mask" in batch else got[0]
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    layouts = {(c["layout"], c["sparse_mode"]) for c in fake_ascend.calls if "layout" in c}
+    assert layouts == {("BNSD", 0), ("TND", 0), ("TND", 3)}  # padded text, vision segments, packed text
