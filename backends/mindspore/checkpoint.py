@@ -32,7 +32,9 @@ import numpy as np
 from mindspore import nn
 
 from vltune.core.checkpointing import require_whole, write_atomically
+from vltune.core.families import get_family
 from vltune.core.safetensors_files import weight_files
+from vltune.core.untrained_weights import carry_untrained
 from vltune.data.model_info import PROCESSOR_FILES as MODEL_DIR_FILES
 
 # HF legacy-layout name -> native (transformers 5) name.
@@ -163,6 +165,8 @@ def load_hf_weights(model: nn.Cell, model_dir: str | Path) -> None:
     family_names = getattr(model, "hf_names", None)
     if family_names is not None:
         tensors, dtypes, layout = family_names.to_native(tensors, dtypes, layout)
+    untrained = _untrained_prefixes(model)
+    tensors = {k: v for k, v in tensors.items() if not (untrained and k.startswith(untrained))}  # as transformers skips them
     params = dict(model.parameters_and_names())
     if getattr(model, "tied", False):
         tensors.pop("lm_head.weight", None)  # some tied checkpoints store the head too; the embedding is it
@@ -176,6 +180,12 @@ def load_hf_weights(model: nn.Cell, model_dir: str | Path) -> None:
             raise ValueError(f"{model_dir}: {name} has shape {array.shape} in the file, {tuple(param.shape)} in the model")
         param.set_data(ms.Tensor(array.astype(np.float32)).astype(param.dtype))
     model.hf_layout, model.hf_dtypes = layout, dtypes
+
+
+def _untrained_prefixes(model: nn.Cell) -> tuple[str, ...]:
+    """Checkpoint tensors the family's model does not load (Qwen3.5's `mtp.*`); save carries them over."""
+    cfg = getattr(model, "cfg", None)
+    return get_family(cfg.model_type).untrained_prefixes if cfg is not None else ()
 
 
 def parameter_arrays(model: nn.Cell, names=None) -> dict[str, np.ndarray]:
@@ -210,6 +220,7 @@ def save_hf_model(model: nn.Cell, source_dir: str | Path, out_dir: str | Path, c
 
     def write(tmp: Path) -> None:
         write_safetensors(tmp / WEIGHTS_FILE, tensors, dtypes)
+        carry_untrained(source_dir, tmp, _untrained_prefixes(model))  # Qwen3.5's mtp.*, bytes unchanged
         shutil.copy2(Path(source_dir) / "config.json", tmp / "config.json")
         _copy_processor_files(Path(source_dir), tmp)
         if circle_rope:

@@ -48,12 +48,11 @@ class Qwen3_5(Qwen3VL):
         linear_attention="linear_attn",
     )
     # MDLM: the Gated DeltaNet is a causal recurrence. Liger: the norms are zero-centred (1 + w) and the
-    # DeltaNet's gated norm is its own. MindSpore: no native model yet (the Ascend issue).
-    capabilities = Capabilities(mdlm=False, liger=False, mindspore=False)
+    # DeltaNet's gated norm is its own.
+    capabilities = Capabilities(mdlm=False, liger=False)
     capability_reasons = {
         "mdlm": "its Gated DeltaNet layers are a causal recurrence, which a bidirectional denoising objective cannot use",
         "liger": "its RMSNorms are zero-centred (1 + w) and its DeltaNet's norm is gated, which vltune's Liger binding does not fit",
-        "mindspore": "no native MindSpore model of it yet",
     }
     untrained_prefixes = ("mtp.",)
     # <|endoftext|> 248044, <|im_end|> 248046, <|vision_start|> 248053 ... <|video_pad|> 248057

@@ -42,6 +42,22 @@ class TextConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
     router_aux_loss_coef: float = 0.0
+    shared_expert_intermediate_size: int = 0
+    """Qwen3.5-MoE: a dense expert every token goes through, scaled by a sigmoid gate (0: none)."""
+    # Hybrid models (Qwen3.5): each layer's token mixer (config.json's `layer_types`; empty = attention
+    # everywhere), the Gated DeltaNet's sizes, and the attention's differences.
+    layer_types: tuple[str, ...] = ()
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 0
+    partial_rotary_factor: float = 1.0
+    """The share of head_dim that M-RoPE rotates (the rest passes through)."""
+    attention_output_gate: bool = False
+    """q_proj also emits a per-channel gate: attention output * sigmoid(gate) before o_proj."""
+    zero_centered_norm: bool = False
+    """RMSNorm weights stored as w with the scale 1 + w (the decoder's norms and q/k norms)."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +112,7 @@ class VLConfig:
         text_cfg = TextConfig(
             vocab_size=text["vocab_size"],
             hidden_size=text["hidden_size"],
-            intermediate_size=text["intermediate_size"],
+            intermediate_size=text.get("intermediate_size", 0),  # an all-MoE config (Qwen3.5-MoE) has none
             num_hidden_layers=text["num_hidden_layers"],
             num_attention_heads=heads,
             num_key_value_heads=text.get("num_key_value_heads", heads),
@@ -114,6 +130,16 @@ class VLConfig:
             decoder_sparse_step=int(text.get("decoder_sparse_step", 1) or 1),
             mlp_only_layers=tuple(text.get("mlp_only_layers") or ()),
             router_aux_loss_coef=float(text.get("router_aux_loss_coef", 0.0) or 0.0),
+            shared_expert_intermediate_size=int(text.get("shared_expert_intermediate_size", 0) or 0),
+            layer_types=tuple(text.get("layer_types") or ()),
+            linear_num_key_heads=int(text.get("linear_num_key_heads", 0) or 0),
+            linear_num_value_heads=int(text.get("linear_num_value_heads", 0) or 0),
+            linear_key_head_dim=int(text.get("linear_key_head_dim", 0) or 0),
+            linear_value_head_dim=int(text.get("linear_value_head_dim", 0) or 0),
+            linear_conv_kernel_dim=int(text.get("linear_conv_kernel_dim", 0) or 0),
+            partial_rotary_factor=float(rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 1.0))),
+            attention_output_gate=entry.attention_output_gate,
+            zero_centered_norm=entry.zero_centered_norm,
         )
         vrope = vision.get("rope_parameters") or {}
         vision_cfg = VisionConfig(

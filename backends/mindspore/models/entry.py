@@ -33,6 +33,13 @@ class MindSporeModel:
     """(TextConfig, layer index) -> the cell for that decoder layer's `mlp`, or None for the dense SwiGLU
     MLP (an MoE family's sparse blocks). A cell with a `router_logits` attribute takes part in the
     router load-balancing loss (loss.py)."""
+    linear_attention: Callable[[Any, Any], Any] | None = None
+    """(TextConfig, Kernels) -> the token mixer (`linear_attn`) of each `linear_attention` layer of
+    config.json's `layer_types` (a hybrid family's recurrent layer); None: attention in every layer."""
+    attention_output_gate: bool = False
+    """Gated attention: q_proj emits 2 * head_dim per head, the second half gating the output."""
+    zero_centered_norm: bool = False
+    """The text RMSNorms scale by 1 + weight (their checkpoints store the offset from one)."""
     read_config: Callable[[dict], Any] | None = None
     """config.json (a dict) -> the config `cls` takes, for a family whose config.json is not the Qwen VL
     layout VLConfig reads (Ovis2.5: a SigLIP2 tower config, indicator token ids)."""

@@ -48,13 +48,33 @@ class Embedding(nn.Cell):
 
 
 class RMSNorm(nn.Cell):
+    """`zero_centered` (Qwen3.5): the checkpoint stores w and the scale is 1 + w, applied in fp32 before the
+    cast back, as transformers' `Qwen3_5RMSNorm` does."""
+
+    def __init__(self, dim: int, eps: float, kernels: Kernels, zero_centered: bool = False):
+        super().__init__()
+        self.weight = Parameter(Tensor(np.full(dim, 0.0 if zero_centered else 1.0, dtype=np.float32)))
+        self.eps, self.kernels, self.zero_centered = eps, kernels, zero_centered
+
+    def construct(self, x: Tensor) -> Tensor:
+        if not self.zero_centered:
+            return rms_norm(x, self.weight, self.eps, self.kernels)
+        scale = 1.0 + self.weight.astype(ms.float32)
+        return rms_norm(x.astype(ms.float32), scale, self.eps, self.kernels).astype(x.dtype)
+
+
+class RMSNormGated(nn.Cell):
+    """RMSNorm, then times silu(gate) (the Gated DeltaNet's output norm): the normalised x is cast back to
+    x's dtype before the weight, the gate applied in fp32, as transformers' `Qwen3_5RMSNormGated`."""
+
     def __init__(self, dim: int, eps: float, kernels: Kernels):
         super().__init__()
         self.weight = Parameter(Tensor(np.ones(dim, dtype=np.float32)))
         self.eps, self.kernels = eps, kernels
 
-    def construct(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps, self.kernels)
+    def construct(self, x: Tensor, gate: Tensor) -> Tensor:
+        h = rms_norm(x, self.weight, self.eps, self.kernels)
+        return (h.astype(ms.float32) * ops.silu(gate.astype(ms.float32))).astype(x.dtype)
 
 
 class LayerNorm(nn.Cell):

@@ -48,11 +48,15 @@ class Qwen3VLMoeExperts(nn.Cell):
 class Qwen3VLMoeSparseMoeBlock(nn.Cell):
     """x [B, L, H] -> sum over the top-k experts of weight * expert(x)."""
 
+    experts_cls = Qwen3VLMoeExperts
+    """(hidden, intermediate, num_experts, act) -> the cell whose `expert(e, x)` runs expert e; a family
+    whose checkpoints store the experts otherwise (Qwen3.5-MoE: one MLP each) names its own."""
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
         self.gate = Qwen3VLMoeRouter(cfg.hidden_size, cfg.num_experts)
-        self.experts = Qwen3VLMoeExperts(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.hidden_act)
+        self.experts = self.experts_cls(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.hidden_act)
         self.router_logits: Tensor | None = None
 
     def construct(self, x: Tensor) -> Tensor:

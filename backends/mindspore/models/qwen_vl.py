@@ -104,7 +104,7 @@ class QwenVLModel(nn.Cell):
         self.cfg = cfg
         entry = model_entry(cfg.model_type)
         self.visual = VisionTransformer(cfg.vision, kernels, qwen3=entry.siglip_tower)
-        self.language_model = TextModel(cfg.text, kernels, entry.text_mlp)
+        self.language_model = TextModel(cfg.text, kernels, entry.text_mlp, entry.linear_attention)
 
     def construct(self, inputs: ModelInputs, cache: KVCache | None = None) -> Tensor:
         embeds = self.language_model.embed_tokens(inputs.input_ids)

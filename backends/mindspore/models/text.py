@@ -1,9 +1,11 @@
 """The Qwen VL language model in MindSpore: GQA attention with M-RoPE, SwiGLU MLP, RMSNorm.
 
-One decoder serves both families; the differences are switches read from config.json:
+One decoder serves every family; the differences are switches read from config.json:
 Qwen2.5-VL has q/k/v biases and chunked M-RoPE ([16, 24, 24] frequencies for t, h, w); Qwen3-VL
 has per-head q/k RMSNorms, interleaved M-RoPE and DeepStack (vision features added to the hidden
-states of the first layers).
+states of the first layers). Qwen3.5 is hybrid: `layer_types` gives some layers a recurrent token
+mixer (`linear_attn`, the family's cell) instead of `self_attn`; its attention gates its output with a
+second half of q_proj, rotates only `partial_rotary_factor` of head_dim, and its RMSNorms scale by 1 + w.
 
 Positions arrive from the batch (core/rope2d computed them), never recomputed here. Circle-RoPE's
 AGE strategies give some layers the plain M-RoPE ids (`position_ids_alt`): each layer is told which
@@ -60,11 +62,13 @@ class KVCache:
     def __init__(self, num_layers: int):
         self.keys: list[Tensor | None] = [None] * num_layers
         self.values: list[Tensor | None] = [None] * num_layers
+        self.states: list[tuple[Tensor, ...] | None] = [None] * num_layers
+        """A recurrent layer's state after the tokens seen (its own tuple; hybrid models only)."""
 
     @property
     def length(self) -> int:
         """Tokens cached (the past_length of the next forward's attention layout)."""
-        return 0 if self.keys[0] is None else int(self.keys[0].shape[2])
+        return next((int(k.shape[2]) for k in self.keys if k is not None), 0)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append this step's k/v [B, Hkv, L, D] to layer `layer`'s; returns the whole [B, Hkv, past + L, D]."""
@@ -81,15 +85,16 @@ class TextAttention(nn.Cell):
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = self.head_dim**-0.5
         bias = cfg.attention_bias
-        self.q_proj = Linear(cfg.hidden_size, self.heads * self.head_dim, bias)
+        self.gated = cfg.attention_output_gate
+        self.q_proj = Linear(cfg.hidden_size, self.heads * self.head_dim * (2 if self.gated else 1), bias)
         self.k_proj = Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias)
         self.v_proj = Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias)
         # Qwen2.5-VL's o_proj has no bias even though q/k/v do; Qwen3-VL follows attention_bias.
         self.o_proj = Linear(self.heads * self.head_dim, cfg.hidden_size, bias and cfg.qk_norm)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels)
-            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels)
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels, cfg.zero_centered_norm)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels, cfg.zero_centered_norm)
         self.kernels = kernels
 
     def construct(
@@ -97,48 +102,77 @@ class TextAttention(nn.Cell):
         cache: KVCache | None = None, layer_index: int = 0,
     ) -> Tensor:
         b, length, _ = x.shape
-        q = self.q_proj(x).reshape(b, length, self.heads, self.head_dim)
+        q = self.q_proj(x).reshape(b, length, self.heads, -1)
+        if self.gated:  # per head: [query | output gate]
+            q, gate = q[..., : self.head_dim], q[..., self.head_dim :].reshape(b, length, -1)
         k = self.k_proj(x).reshape(b, length, self.kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, length, self.kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, H, L, D]
         cos, sin = cos[:, None], sin[:, None]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_index, k, v)
         out = text_attention(q, k, v, self.scale, layout, self.kernels)
-        return self.o_proj(out.swapaxes(1, 2).reshape(b, length, self.heads * self.head_dim))
+        out = out.swapaxes(1, 2).reshape(b, length, self.heads * self.head_dim)
+        if self.gated:
+            out = out * ops.sigmoid(gate)
+        return self.o_proj(out)
+
+
+def apply_partial_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first cos.shape[-1] channels of x (all of them unless the rotary is partial)."""
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return apply_rotary(x, cos, sin)
+    return ops.cat((apply_rotary(x[..., :rotary], cos, sin), x[..., rotary:]), axis=-1)
 
 
 class DecoderLayer(nn.Cell):
-    def __init__(self, cfg: TextConfig, kernels: Kernels, mlp: nn.Cell | None = None):
+    """`linear_attn` given: a hybrid model's recurrent layer, which mixes tokens with it (it takes the layout,
+    the cache and its index, not the rotary) instead of `self_attn`."""
+
+    def __init__(self, cfg: TextConfig, kernels: Kernels, mlp: nn.Cell | None = None, linear_attn: nn.Cell | None = None):
         super().__init__()
-        self.self_attn = TextAttention(cfg, kernels)
+        self.recurrent = linear_attn is not None
+        if self.recurrent:
+            self.linear_attn = linear_attn
+        else:
+            self.self_attn = TextAttention(cfg, kernels)
         self.mlp = mlp if mlp is not None else GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, cfg.zero_centered_norm)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, cfg.zero_centered_norm)
 
     def construct(
         self, x: Tensor, cos: Tensor, sin: Tensor, layout: TextAttentionLayout,
         cache: KVCache | None = None, layer_index: int = 0,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, cache, layer_index)
+        if self.recurrent:
+            x = x + self.linear_attn(self.input_layernorm(x), layout, cache, layer_index)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, cache, layer_index)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class TextModel(nn.Cell):
     """`model.language_model`: embeddings, decoder layers, final norm (no head). `text_mlp(cfg, i)` may give
-    layer i its own MLP cell (a family's MoE block, models/entry.py); None keeps the dense one."""
+    layer i its own MLP cell (a family's MoE block, models/entry.py); None keeps the dense one.
+    `linear_attention(cfg, kernels)` builds the token mixer of the `linear_attention` layers of
+    `cfg.layer_types` (a hybrid family's)."""
 
-    def __init__(self, cfg: TextConfig, kernels: Kernels, text_mlp=None):
+    def __init__(self, cfg: TextConfig, kernels: Kernels, text_mlp=None, linear_attention=None):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         mlps = [text_mlp(cfg, i) if text_mlp is not None else None for i in range(cfg.num_hidden_layers)]
-        self.layers = nn.CellList([DecoderLayer(cfg, kernels, mlp) for mlp in mlps])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
-        self.inv_freq = inv_freq(cfg.rope_theta, cfg.head_dim)
+        kinds = cfg.layer_types or ("full_attention",) * cfg.num_hidden_layers
+        if "linear_attention" in kinds and linear_attention is None:
+            raise ValueError("config.json's layer_types has linear_attention layers, but the family's MindSpore entry has no linear_attention cell")
+        mixers = [linear_attention(cfg, kernels) if kind == "linear_attention" else None for kind in kinds]
+        self.layers = nn.CellList([DecoderLayer(cfg, kernels, mlp, mixer) for mlp, mixer in zip(mlps, mixers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, cfg.zero_centered_norm)
+        self.inv_freq = inv_freq(cfg.rope_theta, int(cfg.head_dim * cfg.partial_rotary_factor))
         self.channels = mrope_channels(cfg.mrope_section, cfg.mrope_interleaved)
         self.layer_uses_main = [True] * cfg.num_hidden_layers
         """AGE: False for layers that take the alt (plain M-RoPE) positions; see set_alt_layers."""

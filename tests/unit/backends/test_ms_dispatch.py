@@ -153,10 +153,12 @@ def test_packed_rows_equal_padded_rows_on_both_paths(tiny_model_dirs, fake_ascen
     assert ("TND", 3) in {(c["layout"], c["sparse_mode"]) for c in fake_ascend.calls if "layout" in c}
 
 
-@pytest.mark.parametrize("model_type", ["ovis2_5"])
+@pytest.mark.parametrize("model_type", ["ovis2_5", "qwen3_5", "qwen3_5_moe"])
 def test_ascend_path_equals_cpu_path_on_a_dataset_batch(tiny_models, vqa_data, fake_ascend, model_type):
     """A family whose batches need the data pipeline's own tokens around each image (Ovis2.5's indicator
-    start / end), padded then packed: its text attention in BNSD then TND (causal), its tower in TND."""
+    start / end), or whose layers are not all attention (Qwen3.5's Gated DeltaNet layers, the same eager
+    kernels on both paths, around gated attention layers and zero-centred fused norms), padded then
+    packed: its text attention in BNSD then TND (causal), its tower in TND."""
     from vltune.data.collate import collate_padded
     from vltune.data.dataset import SFTDataset
     from vltune.data.formats import load_samples

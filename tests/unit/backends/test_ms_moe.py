@@ -1,5 +1,5 @@
 """The MindSpore MoE pieces against transformers: the load-balancing loss on the same router logits, and
-the tiny Qwen3-VL-MoE's training loss (CE + coef * aux) on a padded batch, fp32 on the CPU."""
+each MoE family's tiny model's training loss (CE + coef * aux) on a padded batch, fp32 on the CPU."""
 
 from __future__ import annotations
 
@@ -10,13 +10,21 @@ ms = pytest.importorskip("mindspore")
 torch = pytest.importorskip("torch")
 
 from vltune.backends.mindspore.loss import load_balancing_loss  # noqa: E402
+from vltune.core.families import family_names, get_family  # noqa: E402
 
-MOE = "qwen3_vl_moe"
+MOE = [name for name in family_names("mindspore") if get_family(name).modules.moe_block]
+
+
+def test_moe_families_are_covered():
+    assert {"qwen3_vl_moe", "qwen3_5_moe"} <= set(MOE)
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_load_balancing_loss_equals_transformers(masked):
-    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancing_loss_func
+@pytest.mark.parametrize("model_type", MOE)
+def test_load_balancing_loss_equals_transformers(masked, model_type):
+    import importlib
+
+    load_balancing_loss_func = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}").load_balancing_loss_func
 
     rng = np.random.default_rng(0)
     layers = [rng.normal(size=(2 * 7, 6)).astype(np.float32) for _ in range(3)]
@@ -26,7 +34,8 @@ def test_load_balancing_loss_equals_transformers(masked):
     assert abs(float(ours.asnumpy()) - float(theirs)) <= 1e-6
 
 
-def test_training_loss_equals_transformers(tiny_models, vqa_data):
+@pytest.mark.parametrize("model_type", MOE)
+def test_training_loss_equals_transformers(tiny_models, vqa_data, model_type):
     from vltune.backends.mindspore.models import load_model
     from vltune.backends.mindspore.engine import Engine as MindSporeBackend
     from vltune.backends.torch.batch import to_model_inputs
@@ -36,7 +45,7 @@ def test_training_loss_equals_transformers(tiny_models, vqa_data):
     from vltune.data.dataset import SFTDataset
     from vltune.data.formats import load_samples
 
-    model_dir = tiny_models[MOE]
+    model_dir = tiny_models[model_type]
     samples = load_samples(vqa_data["train_file"])[:3]
     dataset = SFTDataset(samples, model_dir, max_length=4096, max_pixels=200 * 200)
     batch = Collator(dataset.info, dataset.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
@@ -50,7 +59,8 @@ def test_training_loss_equals_transformers(tiny_models, vqa_data):
     assert abs(loss_sum / n - float(out.loss)) <= 1e-5
 
 
-def test_training_step_carries_the_router_aux(tiny_models, vqa_data):
+@pytest.mark.parametrize("model_type", MOE)
+def test_training_step_carries_the_router_aux(tiny_models, vqa_data, model_type):
     """A MindSpore training micro-step on the MoE model: the router gets a gradient and aux_loss is logged."""
     from vltune.backends.mindspore.engine import Engine
     from vltune.backends.mindspore.models import load_model
@@ -60,7 +70,7 @@ def test_training_step_carries_the_router_aux(tiny_models, vqa_data):
     from vltune.data.dataset import SFTDataset
     from vltune.data.formats import load_samples
 
-    model_dir = tiny_models[MOE]
+    model_dir = tiny_models[model_type]
     dataset = SFTDataset(load_samples(vqa_data["train_file"])[:2], model_dir, max_length=4096, max_pixels=200 * 200)
     batch = Collator(dataset.info, dataset.tokenizer.pad_token_id)([dataset[0], dataset[1]])
     ms.set_context(mode=ms.PYNATIVE_MODE)
