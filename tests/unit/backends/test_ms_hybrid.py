@@ -78,3 +78,44 @@ def test_greedy_generation_with_the_recurrent_cache_equals_torch(tiny_models, tm
     assert generate(model, batch, ends, greedy) == want
     assert generate(model, batch, ends, greedy, use_cache=False) == want
     assert sum(len(row) for row in want) == 4 * 8
+
+
+@pytest.mark.parametrize("model_type", HYBRID)
+def test_lora_on_the_recurrent_layers_is_peft_format(tiny_models, vqa_data, tmp_path, model_type):
+    """A MindSpore LoRA whose targets include the Gated DeltaNet's projections (in_proj_qkv|z|b|a,
+    out_proj), trained one step and saved as PEFT: peft loads it onto transformers and gives the MindSpore
+    model's logits. The MoE family adapts its attention, recurrent and shared-expert layers (its fused
+    routed experts are torch-only: lora_target_parameters none)."""
+    from peft import PeftModel
+
+    from vltune.backends.mindspore.engine import Engine
+    from vltune.backends.mindspore.models import ModelInputs, load_model
+    from vltune.backends.torch.batch import to_model_inputs
+    from vltune.backends.torch.models import load_model as load_torch_model
+    from vltune.core.config import ModelArgs, TrainArgs
+    from vltune.data.collate import collate_padded
+    from vltune.data.dataset import SFTDataset
+    from vltune.data.formats import load_samples
+
+    model_dir = tiny_models[model_type]
+    dataset = SFTDataset(load_samples(vqa_data["train_file"])[:2], model_dir, max_length=512, max_pixels=12544)
+    data = collate_padded([dataset[0], dataset[1]], dataset.info, dataset.tokenizer.pad_token_id)
+    fused = get_family(model_type).modules.lora_target_parameters
+    args = ModelArgs(model_name_or_path=str(model_dir), train_type="lora", lora_r=4, lora_dropout=0.0,
+                     lora_target_parameters="none" if fused else None)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    engine = Engine(load_model(model_dir), model_dir, dataset.info, args, TrainArgs(learning_rate=1e-2))
+    adapted = {p.name.split(".lora_")[0].rsplit(".", 1)[-1] for p in engine.params}
+    assert {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "q_proj"} <= adapted
+    assert not any(".experts." in p.name for p in engine.params)
+    engine.forward_backward(data, 1.0 / int((data["labels"][:, 1:] != -100).sum()))
+    engine.optimizer_step(1.0, 1.0)
+    engine.save_model(tmp_path)
+
+    peft_model = PeftModel.from_pretrained(load_torch_model(model_dir), str(tmp_path)).eval()
+    with torch.no_grad():
+        ref = peft_model(**to_model_inputs(data, torch.device("cpu"), model=peft_model), use_cache=False).logits.numpy()
+    engine.model.set_train(False)
+    got = engine.model(ModelInputs.from_batch(data, engine.model.cfg)).asnumpy()
+    real = data["attention_mask"].astype(bool)
+    assert np.abs(got[real] - ref[real]).max() <= 1e-4 * np.abs(ref[real]).max()
