@@ -156,6 +156,9 @@ def _launch_train(args: argparse.Namespace, extra: list[str]) -> int:
         launch = launcher.LaunchArgs(nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port)
         name = "a torchrun"
     problems = launch.problems() + problems
+    if cfg is not None and (nproc * args.nnodes) % cfg.train.sequence_parallel_size:
+        problems.append(f"sequence_parallel_size {cfg.train.sequence_parallel_size} must divide the number of processes "
+                        f"({nproc * args.nnodes}: --nproc x --nnodes)")
     if launcher.inside_launcher():
         problems.append(f"already inside {name} worker: drop --nproc from the worker's command")
     if problems:

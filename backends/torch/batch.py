@@ -38,7 +38,7 @@ def to_tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> to
 
 def send(host: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A CPU tensor on `device`; to a GPU through pinned memory without waiting (see to_tensor)."""
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type in ("cuda", "npu"):
         return host.pin_memory().to(device, dtype, non_blocking=True)
     return host.to(device, dtype)
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .device import accelerator
 from .models import model_entry, part
 
 
@@ -49,7 +50,7 @@ class DistContext:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return accelerator().device(self.local_rank)
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -59,7 +60,7 @@ class DistContext:
         """Sum (or max) of each value over ranks, in float64 so token counts stay exact."""
         if self.world_size == 1 or not values:
             return [float(v) for v in values]
-        device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        device = self.device if dist.get_backend() in ("nccl", "hccl") else torch.device("cpu")
         tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)  # a loss may be a device scalar
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return tensor.tolist()
@@ -72,7 +73,7 @@ class DistContext:
 
 
 def init_distributed(need_group: bool = False) -> DistContext:
-    """Join the process group torchrun describes in the environment (NCCL on GPUs, gloo on CPU).
+    """Join the process group torchrun describes in the environment (NCCL on GPUs, HCCL on NPUs, gloo on CPU).
 
     `need_group`: DeepSpeed and FSDP2 need a process group even on one process, so a run started
     without a launcher gets a one-rank group on a free local port.
@@ -81,8 +82,7 @@ def init_distributed(need_group: bool = False) -> DistContext:
     if world_size == 1 and not need_group:
         return DistContext()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)  # before any CUDA work, so each worker owns its device
+    accelerator().set_device(local_rank)  # before any device work, so each worker owns its device
     if dist.is_initialized():
         return DistContext(rank, world_size, local_rank, owns_group=False)
     if world_size == 1:  # what torchrun would have set (DeepSpeed reads LOCAL_RANK itself)
@@ -91,10 +91,11 @@ def init_distributed(need_group: bool = False) -> DistContext:
         for var in ("RANK", "LOCAL_RANK"):
             os.environ.setdefault(var, "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-    if torch.cuda.is_available():  # NCCL bound to this worker's GPU (no guessing from the rank)
-        dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=torch.device("cuda", local_rank))
-    else:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    backend = accelerator().process_group_backend
+    if backend == "nccl":  # NCCL bound to this worker's GPU (no guessing from the rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=torch.device("cuda", local_rank))
+    else:  # hccl (on the NPU set above) or gloo
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
     return DistContext(rank, world_size, local_rank, owns_group=True)
 
 

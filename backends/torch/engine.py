@@ -22,7 +22,9 @@ from vltune.core.train_modules import Selection
 from vltune.data.mdlm_tokens import write_mdlm_files
 from vltune.data.model_info import ModelInfo
 
+from . import sequence_parallel
 from .batch import pin_batch, to_model_inputs, to_tensor, vision_tower_kwargs
+from .device import current_device
 from .checkpoint import OPTIMIZER_FILE, RNG_FILE, load_weights, rng_state, save_hf_model, saved_state, set_rng_state
 from .generate import generate_greedy, generate_with_positions
 from .lora import apply_lora, keep_adapter_inputs_in_compute_dtype
@@ -88,8 +90,8 @@ class Engine:
         circle_rope: dict | None = None,
         mdlm: MdlmObjective | None = None,
     ):
-        # The current CUDA device: a torchrun worker has set its own (backends/torch/distributed.py).
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        # The current GPU or NPU: a torchrun worker has set its own (backends/torch/distributed.py).
+        self.device = current_device()
         self.model_dir = Path(model_dir)
         self.info = info
         self.mdlm = mdlm
@@ -130,7 +132,7 @@ class Engine:
         self.circle = CircleRopeAdapter(self.base, circle_rope) if circle_rope else None
         # CPU runs fp32, except with bf16 weights (pure_bf16, bf16_master_weights), which need bf16 compute on any device.
         bf16_held = args.pure_bf16 or args.bf16_master_weights
-        self.autocast_dtype = torch.bfloat16 if args.bf16 and (self.device.type == "cuda" or bf16_held) else None
+        self.autocast_dtype = torch.bfloat16 if args.bf16 and (self.device.type != "cpu" or bf16_held) else None
         if self.lora and self.autocast_dtype is not None:
             keep_adapter_inputs_in_compute_dtype(self.model)
         self.model_args, self.args = model_args, args
@@ -169,6 +171,9 @@ class Engine:
             enable_varlen(self.base)
         alt = batch.get("position_ids_alt")
         alt = to_tensor(alt, self.device, torch.long) if alt is not None else None
+        group = sequence_parallel.active()
+        if alt is not None and group is not None:  # the AGE layers' plain ids, this rank's shard of them
+            alt = group.shard(alt)
         layers = self.circle.alt_positions(alt) if self.circle is not None else nullcontext()
         inputs = to_model_inputs(batch, self.device, model=model)
         router = {"output_router_logits": True} if self.router_aux_coef else {}
@@ -200,11 +205,15 @@ class Engine:
         so that the loop's division by the accumulated denominator gives CE mean + coef * aux, as transformers."""
         if self._router_aux is None:
             return loss_sum
-        n = loss_denominator(batch)
+        n = self._router_aux_weight(batch)
         aux = self._router_aux.to(loss_sum.dtype)
         if self.base.training:
             self._router_aux_log.append((aux.detach(), n))
         return loss_sum + self.router_aux_coef * aux * n
+
+    def _router_aux_weight(self, batch: Batch) -> float:
+        """What the router's load-balancing loss is multiplied by in this batch's summed loss."""
+        return loss_denominator(batch)
 
     def step_metrics(self) -> dict[str, float]:
         """The router's load-balancing loss (unscaled, trained-token-weighted mean over the micro-batches
@@ -279,9 +288,9 @@ class Engine:
         if self.mdlm is not None:
             raise ValueError("objective mdlm: the batch is not masked (wrap the batch source in core.mdlm.MaskedBatches)")
         # The LM head runs on trained positions only (backends/torch/loss.py).
-        positions = trained_positions(batch["labels"])
+        positions, targets = self._trained_targets(batch["labels"])
         keep = to_tensor(positions, self.device, torch.long)
-        targets = to_tensor(batch["labels"][:, positions + 1], self.device, torch.long).reshape(-1)
+        targets = to_tensor(targets, self.device, torch.long).reshape(-1)
         if not self.head_loss_after_forward:
             logits = self._forward(batch, keep, model=model)
             return self._plus_router_aux(kept_token_loss_sum(logits.reshape(-1, logits.shape[-1]), targets), batch)
@@ -289,6 +298,11 @@ class Engine:
         with self._autocast():  # the LM head in checkpointed chunks
             loss_sum = head_loss_sum(self.base.lm_head, hidden.reshape(-1, hidden.shape[-1]), targets)
         return self._plus_router_aux(loss_sum, batch)
+
+    def _trained_targets(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The positions whose next token is trained (where the LM head runs) and those tokens [B, K]."""
+        positions = trained_positions(labels)
+        return positions, labels[:, positions + 1]
 
     def train_mode(self) -> None:
         """The model in training mode. `Module.train()` visits every submodule: 839 per call on the 3B

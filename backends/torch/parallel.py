@@ -34,9 +34,13 @@ from torch.nn.parallel import DistributedDataParallel
 from vltune.core.config import ConfigError, ModelArgs, TrainArgs
 from vltune.core.recipe_rules import resolve_deepspeed_config
 from vltune.core.contracts import Batch
+from vltune.core.sequence_parallel import pad_row, shard_trained_positions
 
 from .checkpoint import OPTIMIZER_FILE, RNG_FILE, rng_state, set_rng_state
+from .device import deepspeed_accelerator
+from . import sequence_parallel
 from .distributed import DistContext, VisionSync
+from .sequence_parallel import SequenceParallel
 from .models import part
 from .optim import set_learning_rates
 from .engine import Engine
@@ -49,7 +53,7 @@ def _rank_rng_file(rank: int) -> str:
 def apply_ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
     """Replicate the model; DDP all-reduces gradients during backward. No buffers to broadcast (the rotary
     tables are constants), so the forward needs no collective."""
-    device_ids = [device.index] if device.type == "cuda" else None
+    device_ids = [device.index] if device.type in ("cuda", "npu") else None
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
@@ -96,6 +100,7 @@ def _restore_recordable_outputs(recordable: list[tuple[torch.nn.Module, dict]]) 
 
 def apply_deepspeed(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict, moe_block: str | None):
     """Wrap the model and vltune's optimizer in a DeepSpeed engine; returns the engine and its optimizer."""
+    deepspeed_accelerator()  # DeepSpeed on the same kind of device as this process (its npu accelerator on Ascend)
     import deepspeed
 
     if int(config.get("zero_optimization", {}).get("stage", 0)) == 3 and moe_block:
@@ -142,8 +147,44 @@ class _DistributedBackend(Engine):
     def _setup_distributed(self, ctx: DistContext) -> None:
         self.ctx = ctx
         self.vision = VisionSync(self.base, ctx)
+        self.sequence = None
+        if self.args.sequence_parallel_size > 1:  # its language-model hook runs after VisionSync's
+            self.sequence = SequenceParallel(ctx.rank, ctx.world_size, self.args.sequence_parallel_size)
+            self.sequence.install(self.base)
+
+    def forward_backward(self, batch: Batch, loss_scale: float) -> torch.Tensor:
+        """One micro-batch through the wrapper. Under sequence parallelism the row is padded to a multiple of
+        N and this rank runs its shard; the returned loss is the whole row's (summed over the group), so the
+        loop's sums over the data-parallel group see each row once."""
+        self.vision.prepare(batch)
+        scale = loss_scale * self.ctx.world_size  # the wrappers average gradients over every rank
+        if self.sequence is None:
+            return self._wrapped_forward_backward(batch, scale)
+        padded = pad_row(batch, self.sequence.size, pad_token_id=0)
+        with self.sequence.sharding(padded["input_ids"].shape[-1], batch["input_ids"].shape[-1]):
+            loss_sum = self._wrapped_forward_backward(padded, scale)
+        return self.sequence.row_total(loss_sum)
+
+    def _wrapped_forward_backward(self, batch: Batch, loss_scale: float) -> torch.Tensor:
+        return Engine.forward_backward(self, batch, loss_scale)
+
+    def _trained_targets(self, labels):
+        """Under sequence parallelism: this shard's positions whose next token is trained, and those tokens."""
+        group = sequence_parallel.active()
+        if group is None:
+            return super()._trained_targets(labels)
+        start, stop = group.bounds
+        positions = shard_trained_positions(labels, start, stop)
+        return positions, labels[:, positions + start + 1]
+
+    def _router_aux_weight(self, batch: Batch) -> float:
+        """Every rank of a sequence group adds the row's load-balancing loss: each adds 1 / N of it."""
+        weight = super()._router_aux_weight(batch)
+        return weight / self.sequence.size if sequence_parallel.active() is not None else weight
 
     def reduce_sum(self, values: list[float]) -> list[float]:
+        if self.sequence is not None:  # a sequence group's ranks hold one row: sum over data-parallel ranks
+            return self.sequence.reduce_dp(values)
         return self.ctx.all_reduce(values)
 
     def memory_stats(self) -> dict[str, float]:
@@ -169,10 +210,6 @@ class DDPBackend(_DistributedBackend):
         self._setup_distributed(ctx)
         self.ddp = apply_ddp(self.model, self.device)
         self.train_forward = _TrainingForward(self.ddp, self.base)
-
-    def forward_backward(self, batch: Batch, loss_scale: float) -> torch.Tensor:
-        self.vision.prepare(batch)
-        return super().forward_backward(batch, loss_scale * self.ctx.world_size)
 
     def save_model(self, out_dir: Path) -> None:
         if self.ctx.is_main:  # every rank holds the same weights
@@ -208,10 +245,6 @@ class FSDPBackend(_DistributedBackend):
         apply_fsdp(self.model, init_device_mesh(self.device.type, (ctx.world_size,)), self.autocast_dtype)
         self.autocast_dtype = None  # FSDP casts the gathered parameters itself
         self.optimizer = self._build_optimizer()  # over the sharded (DTensor) parameters
-
-    def forward_backward(self, batch: Batch, loss_scale: float) -> torch.Tensor:
-        self.vision.prepare(batch)
-        return super().forward_backward(batch, loss_scale * self.ctx.world_size)
 
     def optimizer_step(self, lr_factor: float, max_grad_norm: float) -> float:
         from torch.distributed.tensor import DTensor
@@ -341,11 +374,10 @@ class DeepSpeedBackend(_DistributedBackend):
         self.engine, self.optimizer = apply_deepspeed(self.model, self.optimizer, config, self.info.family.modules.moe_block)
         self.train_forward = _TrainingForward(self.engine, self.base)
 
-    def forward_backward(self, batch: Batch, loss_scale: float) -> torch.Tensor:
-        self.vision.prepare(batch)
+    def _wrapped_forward_backward(self, batch: Batch, loss_scale: float) -> torch.Tensor:
         self.train_mode()
         loss_sum = self._loss_sum(batch, self.train_forward)
-        self.engine.backward(loss_sum * (loss_scale * self.ctx.world_size), scale_wrt_gas=False)
+        self.engine.backward(loss_sum * loss_scale, scale_wrt_gas=False)
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # counts the micro-step; the update waits for optimizer_step
         return loss_sum.detach()  # read once per step by the loop (core.contracts)
