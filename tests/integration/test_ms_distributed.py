@@ -1,6 +1,6 @@
 """Data parallelism of the MindSpore backend on CPU: `vltune train --backend mindspore --nproc 2` runs
-msrun with 2 workers (mindspore.communication + DistributedGradReducer), fp32, the tiny Qwen2.5-VL,
-and reproduces one process with the same global batch: per-step losses within 1e-4, saved weights
+msrun with 2 workers (mindspore.communication + DistributedGradReducer), fp32, the tiny Qwen2.5-VL and
+the tiny Qwen3.5 (Gated DeltaNet layers, gated attention), and reproduces one process with the same global batch: per-step losses within 1e-4, saved weights
 within 1e-4, a checkpoint written whole by rank 0 with rank 1's RNG file in it. Half the samples are
 text-only, so some steps give one rank no image (asserted): its vision gradients are zeros that the
 reducer averages like any other, and the run finishing inside its timeout shows nothing waits.
@@ -25,14 +25,14 @@ STEPS, SEED, TOL = 5, 3, 1e-4
 RUN_TIMEOUT_S = 300  # a hung collective never returns; the 2-worker run took 70-100 s on 2 shared cores
 
 
-@pytest.fixture(scope="module")
-def mixed_recipe(mixed_jsonl, tiny_qwen2_5_vl) -> Path:
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_5"])
+def mixed_recipe(request, mixed_jsonl, tiny_models) -> Path:
     """12 image samples interleaved with 12 text-only ones; backend mindspore, per-rank micro-batch 1,
     2 accumulation steps, the vision tower trained."""
     data = mixed_jsonl(12)
     root = data.parent
     recipe = {
-        "backend": "mindspore", "model_name_or_path": str(tiny_qwen2_5_vl), "dataset_use": str(data),
+        "backend": "mindspore", "model_name_or_path": str(tiny_models[request.param]), "dataset_use": str(data),
         "max_pixels": 3136, "min_pixels": 3136, "model_max_length": 512, "max_steps": STEPS, "learning_rate": 1e-3,
         "lr_scheduler_type": "constant", "per_device_train_batch_size": 1, "gradient_accumulation_steps": 2,
         "logging_steps": 1, "seed": SEED, "tune_mm_vision": True, "save_steps": 3, "max_grad_norm": 1.0,
