@@ -16,7 +16,6 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from vltune.core.circle_rope import age_layer_mask
 from vltune.core.config import ModelArgs, TrainArgs, mdlm_model_args
 from vltune.core.contracts import Batch, loss_denominator
 from vltune.core.families import get_family
@@ -102,8 +101,7 @@ class Engine:
         set_recompute(model, args.gradient_checkpointing)
         self.circle = dict(circle_rope) if circle_rope else None
         if self.circle:
-            layers = model.cfg.text.num_hidden_layers
-            model.model.language_model.set_alt_layers(age_layer_mask(self.circle.get("AGE_mode", "strategy_1"), layers))
+            model.model.language_model.set_age_mode(self.circle.get("AGE_mode", "strategy_1"))
         trainable = [(n, p) for n, p in model.parameters_and_names() if p.requires_grad]
         groups = build_param_groups(trainable, get_family(model.cfg.model_type).modules, args, selection)
         self.optimizer = AdamW(groups, (args.adam_beta1, args.adam_beta2), args.adam_epsilon)

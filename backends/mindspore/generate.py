@@ -190,8 +190,6 @@ class InferenceEngine:
     def __init__(self, model_dir: str | Path, adapter: str | Path | None, circle_rope: dict | None):
         import mindspore as ms
 
-        from vltune.core.circle_rope import age_layer_mask
-
         from .lora import merge_lora_adapter
         from .models import load_model
 
@@ -200,8 +198,7 @@ class InferenceEngine:
         if adapter is not None:
             merge_lora_adapter(self.model, adapter)
         if circle_rope:
-            layers = self.model.cfg.text.num_hidden_layers
-            self.model.model.language_model.set_alt_layers(age_layer_mask(circle_rope.get("AGE_mode", "strategy_1"), layers))
+            self.model.model.language_model.set_age_mode(circle_rope.get("AGE_mode", "strategy_1"))
         self.eos = end_token_ids(model_dir, self.model.cfg)
 
     def text_stream(self, decode: Callable[[list[int]], str], write: Callable[[str], None]):

@@ -21,6 +21,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from vltune.core.circle_rope import age_layer_mask
+from vltune.core.families import attention_layer_indices
+
 from ..attention import Kernels, TextAttentionLayout, text_attention
 from .config import TextConfig
 from .layers import Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, inv_freq, rotary_cos_sin
@@ -183,6 +186,15 @@ class TextModel(nn.Cell):
         if len(uses_main) != len(self.layers):
             raise ValueError(f"AGE layer mask has {len(uses_main)} entries for {len(self.layers)} layers")
         self.layer_uses_main = list(uses_main)
+
+    def set_age_mode(self, age_mode: str) -> None:
+        """Circle-RoPE AGE `age_mode` over the layers with rotary positions: every layer, or a hybrid model's
+        attention layers (its recurrent layers have no positions), as the torch adapter counts them."""
+        rotary = attention_layer_indices(self.cfg.layer_types, len(self.layers))
+        uses_main = [True] * len(self.layers)
+        for layer, circle in zip(rotary, age_layer_mask(age_mode, len(rotary))):
+            uses_main[layer] = circle
+        self.set_alt_layers(uses_main)
 
     def cos_sin(self, position_ids: np.ndarray) -> tuple[Tensor, Tensor]:
         return rotary_cos_sin(Tensor(rotary_positions(position_ids, self.channels)), self.inv_freq)

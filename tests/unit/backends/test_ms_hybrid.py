@@ -119,3 +119,36 @@ def test_lora_on_the_recurrent_layers_is_peft_format(tiny_models, vqa_data, tmp_
     got = engine.model(ModelInputs.from_batch(data, engine.model.cfg)).asnumpy()
     real = data["attention_mask"].astype(bool)
     assert np.abs(got[real] - ref[real]).max() <= 1e-4 * np.abs(ref[real]).max()
+
+
+def test_circle_rope_age_counts_the_attention_layers_as_torch(tiny_models, vqa_data):
+    """Circle-RoPE with AGE strategy_4 on the hybrid model: the mask runs over the attention layers only
+    (the recurrent layers have no positions), on MindSpore as on the torch adapter; logits within 1e-4."""
+    from vltune.backends.mindspore.models import ModelInputs, load_model
+    from vltune.backends.torch.batch import to_model_inputs, to_tensor
+    from vltune.backends.torch.models import load_model as load_torch_model
+    from vltune.backends.torch.models.circle_rope import CircleRopeAdapter
+    from vltune.core.config import CIRCLE_ROPE_DEFAULTS
+    from vltune.data.collate import Collator
+    from vltune.data.dataset import SFTDataset
+    from vltune.data.formats import load_samples
+
+    model_dir = tiny_models["qwen3_5"]
+    circle = {**CIRCLE_ROPE_DEFAULTS, "AGE_mode": "strategy_4"}
+    dataset = SFTDataset(load_samples(vqa_data["train_file"])[:2], model_dir, max_length=512, max_pixels=12544)
+    batch = Collator(dataset.info, dataset.tokenizer.pad_token_id, circle)([dataset[0], dataset[1]])
+    assert "position_ids_alt" in batch
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    model = load_model(model_dir)
+    model.model.language_model.set_age_mode("strategy_4")
+    layer_types = model.cfg.text.layer_types
+    assert [uses for uses, kind in zip(model.model.language_model.layer_uses_main, layer_types) if kind == "full_attention"] == [True, False]
+    torch_model = load_torch_model(model_dir).eval()
+    adapter = CircleRopeAdapter(torch_model, circle)
+    with torch.no_grad(), adapter.alt_positions(to_tensor(batch["position_ids_alt"], torch.device("cpu"), torch.long)):
+        ref = torch_model(**to_model_inputs(batch, torch.device("cpu"), model=torch_model), use_cache=False).logits.numpy()
+    got = model(ModelInputs.from_batch(batch, model.cfg)).asnumpy()
+    real = batch["attention_mask"].astype(bool)
+    assert np.abs(got[real] - ref[real]).max() <= 1e-4 * np.abs(ref[real]).max()
+    plain = dict(batch, position_ids_alt=batch["position_ids"])  # the alt ids reach the second attention layer
+    assert not np.allclose(model(ModelInputs.from_batch(plain, model.cfg)).asnumpy(), got)
