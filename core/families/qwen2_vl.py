@@ -18,7 +18,7 @@ class Qwen2VL(FamilySpec):
     architecture = "Qwen2VLForConditionalGeneration"
     position = PositionRule(video_time="frame_index")
     media = MediaRule(processor_class="Qwen2VLProcessor")
-    capabilities = Capabilities(mindspore=False)
+    capabilities = Capabilities()  # everything but MindSpeed-MM conversion
     vision_mlp_matrices = 2  # fc1, fc2
     # <|endoftext|> 151643, <|im_end|> 151645, <|vision_start|> 151652 ... <|video_pad|> 151656 (Qwen2 tokenizer)
     released_token_ids = TokenIds(image=151655, video=151656, vision_start=151652, vision_end=151653, bos=151643,

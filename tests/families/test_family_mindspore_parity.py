@@ -115,3 +115,27 @@ def test_mindspore_round_trip_is_bit_exact(spec, model_dir, tmp_path):
     assert before.keys() == after.keys()
     for name, array in before.items():
         assert array.dtype == after[name].dtype and array.tobytes() == after[name].tobytes(), name
+
+
+def test_mindspore_video_logits_equal_torch(spec, model_dir, torch_model, tmp_path):
+    """A video sample (several temporal patches: the tower attends within each frame group, the text
+    positions count frames) beside an image sample: logits within 1e-4 of the largest and the loss within
+    1e-5 of transformers on the padded batch."""
+    if not spec.capabilities.mindspore:
+        pytest.skip(f"{spec.name} has no MindSpore model (capabilities.mindspore is False)")
+    pytest.importorskip("mindspore")
+    from vltune.data.collate import collate_padded
+    from vltune.data.synthetic_corpus import write_format_corpus
+
+    first = {}
+    for sample in (s for f in write_format_corpus(tmp_path, num_samples=6, seed=0) for s in load_samples(f)):
+        first.setdefault(sample.id.split("-")[0], sample)
+    dataset = SFTDataset([first["video"], first["single"]], model_dir, max_length=4096, max_pixels=12544, min_pixels=3136)
+    padded = collate_padded([dataset[0], dataset[1]], dataset.info, dataset.tokenizer.pad_token_id)
+    assert "pixel_values_videos" in padded and int(np.asarray(padded["video_grid_thw"])[:, 0].min()) >= 2
+    want, ref_loss = _reference(torch_model, padded)
+    got, loss = _ms_forward(model_dir, padded)
+    real = padded["attention_mask"].astype(bool)
+    n = int((padded["labels"][:, 1:] != -100).sum())
+    rel = float(np.abs(got[real] - want[real]).max() / np.abs(want[real]).max())
+    assert rel <= LOGITS_REL_TOL and abs(loss - ref_loss) / n <= LOSS_TOL, (rel, abs(loss - ref_loss) / n)

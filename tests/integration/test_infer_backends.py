@@ -56,7 +56,8 @@ def _torch_ids(model_dir: Path, samples: list) -> tuple[list[list[int]], SFTData
     return ids, dataset
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", pytest.param("qwen3_vl", marks=pytest.mark.slow),
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", pytest.param("qwen2_vl", marks=pytest.mark.slow),
+                                        pytest.param("qwen3_vl", marks=pytest.mark.slow),
                                         pytest.param("ovis2_5", marks=pytest.mark.slow)])
 def test_greedy_ids_are_identical_on_both_backends_for_20_image_prompts(tiny_models, vqa20, model_type):
     """The must-show: torch one prompt at a time; MindSpore all 20 in one left-padded batch with the KV

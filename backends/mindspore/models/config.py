@@ -142,12 +142,14 @@ class VLConfig:
             zero_centered_norm=entry.zero_centered_norm,
         )
         vrope = vision.get("rope_parameters") or {}
+        vision_hidden, vision_intermediate = spec.vision_sizes(vision)  # Qwen2-VL: embed_dim, embed_dim * mlp_ratio
         vision_cfg = VisionConfig(
             depth=vision["depth"],
-            hidden_size=vision["hidden_size"],
-            intermediate_size=vision["intermediate_size"],
+            hidden_size=vision_hidden,
+            intermediate_size=vision_intermediate,
             num_heads=vision["num_heads"],
-            out_hidden_size=vision["out_hidden_size"],
+            # Qwen2-VL has no out_hidden_size: its vision `hidden_size` is the merger's output width.
+            out_hidden_size=vision.get("out_hidden_size", vision["hidden_size"]),
             patch_size=vision.get("patch_size", entry.vision_defaults["patch_size"]),
             temporal_patch_size=vision.get("temporal_patch_size", 2),
             spatial_merge_size=vision.get("spatial_merge_size", 2),

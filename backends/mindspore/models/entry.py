@@ -21,6 +21,9 @@ class MindSporeModel:
     siglip_tower: bool = False
     """Vision tower layout: Qwen3-VL's (patch-embed bias, learned position grid, GELU MLP, DeepStack
     mergers, full attention everywhere) instead of Qwen2.5-VL's (windows, SwiGLU MLP)."""
+    plain_vit: bool = False
+    """Vision tower layout: Qwen2-VL's plain ViT (no patch-embed bias, LayerNorm blocks, `fc1`/`fc2`
+    MLP, full attention per frame everywhere, a LayerNorm merger); False: as `siglip_tower` says."""
     qk_norm: bool = False
     """Per-head RMSNorm on q and k in the text attention."""
     attention_bias: bool | None = True

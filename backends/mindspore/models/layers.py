@@ -99,6 +99,7 @@ def activation(name: str):
         "silu": ops.silu,
         "gelu": lambda x: ops.gelu(x, approximate="none"),
         "gelu_pytorch_tanh": lambda x: ops.gelu(x, approximate="tanh"),
+        "quick_gelu": lambda x: x * ops.sigmoid(1.702 * x),  # Qwen2-VL's tower (transformers' QuickGELUActivation)
     }
     if name not in table:
         raise ValueError(f"activation {name!r} is not supported by the MindSpore models (have {sorted(table)})")

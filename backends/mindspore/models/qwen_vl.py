@@ -103,7 +103,7 @@ class QwenVLModel(nn.Cell):
         super().__init__()
         self.cfg = cfg
         entry = model_entry(cfg.model_type)
-        self.visual = VisionTransformer(cfg.vision, kernels, qwen3=entry.siglip_tower)
+        self.visual = VisionTransformer(cfg.vision, kernels, qwen3=entry.siglip_tower, plain=entry.plain_vit)
         self.language_model = TextModel(cfg.text, kernels, entry.text_mlp, entry.linear_attention)
 
     def construct(self, inputs: ModelInputs, cache: KVCache | None = None) -> Tensor:

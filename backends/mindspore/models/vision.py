@@ -6,6 +6,9 @@ blocks within whole frames; the merger (RMSNorm, 2x2 patches -> MLP) output is p
 Qwen3-VL (`Qwen3VisionTransformer`): LayerNorm blocks with a plain MLP, a learned position grid
 resampled bilinearly to each image, full attention per frame, and DeepStack mergers that tap the
 hidden states after the `deepstack_visual_indexes` blocks.
+Qwen2-VL (`Qwen2VisionTransformerPretrainedModel`, `plain=True`): LayerNorm blocks with a plain MLP
+(`fc1`, `fc2`), full attention per frame in every block, no position grid, and Qwen2.5-VL's merger
+with a LayerNorm in place of the RMSNorm.
 
 The patch embedding is a Conv3d whose stride equals its kernel, i.e. one matrix product per patch;
 it is written as that product (the weight keeps the Conv3d shape [E, C, T, P, P] of the checkpoint).
@@ -71,10 +74,26 @@ class VisionMLP(nn.Cell):
         return self.linear_fc2(self.act_fn(self.linear_fc1(x)))
 
 
-class VisionBlock(nn.Cell):
-    def __init__(self, cfg: VisionConfig, kernels: Kernels, qwen3: bool):
+class Qwen2VLVisionMLP(nn.Cell):
+    """Qwen2-VL's block MLP: the same as Qwen3-VL's under transformers' names (`fc1`, `act`, `fc2`)."""
+
+    def __init__(self, cfg: VisionConfig):
         super().__init__()
-        if qwen3:
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, True)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, True)
+        self.act = activation(cfg.hidden_act)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Cell):
+    def __init__(self, cfg: VisionConfig, kernels: Kernels, qwen3: bool, plain: bool = False):
+        super().__init__()
+        if plain:
+            self.norm1, self.norm2 = LayerNorm(cfg.hidden_size, 1e-6), LayerNorm(cfg.hidden_size, 1e-6)
+            self.mlp = Qwen2VLVisionMLP(cfg)
+        elif qwen3:
             self.norm1, self.norm2 = LayerNorm(cfg.hidden_size, 1e-6), LayerNorm(cfg.hidden_size, 1e-6)
             self.mlp = VisionMLP(cfg)
         else:
@@ -88,12 +107,13 @@ class VisionBlock(nn.Cell):
 
 
 class Qwen2_5_VLPatchMerger(nn.Cell):
-    """RMSNorm per patch, 2x2 patches concatenated, Linear-GELU-Linear (`mlp.0`, `mlp.2`)."""
+    """RMSNorm per patch (LayerNorm in Qwen2-VL: `layer_norm`), 2x2 patches concatenated,
+    Linear-GELU-Linear (`mlp.0`, `mlp.2`)."""
 
-    def __init__(self, cfg: VisionConfig, kernels: Kernels):
+    def __init__(self, cfg: VisionConfig, kernels: Kernels, layer_norm: bool = False):
         super().__init__()
         self.hidden = cfg.hidden_size * cfg.spatial_merge_size**2
-        self.ln_q = RMSNorm(cfg.hidden_size, 1e-6, kernels)
+        self.ln_q = LayerNorm(cfg.hidden_size, 1e-6) if layer_norm else RMSNorm(cfg.hidden_size, 1e-6, kernels)
         self.mlp = nn.CellList([Linear(self.hidden, self.hidden, True), nn.Cell(), Linear(self.hidden, cfg.out_hidden_size, True)])
 
     def construct(self, x: Tensor) -> Tensor:
@@ -132,18 +152,18 @@ def _rotary_angles_positions(grid_thw: np.ndarray, merge: int, quarter: int) -> 
 
 
 class VisionTransformer(nn.Cell):
-    """`model.visual` for Qwen2.5-VL (`qwen3=False`) and Qwen3-VL (`qwen3=True`)."""
+    """`model.visual` for Qwen2.5-VL (`qwen3=False`), Qwen3-VL (`qwen3=True`) and Qwen2-VL (`plain=True`)."""
 
-    def __init__(self, cfg: VisionConfig, kernels: Kernels, qwen3: bool):
+    def __init__(self, cfg: VisionConfig, kernels: Kernels, qwen3: bool, plain: bool = False):
         super().__init__()
-        self.cfg, self.qwen3 = cfg, qwen3
+        self.cfg, self.qwen3, self.plain = cfg, qwen3, plain
         self.merge = cfg.spatial_merge_size
         self.patch_embed = PatchEmbed(cfg, bias=qwen3)
         head_dim = cfg.hidden_size // cfg.num_heads
         self.quarter = head_dim // 4
         base = inv_freq(cfg.rope_theta, head_dim // 2)  # [head_dim / 4]
         self.inv_freq = ops.cat((base, base))  # h frequencies, then the same for w
-        self.blocks = nn.CellList([VisionBlock(cfg, kernels, qwen3) for _ in range(cfg.depth)])
+        self.blocks = nn.CellList([VisionBlock(cfg, kernels, qwen3, plain) for _ in range(cfg.depth)])
         if qwen3:
             self.pos_embed = nn.Cell()
             self.pos_embed.weight = Parameter(Tensor(np.zeros((cfg.num_position_embeddings, cfg.hidden_size), np.float32)), name="weight")
@@ -153,7 +173,7 @@ class VisionTransformer(nn.Cell):
                 [Qwen3VLPatchMerger(cfg, postshuffle_norm=True) for _ in cfg.deepstack_visual_indexes]
             )
         else:
-            self.merger = Qwen2_5_VLPatchMerger(cfg, kernels)
+            self.merger = Qwen2_5_VLPatchMerger(cfg, kernels, layer_norm=plain)
         self.recompute_blocks = False
 
     def construct(self, pixels: Tensor, grid_thw: np.ndarray) -> VisionOutput:
@@ -165,8 +185,8 @@ class VisionTransformer(nn.Cell):
             idx, w = bilinear_position_taps(grid_thw, self.side, self.merge)
             taps = ops.gather(self.pos_embed.weight, Tensor(idx.reshape(-1).astype(np.int32)), 0).reshape(idx.shape[0], 4, -1)
             h = h + (taps * Tensor(w)[:, :, None]).sum(1).astype(h.dtype)
-            order = None
-        else:
+        order = None
+        if not (self.qwen3 or self.plain):
             # Window attention: reorder whole 2x2 merge units window by window (and back after the merger).
             order, cu_windows = window_index(grid_thw, self.merge, self.cfg.window_size, self.cfg.patch_size)
             unit = self.merge**2
@@ -177,7 +197,7 @@ class VisionTransformer(nn.Cell):
 
         deepstack = []
         for i, block in enumerate(self.blocks):
-            full = self.qwen3 or i in self.cfg.fullatt_block_indexes
+            full = self.qwen3 or self.plain or i in self.cfg.fullatt_block_indexes
             cu = cu_frames if full else cu_windows
             if self.recompute_blocks and self.training:
                 h = ms_recompute(block, h, cos, sin, cu)

@@ -11,7 +11,7 @@ pytest.importorskip("torch")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "ovis2_5"])
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen2_vl", "ovis2_5"])
 def test_first_ten_losses_match_torch(tiny_models, vqa_data, tmp_path, model_type):
     """The demo recipe's settings (full fine-tuning with the vision tower, AdamW with decay, cosine with
     warmup, clipping) on the shared tiny model: every per-step loss within 1e-3 of torch's. Ovis2.5 as

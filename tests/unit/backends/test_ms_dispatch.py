@@ -112,9 +112,9 @@ def _text_batch(rng, vocab, lengths):
     return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "labels": ids}
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
-def test_ascend_path_equals_cpu_path_padded_and_vision(tiny_model_dirs, fake_ascend, model_type):
-    model_dir = tiny_model_dirs[model_type]
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def test_ascend_path_equals_cpu_path_padded_and_vision(tiny_models, fake_ascend, model_type):
+    model_dir = tiny_models[model_type]
     cpu, npu = load_model(model_dir), _ascend_model(model_dir)
     cfg = cpu.cfg
     rng = np.random.default_rng(0)

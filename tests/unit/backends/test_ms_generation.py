@@ -35,7 +35,7 @@ def _prompt_batch(model_dir, samples, circle_rope=None):
     return Collator(dataset.info, dataset.tokenizer.pad_token_id, circle_rope)(features, padding_side="left")
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl", "ovis2_5"])
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "ovis2_5"])
 def test_cached_generation_equals_uncached_token_for_token(tiny_models, corpus_samples, model_type):
     """A left-padded batch of an image, a video and a text prompt (DeepStack on Qwen3-VL, indicator
     embeddings on Ovis2.5): the KV-cached loop gives the ids of re-running the whole sequence every step."""

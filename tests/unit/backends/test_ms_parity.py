@@ -117,3 +117,24 @@ def test_circle_rope_age_strategy_4_matches_torch_adapter(tiny_model_dirs, corpu
 def _models(model_dir):
     """Fresh models per test (cheap: the tiny weights load in milliseconds)."""
     return load_model(model_dir), load_torch_model(model_dir).eval()
+
+
+def test_released_qwen2_vl_config_reads_to_the_towers_sizes():
+    """Qwen2-VL-2B-Instruct's config.json as released (flat text keys, rope_scaling, a vision config that
+    names its width `embed_dim`, its MLP `mlp_ratio`, the merger's output `hidden_size`, and no
+    hidden_act): the sizes transformers builds, quick-GELU and Qwen2's rope defaults."""
+    from vltune.backends.mindspore.models.config import VLConfig
+
+    cfg = VLConfig.from_dict({
+        "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "vocab_size": 151936,
+        "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "image_token_id": 151655, "video_token_id": 151656,
+        "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3, "hidden_size": 1536,
+                          "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14, "temporal_patch_size": 2},
+    })
+    v, t = cfg.vision, cfg.text
+    assert (v.hidden_size, v.intermediate_size, v.out_hidden_size, v.num_heads, v.in_channels) == (1280, 5120, 1536, 16, 3)
+    assert v.hidden_act == "quick_gelu" and v.patch_size == 14 and v.depth == 32
+    assert (t.hidden_size, t.head_dim, t.num_key_value_heads, t.rope_theta, t.mrope_section) == (1536, 128, 2, 1e6, (16, 24, 24))
+    assert t.attention_bias and not t.qk_norm and cfg.tie_word_embeddings
