@@ -141,15 +141,16 @@ def model_head_problems(model_dir: str | Path, size: int) -> list[str]:
 
 def activation_bytes(tokens: int, hidden: int, layers: int, size: int, *, bytes_per_value: int = 2,
                      checkpointing: bool = True, intermediate: int | None = None, heads: int = 1,
-                     head_dim: int | None = None) -> dict[str, float]:
+                     head_dim: int | None = None, vocab: int = 0) -> dict[str, float]:
     """Activation memory of one rank for a row of `tokens` (docs/distributed.md's model).
 
     With gradient checkpointing a layer keeps only its input (tokens/N x hidden) until backward, and one
     layer at a time is recomputed whole: its attention inputs and outputs (q, k, v, o: 4 x tokens/N x
     heads x head_dim, the all-to-all buffers of the same size once more), its MLP (3 x tokens/N x
     intermediate) and norms/residuals (about 4 x tokens/N x hidden). Without checkpointing every layer
-    keeps all of that. The embeddings of the whole row (tokens x hidden) are held by every rank: the
-    part that does not shrink with N."""
+    keeps all of that. The LM head's logits of the shard's positions and their gradient (2 x tokens/N x
+    vocab, at most; fewer where positions are untrained). The embeddings of the whole row (tokens x
+    hidden) are held by every rank: the part that does not shrink with N."""
     intermediate = intermediate or 4 * hidden
     head_dim = head_dim or hidden // heads
     local = tokens / size
@@ -158,6 +159,8 @@ def activation_bytes(tokens: int, hidden: int, layers: int, size: int, *, bytes_
     kept = layers * local * hidden if checkpointing else layers * per_layer
     recomputed = per_layer if checkpointing else 0.0
     row = tokens * hidden
-    total = (kept + recomputed + row) * bytes_per_value
+    logits = 2 * local * vocab
+    total = (kept + recomputed + logits + row) * bytes_per_value
     return {"per_rank_bytes": total, "layer_inputs_bytes": kept * bytes_per_value,
-            "recomputed_layer_bytes": recomputed * bytes_per_value, "whole_row_bytes": row * bytes_per_value}
+            "recomputed_layer_bytes": recomputed * bytes_per_value, "logits_bytes": logits * bytes_per_value,
+            "whole_row_bytes": row * bytes_per_value}

@@ -39,8 +39,9 @@ def _row(tokens: int, samples: int, vocab: int):
 
 
 def worker(model_dir: str, tokens: int, size: int, checkpointing: bool, result: str) -> None:
+    import torch
+
     from vltune.backends.torch.distributed import init_distributed
-    from vltune.backends.torch.parallel import build_backend
     from vltune.core.recipe import load_recipe
     from vltune.data.model_info import read_model_info
 
@@ -48,7 +49,12 @@ def worker(model_dir: str, tokens: int, size: int, checkpointing: bool, result: 
     cfg = load_recipe({"model_name_or_path": model_dir, "dataset_use": "unused.jsonl", "data_flatten": True,
                        "sequence_parallel_size": size, "gradient_checkpointing": checkpointing, "output_dir": tempfile.mkdtemp()})
     info = read_model_info(model_dir)
-    engine = build_backend(cfg, info, None, None, ctx)
+    from vltune.backends.torch.models import load_model
+    from vltune.backends.torch.parallel import DDPBackend
+
+    # DDP for every N (also a group of one), so N = 1 and N = 2 differ only in the sharding
+    engine = DDPBackend(load_model(model_dir, dtype=torch.float32, attn_implementation="sdpa"), Path(model_dir), info,
+                        cfg.model, cfg.train, None, ctx=ctx)
     vocab = engine.base.config.get_text_config().vocab_size
     engine.forward_backward(_row(512, 4, vocab), 1.0)  # weights, gradients, optimizer-free buffers resident
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -86,8 +92,9 @@ def main() -> None:
                    "1" if args.gradient_checkpointing else "0", str(result)]
         subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         measured = json.loads(result.read_text())["peak_growth_bytes"]
+        vocab = json.loads((model_dir / "config.json").read_text())["text_config"]["vocab_size"]
         model = activation_bytes(args.tokens, HIDDEN, LAYERS, size, bytes_per_value=4, checkpointing=args.gradient_checkpointing,
-                                 intermediate=INTERMEDIATE, heads=HEADS)
+                                 intermediate=INTERMEDIATE, heads=HEADS, vocab=vocab)
         rows.append({"sequence_parallel_size": size, "measured_peak_growth_mib": round(measured / 2**20, 1),
                      "model_per_rank_mib": round(model["per_rank_bytes"] / 2**20, 1)})
         print(json.dumps(rows[-1]), flush=True)
