@@ -9,7 +9,6 @@ tests/unit/ops/test_ms_gated_delta.py; the MoE router loss in test_ms_moe.py.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
