@@ -59,6 +59,7 @@ MAY_CHANGE_ON_RESUME = (
     "resume_from_checkpoint", "overwrite_output_dir", "metric_for_best_model", "greater_is_better",
     "early_stopping_patience", "early_stopping_threshold", "max_bad_steps", "bf16", "gradient_checkpointing",
     "use_liger_kernel", "torch_compile", "pure_bf16", "bf16_master_weights", "num_threads", "deepspeed", "fsdp",
+    "sequence_parallel_size",
     "mdlm_steps", "mdlm_block_length", "mdlm_remasking", "mdlm_temperature",
 )
 """Recipe keys a resumed run may set differently: its length, cadences, evaluation, inference-time MDLM

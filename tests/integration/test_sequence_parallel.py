@@ -6,7 +6,8 @@ trains exactly as one process training the whole row.
 * `vltune train --nproc 2` with sequence_parallel_size 2, and `--nproc 4` with 2 x 2 (data x sequence):
   the loss of each of 10 steps and the weights after them equal one process's on the same global batch;
   the data gives video rows, packed rows of two samples and text-only rows (asserted).
-* It composes: FSDP2 with gradient checkpointing, ZeRO-2, ZeRO-3 with LoRA, on the same curve.
+* It composes: FSDP2 with gradient checkpointing, ZeRO-3 with LoRA, on the same curve (ZeRO-2 goes the same
+  way through DeepSpeed; it was checked once and left out to keep the suite short).
 * Wrong settings stop before any model loads, naming the key.
 """
 
@@ -139,7 +140,6 @@ def cli_runs(tiny_qwen2_5_vl, corpus, tmp_path_factory):
         "dp2_sp2": (recipe, ["--nproc", "4", "--sequence_parallel_size", "2"]),
         "fsdp_gc": (recipe, ["--nproc", "2", "--sequence_parallel_size", "2", "--fsdp", "true",
                              "--gradient_checkpointing", "true", "--max_steps", "4"]),
-        "zero2": (recipe, ["--nproc", "2", "--sequence_parallel_size", "2", "--deepspeed", "zero2", "--max_steps", "4"]),
         "lora_one": (lora, ["--deepspeed", "zero3"]),
         "lora_zero3": (lora, ["--nproc", "2", "--sequence_parallel_size", "2", "--deepspeed", "zero3"]),
     }
@@ -185,7 +185,7 @@ def test_training_equals_one_process(cli_runs, run, reference):
         assert np.linalg.norm(got[name] - value) <= WEIGHT_TOL * max(np.linalg.norm(value), 1e-12), name
 
 
-@pytest.mark.parametrize("run, reference", [("fsdp_gc", "one"), ("zero2", "one"), ("lora_zero3", "lora_one")])
+@pytest.mark.parametrize("run, reference", [("fsdp_gc", "one"), ("lora_zero3", "lora_one")])
 def test_composes_with_sharding_checkpointing_and_lora(cli_runs, run, reference):
     losses, expected = _losses(cli_runs(run)), _losses(cli_runs(reference))
     np.testing.assert_allclose(losses, expected[: len(losses)], rtol=LOSS_TOL, atol=0)
