@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("av")  # the corpus has videos
 
+import gated_delta_rows  # noqa: E402  (tests/, on sys.path through its conftest)
 from vltune.backends.torch.attention import enable_varlen, require_varlen  # noqa: E402
 from vltune.backends.torch.batch import to_model_inputs  # noqa: E402
 from vltune.backends.torch.linear_attention import linear_attention_modules  # noqa: E402
@@ -33,20 +34,12 @@ def test_hybrid_families_exist():
 
 
 def _reference():
-    from transformers.models.qwen3_5 import modeling_qwen3_5
-
-    return modeling_qwen3_5.torch_chunk_gated_delta_rule
+    return gated_delta_rows.reference()
 
 
-def _random_row(lengths, heads=2, value_heads=4, dk=16, dv=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    total = sum(lengths)
-    q, k = (torch.randn(1, total, heads, dk, generator=g) for _ in range(2))
-    v = torch.randn(1, total, value_heads, dv, generator=g)
-    decay = -torch.rand(1, total, value_heads, generator=g)  # log-space, <= 0
-    beta = torch.rand(1, total, value_heads, generator=g)
+def _random_row(lengths, **sizes):
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    return q, k, v, decay, beta, cu
+    return (*gated_delta_rows.random_row(lengths, **sizes), cu)
 
 
 @pytest.mark.parametrize("lengths", [(5, 70, 129), (64, 1, 64), (200,)])

@@ -10,6 +10,7 @@ import pytest
 ms = pytest.importorskip("mindspore")
 torch = pytest.importorskip("torch")
 
+import gated_delta_rows  # noqa: E402  (tests/, on sys.path through its conftest)
 from mindspore import Tensor  # noqa: E402
 
 from vltune.ops.mindspore import gated_delta  # noqa: E402
@@ -23,19 +24,11 @@ def _pynative():
 
 
 def _reference():
-    from transformers.models.qwen3_5 import modeling_qwen3_5
-
-    return modeling_qwen3_5.torch_chunk_gated_delta_rule
+    return gated_delta_rows.reference()
 
 
-def _random_row(lengths, heads=2, value_heads=4, dk=16, dv=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    total = sum(lengths)
-    q, k = (torch.randn(1, total, heads, dk, generator=g) for _ in range(2))
-    v = torch.randn(1, total, value_heads, dv, generator=g)
-    decay = -torch.rand(1, total, value_heads, generator=g)  # log-space, <= 0
-    beta = torch.rand(1, total, value_heads, generator=g)
-    return (q, k, v, decay, beta), np.array([0, *np.cumsum(lengths)])
+def _random_row(lengths, **sizes):
+    return gated_delta_rows.random_row(lengths, **sizes), np.array([0, *np.cumsum(lengths)])
 
 
 def _ms(*tensors):
