@@ -45,13 +45,13 @@ class SequenceLayout:
             raise ValueError(f"sequence_parallel_size {size} must divide the number of processes ({world_size})")
         return cls(size=size, rank=world_rank % size, dp_rank=world_rank // size, dp_size=world_size // size)
 
-    def group_ranks(self, world_size: int) -> list[list[int]]:
+    def group_ranks(self) -> list[list[int]]:
         """The world ranks of every sequence group (consecutive), in the order every rank must create them."""
-        return [list(range(start, start + self.size)) for start in range(0, world_size, self.size)]
+        return [list(range(start, start + self.size)) for start in range(0, self.size * self.dp_size, self.size)]
 
-    def data_parallel_ranks(self, world_size: int) -> list[list[int]]:
+    def data_parallel_ranks(self) -> list[list[int]]:
         """The world ranks of every data-parallel group (the same position in each sequence group)."""
-        return [list(range(offset, world_size, self.size)) for offset in range(self.size)]
+        return [list(range(offset, self.size * self.dp_size, self.size)) for offset in range(self.size)]
 
 
 def pad_row(batch: Batch, size: int, pad_token_id: int) -> Batch:
@@ -108,8 +108,7 @@ def media_split(patches_per_item: np.ndarray, size: int) -> list[tuple[int, int]
     bounds = [0]
     for r in range(1, size):
         bounds.append(int(np.searchsorted(starts, total * r / size, side="left")) if total else 0)
-    bounds.append(len(counts))
-    bounds = list(np.maximum.accumulate(bounds))
+    bounds.append(len(counts))  # non-decreasing: searchsorted over ascending starts
     return [(int(bounds[r]), int(bounds[r + 1])) for r in range(size)]
 
 

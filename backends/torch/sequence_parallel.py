@@ -96,11 +96,11 @@ class SequenceParallel:
         self.size, self.rank = size, self.layout.rank
         # Every rank creates every group, in one order (torch.distributed requires it).
         self.group = self.dp_group = None
-        for ranks in self.layout.group_ranks(world_size):
+        for ranks in self.layout.group_ranks():
             group = dist.new_group(ranks)
             if rank in ranks:
                 self.group = group
-        for ranks in self.layout.data_parallel_ranks(world_size):
+        for ranks in self.layout.data_parallel_ranks():
             group = dist.new_group(ranks)
             if rank in ranks:
                 self.dp_group = group
@@ -206,23 +206,21 @@ class SequenceParallel:
         shares = media_split(patches, self.size)
         first, last = shares[self.rank]
         offsets = np.concatenate([[0], np.cumsum(patches)])
-        if last > first:
+        dummy = last == first
+        if not dummy:
             out = encode(pixel_values[offsets[first] : offsets[last]], grid_thw[first:last], *args, **kwargs)
-            anchor = None
         else:  # no image here: a 1-merged-token dummy keeps the tower's collectives and gradients in step
             merge = self._tower.config.spatial_merge_size
-            dummy_grid = grid_thw.new_tensor([[1, merge, merge]])
-            out = encode(pixel_values[: merge * merge] * 0, dummy_grid, *args, **kwargs)
-            anchor = out.pooler_output
+            out = encode(pixel_values[: merge * merge] * 0, grid_thw.new_tensor([[1, merge, merge]]), *args, **kwargs)
         counts = [int(merged[a:b].sum()) for a, b in shares]
         sizes = merged.tolist()
 
         def gathered(per_image: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-            local = torch.cat(per_image) if last > first else per_image[0][:0]
-            rows = self.gather_rows(local, counts)
-            if anchor is not None:  # zero times the dummy's features: its gradients (zeros) still flow
-                rows = rows + 0.0 * sum(f.sum() for f in per_image)
-            return torch.split(rows, sizes)
+            if not dummy:
+                return torch.split(self.gather_rows(torch.cat(per_image), counts), sizes)
+            rows = self.gather_rows(per_image[0][:0], counts)
+            # zero times the dummy's features: its gradients (zeros) still flow back through the tower
+            return torch.split(rows + 0.0 * sum(f.sum() for f in per_image), sizes)
 
         out.pooler_output = gathered(out.pooler_output)
         if getattr(out, "deepstack_features", None):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from vltune.backends.torch.distributed import init_distributed
+from vltune.backends.torch.models import part
 from vltune.backends.torch.parallel import build_backend
 from vltune.core.recipe import load_recipe
 from vltune.data.model_info import read_model_info
@@ -37,10 +38,14 @@ def main(out_dir: Path, recipes: list[dict]) -> None:
         info, batch = packed_row(cfg, overrides["ids"])
         torch.manual_seed(0)
         engine = build_backend(cfg, info, None, None, ctx)
+        seen = []  # the token count the language model runs on: the shard, if sharding happened
+        hook = part(engine.base, "llm").register_forward_pre_hook(
+            lambda m, a, kw: seen.append(kw["inputs_embeds"].shape[1]), with_kwargs=True)
         loss = engine.forward_backward(batch, 1.0)
+        hook.remove()
         grads = {name: p.grad.detach().clone() for name, p in engine.base.named_parameters() if p.grad is not None}
         if ctx.is_main:
-            torch.save({"loss": float(loss), "grads": grads}, out_dir / f"{overrides['name']}.pt")
+            torch.save({"loss": float(loss), "grads": grads, "llm_tokens": seen}, out_dir / f"{overrides['name']}.pt")
         ctx.barrier()
     ctx.close()
 

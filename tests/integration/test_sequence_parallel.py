@@ -98,6 +98,8 @@ def test_sharded_micro_step_equals_one_process(family, family_steps):
     engine = build_backend(cfg, info, None, None, DistContext())
     loss = float(engine.forward_backward(batch, 1.0))
     sharded = torch.load(family_steps / f"{family}.pt")
+    padded = batch["input_ids"].shape[1] + batch["input_ids"].shape[1] % 2
+    assert sharded["llm_tokens"] == [padded // 2]  # each rank's language model ran on half the (padded) row
     assert abs(sharded["loss"] - loss) <= LOSS_TOL * abs(loss)
     grads = {name: p.grad for name, p in engine.base.named_parameters() if p.grad is not None}
     assert grads.keys() == sharded["grads"].keys()

@@ -67,8 +67,8 @@ def test_media_split_balances_patches_with_whole_images():
 def test_layout_groups_are_consecutive_and_data_parallel_strided():
     layout = SequenceLayout.of(5, 8, 2)
     assert (layout.rank, layout.dp_rank, layout.dp_size) == (1, 2, 4)
-    assert layout.group_ranks(8) == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert layout.data_parallel_ranks(8) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert layout.group_ranks() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert layout.data_parallel_ranks() == [[0, 2, 4, 6], [1, 3, 5, 7]]
     with pytest.raises(ValueError, match="must divide the number of processes"):
         SequenceLayout.of(0, 6, 4)
 

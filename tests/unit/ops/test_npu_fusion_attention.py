@@ -27,7 +27,7 @@ from vltune.ops.torch.attention import (  # noqa: E402
     varlen_attention_reference,
 )
 
-LENGTHS = [5, 1, 17, 9]
+from test_varlen_attention import LENGTHS, _qkv  # noqa: E402  (the same directory)
 
 
 class FakeTorchNpu:
@@ -73,12 +73,7 @@ def fake_torch_npu(monkeypatch):
 
 
 def _packed_row(heads: int, kv_heads: int, dim: int = 16, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    total = sum(LENGTHS)
-    q = torch.randn(total, heads, dim, generator=g)
-    k, v = (torch.randn(total, kv_heads, dim, generator=g) for _ in range(2))
-    cu = torch.tensor([0] + LENGTHS).cumsum(0).to(torch.int32)
-    return q, k, v, cu
+    return _qkv(heads, kv_heads, dim, seed)  # test_varlen_attention's row: lengths 5, 1, 17, 9
 
 
 def test_npu_fusion_is_the_npu_table_and_only_there():
