@@ -203,7 +203,8 @@ def cmd_bench_model(args: argparse.Namespace, extra: list[str]) -> int:
         rows_per_step=args.rows_per_step,
         learning_rate=args.learning_rate, name=args.name, layers=args.layers,
         train_options={"torch_compile": args.torch_compile, "use_liger_kernel": args.liger_kernel, "pure_bf16": args.pure_bf16,
-                       "bf16_master_weights": args.bf16_master_weights, "gradient_checkpointing": args.gradient_checkpointing, "optim": args.optim},
+                       "bf16_master_weights": args.bf16_master_weights, "gradient_checkpointing": args.gradient_checkpointing, "optim": args.optim,
+                       "fp8": args.fp8},
     )
     write_report(result, args.out)
     print(json.dumps({k: v for k, v in result.items() if k not in ("runs", "shape")}), flush=True)
@@ -475,6 +476,8 @@ def build_parser(key_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--bf16-master-weights", action="store_true",
                    help="vltune path with bf16_master_weights (bf16 weights for compute, fp32 masters for AdamW)")
     p.add_argument("--optim", default="adamw_torch", choices=OPTIMIZERS, help="vltune path's optimizer")
+    p.add_argument("--fp8", action="store_true",
+                   help="vltune path with fp8 (torchao float8 decoder linears; SM 8.9+); the stock path stays bf16")
     p.add_argument("--gradient-checkpointing", action="store_true", help="vltune path with gradient_checkpointing")
     p.add_argument("--no-stock", action="store_true", help="run the vltune path alone (e.g. a size the stock path cannot fit)")
     p.add_argument("--match-steps", action="store_true",

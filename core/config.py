@@ -221,6 +221,10 @@ class TrainArgs:
     for AdamW (DeepSpeed's and Megatron's bf16 mode). No fp32 -> bf16 weight casts in every forward and
     backward, a bf16 residual stream; gradients accumulate in fp32 on the masters, the checkpoint is
     written from the masters (fp32). 2 more bytes per trained weight than bf16 autocast. Needs bf16: true."""
+    fp8: bool = False
+    """torch on a CUDA GPU of compute capability 8.9+ (Ada, Hopper): the linear layers of the language model's
+    decoder layers compute in float8 (torchao's float8 training, dynamic tensorwise scaling); the vision
+    tower, merger, embeddings, LM head, norms and LoRA adapters stay bf16. Needs bf16: true and torchao."""
     num_threads: int = 0
     """torch intra-op threads on CPU (0 = library default)."""
     deepspeed: str | None = None

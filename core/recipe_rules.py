@@ -312,10 +312,30 @@ def precision_problems(t: TrainArgs, train_type: str) -> list[str]:
             problems.append("bf16_master_weights updates fp32 masters with adamw_torch; adamw_torch_8bit is for pure_bf16")
     if t.pure_bf16 and not t.bf16:
         problems.append("pure_bf16 needs bf16: true (it holds the weights in bf16 and computes in bf16)")
+    problems += fp8_problems(t)
     if t.pure_bf16 and train_type == "full" and t.optim != "adamw_torch_8bit":
         # A bf16 weight of magnitude w moves only in steps of ~w/256: plain AdamW's 1e-5-sized updates round to zero.
         problems.append("pure_bf16 with train_type full needs optim: adamw_torch_8bit (its stochastic rounding keeps "
                         "updates smaller than bf16's resolution; plain AdamW would round them away)")
+    return problems
+
+
+def fp8_problems(t: TrainArgs) -> list[str]:
+    """fp8: what it combines with. The GPU's compute capability (8.9+) is checked where the device is known
+    (backends/torch/fp8.py, at engine setup)."""
+    if not t.fp8:
+        return []
+    problems = []
+    if t.backend != "torch":
+        problems.append(f"fp8: true is for backend: torch (torchao's float8 training); backend {t.backend!r} has no fp8 path; "
+                        "set fp8: false")
+    if not t.bf16:
+        problems.append("fp8 needs bf16: true (only the decoder layers' linears run in float8; the rest computes in bf16)")
+    if t.deepspeed:
+        # ZeRO-3 swaps each weight for an empty placeholder outside its module's forward and patches F.linear;
+        # torchao's float8 linear has not been run under it. FSDP2 is the sharding engine torchao supports.
+        problems.append("fp8 with deepspeed has not been run (torchao's float8 linears under ZeRO); use fsdp: true to shard, "
+                        "or set fp8: false")
     return problems
 
 

@@ -42,6 +42,7 @@ from .lora import apply_lora
 from .models import part
 from .optim import bf16_weights, upcast_trainable
 from .engine import Engine
+from .fp8 import check_fp8_device
 
 
 
@@ -243,7 +244,8 @@ def run_bench(
 
     `train_type`: full (vision tower frozen) or lora (adapters on the LLM, merger trained; stock runs
     peft on a bf16 base). `train_options`: TrainArgs keys for (b), e.g. {"torch_compile": True} (whose
-    warm-up must be long enough to compile for the row lengths it will see), {"pure_bf16": True}.
+    warm-up must be long enough to compile for the row lengths it will see), {"pure_bf16": True},
+    {"fp8": True} (torchao's float8 decoder linears; the stock path stays bf16).
     `with_stock=False` runs (b) alone (a configuration the stock path cannot fit). By default (a) steps
     once per micro-batch and (b) once per packed row. `samples_per_step` (a multiple of `batch_size`):
     both paths take one optimizer step per that many samples, (a) accumulating gradients over its
@@ -274,6 +276,8 @@ def run_bench(
     if not torch.cuda.is_available():
         raise RuntimeError("vltune bench needs a CUDA GPU (speed is claimed only from GPU runs)")
     shape, device = reduced_depth(SHAPES[model_shape], layers), torch.device("cuda")
+    if options.get("fp8"):  # before the stock path's minutes: a GPU without float8 refuses at once
+        check_fp8_device(device)
     # fla-core's kernels for both paths where installed (stock transformers picks fla's delta rule up by
     # itself), with vltune's port of the one backward kernel fla refuses on Hopper + Triton 3.4-3.7.0
     prepare_fla_kernels()

@@ -25,6 +25,7 @@ from vltune.data.model_info import ModelInfo
 from . import sequence_parallel
 from .batch import pin_batch, to_model_inputs, to_tensor, vision_tower_kwargs
 from .device import current_device
+from .fp8 import apply_fp8, check_fp8_device
 from .checkpoint import OPTIMIZER_FILE, RNG_FILE, load_weights, rng_state, save_hf_model, saved_state, set_rng_state
 from .generate import generate_greedy, generate_with_positions
 from .lora import apply_lora, keep_adapter_inputs_in_compute_dtype
@@ -92,6 +93,8 @@ class Engine:
     ):
         # The current GPU or NPU: a torchrun worker has set its own (backends/torch/distributed.py).
         self.device = current_device()
+        if args.fp8:  # before any work: a GPU without float8 tensor cores (or the CPU) is a one-line refusal
+            check_fp8_device(self.device)
         self.model_dir = Path(model_dir)
         self.info = info
         self.mdlm = mdlm
@@ -113,6 +116,10 @@ class Engine:
             self.selection = apply_freeze(model, model_args)
         if args.use_liger_kernel:
             apply_liger_kernels(model.get_base_model() if self.lora else model)
+        if args.fp8:
+            # After freezing / peft (LoRA's frozen base_layer converts, its adapters do not), before the
+            # master weights (Float8Linear keeps the same weight parameter), torch.compile and FSDP2.
+            apply_fp8(model.get_base_model() if self.lora else model)
         if args.gradient_checkpointing:
             # Non-reentrant checkpointing needs no input grads, so it works with frozen embeddings (LoRA).
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -12,7 +12,7 @@ from vltune.backends import ENGINES, engine_name
 ROOT = Path(__file__).resolve().parents[3] / "backends"
 SHARED = ("engine", "parallel", "distributed", "launch", "checkpoint", "optim", "loss", "lora", "generate", "mdlm",
           "attention", "models/__init__", "models/entry")
-"""Each job has one file name in both engines; torch adds batch, bench, convert, speed, tiny and linear_attention
+"""Each job has one file name in both engines; torch adds batch, bench, convert, speed, fp8 (torchao's float8), tiny and linear_attention
 (packed rows through Qwen3.5's Gated DeltaNet; MindSpore has no Qwen3.5 model yet)."""
 
 
