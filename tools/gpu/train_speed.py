@@ -34,7 +34,9 @@ SHAPE = "qwen2_5_vl-3b"
 RECIPE = "qwen2_5_vl_3b_full_1gpu"
 
 
-def _model(out: Path, seed: int) -> None:
+def _model(out: Path, seed: int, shape: str, tiny_only: bool = False) -> None:
+    """A random-init model of `shape` with the tiny model's tokenizer; `tiny_only` keeps the tiny model
+    itself (a CPU dry run of the tools that read this directory, tools/peers/)."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -43,10 +45,13 @@ def _model(out: Path, seed: int) -> None:
     from vltune.core.flops import SHAPES
 
     tiny = out.parent / "tiny"
-    make_tiny("qwen2_5_vl", tiny, seed=seed)
+    make_tiny(SHAPES[shape].model_type, tiny, seed=seed)
+    if tiny_only:
+        shutil.copytree(tiny, out, dirs_exist_ok=True)
+        return
     shutil.copytree(tiny, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
     ids = json.loads((tiny / "config.json").read_text())
-    config = hf_config(SHAPES[SHAPE])
+    config = hf_config(SHAPES[shape])
     for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
         config[key] = ids[key]
     text_ids = ids.get("text_config", ids)
@@ -55,6 +60,7 @@ def _model(out: Path, seed: int) -> None:
     with torch.device("cuda"):
         model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**config), dtype=torch.bfloat16)
     model.save_pretrained(out)
+    (out / "shape.json").write_text(json.dumps({"shape": shape}) + "\n")
 
 
 def _image(job: tuple[int, int, int, str]) -> None:
@@ -95,12 +101,12 @@ def _data(out: Path, model_dir: Path, n: int, seed: int) -> None:
     (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def _summary(out_dir: Path, name: str, warmup_steps: int, keys: dict, seconds: float) -> dict:
+def _summary(out_dir: Path, name: str, warmup_steps: int, keys: dict, seconds: float, shape: str, recipe: str) -> dict:
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "tokens_per_s" in r]
     timed = [r for r in rows if r["step"] > warmup_steps]
     return {
-        "name": name, "model": SHAPE, "recipe": RECIPE, "keys": keys,
+        "name": name, "model": shape, "recipe": recipe, "keys": keys,
         "tokens_per_s": round(float(np.mean([r["tokens_per_s"] for r in timed])), 1),
         "mfu": round(float(np.mean([r["mfu"] for r in timed])), 4) if all("mfu" in r for r in timed) else None,
         "data_wait_s_per_step": round(sum(r["data_wait_s"] for r in timed) / (rows[-1]["step"] - warmup_steps), 4),
@@ -135,7 +141,7 @@ def _run(args: argparse.Namespace) -> None:
     TorchBackend.save_model = lambda self, out_dir: print("[train_speed] final model not written")
     keys = dict(kv.split("=", 1) for kv in args.keys)
     if args.prebuilt:
-        _prebuild(args.steps * 4)  # the recipe's gradient_accumulation_steps
+        _prebuild(args.steps * int(keys.get("gradient_accumulation_steps", 4)))  # the 3B recipe's is 4
     out_dir = Path(args.dir) / "runs" / args.name
     shutil.rmtree(out_dir, ignore_errors=True)
     overrides = {
@@ -144,10 +150,11 @@ def _run(args: argparse.Namespace) -> None:
         "output_dir": str(out_dir), "warmup_ratio": 0.0, **keys,
     }
     start = time.perf_counter()
-    train(RECIPE, overrides, show_progress=False)
+    train(args.recipe, overrides, show_progress=False)
     recipe = json.loads((out_dir / "recipe.json").read_text())  # the effective settings, recipe and overrides
     loader = {k: recipe[k] for k in ("dataloader_prefetch", "dataloader_num_workers")}
-    summary = {**_summary(out_dir, args.name, args.warmup_steps, keys, time.perf_counter() - start),
+    shape = json.loads((Path(args.dir) / "model" / "shape.json").read_text())["shape"] if (Path(args.dir) / "model" / "shape.json").exists() else SHAPE
+    summary = {**_summary(out_dir, args.name, args.warmup_steps, keys, time.perf_counter() - start, shape, args.recipe),
                "prebuilt": args.prebuilt, "loader": loader, "overrides": overrides}
     print(json.dumps({k: v for k, v in summary.items() if k != "windows"}), flush=True)
     target = Path(os.environ.get("OUT", "/tmp")) / f"train_speed_{args.name}.json"
@@ -161,18 +168,21 @@ def main() -> None:
     assets.add_argument("--dir", required=True)
     assets.add_argument("--samples", type=int, default=400)
     assets.add_argument("--seed", type=int, default=0)
+    assets.add_argument("--shape", default=SHAPE, help="a released shape of core/flops.py SHAPES")
+    assets.add_argument("--tiny", action="store_true", help="the tiny model instead (a CPU dry run)")
     run = sub.add_parser("run")
     run.add_argument("--dir", required=True)
     run.add_argument("--name", required=True)
     run.add_argument("--steps", type=int, default=20)
     run.add_argument("--log-every", type=int, default=4)
     run.add_argument("--warmup-steps", type=int, default=8, help="steps left out of the averages (compilation)")
+    run.add_argument("--recipe", default=RECIPE, help="the recipe the keys override (recipes/NAME.yaml)")
     run.add_argument("--prebuilt", action="store_true", help="every micro-batch made before step 1 (no data work while timed)")
     run.add_argument("keys", nargs="*", help="recipe keys, KEY=VALUE")
     args = parser.parse_args()
     if args.command == "assets":
         root = Path(args.dir)
-        _model(root / "model", args.seed)
+        _model(root / "model", args.seed, args.shape, args.tiny)
         _data(root / "data", root / "model", args.samples, args.seed)
     else:
         _run(args)
