@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Run on the lent GPU machine (repo root, wheels from tools/peers/wheels.sh carried in .whl-peers/,
-# optionally FlashAttention-4 from tools/gpu/fa4_pack.sh in .fa4/): vltune, ms-swift and LLaMA-Factory
+# Run on the lent GPU machine (repo root, with .peers-pack/ from tools/peers/pack.sh carried, or the wheels
+# of tools/peers/wheels.sh in .whl-peers/ and FlashAttention-4 in .fa4/): vltune, ms-swift and LLaMA-Factory
 # train the same random-init model on the same JSONL + JPEG data with the same settings, one after the
 # other in this call; tools/peers/summary.py then writes one table per mode into $OUT/peers/MODE/.
 #
-#   install              peer wheels -> /tmp/peers-site, torchao -> /tmp/site, .fa4 -> /tmp/fa4-site
+#   install              the peers -> /tmp/peers-site, FA4 -> /tmp/fa4-site, torchao (if carried) -> /tmp/site
 #   assets-3b, assets-7b a Qwen2.5-VL-3B / -7B shaped model and 800 samples (tools/gpu/train_speed.py
 #                        assets) under /tmp/peers/3b|7b, plus the peers' copy (tools/peers/data.py);
 #                        kept while the machine stays warm, so a later call skips them
@@ -32,12 +32,17 @@ hook=$PWD/tools/peers/hook
 
 install() {
   mkdir -p /tmp/peers-site /tmp/fa4-site
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-peers/torchao-*.whl || exit 1
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peers-site \
-    $(ls .whl-peers/*.whl | grep -v torchao) || exit 1
-  if [ -d .fa4 ]; then
-    for f in .fa4/small.tar.xz .fa4/cutlass_cu13.tar.xz; do tar xJf "$f" -C /tmp/fa4-site || exit 1; done
+  local pip=($PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade)
+  if [ -d .peers-pack ]; then
+    tar xJf .peers-pack/peers.tar.xz -C /tmp/peers-site || exit 1
+    for f in .peers-pack/small.tar.xz .peers-pack/cutlass_cu13.tar.xz; do tar xJf "$f" -C /tmp/fa4-site || exit 1; done
+  else
+    "${pip[@]}" --target /tmp/peers-site $(ls .whl-peers/*.whl | grep -v torchao) || exit 1
+    if [ -d .fa4 ]; then
+      for f in .fa4/small.tar.xz .fa4/cutlass_cu13.tar.xz; do tar xJf "$f" -C /tmp/fa4-site || exit 1; done
+    fi
   fi
+  if compgen -G ".whl-peers/torchao-*.whl" >/dev/null; then "${pip[@]}" --target /tmp/site .whl-peers/torchao-*.whl || exit 1; fi
   echo "[peers] installed; FA4: $(ls /tmp/fa4-site | grep -c flash_attn)"
 }
 
