@@ -15,9 +15,9 @@
 # per optimizer step, max_pixels 1,003,520, STEPS=20 optimizer steps of which the first WARM=8 are not
 # timed, cosine schedule without warm-up, no checkpoint written.
 # Each peer tries its fastest setting first and falls back on failure (recorded in NAME.meta.json):
-#   ms-swift:      --packing true with flash_attention_4 (needs .fa4), Liger, no gradient checkpointing
-#                  -> the same with gradient checkpointing -> padded batches of 4 with sdpa;
-#   LLaMA-Factory: packing with sdpa, Liger, no gradient checkpointing -> with gradient checkpointing.
+#   ms-swift:      --packing true with flash_attention_4 (needs FA4), Liger, no gradient checkpointing
+#                  -> the same without Liger -> padded batches of 4 with sdpa and gradient checkpointing;
+#   LLaMA-Factory: packing with sdpa, Liger, no gradient checkpointing -> without Liger, with checkpointing.
 #     Its neat_packing (samples kept apart) needs FlashAttention-2 (`flash_attn`, not installable
 #     here: a source build) and, with sdpa, stopped on a mask of 4112 for a row of 4104 tokens in a
 #     CPU dry run (transformers 5.6.0 and 5.17.0); its plain packing lets samples of a row attend to
@@ -80,24 +80,24 @@ swift_run() {  # DIR OUTDIR TUNER_ARGS...
   local dir=$1 out=$2; shift 2
   local common=(-m swift.cli.main sft --model "$dir/model" --model_type qwen2_5_vl --template qwen2_5_vl
     --dataset "$dir/peers/messages.jsonl" --split_dataset_ratio 0 --torch_dtype bfloat16 --max_length 4096
-    --freeze_vit true --freeze_aligner false --freeze_llm false --use_liger_kernel true
+    --freeze_vit true --freeze_aligner false --freeze_llm false
     --lr_scheduler_type cosine --warmup_ratio 0 --max_steps "$STEPS" --logging_steps 1 --save_strategy no
     --report_to none --dataloader_num_workers 4 --dataset_num_proc 8 --seed 0 --output_dir /tmp/peers/out/swift "$@")
   if [ -d /tmp/fa4-site/flash_attn ]; then
     try_peer ms-swift "$out" "packing, flash_attention_4, Liger, no gradient checkpointing" $PY "${common[@]}" \
-      --packing true --attn_impl flash_attention_4 --gradient_checkpointing false \
+      --packing true --attn_impl flash_attention_4 --use_liger_kernel true --gradient_checkpointing false \
       --per_device_train_batch_size 1 --gradient_accumulation_steps 4 && return
-    try_peer ms-swift "$out" "packing, flash_attention_4, Liger, gradient checkpointing" $PY "${common[@]}" \
-      --packing true --attn_impl flash_attention_4 --gradient_checkpointing true \
+    try_peer ms-swift "$out" "packing, flash_attention_4, no Liger, no gradient checkpointing" $PY "${common[@]}" \
+      --packing true --attn_impl flash_attention_4 --use_liger_kernel false --gradient_checkpointing false \
       --per_device_train_batch_size 1 --gradient_accumulation_steps 4 && return
   fi
-  try_peer ms-swift "$out" "padded batches of 4, sdpa, Liger, gradient checkpointing" $PY "${common[@]}" \
-    --attn_impl sdpa --gradient_checkpointing true --per_device_train_batch_size 4 --gradient_accumulation_steps 4
+  try_peer ms-swift "$out" "padded batches of 4, sdpa, gradient checkpointing" $PY "${common[@]}" \
+    --attn_impl sdpa --use_liger_kernel false --gradient_checkpointing true --per_device_train_batch_size 4 --gradient_accumulation_steps 4
 }
 
 lf_run() {  # DIR OUTDIR YAML_LINES
   local dir=$1 out=$2 extra=$3 yaml
-  for gc in false true; do
+  for gc in false true; do  # with Liger and without gradient checkpointing, else neither
     yaml=$out/llamafactory-gc-$gc.yaml
     cat >"$yaml" <<YAML
 model_name_or_path: $dir/model
@@ -114,7 +114,7 @@ cutoff_len: 4096
 packing: true
 neat_packing: false
 flash_attn: sdpa
-enable_liger_kernel: true
+enable_liger_kernel: $([ $gc = true ] && echo false || echo true)
 disable_gradient_checkpointing: $([ $gc = true ] && echo false || echo true)
 preprocessing_num_workers: 8
 dataloader_num_workers: 4
@@ -132,7 +132,7 @@ output_dir: /tmp/peers/out/llamafactory
 overwrite_output_dir: true
 $extra
 YAML
-    try_peer llamafactory "$out" "packing (samples attend across), sdpa, Liger, gradient checkpointing $gc" \
+    try_peer llamafactory "$out" "packing (samples attend across), sdpa, $([ $gc = true ] && echo "no Liger, gradient checkpointing" || echo "Liger, no gradient checkpointing")" \
       $PY -m llamafactory.cli train "$yaml" && return
   done
 }
