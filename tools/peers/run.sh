@@ -62,7 +62,7 @@ try_peer() {  # NAME DIR SETTING CMD... : runs the command with the timing hook,
   local name=$1 dir=$2 setting=$3; shift 3
   local timing=$dir/$name.jsonl log=$dir/$name.log start=$SECONDS
   rm -f "$timing"
-  env $(peer_env) PEER_TIMING="$timing" timeout 900 "$@" >"$log" 2>&1
+  env $(peer_env) PEER_TIMING="$timing" timeout "${PEER_TIMEOUT:-300}" "$@" >"$log" 2>&1
   local rc=$?
   $PY - "$dir/$name.meta.json" "$setting" "$rc" "$((SECONDS - start))" "$*" <<'PY'
 import json, sys
