@@ -43,7 +43,16 @@ install() {
     fi
   fi
   if compgen -G ".whl-peers/torchao-*.whl" >/dev/null; then "${pip[@]}" --target /tmp/site .whl-peers/torchao-*.whl || exit 1; fi
-  echo "[peers] installed; FA4: $(ls /tmp/fa4-site | grep -c flash_attn)"
+  mkdir -p "$OUT/peers"
+  env $(peer_env) $PY -c "
+import json, importlib.metadata as m
+names = ['torch', 'transformers', 'ms-swift', 'llamafactory', 'liger-kernel', 'datasets', 'trl', 'peft', 'accelerate', 'flash-attn-4']
+versions = {}
+for n in names:
+    try: versions[n] = m.version(n)
+    except m.PackageNotFoundError: versions[n] = None
+import torch; versions['gpu'] = torch.cuda.get_device_name()
+print(json.dumps(versions))" | tee "$OUT/peers/versions.json"
 }
 
 assets() {  # SHAPE DIR
