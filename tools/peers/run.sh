@@ -131,7 +131,7 @@ bf16: true
 per_device_train_batch_size: 1
 gradient_accumulation_steps: 4
 lr_scheduler_type: cosine
-warmup_ratio: 0.0
+warmup_steps: 0
 max_steps: $STEPS
 logging_steps: 1
 save_strategy: "no"

@@ -9,7 +9,7 @@
 #   LLaMA-Factory 0.9.5 pins transformers <= 5.6.0, accelerate <= 1.11 and peft <= 0.18.1; it runs on the
 #     image's versions with DISABLE_VERSION_CHECK=1 (tools/peers/run.sh). Its web UI, API and audio / video
 #     readers (gradio, fastapi, av) are not imported by `llamafactory-cli train` on image data.
-#   liger-kernel 0.8.5 (both peers' --use_liger_kernel / enable_liger_kernel), torchao 0.18 (vltune fp8).
+#   pydantic (ms-swift imports it; the image has none). liger-kernel 0.8.5 (both peers' --use_liger_kernel / enable_liger_kernel), torchao 0.18 (vltune fp8).
 # Usage (repo root): bash tools/peers/wheels.sh
 set -euo pipefail
 PIP=${PIP:-.venv/bin/pip}
@@ -23,6 +23,7 @@ $PIP download -q --no-deps -d "$dest" "${plat[@]}" \
   llamafactory==0.9.5 fire==0.7.1 termcolor==3.3.0 omegaconf==2.3.0 tyro==0.8.14 docstring-parser==0.18.0 \
   shtab==1.13.0 torchdata==0.11.0 \
   datasets==4.8.4 dill==0.4.0 multiprocess==0.70.18 trl==0.24.0 liger-kernel==0.8.5 \
+  pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
   torchao==0.18.0
 # antlr4 (omegaconf's parser runtime) is published as a source package only: build its pure-Python wheel.
 $PIP wheel -q --no-deps -w "$dest" antlr4-python3-runtime==4.9.3
