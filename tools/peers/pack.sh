@@ -2,8 +2,9 @@
 # Run here, after tools/peers/wheels.sh and tools/gpu/fa4_pack.sh: packs what tools/peers/run.sh needs on
 # the GPU machine into .peers-pack/, small enough to travel with the repository in one call (the device
 # tool carries at most 64 MiB in all): the peers' wheels unpacked into one xz tarball (5 MB instead of
-# 14), without modelscope's model zoo (models/, pipelines/, trainers/, preprocessors/, ops/: 27 MB that
-# ms-swift's `sft` does not import; a CPU dry run trained with them removed), and FlashAttention-4's two
+# 14), without modelscope's model zoo and data sets (models/, pipelines/, msdatasets/, ...: 29 MB that
+# ms-swift's `sft` does not import; a CPU dry run trained with them removed) nor the peers' web UIs and
+# Megatron / Ray back ends (imported lazily by other commands), and FlashAttention-4's two
 # tarballs for ms-swift's packing. torchao (vltune's fp8) is left out: the fp8 runs carry .whl-peers.
 # Usage (repo root): bash tools/peers/pack.sh
 set -euo pipefail
@@ -13,8 +14,16 @@ rm -rf "$dest" && mkdir -p "$dest" "$work/site"
 for f in .whl-peers/*.whl; do
   case $f in *torchao*) ;; *) unzip -q -o "$f" -d "$work/site" ;; esac
 done
-rm -rf "$work"/site/modelscope/{models,pipelines,trainers,preprocessors,ops}
+rm -rf "$work"/site/modelscope/{models,pipelines,trainers,preprocessors,ops,msdatasets,metrics,exporters,cli}
+# Web UIs, Megatron and Ray back ends, LLaMA-Factory's experimental v1: imported only by other commands.
+rm -rf "$work"/site/swift/{ui,megatron,ray,cli/_megatron} "$work"/site/llamafactory/{webui,v1}
 (cd "$work/site" && tar cf - . | xz -9e -T2) > "$dest/peers.tar.xz"
-cp .fa4/small.tar.xz .fa4/cutlass_cu13.tar.xz "$dest/"
+# FlashAttention-4's pure-Python part without what the GPU image has (einops) or a run does not load
+# (tvm-ffi's C++ and Cython sources; the dlpack add-ons built for other torch releases than 2.11).
+mkdir -p "$work/fa4" && tar xJf .fa4/small.tar.xz -C "$work/fa4"
+rm -rf "$work"/fa4/einops "$work"/fa4/einops-* "$work"/fa4/tvm_ffi/{src,cython}
+find "$work/fa4/torch_c_dlpack_ext" -name '*.so' ! -name '*torch211*' -delete
+(cd "$work/fa4" && tar cf - . | xz -9e -T2) > "$dest/small.tar.xz"
+cp .fa4/cutlass_cu13.tar.xz "$dest/"
 rm -rf "$work"
 ls -la "$dest" && du -sh --apparent-size "$dest"
