@@ -17,7 +17,7 @@
 # Each peer tries its fastest setting first and falls back on failure (recorded in NAME.meta.json):
 #   ms-swift:      --packing true with flash_attention_4 (needs FA4), Liger, no gradient checkpointing
 #                  -> the same without Liger -> padded batches of 4 with sdpa and gradient checkpointing;
-#   LLaMA-Factory: packing with sdpa, Liger, no gradient checkpointing -> without Liger, with checkpointing.
+#   LLaMA-Factory: packing with sdpa, Liger, no gradient checkpointing -> with gradient checkpointing.
 #     Its neat_packing (samples kept apart) needs FlashAttention-2 (`flash_attn`, not installable
 #     here: a source build) and, with sdpa, stopped on a mask of 4112 for a row of 4104 tokens in a
 #     CPU dry run (transformers 5.6.0 and 5.17.0); its plain packing lets samples of a row attend to
@@ -106,7 +106,7 @@ swift_run() {  # DIR OUTDIR TUNER_ARGS...
 
 lf_run() {  # DIR OUTDIR YAML_LINES
   local dir=$1 out=$2 extra=$3 yaml
-  for gc in false true; do  # with Liger and without gradient checkpointing, else neither
+  for gc in false true; do  # with Liger, without gradient checkpointing first
     yaml=$out/llamafactory-gc-$gc.yaml
     cat >"$yaml" <<YAML
 model_name_or_path: $dir/model
@@ -123,7 +123,7 @@ cutoff_len: 4096
 packing: true
 neat_packing: false
 flash_attn: sdpa
-enable_liger_kernel: $([ $gc = true ] && echo false || echo true)
+enable_liger_kernel: true
 disable_gradient_checkpointing: $([ $gc = true ] && echo false || echo true)
 preprocessing_num_workers: 8
 dataloader_num_workers: 4
@@ -141,7 +141,7 @@ output_dir: /tmp/peers/out/llamafactory
 overwrite_output_dir: true
 $extra
 YAML
-    try_peer llamafactory "$out" "packing (samples attend across), sdpa, $([ $gc = true ] && echo "no Liger, gradient checkpointing" || echo "Liger, no gradient checkpointing")" \
+    try_peer llamafactory "$out" "packing (samples attend across), sdpa, Liger, $([ $gc = true ] || echo "no ")gradient checkpointing" \
       $PY -m llamafactory.cli train "$yaml" && return
   done
 }
