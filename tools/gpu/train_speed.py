@@ -8,10 +8,11 @@ so the data loaders (dataloader_prefetch, dataloader_num_workers) can be compare
     python tools/gpu/train_speed.py assets --dir /tmp/ts            # the model and the data, once
     python tools/gpu/train_speed.py run --dir /tmp/ts --name thread dataloader_prefetch=2
 
-`assets` writes a random-init model of the released Qwen2.5-VL-3B shape (core/flops.py SHAPES), with the
+`assets` writes a random-init model of a released shape (`--shape`, core/flops.py SHAPES; the
+Qwen2.5-VL-3B by default; `--tiny`: the tiny model, for CPU dry runs of tools/peers/), with the
 tiny model's tokenizer (its token ids go into the config), and a JSONL set of the bench's mixed workload
 (data/synthetic_workload.py's sizes: texts of 64-1024 tokens, 80% of the samples with one 448-1280 px
-JPEG). `run` trains with the recipe plus the given keys, then writes $OUT/train_speed_NAME.json: the
+JPEG). `run` trains with the recipe (`--recipe`, the 3B one by default) plus the given keys, then writes $OUT/train_speed_NAME.json: the
 tokens/s, MFU and data wait of the logged windows after the warm-up steps (compilation), and the peak
 memory. `run --prebuilt` makes every micro-batch of the run before step 1 and serves them from memory:
 the trainer without any data work, the ceiling that a data loader can reach (and `vltune bench`'s setting).
@@ -21,6 +22,7 @@ The final model is not written (15 GB of fp32 masters would dominate the run); n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -60,7 +62,6 @@ def _model(out: Path, seed: int, shape: str, tiny_only: bool = False) -> None:
     with torch.device("cuda"):
         model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**config), dtype=torch.bfloat16)
     model.save_pretrained(out)
-    (out / "shape.json").write_text(json.dumps({"shape": shape}) + "\n")
 
 
 def _image(job: tuple[int, int, int, str]) -> None:
@@ -116,6 +117,14 @@ def _summary(out_dir: Path, name: str, warmup_steps: int, keys: dict, seconds: f
     }
 
 
+def _shape_name(model_dir: Path) -> str:
+    """The released shape (core/flops.py SHAPES) that the model's config.json has, else its family's name."""
+    from vltune.core.flops import SHAPES, shape_from_config
+
+    shape = shape_from_config(json.loads((model_dir / "config.json").read_text()))
+    return next((name for name, ref in SHAPES.items() if dataclasses.replace(ref, name=shape.name) == shape), shape.name)
+
+
 def _prebuild(micro_batches: int) -> None:
     """Make training.py's batch iterator draw `micro_batches` batches when built and serve them from memory."""
     import vltune.training
@@ -136,12 +145,11 @@ def _prebuild(micro_batches: int) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     from vltune.backends.torch.engine import Engine as TorchBackend
+    from vltune.core.recipe import load_recipe
     from vltune.training import train
 
     TorchBackend.save_model = lambda self, out_dir: print("[train_speed] final model not written")
     keys = dict(kv.split("=", 1) for kv in args.keys)
-    if args.prebuilt:
-        _prebuild(args.steps * int(keys.get("gradient_accumulation_steps", 4)))  # the 3B recipe's is 4
     out_dir = Path(args.dir) / "runs" / args.name
     shutil.rmtree(out_dir, ignore_errors=True)
     overrides = {
@@ -149,11 +157,13 @@ def _run(args: argparse.Namespace) -> None:
         "max_pixels": 1280 * 28 * 28, "max_steps": args.steps, "logging_steps": args.log_every, "save_steps": 0,
         "output_dir": str(out_dir), "warmup_ratio": 0.0, **keys,
     }
+    if args.prebuilt:
+        _prebuild(args.steps * load_recipe(args.recipe, overrides).train.gradient_accumulation_steps)
     start = time.perf_counter()
     train(args.recipe, overrides, show_progress=False)
     recipe = json.loads((out_dir / "recipe.json").read_text())  # the effective settings, recipe and overrides
     loader = {k: recipe[k] for k in ("dataloader_prefetch", "dataloader_num_workers")}
-    shape = json.loads((Path(args.dir) / "model" / "shape.json").read_text())["shape"] if (Path(args.dir) / "model" / "shape.json").exists() else SHAPE
+    shape = _shape_name(Path(args.dir) / "model")
     summary = {**_summary(out_dir, args.name, args.warmup_steps, keys, time.perf_counter() - start, shape, args.recipe),
                "prebuilt": args.prebuilt, "loader": loader, "overrides": overrides}
     print(json.dumps({k: v for k, v in summary.items() if k != "windows"}), flush=True)

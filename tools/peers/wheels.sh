@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run here (with PyPI), not on the GPU machine: downloads the peers and what they import that the GPU
 # image (torch 2.11, transformers 5.17, accelerate, peft, pandas, pyarrow, aiohttp, ... : KINDS.md's list)
-# lacks, for its Python 3.12, into .whl-peers/ (carried to the GPU machine; about 11 MB). One set serves
+# lacks, for its Python 3.12, into .whl-peers/ (14 MB; tools/peers/pack.sh packs them for one call). One set serves
 # both peers: trl 0.24.0 is inside both pins; datasets 4.8.4 is ms-swift's (it imports `datasets.features.Json`),
 # above LLaMA-Factory's <= 4.0.0 pin, which the version check below lets pass (LLaMA-Factory trained with it).
 #   ms-swift 4.6.0 (transformers < 5.20: the image's 5.17 is used as it is). modelscope 1.36: 1.40 needs

@@ -27,7 +27,7 @@ _PATH = os.environ.get("PEER_TIMING")
 
 def real_tokens(inputs, pad_id) -> int:
     ids = inputs["input_ids"]
-    real = ids != pad_id if pad_id is not None else ids >= 0
+    real = ids != pad_id if pad_id is not None else ids.new_ones(ids.shape, dtype=bool)
     mask = inputs.get("attention_mask")
     if mask is not None and mask.dim() == 2:
         real &= mask != 0
