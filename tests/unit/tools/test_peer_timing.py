@@ -34,6 +34,7 @@ def hook():
 
 
 PAD = 0
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def test_real_tokens_padded_batch(hook):
@@ -93,8 +94,12 @@ def test_hook_times_a_transformers_trainer(tmp_path):
         Trainer(model=Tiny(), args=args, train_dataset=rows).train()
     '''))
     timing = tmp_path / "timing.jsonl"
-    env = {**os.environ, "PEER_TIMING": str(timing), "PYTHONPATH": os.pathsep.join([str(HOOK), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    # A peer starts as a fresh process: no launcher variables. An in-process one-rank run earlier in this
+    # pytest worker (DeepSpeed / FSDP2) leaves RANK / MASTER_PORT set, and the Trainer would join its port.
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(PEER_TIMING=str(timing), PYTHONPATH=os.pathsep.join([str(HOOK), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in timing.read_text().splitlines()]
     steps = [r for r in lines if "t" in r]
     assert [r["step"] for r in steps] == [1, 2]
