@@ -36,9 +36,10 @@ SHAPE = "qwen2_5_vl-3b"
 RECIPE = "qwen2_5_vl_3b_full_1gpu"
 
 
-def _model(out: Path, seed: int, shape: str, tiny_only: bool = False) -> None:
+def _model(out: Path, seed: int, shape: str, tiny_only: bool = False, device: str = "cuda") -> None:
     """A random-init model of `shape` with the tiny model's tokenizer; `tiny_only` keeps the tiny model
-    itself (a CPU dry run of the tools that read this directory, tools/peers/)."""
+    itself (a CPU dry run of the tools that read this directory, tools/peers/). `device`: where the weights
+    are made (cpu for a model whose bf16 weights do not fit one GPU, e.g. a 35B MoE on an 80 GB card)."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -59,7 +60,7 @@ def _model(out: Path, seed: int, shape: str, tiny_only: bool = False) -> None:
     text_ids = ids.get("text_config", ids)
     config["text_config"].update({k: text_ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in text_ids})
     torch.manual_seed(seed)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**config), dtype=torch.bfloat16)
     model.save_pretrained(out)
 
@@ -180,6 +181,7 @@ def main() -> None:
     assets.add_argument("--seed", type=int, default=0)
     assets.add_argument("--shape", default=SHAPE, help="a released shape of core/flops.py SHAPES")
     assets.add_argument("--tiny", action="store_true", help="the tiny model instead (a CPU dry run)")
+    assets.add_argument("--device", default="cuda", help="where the random weights are made (cuda, cpu)")
     run = sub.add_parser("run")
     run.add_argument("--dir", required=True)
     run.add_argument("--name", required=True)
@@ -192,7 +194,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "assets":
         root = Path(args.dir)
-        _model(root / "model", args.seed, args.shape, args.tiny)
+        _model(root / "model", args.seed, args.shape, args.tiny, args.device)
         _data(root / "data", root / "model", args.samples, args.seed)
     else:
         _run(args)
