@@ -15,7 +15,7 @@
 # Knobs: GPUS (default: nvidia-smi's count), STEPS (12), WARM (4: steps left out of the averages),
 # DP_ENGINES ("ddp fsdp zero2"), DP_COUNTS ("1 2 4 8", only <= GPUS), DP_KEYS, BIG_SHAPE (qwen2_5_vl-7b),
 # BIG_ENGINES ("fsdp zero3"), BIG_STEPS (50), BIG_N (GPUS), BIG_ACCUM (1), BIG_REF (1: the 1-GPU run), BIG_KEYS,
-# MOE_SHAPE (qwen3_vl-30b-a3b), MOE_ENGINES ("fsdp zero3 stock"), MOE_PURE_BF16 (auto: true under 120 GB a GPU),
+# MOE_SHAPE (qwen3_vl-30b-a3b), MOE_ENGINES ("fsdp zero3 stock"), MOE_PURE_BF16 (false; the stock run only),
 # MOE_ASSET_DEVICE (cuda; cpu if the bf16 model does not fit one GPU), STOCK_BATCH (4), MOE_KEYS,
 # SP_SHAPE (qwen3_vl-8b: 8 KV heads, so 4 and 8 divide them), SP_SIZES ("4 8", <= GPUS), SP_FRAMES (500),
 # SP_PX (512), SP_REF (1), SP_KEYS, RUN_TIMEOUT (seconds per run, 900).
@@ -116,11 +116,11 @@ big() {
 }
 
 moe() {
-  local shape=${MOE_SHAPE:-qwen3_vl-30b-a3b} n=${MOE_N:-$GPUS} engine pure=${MOE_PURE_BF16:-auto}
+  local shape=${MOE_SHAPE:-qwen3_vl-30b-a3b} n=${MOE_N:-$GPUS} engine pure=${MOE_PURE_BF16:-false}
   local dir=$WORK/moe-$shape
   assets "$dir" "$shape" "${MOE_ASSET_DEVICE:-cuda}" || return
-  # fp32 masters + AdamW of a 31-35B model are ~16 bytes a weight / N: over 60 GB a GPU on 8; pure_bf16 halves it
-  [ "$pure" = auto ] && { [ "$GPU_MIB" -gt 0 ] && [ "$GPU_MIB" -lt 122880 ] && pure=true || pure=false; }
+  # fp32 masters + AdamW of a 31-35B model are ~16 bytes a weight / N: over 60 GB a GPU on 8 (pure_bf16 is refused
+  # with fsdp / deepspeed; the stock run follows MOE_PURE_BF16 too)
   local data=(model_name_or_path="$dir/model" dataset_use="$dir/data/train.jsonl" max_pixels=1003520)
   for engine in ${MOE_ENGINES:-fsdp zero3 stock}; do
     if [ "$engine" = stock ]; then
@@ -130,7 +130,7 @@ moe() {
       echo "[scaling] moe-$shape-stock-x$n: stock_fsdp.py --nproc $n"
       timeout "$RUN_TIMEOUT" $PY -m torch.distributed.run --standalone --nproc_per_node "$n" tools/gpu/stock_fsdp.py \
         --recipe "$RECIPE_3B" --out "$out" --batch "${STOCK_BATCH:-4}" --steps "$STEPS" "${flags[@]}" "${data[@]}" \
-        "${DRY_KEYS[@]}" data_flatten=false > "$log" 2>&1
+        "${DRY_KEYS[@]}" > "$log" 2>&1
       status=$?
       record moe "moe-$shape-stock-x$n" stock_fsdp2 "$n" "$shape" \
         "torchrun --nproc_per_node $n tools/gpu/stock_fsdp.py --recipe $RECIPE_3B --batch ${STOCK_BATCH:-4} --steps $STEPS ${flags[*]}" \
@@ -154,7 +154,7 @@ sp() {
   local keys=(model_name_or_path="$dir/model" dataset_use="$dir/video/train.jsonl" "${DRY_KEYS[@]}" data_flatten=true
               max_tokens_per_batch="$len" model_max_length="$len" video_min_frames="$SP_FRAMES" video_max_frames="$SP_FRAMES"
               video_max_pixels=$(( SP_FRAMES * SP_PX * SP_PX * 2 )) max_steps="$steps" logging_steps=1 save_steps=0 warmup_ratio=0
-              gradient_accumulation_steps=1 gradient_checkpointing=true bf16_master_weights=false pure_bf16=${SP_PURE_BF16:-true}
+              gradient_accumulation_steps=1 gradient_checkpointing=true bf16_master_weights=false pure_bf16=false
               optim=adamw_torch fsdp=true)
   for s in ${SP_SIZES:-4 8}; do
     [ "$s" -le "$GPUS" ] || continue
