@@ -100,12 +100,18 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
     n = len(dataset)
+    import inspect
+
+    wants_types = "mm_token_type_ids" in inspect.signature(type(model).forward).parameters
     for step in range(1, args.steps + 1):
         first = (step - 1) * args.batch * world
         ids = [(first + rank + k * world) % n for k in range(args.batch)]
         batch = collate([dataset[i] for i in ids])
         inputs = {k: torch.from_numpy(batch[k]).to(device) for k in ("input_ids", "attention_mask", "labels", "pixel_values",
                                                                       "image_grid_thw", "pixel_values_videos", "video_grid_thw") if k in batch}
+        if wants_types:  # newer transformers: 0 text, 1 image, 2 video token (as its processor returns them)
+            ids = inputs["input_ids"]
+            inputs["mm_token_type_ids"] = (ids == info.image_token_id).long() + 2 * (ids == info.video_token_id).long()
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
