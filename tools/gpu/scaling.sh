@@ -6,6 +6,8 @@
 #   bash tools/gpu/scaling.sh moe            # MoE (MOE_SHAPE=qwen3_5-35b-a3b) FSDP2 + ZeRO-3 + stock transformers FSDP2
 #   bash tools/gpu/scaling.sh sp             # one 64k-token video row, sequence_parallel_size 4 and 8, + unsharded
 #   DRY=cpu bash tools/gpu/scaling.sh dp3b big moe sp   # CPU dry run: tiny models, gloo, 2 processes, 3-4 steps
+# Wheels: run `bash tools/gpu/scaling_wheels.sh` here first (DeepSpeed, pydantic, hjson, PyAV for Python 3.12 into
+# .whl-scaling/, 39 MB) and carry [".whl", ".whl-scaling"] (with the repo ~60 MB of the 64 MiB carry limit).
 # Every run is `vltune train RECIPE --nproc N --key value ...` as tools/gpu/scaling_worker.py runs it under
 # torchrun (the same worker, minus writing the final model). Each run appends one JSON line (command,
 # GPU name and count, engine, N, exit status, tokens/s (per GPU), MFU, peak memory per GPU, every step's
@@ -14,7 +16,8 @@
 # every line in $WORK/results (efficiency, loss differences, vltune / stock). A failed run is recorded, not fatal.
 # Knobs: GPUS (default: nvidia-smi's count), STEPS (12), WARM (4: steps left out of the averages),
 # DP_ENGINES ("ddp fsdp zero2"), DP_COUNTS ("1 2 4 8", only <= GPUS), DP_KEYS, BIG_SHAPE (qwen2_5_vl-7b),
-# BIG_ENGINES ("fsdp zero3"), BIG_STEPS (50), BIG_N (GPUS), BIG_ACCUM (1), BIG_REF (1: the 1-GPU run), BIG_KEYS,
+# BIG_ENGINES ("fsdp zero3"; "" for the reference only), BIG_STEPS (50), BIG_N (GPUS), BIG_ACCUM (1), BIG_REF (1: the 1-GPU run),
+# BIG_REF_KEYS (the reference's own keys: none on GPUs, DRY "pure_bf16=false optim=adamw_torch"), BIG_KEYS,
 # MOE_SHAPE (qwen3_vl-30b-a3b), MOE_ENGINES ("fsdp zero3 stock"), MOE_PURE_BF16 (false; the stock run only),
 # MOE_ASSET_DEVICE (cuda; cpu if the bf16 model does not fit one GPU), STOCK_BATCH (4), MOE_KEYS,
 # SP_SHAPE (qwen3_vl-8b: 8 KV heads, so 4 and 8 divide them), SP_SIZES ("4 8", <= GPUS), SP_FRAMES (500),
@@ -25,12 +28,19 @@ if [ "${DRY:-}" = cpu ]; then
   OUT=${OUT:-/tmp/vltune-scaling-dry}; export OUT
   PY=${PY:-.venv/bin/python}; GPUS=${GPUS:-2}; GPU_NAME=cpu; TINY=--tiny
   WORK=${WORK:-/tmp/vltune-scaling-dry-work}
+  BIG_REF_KEYS=${BIG_REF_KEYS-pure_bf16=false optim=adamw_torch}
   STEPS=${STEPS:-3}; WARM=${WARM:-1}; BIG_STEPS=${BIG_STEPS:-4}; SP_FRAMES=${SP_FRAMES:-16}; SP_PX=${SP_PX:-128}
   SAMPLES=${SAMPLES:-48}; GPU_MIB=0; SP_SIZES=${SP_SIZES:-2}; export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   # CPU: no compilation, no loader processes, small images and rows (the tiny models' settings, not the recipes')
   DRY_KEYS=(torch_compile=false dataloader_num_workers=0 max_pixels=50176 max_tokens_per_batch=1024 model_max_length=1024)
 else
   source tools/gpu/env.sh
+  # DeepSpeed (+ pydantic, hjson, ...) and PyAV, which the image lacks: tools/gpu/scaling_wheels.sh, carried
+  if compgen -G ".whl-scaling/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-scaling/*.whl || exit 1
+  else
+    echo "[scaling] no .whl-scaling/ carried: the zero2 / zero3 runs (deepspeed) and sp (PyAV) will fail"
+  fi
   PY=python3; GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}; GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
   GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
   TINY=; WORK=${WORK:-/dev/shm/vltune-scaling}
@@ -104,15 +114,17 @@ big() {
   assets "$dir" "$shape" || return
   local common=(model_name_or_path="$dir/model" dataset_use="$dir/data/train.jsonl" max_steps="$BIG_STEPS" logging_steps=1
                 save_steps=0 max_pixels=1003520 "${DRY_KEYS[@]}")
-  for engine in ${BIG_ENGINES:-fsdp zero3}; do
+  for engine in ${BIG_ENGINES-fsdp zero3}; do
     # fp32 masters and torch AdamW, sharded (adamw_torch_8bit is one-process only); the recipe's checkpointing
     run_train big "big-$shape-$engine-x$n" "$engine" "$n" "$shape" "$RECIPE_7B" $(engine_keys "$engine") "${common[@]}" \
       pure_bf16=false optim=adamw_torch gradient_accumulation_steps="$accum" ${BIG_KEYS:-}
   done
   # one GPU, the same global batch (n x accum rows a step): the 7B recipe as it is (pure_bf16, 8-bit AdamW,
   # checkpointing), since fp32 masters and AdamW state (16 bytes a weight) do not fit one GPU
+  # (DRY: BIG_REF_KEYS makes it the sharded runs' fp32 masters and torch AdamW, so that the per-step losses
+  # check that N processes x accum and 1 process x N*accum train on the same rows with the same loss)
   [ "${BIG_REF:-1}" = 1 ] && run_train big "big-$shape-single-x1" single 1 "$shape" "$RECIPE_7B" "${common[@]}" \
-    gradient_accumulation_steps=$(( n * accum )) ${BIG_KEYS:-}
+    gradient_accumulation_steps=$(( n * accum )) ${BIG_REF_KEYS:-} ${BIG_KEYS:-}
 }
 
 moe() {
