@@ -30,8 +30,9 @@ demo: setup
 
 # Two workers, whole files each (module fixtures, e.g. a trained run shared by a file's tests, are built
 # once): the suite is largely single-threaded Python and subprocess start-up, so 2 cores nearly halve it.
+# --durations: CI's log names the 25 slowest tests (the suite's aim is ~30 min on 2 cores).
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 clean:
 	rm -rf runs .pytest_cache

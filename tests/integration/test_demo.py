@@ -1,4 +1,5 @@
-"""`vltune train demo` exactly as `make demo` runs it: the tiny model must learn the held-out task."""
+"""`vltune train demo` exactly as `make demo` runs it: the tiny model must learn the held-out task, and
+`vltune infer --input` on the eval file (batch mode) then scores it as the trainer's eval did."""
 
 from __future__ import annotations
 
@@ -44,6 +45,17 @@ def test_demo_learns_the_held_out_task(tmp_path):
     lines = dict(line.split(":", 1) for line in shown.stdout.splitlines() if ":" in line)
     assert lines["answer"].strip() == predictions[3]["prediction"].strip()
     assert lines["reference"].strip() == predictions[3]["reference"]
+
+    # `vltune infer --input` on the eval file scores the trained run as the trainer's eval did
+    batch = subprocess.run(
+        [sys.executable, "-m", "vltune.cli", "infer", "--model", "runs/demo", "--input", summary["eval_file"],
+         "--output", "runs/demo_batch.jsonl", "--max-new-tokens", "6"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert batch.returncode == 0, batch.stderr[-3000:]
+    result = json.loads(batch.stdout.strip().splitlines()[-1])
+    assert result["scored"] == result["samples"] == len(eval_rows) and result["errors"] == 0
+    assert abs(result["exact_match"] - summary["eval_accuracy"]) <= 0.02, (result, summary)
 
 
 @pytest.mark.slow

@@ -79,13 +79,16 @@ def test_greedy_ids_are_identical_on_both_backends_for_20_image_prompts(tiny_mod
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
 def test_batch_mode_writes_the_same_predictions_on_both_backends(tiny_model_dirs, vqa20, tmp_path, model_type):
-    """The user's path end to end: `run_batch` (Predictor, one prompt at a time) over the 20 prompts."""
+    """The user's path end to end: `run_batch` (Predictor, one prompt at a time) over 6 of the prompts
+    (all 20 are compared id by id in the test above; MindSpore's pynative decoding is the slow part here)."""
+    prompts = Path(vqa20["eval_file"]).with_name(f"first6_{model_type}.jsonl")  # beside it: same image paths
+    prompts.write_text("".join(Path(vqa20["eval_file"]).read_text().splitlines(keepends=True)[:6]))
     rows = {}
     for backend in ("torch", "ms"):
         out = tmp_path / f"{backend}.jsonl"
         predictor = Predictor(tiny_model_dirs[model_type], backend=backend, max_pixels=MAX_PIXELS, settings=GREEDY)
-        summary = run_batch(predictor, vqa20["eval_file"], out, show_progress=False)
-        assert summary["written"] == 20 and summary["errors"] == 0
+        summary = run_batch(predictor, prompts, out, show_progress=False)
+        assert summary["written"] == 6 and summary["errors"] == 0
         rows[backend] = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prediction"] for r in rows["ms"]] == [r["prediction"] for r in rows["torch"]]
 

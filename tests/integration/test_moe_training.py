@@ -32,7 +32,7 @@ from vltune.data.dataset import SFTDataset  # noqa: E402
 from vltune.data.formats import load_samples  # noqa: E402
 
 MOE_FAMILIES = sorted(name for name, spec in FAMILIES.items() if spec.modules.moe_block)
-STEPS, SEED, TOL = 10, 3, 1e-4
+STEPS, SEED, TOL = 6, 3, 1e-4
 RUN_TIMEOUT_S = 300
 
 
