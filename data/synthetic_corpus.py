@@ -46,22 +46,28 @@ def _image(rng: np.random.Generator, path: Path, mode: str) -> Path:
     return path
 
 
-def _video(rng: np.random.Generator, path: Path) -> Path:
+def write_gradient_video(path: Path, frames: int, width: int, height: int, fps: float, frames_per_radian: float = 3) -> Path:
+    """An mpeg4 clip of a colour gradient whose phase moves one radian every `frames_per_radian` frames
+    (even width and height)."""
     import av  # PyAV, the decoder data/video.py uses
 
-    frames = int(rng.integers(8, 40))
-    width, height = (int(x) // 2 * 2 for x in rng.integers(48, 200, size=2))
-    fps = float(rng.choice([10.0, 12.0, 24.0, 25.0]))
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("mpeg4", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         x = np.linspace(0, 1, width)[None, :, None]
         for t in range(frames):
-            shade = np.clip(255 * (0.5 + 0.5 * np.sin(6 * x + t / 3 + np.arange(3)[None, None, :])), 0, 255)
+            shade = np.clip(255 * (0.5 + 0.5 * np.sin(6 * x + t / frames_per_radian + np.arange(3)[None, None, :])), 0, 255)
             frame = np.broadcast_to(shade, (height, width, 3)).astype(np.uint8)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
         container.mux(stream.encode())
     return path
+
+
+def _video(rng: np.random.Generator, path: Path) -> Path:
+    frames = int(rng.integers(8, 40))
+    width, height = (int(x) // 2 * 2 for x in rng.integers(48, 200, size=2))
+    fps = float(rng.choice([10.0, 12.0, 24.0, 25.0]))
+    return write_gradient_video(path, frames, width, height, fps)
 
 
 def _llava(sample_id: str, turns: list[tuple[str, str]], images=(), videos=()) -> dict:

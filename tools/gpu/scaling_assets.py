@@ -13,25 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
-
-
-def write_video(path: Path, frames: int, size: int) -> None:
-    import av  # PyAV, the decoder data/video.py uses
-
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=Fraction(25))
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        x = np.linspace(0, 1, size)[None, :, None]
-        for t in range(frames):
-            shade = np.clip(255 * (0.5 + 0.5 * np.sin(6 * x + t / 7 + np.arange(3)[None, None, :])), 0, 255)
-            frame = np.broadcast_to(shade, (size, size, 3)).astype(np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        container.mux(stream.encode())
+from vltune.data.synthetic_corpus import write_gradient_video
 
 
 def main() -> None:
@@ -45,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_video(out / "long.mp4", args.frames, args.size)
+    write_gradient_video(out / "long.mp4", args.frames, args.size, args.size, fps=25.0, frames_per_radian=7)
     record = {"video": "long.mp4", "conversations": [
         {"from": "human", "value": "<video>\nDescribe how the colours move across the frames."},
         {"from": "gpt", "value": "A smooth colour gradient drifts slowly from left to right in every frame of the clip."}]}
