@@ -104,6 +104,12 @@ def _forward_parameters(model_class: type) -> frozenset[str]:
     return frozenset(inspect.signature(model_class.forward).parameters)
 
 
+def mm_token_types(input_ids: torch.Tensor, image_token_id: int, video_token_id: int) -> torch.Tensor:
+    """transformers 5.x's `mm_token_type_ids` (0 text, 1 image, 2 video token), from which the stock
+    model builds its own M-RoPE ids when it is given no position ids."""
+    return (input_ids == image_token_id).int() + 2 * (input_ids == video_token_id).int()
+
+
 def packed_attention_kwargs(cu_seqlens: np.ndarray, max_seqlen: int | np.ndarray, device: torch.device) -> dict:
     """The keyword arguments that make the text attention treat a [1, L] row as packed sub-sequences."""
     cu = send(torch.as_tensor(np.asarray(cu_seqlens, dtype=np.int32)), device)  # pinned, non-blocking

@@ -37,7 +37,7 @@ from vltune.data.synthetic_workload import WorkloadTokens, mixed_features
 
 from vltune.ops.torch.gated_delta import prepare_fla_kernels
 
-from .batch import to_model_inputs
+from .batch import mm_token_types, to_model_inputs
 from .lora import apply_lora
 from .models import part
 from .optim import bf16_weights, upcast_trainable
@@ -149,8 +149,7 @@ def _stock_step(model, optimizer, batches: list[dict], device: torch.device) -> 
     for batch in batches:
         inputs = to_model_inputs(batch, device, model=model)
         inputs.pop("position_ids")  # the stock model computes its own M-RoPE ids from mm_token_type_ids
-        ids = inputs["input_ids"]
-        mm_types = (ids == model.config.image_token_id).int() + 2 * (ids == model.config.video_token_id).int()
+        mm_types = mm_token_types(inputs["input_ids"], model.config.image_token_id, model.config.video_token_id)
         labels = torch.as_tensor(batch["labels"]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(**inputs, mm_token_type_ids=mm_types, labels=labels, num_items_in_batch=total).loss

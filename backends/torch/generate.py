@@ -22,7 +22,7 @@ from vltune.core.generation import GenerationSettings
 from vltune.core.generation import TextStream as CoreTextStream
 from vltune.data.model_info import ModelInfo
 
-from .batch import MODEL_INPUTS, to_model_inputs, to_tensor
+from .batch import MODEL_INPUTS, mm_token_types, to_model_inputs, to_tensor
 
 
 class TextStream(CoreTextStream, BaseStreamer):
@@ -98,15 +98,12 @@ def generate(
     model.eval()
     # position_ids stay out: generate() derives them (and their decode-time deltas) itself.
     inputs = to_model_inputs(batch, device, {k: v for k, v in MODEL_INPUTS.items() if k != "position_ids"}, model=model)
-    ids = inputs["input_ids"]
-    mm_types = torch.zeros_like(ids, dtype=torch.int32)
-    mm_types[ids == info.image_token_id] = 1
-    mm_types[ids == info.video_token_id] = 2
+    mm_types = mm_token_types(inputs["input_ids"], info.image_token_id, info.video_token_id)
     if settings.do_sample:
         torch.manual_seed(settings.seed)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         out = model.generate(**inputs, mm_token_type_ids=mm_types, streamer=streamer, **generation_kwargs(settings))
-    return _cut_at_end(out[:, ids.shape[1] :].tolist(), set(_eos_ids(model)))
+    return _cut_at_end(out[:, inputs["input_ids"].shape[1] :].tolist(), set(_eos_ids(model)))
 
 
 def generate_greedy(model, batch: Batch, info: ModelInfo, max_new_tokens: int, autocast_dtype=None) -> list[list[int]]:

@@ -4,10 +4,10 @@
         --recipe recipes/qwen2_5_vl_3b_full_1gpu.yaml --out OUT_DIR [--batch 4] [--steps 12] [--pure-bf16] [--checkpointing] \
         model_name_or_path=MODEL_DIR dataset_use=DATA.jsonl ...
 
-`AutoModelForImageTextToText.from_pretrained` of the same directory, `fully_shard` per decoder layer (and per
-vision block, the merger, the root), bf16 compute with fp32 parameters and fp32 gradient reduction
+`AutoModelForImageTextToText.from_pretrained` of the same directory, `fully_shard` per decoder layer, vision
+block and projector (the family's module map) and the root, bf16 compute with fp32 parameters and fp32 gradient reduction
 (`MixedPrecisionPolicy`; `--pure-bf16`: bf16 parameters and AdamW state, as vltune's pure_bf16), torch
-AdamW (lr 1e-5, no weight decay), the vision tower frozen and the merger trained (the recipes' tune_mm_*).
+AdamW (lr 1e-5, no weight decay), the vision tower frozen and the projectors trained (the recipes' tune_mm_*).
 Batches are padded (right), `--batch` samples per GPU per step, made by vltune's own data pipeline from
 the recipe and KEY=VALUE overrides (the same samples the vltune run packs: tokenised, resized, patched),
 rank r taking the samples r, r + world, ... of each step. Writes OUT_DIR/metrics.jsonl with vltune's row
@@ -18,6 +18,7 @@ largest over ranks. The stock loss is transformers' own (mean over each micro-ba
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import time
@@ -25,17 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-
-def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The language model's decoder layers: the largest ModuleList named `layers`."""
-    lists = [m for name, m in model.named_modules() if name.endswith("layers") and isinstance(m, torch.nn.ModuleList)]
-    return max(lists, key=len)
-
-
-def _vision(model: torch.nn.Module) -> torch.nn.Module | None:
-    inner = getattr(model, "model", model)
-    return getattr(inner, "visual", None) or getattr(inner, "vision_tower", None)
 
 
 def main() -> None:
@@ -53,6 +43,9 @@ def main() -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForImageTextToText
 
+    from vltune.backends.torch.batch import mm_token_types, to_model_inputs
+    from vltune.backends.torch.models import part
+    from vltune.core.families import get_family
     from vltune.core.recipe import load_recipe
     from vltune.data.collate import Collator
     from vltune.data.model_info import read_model_info
@@ -73,24 +66,19 @@ def main() -> None:
     dtype = torch.bfloat16 if (args.pure_bf16 and cuda) else torch.float32
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(cfg.model.model_name_or_path, dtype=dtype)
-    vision = _vision(model)
-    if vision is not None:
-        vision.requires_grad_(False)
-        merger = getattr(vision, "merger", None)
-        if merger is not None:
-            merger.requires_grad_(True)
+    modules = get_family(model.config.model_type).modules  # the family's module map, as vltune's engine reads it
+    vision, projectors = part(model, "vision_tower"), [model.get_submodule(p) for p in modules.projectors]
+    vision.requires_grad_(False)
+    for projector in projectors:
+        projector.requires_grad_(True)
     if args.checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if (cuda and not args.pure_bf16) else MixedPrecisionPolicy()
     model.to(device)
-    if vision is not None:
-        for block in getattr(vision, "blocks", []):
-            fully_shard(block, mp_policy=policy)
-        if getattr(vision, "merger", None) is not None:
-            fully_shard(vision.merger, mp_policy=policy)
-    for layer in _decoder_layers(model):
-        fully_shard(layer, mp_policy=policy)
+    units = [m for p in projectors for m in (p if isinstance(p, torch.nn.ModuleList) else [p])]  # Qwen3-VL's deepstack list
+    for module in [*part(model, "vision_blocks"), *units, *part(model, "decoder_layers")]:
+        fully_shard(module, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
@@ -100,18 +88,16 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
     n = len(dataset)
-    import inspect
-
-    wants_types = "mm_token_type_ids" in inspect.signature(type(model).forward).parameters
+    wants_types = "mm_token_type_ids" in inspect.signature(type(model).forward).parameters  # transformers 5.x's M-RoPE input
     for step in range(1, args.steps + 1):
         first = (step - 1) * args.batch * world
         ids = [(first + rank + k * world) % n for k in range(args.batch)]
         batch = collate([dataset[i] for i in ids])
-        inputs = {k: torch.from_numpy(batch[k]).to(device) for k in ("input_ids", "attention_mask", "labels", "pixel_values",
-                                                                      "image_grid_thw", "pixel_values_videos", "video_grid_thw") if k in batch}
-        if wants_types:  # newer transformers: 0 text, 1 image, 2 video token (as its processor returns them)
-            ids = inputs["input_ids"]
-            inputs["mm_token_type_ids"] = (ids == info.image_token_id).long() + 2 * (ids == info.video_token_id).long()
+        inputs = to_model_inputs(batch, device, model=model)  # the inputs its forward names
+        inputs.pop("position_ids", None)  # the stock model computes its own positions
+        inputs["labels"] = torch.as_tensor(batch["labels"]).to(device)
+        if wants_types:
+            inputs["mm_token_type_ids"] = mm_token_types(inputs["input_ids"], info.image_token_id, info.video_token_id)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
