@@ -20,11 +20,14 @@ for f in "$work"/w/*.whl; do
 done
 (cd "$work/small" && tar cf - . | xz -9e -T2) > "$dest/small.tar.xz"
 (cd "$work/cu13" && tar cf - . | xz -9e --lzma2=preset=9e,dict=256MiB -T1) > "$dest/cutlass_cu13.tar.xz"
-# transformers as pinned, without the model families nothing here imports (the full wheel is 13 MB).
-mkdir -p "$work/tf" && unzip -q "$(ls .whl/transformers-*.whl | head -1)" -d "$work/tf"
-for d in "$work"/tf/transformers/models/*/; do
-  case $(basename "$d") in auto|bloom|encoder_decoder|qwen2|qwen2_vl|qwen2_5_vl|qwen3|qwen3_vl) ;; *) rm -rf "$d" ;; esac
-done
-(cd "$work/tf" && tar cf - . | xz -9 -T2) > "$dest/transformers.tar.xz"
+# transformers as pinned in .whl/ (when there is one), without the model families nothing here imports
+# (the full wheel is 13 MB). The peers' runs use the image's transformers and need none.
+if compgen -G ".whl/transformers-*.whl" >/dev/null; then
+  mkdir -p "$work/tf" && unzip -q "$(ls .whl/transformers-*.whl | head -1)" -d "$work/tf"
+  for d in "$work"/tf/transformers/models/*/; do
+    case $(basename "$d") in auto|bloom|encoder_decoder|qwen2|qwen2_vl|qwen2_5_vl|qwen3|qwen3_vl) ;; *) rm -rf "$d" ;; esac
+  done
+  (cd "$work/tf" && tar cf - . | xz -9 -T2) > "$dest/transformers.tar.xz"
+fi
 rm -rf "$work"
 ls -la "$dest"

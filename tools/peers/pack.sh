@@ -4,16 +4,23 @@
 # tool carries at most 64 MiB in all): the peers' wheels unpacked into one xz tarball (5 MB instead of
 # 14), without modelscope's model zoo and data sets (models/, pipelines/, msdatasets/, ...: 29 MB that
 # ms-swift's `sft` does not import; a CPU dry run trained with them removed) nor the peers' web UIs and
-# Megatron / Ray back ends (imported lazily by other commands), and FlashAttention-4's two
-# tarballs for ms-swift's packing. torchao (vltune's fp8) is left out: the fp8 runs carry .whl-peers.
+# Megatron / Ray back ends (imported lazily by other commands), FlashAttention-4's two tarballs for
+# ms-swift's packing, and torchao's Python part for vltune's fp8 run (its compiled mxfp8 / cutlass
+# extensions, 13 MB, serve other recipes than float8 tensorwise). The dist-infos' RECORD files go too
+# (nothing is pip-installed from here; versions are read from METADATA): that keeps the pack under
+# the 64 MiB a call carries.
 # Usage (repo root): bash tools/peers/pack.sh
 set -euo pipefail
 dest=.peers-pack
 work=$(mktemp -d)
 rm -rf "$dest" && mkdir -p "$dest" "$work/site"
+mkdir -p "$work/torchao"
 for f in .whl-peers/*.whl; do
-  case $f in *torchao*) ;; *) unzip -q -o "$f" -d "$work/site" ;; esac
+  case $f in *torchao*) unzip -q -o "$f" -d "$work/torchao" ;; *) unzip -q -o "$f" -d "$work/site" ;; esac
 done
+rm -f "$work"/torchao/torchao/*.so "$work"/torchao/torchao/prototype/spinquant/_hadamard_matrices.*
+rm -f "$work"/site/*.dist-info/RECORD "$work"/torchao/*.dist-info/RECORD
+(cd "$work/torchao" && tar cf - . | xz -9e -T2) > "$dest/torchao.tar.xz"
 rm -rf "$work"/site/modelscope/{models,pipelines,trainers,preprocessors,ops,msdatasets,metrics,exporters,cli}
 # Web UIs, Megatron and Ray back ends, LLaMA-Factory's experimental v1: imported only by other commands.
 rm -rf "$work"/site/swift/{ui,megatron,ray,cli/_megatron} "$work"/site/llamafactory/{webui,v1}
@@ -21,7 +28,7 @@ rm -rf "$work"/site/swift/{ui,megatron,ray,cli/_megatron} "$work"/site/llamafact
 # FlashAttention-4's pure-Python part without what the GPU image has (einops) or a run does not load
 # (tvm-ffi's C++ and Cython sources; the dlpack add-ons built for other torch releases than 2.11).
 mkdir -p "$work/fa4" && tar xJf .fa4/small.tar.xz -C "$work/fa4"
-rm -rf "$work"/fa4/einops "$work"/fa4/einops-* "$work"/fa4/tvm_ffi/{src,cython}
+rm -rf "$work"/fa4/einops "$work"/fa4/einops-* "$work"/fa4/tvm_ffi/{src,cython} "$work"/fa4/*.dist-info/RECORD
 find "$work/fa4/torch_c_dlpack_ext" -name '*.so' ! -name '*torch211*' -delete
 (cd "$work/fa4" && tar cf - . | xz -9e -T2) > "$dest/small.tar.xz"
 cp .fa4/cutlass_cu13.tar.xz "$dest/"

@@ -30,7 +30,8 @@ PY=python3
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 hook=$PWD/tools/peers/hook
 
-install() {
+install() {  # a warm machine keeps what an earlier call installed
+  [ -f /tmp/peers-site/.done ] && { echo "[peers] installed earlier"; return; }
   mkdir -p /tmp/peers-site /tmp/fa4-site
   local pip=($PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade)
   if [ -d .peers-pack ]; then
@@ -42,7 +43,9 @@ install() {
       for f in .fa4/small.tar.xz .fa4/cutlass_cu13.tar.xz; do tar xJf "$f" -C /tmp/fa4-site || exit 1; done
     fi
   fi
-  if compgen -G ".whl-peers/torchao-*.whl" >/dev/null; then "${pip[@]}" --target /tmp/site .whl-peers/torchao-*.whl || exit 1; fi
+  if [ -f .peers-pack/torchao.tar.xz ]; then mkdir -p /tmp/site && tar xJf .peers-pack/torchao.tar.xz -C /tmp/site || exit 1
+  elif compgen -G ".whl-peers/torchao-*.whl" >/dev/null; then "${pip[@]}" --target /tmp/site .whl-peers/torchao-*.whl || exit 1; fi
+  touch /tmp/peers-site/.done
   mkdir -p "$OUT/peers"
   env $(peer_env) $PY -c "
 import json, importlib.metadata as m
