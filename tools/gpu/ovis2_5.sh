@@ -23,3 +23,4 @@ for what in "$@"; do
     *) echo "unknown run $what" ;;
   esac
 done
+bundle_out bench

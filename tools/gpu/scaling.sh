@@ -183,3 +183,4 @@ for item in "${@:-dp3b}"; do
   esac
 done
 $PY tools/gpu/scaling_summary.py summary "$RES" "$OUT/scaling/summary.json"
+[ "${DRY:-}" = cpu ] || bundle_out scaling   # the CPU dry run keeps its folder

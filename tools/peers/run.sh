@@ -179,3 +179,4 @@ for item in "$@"; do
     *) echo "unknown item $item"; exit 2 ;;
   esac
 done
+bundle_out peers
