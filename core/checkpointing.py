@@ -58,6 +58,7 @@ MAY_CHANGE_ON_RESUME = (
     "per_device_eval_batch_size", "logging_steps", "eval_steps", "eval_max_new_tokens", "save_steps", "save_total_limit",
     "resume_from_checkpoint", "overwrite_output_dir", "metric_for_best_model", "greater_is_better",
     "early_stopping_patience", "early_stopping_threshold", "max_bad_steps", "bf16", "gradient_checkpointing",
+    "gradient_checkpointing_every_n_layers",
     "use_liger_kernel", "torch_compile", "pure_bf16", "bf16_master_weights", "fp8", "num_threads", "deepspeed", "fsdp",
     "sequence_parallel_size",
     "mdlm_steps", "mdlm_block_length", "mdlm_remasking", "mdlm_temperature",

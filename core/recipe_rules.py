@@ -177,6 +177,11 @@ def validate(cfg: RecipeConfig, given: frozenset[str] = frozenset()) -> None:
         problems.append(f"save_total_limit: {t.save_total_limit} must be >= 1 (or null for no limit)")
     if t.early_stopping_patience and not (t.eval_steps and d.eval_dataset):
         problems.append("early_stopping_patience needs eval_steps > 0 and an eval_dataset")
+    if t.gradient_checkpointing_every_n_layers < 1:
+        problems.append(f"gradient_checkpointing_every_n_layers: {t.gradient_checkpointing_every_n_layers} must be >= 1")
+    elif t.gradient_checkpointing_every_n_layers > 1 and not t.gradient_checkpointing:
+        problems.append("gradient_checkpointing_every_n_layers is set but gradient_checkpointing is false: "
+                        "set gradient_checkpointing: true (or remove the key)")
     if t.max_steps == 0 or t.max_steps < -1:
         problems.append(f"max_steps: {t.max_steps} must be -1 (use num_train_epochs) or >= 1")
     if t.max_steps == -1 and t.num_train_epochs <= 0:

@@ -71,10 +71,12 @@ def apply_freeze(model: nn.Cell, model_args: ModelArgs) -> Selection | None:
     return selection
 
 
-def set_recompute(model: nn.Cell, enabled: bool) -> None:
-    """gradient_checkpointing: recompute every decoder layer and vision block in the backward pass."""
-    model.model.language_model.recompute_layers = enabled
-    model.model.visual.recompute_blocks = enabled
+def set_recompute(model: nn.Cell, args: TrainArgs) -> None:
+    """gradient_checkpointing: recompute the first and every `gradient_checkpointing_every_n_layers`-th decoder
+    layer and vision block (counted in each stack, as the torch engine does) in the backward pass."""
+    every = args.gradient_checkpointing_every_n_layers if args.gradient_checkpointing else 0
+    model.model.language_model.recompute_every = every
+    model.model.visual.recompute_every = every
 
 
 class Engine:
@@ -98,7 +100,7 @@ class Engine:
             model_args = mdlm_model_args(model_args, mdlm.args)  # freeze_vision / freeze_merger
         self.lora = LoraState(model, model_args, seed=args.seed) if model_args.train_type == "lora" else None
         selection = apply_freeze(model, model_args) if self.lora is None else None
-        set_recompute(model, args.gradient_checkpointing)
+        set_recompute(model, args)
         self.circle = dict(circle_rope) if circle_rope else None
         if self.circle:
             model.model.language_model.set_age_mode(self.circle.get("AGE_mode", "strategy_1"))

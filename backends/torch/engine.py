@@ -29,7 +29,7 @@ from .fp8 import apply_fp8, check_fp8_device
 from .checkpoint import OPTIMIZER_FILE, RNG_FILE, load_weights, rng_state, save_hf_model, saved_state, set_rng_state
 from .generate import generate_greedy, generate_with_positions
 from .lora import apply_lora, keep_adapter_inputs_in_compute_dtype
-from .speed import align_vision_mlp, apply_liger_kernels, compile_blocks
+from .speed import align_vision_mlp, apply_liger_kernels, checkpoint_every, compile_blocks
 from .loss import head_loss_sum, kept_token_loss_sum, trained_positions, weighted_loss_sum
 from .mdlm import bidirectional_logits, diffusion_sample
 from .models import model_entry, part
@@ -123,6 +123,8 @@ class Engine:
         if args.gradient_checkpointing:
             # Non-reentrant checkpointing needs no input grads, so it works with frozen embeddings (LoRA).
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if args.gradient_checkpointing_every_n_layers > 1:
+                checkpoint_every(model.get_base_model() if self.lora else model, args.gradient_checkpointing_every_n_layers)
         self.model = model.to(self.device)
         # What a training micro-step calls: the model itself here; a data-parallel engine puts its wrapper
         # (DDP, DeepSpeed) here, so gradients sync, while evaluation, generation and saving use self.model.

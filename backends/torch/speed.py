@@ -83,6 +83,20 @@ def compile_blocks(model: torch.nn.Module, vision: bool = True) -> int:
     return len(blocks)
 
 
+def checkpoint_every(model: torch.nn.Module, every: int) -> int:
+    """gradient_checkpointing_every_n_layers: after transformers' `gradient_checkpointing_enable` has marked
+    every block, keep the mark on the first and then every `every`-th decoder layer and vision block, counted
+    in each stack as the MindSpore engine counts them (transformers' own `every_n_layers` counts both stacks
+    as one). The unmarked blocks keep their activations for the backward. Returns how many blocks recompute."""
+    modules = get_family(model.config.model_type).modules
+    recomputed = 0
+    for stack in (modules.decoder_layers, modules.vision_blocks):
+        for i, block in enumerate(model.get_submodule(stack)):
+            block.gradient_checkpointing = i % every == 0
+            recomputed += block.gradient_checkpointing
+    return recomputed
+
+
 def _padded_mlp_forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
     """Qwen2_5_VLMLP.forward with the intermediate width zero-padded by `self.vltune_pad` columns."""
     pad = self.vltune_pad

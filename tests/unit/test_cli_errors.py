@@ -28,6 +28,9 @@ def _fails(capsys, argv: list[str], status: int = 1) -> str:
     (["--learning_rate", "nan"], "learning_rate: nan is not a finite number"),
     (["--per_device_batch_size", "4"], "did you mean 'per_device_train_batch_size'?"),
     (["--model_type", "llava"], "is not a supported family (one of "),
+    (["--gradient_checkpointing", "true", "--gradient_checkpointing_every_n_layers", "0"],
+     "gradient_checkpointing_every_n_layers: 0 must be >= 1"),
+    (["--gradient_checkpointing_every_n_layers", "2"], "gradient_checkpointing is false: set gradient_checkpointing: true"),
     (["--nproc", "0", "--print-launch"], "--nproc 0 must be >= 1"),
     (["--nproc", "-1", "--print-launch"], "--nproc -1 must be >= 1"),
 ])

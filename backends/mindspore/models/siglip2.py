@@ -200,7 +200,8 @@ class Ovis2_5VisionModel(nn.Cell):
         self.quarter = head_dim // 4
         base = inv_freq(cfg.rope_theta, head_dim // 2)  # [head_dim / 4], the same for rows and columns
         self.inv_freq = ops.cat((base, base))
-        self.recompute_blocks = False
+        self.recompute_every = 0
+        """gradient_checkpointing: recompute layer i in the backward when i % recompute_every == 0 (0 = none)."""
 
     def construct(self, pixels: Tensor, grid_thw: np.ndarray) -> Tensor:
         """The embeddings are put in window order (whole 2 x 2 merge units, window by window) once, before
@@ -218,8 +219,8 @@ class Ovis2_5VisionModel(nn.Cell):
         segments = {"full_attention": frame_cu_seqlens(grid_thw), "window_attention": cu_windows}
 
         h = ops.gather(self.embeddings(pixels, grid_thw), Tensor(patch_order.astype(np.int32)), 0)
-        for kind, layer in zip(cfg.layer_types, self.layers):
-            if self.recompute_blocks and self.training:
+        for i, (kind, layer) in enumerate(zip(cfg.layer_types, self.layers)):
+            if self.recompute_every and self.training and i % self.recompute_every == 0:
                 h = ms.recompute(layer, h, cos, sin, segments[kind])
             else:
                 h = layer(h, cos, sin, segments[kind])

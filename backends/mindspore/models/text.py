@@ -179,7 +179,8 @@ class TextModel(nn.Cell):
         self.channels = mrope_channels(cfg.mrope_section, cfg.mrope_interleaved)
         self.layer_uses_main = [True] * cfg.num_hidden_layers
         """AGE: False for layers that take the alt (plain M-RoPE) positions; see set_alt_layers."""
-        self.recompute_layers = False
+        self.recompute_every = 0
+        """gradient_checkpointing: recompute layer i in the backward when i % recompute_every == 0 (0 = none)."""
 
     def set_alt_layers(self, uses_main: list[bool]) -> None:
         """Circle-RoPE AGE: layer i rotates by `position_ids` if uses_main[i], else by `position_ids_alt`."""
@@ -227,7 +228,7 @@ class TextModel(nn.Cell):
         b, length, hidden = h.shape
         for i, layer in enumerate(self.layers):
             cos, sin = main if self.layer_uses_main[i] else alt
-            if self.recompute_layers and self.training:
+            if self.recompute_every and self.training and i % self.recompute_every == 0:
                 h = ms.recompute(layer, h, cos, sin, layout)
             else:
                 h = layer(h, cos, sin, layout, cache, i)

@@ -174,7 +174,8 @@ class VisionTransformer(nn.Cell):
             )
         else:
             self.merger = Qwen2_5_VLPatchMerger(cfg, kernels, layer_norm=plain)
-        self.recompute_blocks = False
+        self.recompute_every = 0
+        """gradient_checkpointing: recompute block i in the backward when i % recompute_every == 0 (0 = none)."""
 
     def construct(self, pixels: Tensor, grid_thw: np.ndarray) -> VisionOutput:
         grid_thw = np.asarray(grid_thw).reshape(-1, 3)
@@ -199,7 +200,7 @@ class VisionTransformer(nn.Cell):
         for i, block in enumerate(self.blocks):
             full = self.qwen3 or self.plain or i in self.cfg.fullatt_block_indexes
             cu = cu_frames if full else cu_windows
-            if self.recompute_blocks and self.training:
+            if self.recompute_every and self.training and i % self.recompute_every == 0:
                 h = ms_recompute(block, h, cos, sin, cu)
             else:
                 h = block(h, cos, sin, cu)

@@ -96,18 +96,29 @@ def test_one_step_changes_exactly_the_unfrozen_parameters(tiny_qwen2_5_vl, batch
 
 
 @pytest.mark.slow
-def test_accumulation_and_recompute_give_the_joined_batch_gradient(tiny_qwen2_5_vl, batch):
+def test_accumulation_and_recompute_give_the_joined_batch_gradient(tiny_qwen2_5_vl, batch, monkeypatch):
+    """Two micro-batches, full recompute and recompute of every second block
+    (gradient_checkpointing_every_n_layers: 2) give the joined batch's gradients; the recomputed cells are
+    counted at `mindspore.recompute`, the one call every model's stack goes through."""
     data, info = batch
     total = _n(data)
+    recomputed = []
+    plain_recompute = ms.recompute
+    monkeypatch.setattr(ms, "recompute", lambda cell, *a: recomputed.append(cell) or plain_recompute(cell, *a))
 
-    def grads(micro_batches, recompute=False):
-        backend = _backend(tiny_qwen2_5_vl, info, train_args=TrainArgs(gradient_checkpointing=recompute))
+    def grads(micro_batches, every=0):
+        recomputed.clear()
+        train_args = TrainArgs(gradient_checkpointing=every > 0, gradient_checkpointing_every_n_layers=max(every, 1))
+        backend = _backend(tiny_qwen2_5_vl, info, train_args=train_args)
         for mb in micro_batches:
             backend.forward_backward(mb, 1.0 / total)
+        layers, blocks = backend.model.model.language_model.layers, backend.model.model.visual.blocks
+        expected = [*(layers[i] for i in range(0, len(layers), every)), *(blocks[i] for i in range(0, len(blocks), every))] if every else []
+        assert sorted(map(id, recomputed)) == sorted(map(id, expected)), every
         return {p.name: g.asnumpy() for p, g in zip(backend.params, backend.grads)}
 
     whole = grads([data])
-    for other in (grads([_rows(data, slice(0, 2)), _rows(data, slice(2, 4))]), grads([data], recompute=True)):
+    for other in (grads([_rows(data, slice(0, 2)), _rows(data, slice(2, 4))]), grads([data], every=1), grads([data], every=2)):
         for name, g in whole.items():
             assert np.allclose(g, other[name], atol=1e-6, rtol=1e-4), name
 

@@ -81,25 +81,46 @@ def test_accumulation_matches_one_big_batch(tiny_qwen2_5_vl, batch):
         assert torch.allclose(whole[name], split[name], atol=1e-6, rtol=1e-4), name
 
 
+def _saved_bytes_and_grads(model_dir, data, info, args: ModelArgs, train_args: TrainArgs):
+    """One forward + backward: the bytes autograd saved for the backward outside checkpointed blocks (a
+    checkpointed block saves only its inputs there), and the gradients."""
+    torch.manual_seed(0)
+    backend = TorchBackend(load_model(model_dir), model_dir, info, args, train_args)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    total = int((data["labels"][:, 1:] != -100).sum())
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        backend.forward_backward(data, 1.0 / total)
+    return backend, sum(saved), {n: p.grad.clone() for n, p in backend.model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("train_type", ["full", "lora"])
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_qwen2_5_vl, batch, train_type):
+    """Full checkpointing, and every second block (gradient_checkpointing_every_n_layers: 2), give the
+    gradients of no checkpointing; every second block saves more for the backward than full checkpointing
+    and less than none, so the unmarked blocks really keep their activations."""
     data, info = batch
     args = ModelArgs(model_name_or_path=str(tiny_qwen2_5_vl), tune_mm_vision=True, train_type=train_type, lora_r=4)
-    total = int((data["labels"][:, 1:] != -100).sum())
-
-    def grads(checkpointing: bool):
-        torch.manual_seed(0)
-        backend = TorchBackend(load_model(tiny_qwen2_5_vl), tiny_qwen2_5_vl, info, args,
-                               TrainArgs(gradient_checkpointing=checkpointing))
-        assert backend.base.model.language_model.gradient_checkpointing == checkpointing
-        assert backend.base.model.visual.gradient_checkpointing == checkpointing
-        backend.forward_backward(data, 1.0 / total)
-        return {n: p.grad.clone() for n, p in backend.model.named_parameters() if p.grad is not None}
-
-    plain, recomputed = grads(False), grads(True)
-    assert plain.keys() == recomputed.keys() and plain
-    for name in plain:
-        assert torch.allclose(plain[name], recomputed[name], atol=1e-6, rtol=1e-5), name
+    runs = {}
+    for every in (0, 1, 2):
+        train_args = TrainArgs(gradient_checkpointing=every > 0, gradient_checkpointing_every_n_layers=max(every, 1))
+        backend, saved, grads = _saved_bytes_and_grads(tiny_qwen2_5_vl, data, info, args, train_args)
+        runs[every] = saved, grads
+        layers, blocks = backend.base.model.language_model.layers, backend.base.model.visual.blocks
+        assert backend.base.model.language_model.gradient_checkpointing == (every > 0)
+        assert [layer.gradient_checkpointing for layer in layers] == [every > 0 and i % every == 0 for i in range(len(layers))]
+        assert [block.gradient_checkpointing for block in blocks] == [every > 0 and i % every == 0 for i in range(len(blocks))]
+    assert runs[1][0] < runs[2][0] < runs[0][0], {every: saved for every, (saved, _) in runs.items()}
+    plain = runs[0][1]
+    for every in (1, 2):
+        recomputed = runs[every][1]
+        assert plain.keys() == recomputed.keys() and plain
+        for name in plain:
+            assert torch.allclose(plain[name], recomputed[name], atol=1e-6, rtol=1e-5), (every, name)
 
 
 def test_python_api_is_the_command(tiny_qwen2_5_vl, vqa_data, tmp_path):
