@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Qwen3.5 on the lent GPU machine: the Gated DeltaNet check (tools/gpu/gdn_check.py) and `vltune bench`
-# runs of the Qwen3.5 shapes, each JSON into $OUT (copy them into docs/bench/). Carried wheels (.whl/):
+# runs of the Qwen3.5 shapes, each JSON into $OUT/bench.tar.gz (unpack into docs/bench/). Carried wheels (.whl/):
 # transformers 5.23.0, fla-core 0.6.0, torchao 0.18.0 (tools/gpu/env.sh installs them).
-# Usage (repo root): bash tools/gpu/qwen3_5.sh check | bench2b | bench9b-cut | bench9b-cut4 | bench9b-cut8-master | bench9b-full | bench9b-full-rows | bench9b-full-master | moe | moe-full | curve
+# Usage (repo root): bash tools/gpu/qwen3_5.sh check | bench2b | bench9b-cut | bench9b-cut4 | bench9b-cut8-master | bench9b-full | bench9b-full-rows | bench9b-full-master | bench9b-full-gc2 | bench9b-full-nogc | moe | moe-full | curve
+# bench9b-full-gc2 recomputes every second layer (59 GiB peak with all of them on an H100, 2026-12-07);
+# bench9b-full-nogc recomputes none (an H200's 139 GiB).
 set -uo pipefail
 source tools/gpu/env.sh
 mkdir -p "$OUT/bench"
@@ -22,6 +24,10 @@ for what in "$@"; do
                     --samples-per-step 16 --rows-per-step 4 --steps 3 --warmup 1 --name qwen3_5-9b-full-1gpu-master-rows4 ;;
     bench9b-cut8-master) bench --model-shape qwen3_5-9b --layers 8 --samples-per-step 8 --rows-per-step 2 --bf16-master-weights \
                     --steps 4 --warmup 1 --name qwen3_5-9b-8layers-sps8-master ;;
+    bench9b-full-gc2) bench --model-shape qwen3_5-9b --no-stock --pure-bf16 --optim adamw_torch_8bit --gradient-checkpointing 2 \
+                    --samples-per-step 32 --rows-per-step 8 --steps 2 --warmup 1 --name qwen3_5-9b-full-1gpu-rows8-gc2 ;;
+    bench9b-full-nogc) bench --model-shape qwen3_5-9b --no-stock --pure-bf16 --optim adamw_torch_8bit \
+                    --samples-per-step 32 --rows-per-step 8 --steps 2 --warmup 1 --name qwen3_5-9b-full-1gpu-rows8-nogc ;;
     bench9b-full) bench --model-shape qwen3_5-9b --no-stock --pure-bf16 --optim adamw_torch_8bit --gradient-checkpointing \
                     --steps 6 --warmup 2 --name qwen3_5-9b-full-1gpu ;;
     moe) bench --model-shape qwen3_5-35b-a3b --layers 10 --train-type lora --steps 6 --warmup 2 --name qwen3_5-35b-a3b-10layers-lora ;;

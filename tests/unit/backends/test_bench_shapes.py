@@ -123,3 +123,19 @@ def test_bench_cli_passes_the_step_layout_through(monkeypatch, tmp_path):
                  "--torch-compile", "--bf16-master-weights", "--out", str(tmp_path)]) in (0, None)
     assert (seen["model_shape"], seen["samples_per_step"], seen["rows_per_step"], seen["batch_size"]) == ("qwen2_5_vl-3b", 16, 4, 1)
     assert seen["train_options"]["torch_compile"] and seen["train_options"]["bf16_master_weights"]
+    assert not seen["train_options"]["gradient_checkpointing"]
+
+
+@pytest.mark.parametrize(("flag", "on", "every"), [([], False, 1), (["--gradient-checkpointing"], True, 1),
+                                                   (["--gradient-checkpointing", "2"], True, 2)])
+def test_bench_gradient_checkpointing_takes_every_n_layers(monkeypatch, tmp_path, flag, on, every):
+    """`--gradient-checkpointing [N]`: the recipe's gradient_checkpointing and gradient_checkpointing_every_n_layers."""
+    import vltune.backends.torch.bench as bench
+    from vltune.cli import main
+
+    seen = {}
+    monkeypatch.setattr(bench, "run_bench", lambda model_shape, **kwargs: seen.update(kwargs) or {"name": "x", "model": model_shape})
+    monkeypatch.setattr(bench, "write_report", lambda result, out: None)
+    assert main(["bench", "--model-shape", "qwen3_5-9b", *flag, "--out", str(tmp_path)]) in (0, None)
+    options = seen["train_options"]
+    assert (options["gradient_checkpointing"], options["gradient_checkpointing_every_n_layers"]) == (on, every)
