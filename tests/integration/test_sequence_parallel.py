@@ -28,7 +28,11 @@ torch = pytest.importorskip("torch")
 from vltune.core.families import FAMILIES  # noqa: E402
 
 STEPS, SEED = 7, 3
-LOSS_TOL, WEIGHT_TOL = 1e-5, 1e-5
+LOSS_TOL, WEIGHT_TOL = 1e-5, 3e-5
+"""WEIGHT_TOL: after 7 AdamW steps, relative to each tensor's norm. Runs that sum the same gradients in another
+order differ by 1e-6 to 1.2e-5 (the vision blocks' biases highest: a few entries whose gradients, sums over
+every patch, are fp32 noise that Adam turns into steps of the learning rate), depending on the CPU's
+kernels; the per-step losses stay within 2e-7."""
 GRAD_TOL, GRAD_ATOL = 1e-4, 1e-6
 """Per tensor, relative to its largest gradient, plus an absolute floor: the Gated DeltaNet's dt_bias / A_log
 gradients are sums that cancel to 1e-4 while the loss sum's gradients are O(1), so the same fp32 noise
@@ -182,8 +186,8 @@ def test_training_equals_one_process(cli_runs, run, reference):
             # gradient a step of about the learning rate: 3e-4 relative after 10 steps, in any pair of
             # runs that sum in different orders. Every other tensor is held to 1e-5.
             continue
-        # relative to the tensor's norm: Adam also makes near-zero gradient entries (an embedding row seen once)
-        # steps of the learning rate, 1e-6 of 0.08 seen in one entry
+        # relative to the tensor's norm: Adam also makes near-zero gradient entries (an embedding row seen once,
+        # a vision bias) steps of the learning rate (WEIGHT_TOL above)
         assert np.linalg.norm(got[name] - value) <= WEIGHT_TOL * max(np.linalg.norm(value), 1e-12), name
 
 
