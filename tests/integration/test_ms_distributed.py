@@ -21,7 +21,7 @@ import yaml
 pytest.importorskip("mindspore")
 pytest.importorskip("torch")  # the tiny model fixture is built with transformers
 
-STEPS, SEED, TOL = 5, 3, 1e-4
+STEPS, SEED, TOL = 3, 3, 1e-4
 RUN_TIMEOUT_S = 300  # a hung collective never returns; the 2-worker run took 70-100 s on 2 shared cores
 
 
@@ -35,7 +35,7 @@ def mixed_recipe(request, mixed_jsonl, tiny_models) -> Path:
         "backend": "mindspore", "model_name_or_path": str(tiny_models[request.param]), "dataset_use": str(data),
         "max_pixels": 3136, "min_pixels": 3136, "model_max_length": 512, "max_steps": STEPS, "learning_rate": 1e-3,
         "lr_scheduler_type": "constant", "per_device_train_batch_size": 1, "gradient_accumulation_steps": 2,
-        "logging_steps": 1, "seed": SEED, "tune_mm_vision": True, "save_steps": 3, "max_grad_norm": 1.0,
+        "logging_steps": 1, "seed": SEED, "tune_mm_vision": True, "save_steps": 2, "max_grad_norm": 1.0,
     }
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return root / "recipe.yaml"
@@ -65,7 +65,7 @@ def single_run(mixed_recipe, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.slow  # measured: 70 s for msrun + 33 s for the reference, 2 cores shared (load ~8)
+@pytest.mark.slow  # measured alone on 2 cores: msrun 35-55 s + the reference 9-22 s (qwen2_5_vl-qwen3_5)
 @pytest.mark.timeout(RUN_TIMEOUT_S + 60)
 def test_two_msrun_workers_match_one_process(mixed_recipe, single_run, tmp_path):
     out = tmp_path / "two"
@@ -90,7 +90,7 @@ def test_two_msrun_workers_match_one_process(mixed_recipe, single_run, tmp_path)
     ref_rows = [json.loads(line) for line in (single_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in ref_rows], abs=1e-4)
-    checkpoint = out / "checkpoint-3"
+    checkpoint = out / "checkpoint-2"
     assert (checkpoint / "trainer_state.json").exists() and (checkpoint / "rng_state_rank1.json").exists()
     assert not list(out.glob(".tmp-*"))
 
