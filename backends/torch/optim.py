@@ -75,6 +75,15 @@ def _adamw_8bit_class() -> type:
             out = super()._new_buffer(p, signed)
             return out if hasattr(out, "codes") else out.float()  # `codes`: torchao's quantised state
 
+        def step(self, closure=None):
+            # torchao compiles its per-tensor update once per weight shape (dynamic=False). On the GPU that is its
+            # speed; on the CPU (tests, the demo) it is a C++ build per shape, about 30 s per run with a cold
+            # compile cache, for updates that run eagerly in milliseconds. Same arithmetic either way.
+            if self.param_groups[0]["params"][0].device.type == "cpu":
+                with torch.compiler.set_stance("force_eager"):
+                    return super().step(closure)
+            return super().step(closure)
+
         def load_state_dict(self, state_dict: dict) -> None:
             # torch casts floating-point state to its parameter's dtype on load; put the fp32 state of the
             # small tensors back as saved, so that a resumed run continues exactly.

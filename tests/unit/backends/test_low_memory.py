@@ -43,6 +43,19 @@ def test_8bit_adamw_trains_like_adamw_in_a_quarter_of_the_state(tiny_qwen2_5_vl,
     assert _state_bytes(small.optimizer) < 0.4 * _state_bytes(plain.optimizer)
 
 
+def test_8bit_step_runs_eagerly_on_the_cpu(tiny_qwen2_5_vl, tiny_training):
+    """torchao compiles its update once per weight shape; on the CPU vltune runs it eagerly (a C++ build per
+    shape there, ~30 s per run with a cold cache): no graph is compiled by a step."""
+    from torch._dynamo.utils import counters
+
+    batches, info = tiny_training.batches(tiny_qwen2_5_vl)
+    backend = tiny_training.backend(tiny_qwen2_5_vl, info, optim="adamw_torch_8bit")
+    torch._dynamo.reset()
+    counters.clear()
+    tiny_training.train(backend, batches, 1)
+    assert counters["stats"]["unique_graphs"] == 0 and backend.optimizer.state
+
+
 def test_pure_bf16_full_fine_tune_holds_bf16_weights_and_trains(tiny_qwen2_5_vl, tiny_training):
     batches, info = tiny_training.batches(tiny_qwen2_5_vl)
     reference = tiny_training.train(tiny_training.backend(tiny_qwen2_5_vl, info), batches, 4)
