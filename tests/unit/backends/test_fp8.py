@@ -180,3 +180,20 @@ def test_float8_with_bf16_master_weights(tiny_qwen2_5_vl, tiny_training, on_cpu_
     assert all(torch.isfinite(torch.tensor(losses)))
     assert not torch.equal(master.detach(), before)
     assert torch.equal(layer.weight.detach(), master.detach().to(torch.bfloat16))
+
+
+def test_float8_with_pure_bf16_lora(tiny_qwen2_5_vl, tiny_training, on_cpu_anyway):
+    """The 7B LoRA setting of tools/peers (pure_bf16 LoRA): the bf16 frozen base linears become Float8Linear with
+    their bf16 weights, the adapters stay fp32 nn.Linear, and the run's first loss is the bf16 run's within
+    float8's rounding."""
+    batches, info = tiny_training.batches(tiny_qwen2_5_vl)
+    lora = {"bf16": True, "pure_bf16": True, "train_type": "lora", "lora_dropout": 0.0}
+    reference = tiny_training.train(tiny_training.backend(tiny_qwen2_5_vl, info, **lora), batches, 1)
+    backend = tiny_training.backend(tiny_qwen2_5_vl, info, fp8=True, **lora)
+    named = dict(backend.model.named_modules())
+    bases = [n for n in named if n.endswith(".base_layer") and ".language_model.layers." in n]
+    assert bases and all(isinstance(named[n], Float8Linear) and named[n].weight.dtype == torch.bfloat16 for n in bases)
+    adapters = [p for n, p in backend.model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert adapters and {p.dtype for p in adapters} == {torch.float32}
+    losses = tiny_training.train(backend, batches, 2)
+    assert losses[0] == pytest.approx(reference[0], rel=3e-2) and all(torch.isfinite(torch.tensor(losses)))
