@@ -11,6 +11,8 @@
 #   3b-full              full fine-tune, LLM + merger trained, vision tower frozen, lr 1e-5
 #   7b-lora              LoRA r 64 / alpha 128 / dropout 0.05 on every LLM linear, merger trained, lr 2e-4
 #                        (vltune also with fp8: true)
+#   7b-fp8-loss          vltune's 7B LoRA, bf16 and fp8: LOSS_STEPS (200) optimizer steps of one row, the loss
+#                        logged every step; loss_curve.json holds the largest per-step relative difference
 # Common to every run: bf16, rows of 4096 tokens packed (each tool's packing), 4 rows (micro-batches)
 # per optimizer step, max_pixels 1,003,520, STEPS=20 optimizer steps of which the first WARM=8 are not
 # timed, cosine schedule without warm-up, no checkpoint written.
@@ -152,7 +154,7 @@ YAML
 vltune_run() {  # DIR OUTDIR NAME RECIPE KEYS...
   local dir=$1 out=$2 name=$3 recipe=$4; shift 4
   OUT=$out $PY tools/gpu/train_speed.py run --dir "$dir" --name "$name" --recipe "$recipe" --steps "$STEPS" \
-    --log-every 4 --warmup-steps "$WARM" "$@" 2>&1 | grep -v -i warn | tail -2
+    --log-every "${LOG_EVERY:-4}" --warmup-steps "$WARM" "$@" 2>&1 | grep -v -i warn | tail -2
 }
 
 for item in "$@"; do
@@ -176,6 +178,15 @@ for item in "$@"; do
         --target_modules all-linear --learning_rate 2e-4
       lf_run /tmp/peers/7b "$out" $'finetuning_type: lora\nlora_rank: 64\nlora_alpha: 128\nlora_dropout: 0.05\nlora_target: all\nlearning_rate: 2.0e-4'
       $PY tools/peers/summary.py "$out" --warmup "$WARM" ;;
+    7b-fp8-loss)  # the loss of LOSS_STEPS (200) steps of one packed row each, bf16 against fp8, same init and data
+      out=$OUT/peers/7b-fp8-loss; mkdir -p "$out"
+      one=(data_flatten=true max_tokens_per_batch=4096 per_device_train_batch_size=1 gradient_accumulation_steps=1
+           pure_bf16=true dataloader_num_workers=4)
+      for run in bf16 fp8; do
+        STEPS=${LOSS_STEPS:-200} LOG_EVERY=1 vltune_run /tmp/peers/7b "$out" vltune-$run qwen2_5_vl_lora "${one[@]}" \
+          $([ $run = fp8 ] && echo fp8=true)
+      done
+      $PY tools/peers/summary.py "$out" --loss-curve vltune-bf16 vltune-fp8 ;;
     *) echo "unknown item $item"; exit 2 ;;
   esac
 done

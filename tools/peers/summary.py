@@ -1,6 +1,7 @@
 """One table from one call: vltune's and the peers' runs of tools/peers/run.sh, timed the same way.
 
     python tools/peers/summary.py DIR [--warmup 8]    # DIR = $OUT/peers/MODE; writes DIR/table.{json,md}
+    python tools/peers/summary.py DIR --loss-curve vltune-bf16 vltune-fp8    # writes DIR/loss_curve.json
 
 tokens/s: the real tokens (image and text, no padding) of the optimizer steps after `warmup`, over the
 time from the end of step `warmup` to the end of the last step. For vltune the same from its
@@ -39,11 +40,32 @@ def vltune_row(path: Path) -> dict:
             "keys": run["keys"]}
 
 
+def loss_curves(reference: Path, other: Path) -> dict:
+    """Two vltune runs of the same steps from the same init and data (logged every step), e.g. bf16 and fp8:
+    the largest per-step relative difference of `other`'s loss from `reference`'s, and their means."""
+    ref = {w["step"]: w["loss"] for w in json.loads(reference.read_text())["windows"]}
+    got = {w["step"]: w["loss"] for w in json.loads(other.read_text())["windows"]}
+    if ref.keys() != got.keys() or not ref:
+        raise ValueError(f"{reference.name} and {other.name} logged different steps: {sorted(ref)[:5]}... / {sorted(got)[:5]}...")
+    rel = [abs(got[s] - ref[s]) / abs(ref[s]) for s in sorted(ref)]
+    return {"steps": len(ref), "max_rel_diff": round(max(rel), 5), "worst_step": sorted(ref)[rel.index(max(rel))],
+            "mean_loss": [round(sum(ref.values()) / len(ref), 5), round(sum(got.values()) / len(got), 5)],
+            "first_last": [[round(ref[min(ref)], 4), round(ref[max(ref)], 4)], [round(got[min(got)], 4), round(got[max(got)], 4)]]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dir", type=Path)
     parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--loss-curve", nargs=2, metavar=("REFERENCE", "OTHER"),
+                        help="two runs' names in DIR (e.g. vltune-bf16 vltune-fp8): write DIR/loss_curve.json instead of a table")
     args = parser.parse_args()
+    if args.loss_curve:
+        a, b = (args.dir / f"train_speed_{name}.json" for name in args.loss_curve)
+        result = {"reference": args.loss_curve[0], "other": args.loss_curve[1], **loss_curves(a, b)}
+        (args.dir / "loss_curve.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result))
+        return
     rows: dict[str, dict] = {}
     for path in sorted(args.dir.glob("train_speed_vltune-*.json")):
         rows[path.stem.removeprefix("train_speed_")] = vltune_row(path)
