@@ -193,7 +193,7 @@ def cmd_data_check(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_bench_model(args: argparse.Namespace, extra: list[str]) -> int:
     if extra or not args.model_shape:
         raise SystemExit("vltune bench: give --model-shape NAME (or `vltune bench data`)")
-    if args.gradient_checkpointing < 0:
+    if args.gradient_checkpointing is not None and args.gradient_checkpointing < 1:
         raise SystemExit(f"vltune bench: --gradient-checkpointing {args.gradient_checkpointing} must be >= 1 (every N-th block)")
     from vltune.backends.torch.bench import run_bench, write_report
 
@@ -205,8 +205,8 @@ def cmd_bench_model(args: argparse.Namespace, extra: list[str]) -> int:
         rows_per_step=args.rows_per_step,
         learning_rate=args.learning_rate, name=args.name, layers=args.layers,
         train_options={"torch_compile": args.torch_compile, "use_liger_kernel": args.liger_kernel, "pure_bf16": args.pure_bf16,
-                       "bf16_master_weights": args.bf16_master_weights, "gradient_checkpointing": args.gradient_checkpointing > 0,
-                       "gradient_checkpointing_every_n_layers": max(args.gradient_checkpointing, 1), "optim": args.optim,
+                       "bf16_master_weights": args.bf16_master_weights, "gradient_checkpointing": args.gradient_checkpointing is not None,
+                       "gradient_checkpointing_every_n_layers": args.gradient_checkpointing or 1, "optim": args.optim,
                        "fp8": args.fp8},
     )
     write_report(result, args.out)
@@ -481,7 +481,7 @@ def build_parser(key_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--optim", default="adamw_torch", choices=OPTIMIZERS, help="vltune path's optimizer")
     p.add_argument("--fp8", action="store_true",
                    help="vltune path with fp8 (torchao float8 decoder linears; SM 8.9+); the stock path stays bf16")
-    p.add_argument("--gradient-checkpointing", nargs="?", type=int, const=1, default=0, metavar="N",
+    p.add_argument("--gradient-checkpointing", nargs="?", type=int, const=1, default=None, metavar="N",
                    help="vltune path with gradient_checkpointing; N: gradient_checkpointing_every_n_layers (default 1: every block)")
     p.add_argument("--no-stock", action="store_true", help="run the vltune path alone (e.g. a size the stock path cannot fit)")
     p.add_argument("--match-steps", action="store_true",

@@ -206,7 +206,8 @@ class TrainArgs:
     """Recompute decoder and vision blocks in the backward pass: less activation memory, ~30% more compute."""
     gradient_checkpointing_every_n_layers: int = 1
     """With gradient_checkpointing: recompute only the first and then every N-th decoder layer and vision
-    block, counted in each stack (transformers' `every_n_layers`); the others keep their activations. 2 halves
+    block, counted in each stack (transformers' own `every_n_layers` counts both as one); the others keep
+    their activations. 2 halves
     the recompute for about half the activation memory that full checkpointing saves: for a model that
     fits with full checkpointing and leaves memory unused."""
     use_liger_kernel: bool = False

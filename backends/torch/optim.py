@@ -78,7 +78,8 @@ def _adamw_8bit_class() -> type:
         def step(self, closure=None):
             # torchao compiles its per-tensor update once per weight shape (dynamic=False). On the GPU that is its
             # speed; on the CPU (tests, the demo) it is a C++ build per shape, about 30 s per run with a cold
-            # compile cache, for updates that run eagerly in milliseconds. Same arithmetic either way.
+            # compile cache, for updates that run eagerly in milliseconds. The same update; not bit-identical to
+            # the compiled one (fused rounding, the stochastic rounding's random draws).
             if self.param_groups[0]["params"][0].device.type == "cpu":
                 with torch.compiler.set_stance("force_eager"):
                     return super().step(closure)

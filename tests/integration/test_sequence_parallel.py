@@ -184,7 +184,7 @@ def test_training_equals_one_process(cli_runs, run, reference):
             # Its gradient is zero in exact arithmetic (a bias added to every key shifts each query's logits by
             # one constant, which softmax ignores), so what it gets is fp32 noise, and Adam makes every noisy
             # gradient a step of about the learning rate: 3e-4 relative after 10 steps, in any pair of
-            # runs that sum in different orders. Every other tensor is held to 1e-5.
+            # runs that sum in different orders. Every other tensor is held to WEIGHT_TOL.
             continue
         # relative to the tensor's norm: Adam also makes near-zero gradient entries (an embedding row seen once,
         # a vision bias) steps of the learning rate (WEIGHT_TOL above)

@@ -12,13 +12,13 @@ export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=
 
 # The device tool brings back at most 8 files from $OUT, none deeper than 2 folders: a results folder of
 # more files loses the rest (the first peers call lost its timings so). bundle_out NAME packs $OUT/NAME
-# into $OUT/NAME.tar.gz and copies its summaries (*.md, summary.json: NAME-PARENT-FILE) beside it, so
+# into $OUT/NAME.tar.gz and copies its summaries (*.md, summary.json, loss_curve.json: NAME-PARENT-FILE) beside it, so
 # they can be read in the call's reply; unpack the tarball here into docs/bench/.
 bundle_out() {
   local dir=$OUT/$1 f rel
   [ -d "$dir" ] || return 0
   while IFS= read -r f; do
     rel=${f#"$dir"/}; cp "$f" "$OUT/$1-${rel//\//-}"
-  done < <(find "$dir" -type f \( -name '*.md' -o -name summary.json \) | head -4)
+  done < <(find "$dir" -type f \( -name '*.md' -o -name summary.json -o -name loss_curve.json \) | head -4)
   tar czf "$OUT/$1.tar.gz" -C "$OUT" "$1" && rm -rf "$dir"
 }

@@ -6,6 +6,7 @@
 # Usage (repo root): bash tools/gpu/ovis2_5.sh parity | bench2b | bench9b-cut8 | bench9b-full | bench9b-full-master
 set -uo pipefail
 source tools/gpu/env.sh
+trap 'bundle_out bench' EXIT   # also after a failed step or a TERM from a time-out (not a KILL)
 mkdir -p "$OUT/bench"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 bench() { timeout "${LIMIT:-420}" python3 -m vltune.cli bench "$@" --out "$OUT/bench" 2>&1 | grep -v -i warn | tail -4; }
@@ -23,4 +24,3 @@ for what in "$@"; do
     *) echo "unknown run $what" ;;
   esac
 done
-bundle_out bench

@@ -35,6 +35,7 @@ if [ "${DRY:-}" = cpu ]; then
   DRY_KEYS=(torch_compile=false dataloader_num_workers=0 max_pixels=50176 max_tokens_per_batch=1024 model_max_length=1024)
 else
   source tools/gpu/env.sh
+  trap 'bundle_out scaling' EXIT   # also after a failed step or a TERM from a time-out (not a KILL)
   # DeepSpeed (+ pydantic, hjson, ...) and PyAV, which the image lacks: tools/gpu/scaling_wheels.sh, carried
   if compgen -G ".whl-scaling/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-scaling/*.whl || exit 1
@@ -183,4 +184,3 @@ for item in "${@:-dp3b}"; do
   esac
 done
 $PY tools/gpu/scaling_summary.py summary "$RES" "$OUT/scaling/summary.json"
-[ "${DRY:-}" = cpu ] || bundle_out scaling   # the CPU dry run keeps its folder

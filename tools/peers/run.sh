@@ -27,13 +27,13 @@
 # Usage: bash tools/peers/run.sh install assets-3b 3b-full
 set -uo pipefail
 source tools/gpu/env.sh
+trap 'bundle_out peers' EXIT   # also after a failed step or a TERM from a time-out (not a KILL)
 STEPS=${STEPS:-20}; WARM=${WARM:-8}; SAMPLES=${SAMPLES:-800}
 PY=python3
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 hook=$PWD/tools/peers/hook
 
-install() {  # a warm machine keeps what an earlier call installed
-  [ -f /tmp/peers-site/.done ] && { echo "[peers] installed earlier"; return; }
+unpack() {  # the peers -> /tmp/peers-site, FA4 -> /tmp/fa4-site, torchao -> /tmp/site
   mkdir -p /tmp/peers-site /tmp/fa4-site
   local pip=($PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade)
   if [ -d .peers-pack ]; then
@@ -48,6 +48,10 @@ install() {  # a warm machine keeps what an earlier call installed
   if [ -f .peers-pack/torchao.tar.xz ]; then mkdir -p /tmp/site && tar xJf .peers-pack/torchao.tar.xz -C /tmp/site || exit 1
   elif compgen -G ".whl-peers/torchao-*.whl" >/dev/null; then "${pip[@]}" --target /tmp/site .whl-peers/torchao-*.whl || exit 1; fi
   touch /tmp/peers-site/.done
+}
+
+install() {  # a warm machine keeps what an earlier call unpacked; the versions are written in every call
+  if [ -f /tmp/peers-site/.done ]; then echo "[peers] installed earlier"; else unpack; fi
   mkdir -p "$OUT/peers"
   env $(peer_env) $PY -c "
 import json, importlib.metadata as m
@@ -190,4 +194,3 @@ for item in "$@"; do
     *) echo "unknown item $item"; exit 2 ;;
   esac
 done
-bundle_out peers

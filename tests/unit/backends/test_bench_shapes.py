@@ -139,3 +139,10 @@ def test_bench_gradient_checkpointing_takes_every_n_layers(monkeypatch, tmp_path
     assert main(["bench", "--model-shape", "qwen3_5-9b", *flag, "--out", str(tmp_path)]) in (0, None)
     options = seen["train_options"]
     assert (options["gradient_checkpointing"], options["gradient_checkpointing_every_n_layers"]) == (on, every)
+
+
+def test_bench_refuses_gradient_checkpointing_below_one(tmp_path):
+    from vltune.cli import main
+
+    with pytest.raises(SystemExit, match="--gradient-checkpointing 0 must be >= 1"):
+        main(["bench", "--model-shape", "qwen3_5-9b", "--gradient-checkpointing", "0", "--out", str(tmp_path)])

@@ -251,3 +251,21 @@ def test_bf16_master_weights_are_refused_across_ddp_ranks(tiny_qwen2_5_vl, tiny_
     ctx = SimpleNamespace(world_size=2, rank=0, local_rank=0, is_main=True)
     with pytest.raises(ConfigError, match="bf16_master_weights is for one process"):
         build_torch_backend(load_model(tiny_qwen2_5_vl), tiny_qwen2_5_vl, None, cfg.model, cfg.train, None, None, ctx)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl_moe", "qwen3_5", "ovis2_5"])
+def test_checkpoint_every_counts_each_stack_from_its_first_block(family, tmp_path):
+    """gradient_checkpointing_every_n_layers: 2 on 3 vision blocks and 4 decoder layers marks blocks 0, 2 and
+    layers 0, 2, each stack counted from its first (as the MindSpore engine does). transformers' own
+    `every_n_layers` counts the two stacks as one, which would mark layers 1 and 3 here."""
+    from vltune.backends.torch.speed import checkpoint_every
+    from vltune.backends.torch.tiny import TinySize, make_tiny
+    from vltune.core.families import get_family
+
+    make_tiny(family, tmp_path, size=TinySize(vision_layers=3, text_layers=4))
+    model = load_model(tmp_path)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert checkpoint_every(model, 2) == 2 + 2
+    modules = get_family(model.config.model_type).modules
+    assert [layer.gradient_checkpointing for layer in model.get_submodule(modules.decoder_layers)] == [True, False, True, False]
+    assert [block.gradient_checkpointing for block in model.get_submodule(modules.vision_blocks)] == [True, False, True]
