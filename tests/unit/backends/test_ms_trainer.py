@@ -123,6 +123,25 @@ def test_accumulation_and_recompute_give_the_joined_batch_gradient(tiny_qwen2_5_
             assert np.allclose(g, other[name], atol=1e-6, rtol=1e-4), name
 
 
+def test_recompute_counts_each_stack_from_its_first_block(vqa_data, tmp_path, monkeypatch):
+    """gradient_checkpointing_every_n_layers: 2 on 3 vision blocks and 4 decoder layers recomputes blocks 0, 2
+    and layers 0, 2 (each stack from its first, as the torch engine marks them; counting the two stacks as
+    one would take layers 1 and 3)."""
+    from vltune.backends.torch.tiny import TinySize, make_tiny
+
+    make_tiny("qwen2_5_vl", tmp_path, size=TinySize(vision_layers=3, text_layers=4))
+    dataset = SFTDataset(load_samples(vqa_data["train_file"])[:2], tmp_path, max_length=512, max_pixels=12544)
+    data = collate_padded([dataset[i] for i in range(2)], dataset.info, dataset.tokenizer.pad_token_id)
+    recomputed = []
+    plain_recompute = ms.recompute
+    monkeypatch.setattr(ms, "recompute", lambda cell, *a: recomputed.append(cell) or plain_recompute(cell, *a))
+    train_args = TrainArgs(gradient_checkpointing=True, gradient_checkpointing_every_n_layers=2)
+    backend = _backend(tmp_path, dataset.info, train_args=train_args)
+    backend.forward_backward(data, 1.0 / _n(data))
+    layers, blocks = backend.model.model.language_model.layers, backend.model.model.visual.blocks
+    assert sorted(map(id, recomputed)) == sorted(map(id, [layers[0], layers[2], blocks[0], blocks[2]]))
+
+
 def test_lora_adapter_is_peft_format(tiny_qwen2_5_vl, batch, tmp_path):
     """A trained MindSpore LoRA (LLM adapters + merger) saved as PEFT: peft loads it onto transformers and
     gives the MindSpore model's logits; vltune's own loader restores it exactly."""
