@@ -207,9 +207,8 @@ class TrainArgs:
     gradient_checkpointing_every_n_layers: int = 1
     """With gradient_checkpointing: recompute only the first and then every N-th decoder layer and vision
     block, counted in each stack (transformers' own `every_n_layers` counts both as one); the others keep
-    their activations. 2 halves
-    the recompute for about half the activation memory that full checkpointing saves: for a model that
-    fits with full checkpointing and leaves memory unused."""
+    their activations. 2 halves the recompute for about half the activation memory that full checkpointing
+    saves: for a model that fits with full checkpointing and leaves memory unused."""
     use_liger_kernel: bool = False
     """torch on GPU: Liger's fused RMSNorm and SwiGLU kernels (needs liger-kernel)."""
     torch_compile: bool = False

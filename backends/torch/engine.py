@@ -123,8 +123,7 @@ class Engine:
         if args.gradient_checkpointing:
             # Non-reentrant checkpointing needs no input grads, so it works with frozen embeddings (LoRA).
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if args.gradient_checkpointing_every_n_layers > 1:
-                checkpoint_every(model.get_base_model() if self.lora else model, args.gradient_checkpointing_every_n_layers)
+            checkpoint_every(model.get_base_model() if self.lora else model, args.gradient_checkpointing_every_n_layers)
         self.model = model.to(self.device)
         # What a training micro-step calls: the model itself here; a data-parallel engine puts its wrapper
         # (DDP, DeepSpeed) here, so gradients sync, while evaluation, generation and saving use self.model.

@@ -85,7 +85,8 @@ def compile_blocks(model: torch.nn.Module, vision: bool = True) -> int:
 
 def checkpoint_every(model: torch.nn.Module, every: int) -> int:
     """gradient_checkpointing_every_n_layers: after transformers' `gradient_checkpointing_enable` has marked
-    every block, keep the mark on the first and then every `every`-th decoder layer and vision block, counted
+    every block, keep the mark on the first and then every `every`-th decoder layer and vision block (all of
+    them for 1), counted
     in each stack as the MindSpore engine counts them (transformers' own `every_n_layers` counts both stacks
     as one). The unmarked blocks keep their activations for the backward. Returns how many blocks recompute."""
     modules = get_family(model.config.model_type).modules

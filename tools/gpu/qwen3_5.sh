@@ -27,12 +27,10 @@ for what in "$@"; do
                     --samples-per-step 16 --rows-per-step 4 --steps 3 --warmup 1 --name qwen3_5-9b-full-1gpu-master-rows4 ;;
     bench9b-cut8-master) bench --model-shape qwen3_5-9b --layers 8 --samples-per-step 8 --rows-per-step 2 --bf16-master-weights \
                     --steps 4 --warmup 1 --name qwen3_5-9b-8layers-sps8-master ;;
-    bench9b-full-gc1) bench --model-shape qwen3_5-9b --no-stock --pure-bf16 --optim adamw_torch_8bit --gradient-checkpointing \
-                    --samples-per-step 32 --rows-per-step 8 --steps 2 --warmup 1 --name qwen3_5-9b-full-1gpu-rows8-gc1 ;;
-    bench9b-full-gc2) bench --model-shape qwen3_5-9b --no-stock --pure-bf16 --optim adamw_torch_8bit --gradient-checkpointing 2 \
-                    --samples-per-step 32 --rows-per-step 8 --steps 2 --warmup 1 --name qwen3_5-9b-full-1gpu-rows8-gc2 ;;
-    bench9b-full-nogc) bench --model-shape qwen3_5-9b --no-stock --pure-bf16 --optim adamw_torch_8bit \
-                    --samples-per-step 32 --rows-per-step 8 --steps 2 --warmup 1 --name qwen3_5-9b-full-1gpu-rows8-nogc ;;
+    bench9b-full-gc1|bench9b-full-gc2|bench9b-full-nogc)  # the same steps, only the recompute differs
+      gc=${what#bench9b-full-}; gc_flag=(); [ "$gc" = nogc ] || gc_flag=(--gradient-checkpointing "${gc#gc}")
+      bench --model-shape qwen3_5-9b --no-stock --pure-bf16 --optim adamw_torch_8bit "${gc_flag[@]}" \
+            --samples-per-step 32 --rows-per-step 8 --steps 2 --warmup 1 --name "qwen3_5-9b-full-1gpu-rows8-$gc" ;;
     bench9b-full) bench --model-shape qwen3_5-9b --no-stock --pure-bf16 --optim adamw_torch_8bit --gradient-checkpointing \
                     --steps 6 --warmup 2 --name qwen3_5-9b-full-1gpu ;;
     moe) bench --model-shape qwen3_5-35b-a3b --layers 10 --train-type lora --steps 6 --warmup 2 --name qwen3_5-35b-a3b-10layers-lora ;;

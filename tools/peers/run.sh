@@ -161,6 +161,10 @@ vltune_run() {  # DIR OUTDIR NAME RECIPE KEYS...
     --log-every "${LOG_EVERY:-4}" --warmup-steps "$WARM" "$@" 2>&1 | grep -v -i warn | tail -2
 }
 
+# vltune's 7B LoRA keys (qwen2_5_vl_lora recipe): the peers' packed rows, 4 per step, pure bf16
+LORA_7B=(data_flatten=true max_tokens_per_batch=4096 per_device_train_batch_size=1 gradient_accumulation_steps=4
+         pure_bf16=true dataloader_num_workers=4)
+
 for item in "$@"; do
   case $item in
     install) install ;;
@@ -174,22 +178,17 @@ for item in "$@"; do
       $PY tools/peers/summary.py "$out" --warmup "$WARM" ;;
     7b-lora)
       out=$OUT/peers/7b-lora; mkdir -p "$out"
-      lora=(data_flatten=true max_tokens_per_batch=4096 per_device_train_batch_size=1 gradient_accumulation_steps=4
-            pure_bf16=true dataloader_num_workers=4)
-      vltune_run /tmp/peers/7b "$out" vltune-bf16 qwen2_5_vl_lora "${lora[@]}"
-      vltune_run /tmp/peers/7b "$out" vltune-fp8 qwen2_5_vl_lora "${lora[@]}" fp8=true
+      vltune_run /tmp/peers/7b "$out" vltune-bf16 qwen2_5_vl_lora "${LORA_7B[@]}"
+      vltune_run /tmp/peers/7b "$out" vltune-fp8 qwen2_5_vl_lora "${LORA_7B[@]}" fp8=true
       swift_run /tmp/peers/7b "$out" --tuner_type lora --lora_rank 64 --lora_alpha 128 --lora_dropout 0.05 \
         --target_modules all-linear --learning_rate 2e-4
       lf_run /tmp/peers/7b "$out" $'finetuning_type: lora\nlora_rank: 64\nlora_alpha: 128\nlora_dropout: 0.05\nlora_target: all\nlearning_rate: 2.0e-4'
       $PY tools/peers/summary.py "$out" --warmup "$WARM" ;;
     7b-fp8-loss)  # the loss of LOSS_STEPS (200) steps of one packed row each, bf16 against fp8, same init and data
       out=$OUT/peers/7b-fp8-loss; mkdir -p "$out"
-      one=(data_flatten=true max_tokens_per_batch=4096 per_device_train_batch_size=1 gradient_accumulation_steps=1
-           pure_bf16=true dataloader_num_workers=4)
-      for run in bf16 fp8; do
-        STEPS=${LOSS_STEPS:-200} LOG_EVERY=1 vltune_run /tmp/peers/7b "$out" vltune-$run qwen2_5_vl_lora "${one[@]}" \
-          $([ $run = fp8 ] && echo fp8=true)
-      done
+      one_row=("${LORA_7B[@]}" gradient_accumulation_steps=1)  # the later key wins (train_speed.py's dict)
+      STEPS=${LOSS_STEPS:-200} LOG_EVERY=1 vltune_run /tmp/peers/7b "$out" vltune-bf16 qwen2_5_vl_lora "${one_row[@]}"
+      STEPS=${LOSS_STEPS:-200} LOG_EVERY=1 vltune_run /tmp/peers/7b "$out" vltune-fp8 qwen2_5_vl_lora "${one_row[@]}" fp8=true
       $PY tools/peers/summary.py "$out" --loss-curve vltune-bf16 vltune-fp8 ;;
     *) echo "unknown item $item"; exit 2 ;;
   esac

@@ -120,6 +120,12 @@ class GatedMLP(nn.Cell):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def recomputes(stack: nn.Cell, i: int) -> bool:
+    """gradient_checkpointing: whether block `i` of a stack (decoder layers, vision blocks) is recomputed in
+    the backward pass: the first and every `stack.recompute_every`-th (set by the engine; 0 = none)."""
+    return bool(stack.recompute_every) and stack.training and i % stack.recompute_every == 0
+
+
 def rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return ops.cat((-x[..., half:], x[..., :half]), axis=-1)

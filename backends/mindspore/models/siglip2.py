@@ -24,7 +24,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from ..attention import Kernels, vision_attention
-from .layers import Embedding, LayerNorm, Linear, activation, apply_rotary, inv_freq, rotary_cos_sin
+from .layers import Embedding, LayerNorm, Linear, activation, apply_rotary, inv_freq, recomputes, rotary_cos_sin
 from .vision_index import frame_cu_seqlens, patch_coordinates, window_index
 
 
@@ -201,7 +201,7 @@ class Ovis2_5VisionModel(nn.Cell):
         base = inv_freq(cfg.rope_theta, head_dim // 2)  # [head_dim / 4], the same for rows and columns
         self.inv_freq = ops.cat((base, base))
         self.recompute_every = 0
-        """gradient_checkpointing: recompute layer i in the backward when i % recompute_every == 0 (0 = none)."""
+        """gradient_checkpointing: the first and every recompute_every-th block recompute (0 = none; layers.recomputes)."""
 
     def construct(self, pixels: Tensor, grid_thw: np.ndarray) -> Tensor:
         """The embeddings are put in window order (whole 2 x 2 merge units, window by window) once, before
@@ -220,7 +220,7 @@ class Ovis2_5VisionModel(nn.Cell):
 
         h = ops.gather(self.embeddings(pixels, grid_thw), Tensor(patch_order.astype(np.int32)), 0)
         for i, (kind, layer) in enumerate(zip(cfg.layer_types, self.layers)):
-            if self.recompute_every and self.training and i % self.recompute_every == 0:
+            if recomputes(self, i):
                 h = ms.recompute(layer, h, cos, sin, segments[kind])
             else:
                 h = layer(h, cos, sin, segments[kind])

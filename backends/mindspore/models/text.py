@@ -26,7 +26,7 @@ from vltune.core.families import attention_layer_indices
 
 from ..attention import Kernels, TextAttentionLayout, text_attention
 from .config import TextConfig
-from .layers import Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, inv_freq, rotary_cos_sin
+from .layers import Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, inv_freq, recomputes, rotary_cos_sin
 
 
 def mrope_channels(section: tuple[int, ...], interleaved: bool) -> np.ndarray:
@@ -180,7 +180,7 @@ class TextModel(nn.Cell):
         self.layer_uses_main = [True] * cfg.num_hidden_layers
         """AGE: False for layers that take the alt (plain M-RoPE) positions; see set_alt_layers."""
         self.recompute_every = 0
-        """gradient_checkpointing: recompute layer i in the backward when i % recompute_every == 0 (0 = none)."""
+        """gradient_checkpointing: the first and every recompute_every-th block recompute (0 = none; layers.recomputes)."""
 
     def set_alt_layers(self, uses_main: list[bool]) -> None:
         """Circle-RoPE AGE: layer i rotates by `position_ids` if uses_main[i], else by `position_ids_alt`."""
@@ -228,7 +228,7 @@ class TextModel(nn.Cell):
         b, length, hidden = h.shape
         for i, layer in enumerate(self.layers):
             cos, sin = main if self.layer_uses_main[i] else alt
-            if self.recompute_every and self.training and i % self.recompute_every == 0:
+            if recomputes(self, i):
                 h = ms.recompute(layer, h, cos, sin, layout)
             else:
                 h = layer(h, cos, sin, layout, cache, i)

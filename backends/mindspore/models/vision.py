@@ -23,7 +23,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from ..attention import Kernels, vision_attention
 from .config import VisionConfig
-from .layers import GatedMLP, LayerNorm, Linear, RMSNorm, activation, apply_rotary, inv_freq, rotary_cos_sin
+from .layers import GatedMLP, LayerNorm, Linear, RMSNorm, activation, apply_rotary, inv_freq, recomputes, rotary_cos_sin
 from .vision_index import bilinear_position_taps, frame_cu_seqlens, patch_coordinates, window_index
 
 
@@ -175,7 +175,7 @@ class VisionTransformer(nn.Cell):
         else:
             self.merger = Qwen2_5_VLPatchMerger(cfg, kernels, layer_norm=plain)
         self.recompute_every = 0
-        """gradient_checkpointing: recompute block i in the backward when i % recompute_every == 0 (0 = none)."""
+        """gradient_checkpointing: the first and every recompute_every-th block recompute (0 = none; layers.recomputes)."""
 
     def construct(self, pixels: Tensor, grid_thw: np.ndarray) -> VisionOutput:
         grid_thw = np.asarray(grid_thw).reshape(-1, 3)
@@ -200,7 +200,7 @@ class VisionTransformer(nn.Cell):
         for i, block in enumerate(self.blocks):
             full = self.qwen3 or self.plain or i in self.cfg.fullatt_block_indexes
             cu = cu_frames if full else cu_windows
-            if self.recompute_every and self.training and i % self.recompute_every == 0:
+            if recomputes(self, i):
                 h = ms_recompute(block, h, cos, sin, cu)
             else:
                 h = block(h, cos, sin, cu)
