@@ -10,7 +10,9 @@
 #                        kept while the machine stays warm, so a later call skips them
 #   3b-full              full fine-tune, LLM + merger trained, vision tower frozen, lr 1e-5
 #   7b-lora              LoRA r 64 / alpha 128 / dropout 0.05 on every LLM linear, merger trained, lr 2e-4
-#                        (vltune also with fp8: true)
+#                        (vltune also with fp8: true when torchao is carried)
+#   7b-fp8               only vltune's two 7B LoRA runs of 7b-lora, bf16 and fp8 (carry .peers-pack/torchao.tar.xz
+#                        alone: the whole pack and the repository pass the 64 MiB a call carries)
 #   7b-fp8-loss          vltune's 7B LoRA, bf16 and fp8: LOSS_STEPS (200) optimizer steps of one row, the loss
 #                        logged every step; loss_curve.json holds the largest per-step relative difference
 # Common to every run: bf16, rows of 4096 tokens packed (each tool's packing), 4 rows (micro-batches)
@@ -33,29 +35,30 @@ PY=python3
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 hook=$PWD/tools/peers/hook
 
-unpack() {  # the peers -> /tmp/peers-site, FA4 -> /tmp/fa4-site, torchao -> /tmp/site
-  mkdir -p /tmp/peers-site /tmp/fa4-site
-  local pip=($PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade)
-  if [ -d .peers-pack ]; then
-    tar xJf .peers-pack/peers.tar.xz -C /tmp/peers-site || exit 1
-    for f in .peers-pack/small.tar.xz .peers-pack/cutlass_cu13.tar.xz; do tar xJf "$f" -C /tmp/fa4-site || exit 1; done
-  else
-    "${pip[@]}" --target /tmp/peers-site $(ls .whl-peers/*.whl | grep -v torchao) || exit 1
-    if [ -d .fa4 ]; then
-      for f in .fa4/small.tar.xz .fa4/cutlass_cu13.tar.xz; do tar xJf "$f" -C /tmp/fa4-site || exit 1; done
-    fi
-  fi
-  if [ -f .peers-pack/torchao.tar.xz ]; then mkdir -p /tmp/site && tar xJf .peers-pack/torchao.tar.xz -C /tmp/site || exit 1
-  elif compgen -G ".whl-peers/torchao-*.whl" >/dev/null; then "${pip[@]}" --target /tmp/site .whl-peers/torchao-*.whl || exit 1; fi
-  touch /tmp/peers-site/.done
+unpack() {  # PART TARGET SOURCES...: unpacks a carried part once (a warm machine keeps it: marker /tmp/.unpacked-PART)
+  local part=$1 target=$2; shift 2
+  [ -f /tmp/.unpacked-$part ] && { echo "[peers] $part unpacked earlier"; return; }
+  mkdir -p "$target"
+  for f in "$@"; do
+    case $f in
+      *.tar.xz) tar xJf "$f" -C "$target" || exit 1 ;;
+      *) $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$target" "$f" || exit 1 ;;
+    esac
+  done
+  touch /tmp/.unpacked-$part
 }
 
-install() {  # a warm machine keeps what an earlier call unpacked; the versions are written in every call
-  if [ -f /tmp/peers-site/.done ]; then echo "[peers] installed earlier"; else unpack; fi
-  mkdir -p "$OUT/peers"
+install() {  # the peers -> /tmp/peers-site, FA4 -> /tmp/fa4-site, torchao -> /tmp/site: each part that is carried
+  if [ -f .peers-pack/peers.tar.xz ]; then unpack peers /tmp/peers-site .peers-pack/peers.tar.xz
+  elif compgen -G ".whl-peers/*.whl" >/dev/null; then unpack peers /tmp/peers-site $(ls .whl-peers/*.whl | grep -v torchao); fi
+  local fa4=.peers-pack; [ -f $fa4/small.tar.xz ] || fa4=.fa4
+  [ -f $fa4/small.tar.xz ] && unpack fa4 /tmp/fa4-site $fa4/small.tar.xz $fa4/cutlass_cu13.tar.xz
+  if [ -f .peers-pack/torchao.tar.xz ]; then unpack torchao /tmp/site .peers-pack/torchao.tar.xz
+  elif compgen -G ".whl-peers/torchao-*.whl" >/dev/null; then unpack torchao /tmp/site .whl-peers/torchao-*.whl; fi
+  mkdir -p "$OUT/peers"  # the versions, in every call
   env $(peer_env) $PY -c "
 import json, importlib.metadata as m
-names = ['torch', 'transformers', 'ms-swift', 'llamafactory', 'liger-kernel', 'datasets', 'trl', 'peft', 'accelerate', 'flash-attn-4']
+names = ['torch', 'transformers', 'ms-swift', 'llamafactory', 'liger-kernel', 'datasets', 'trl', 'peft', 'accelerate', 'flash-attn-4', 'torchao']
 versions = {}
 for n in names:
     try: versions[n] = m.version(n)
@@ -179,10 +182,16 @@ for item in "$@"; do
     7b-lora)
       out=$OUT/peers/7b-lora; mkdir -p "$out"
       vltune_run /tmp/peers/7b "$out" vltune-bf16 qwen2_5_vl_lora "${LORA_7B[@]}"
-      vltune_run /tmp/peers/7b "$out" vltune-fp8 qwen2_5_vl_lora "${LORA_7B[@]}" fp8=true
+      if $PY -c "import torchao" 2>/dev/null; then vltune_run /tmp/peers/7b "$out" vltune-fp8 qwen2_5_vl_lora "${LORA_7B[@]}" fp8=true
+      else echo "[peers] torchao not carried: no vltune fp8 run (item 7b-fp8)"; fi
       swift_run /tmp/peers/7b "$out" --tuner_type lora --lora_rank 64 --lora_alpha 128 --lora_dropout 0.05 \
         --target_modules all-linear --learning_rate 2e-4
       lf_run /tmp/peers/7b "$out" $'finetuning_type: lora\nlora_rank: 64\nlora_alpha: 128\nlora_dropout: 0.05\nlora_target: all\nlearning_rate: 2.0e-4'
+      $PY tools/peers/summary.py "$out" --warmup "$WARM" ;;
+    7b-fp8)  # vltune's 7B LoRA of 7b-lora, bf16 and fp8 in one call: the fp8 speed-up (torchao alone carried)
+      out=$OUT/peers/7b-fp8; mkdir -p "$out"
+      vltune_run /tmp/peers/7b "$out" vltune-bf16 qwen2_5_vl_lora "${LORA_7B[@]}"
+      vltune_run /tmp/peers/7b "$out" vltune-fp8 qwen2_5_vl_lora "${LORA_7B[@]}" fp8=true
       $PY tools/peers/summary.py "$out" --warmup "$WARM" ;;
     7b-fp8-loss)  # the loss of LOSS_STEPS (200) steps of one packed row each, bf16 against fp8, same init and data
       out=$OUT/peers/7b-fp8-loss; mkdir -p "$out"

@@ -85,14 +85,17 @@ def main() -> None:
     for row in rows.values():
         if best_peer and row.get("tokens_per_s"):
             row["vs_faster_peer"] = round(row["tokens_per_s"] / best_peer, 2)
+        if base and row.get("tokens_per_s"):
+            row["vs_vltune_bf16"] = round(row["tokens_per_s"] / base["tokens_per_s"], 2)
     (args.dir / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = ["| tool | setting | tokens/s | MFU | vs faster peer | peak GiB | first losses |", "|---|---|---|---|---|---|---|"]
+    lines = ["| tool | setting | tokens/s | MFU | vs faster peer | vs vltune bf16 | peak GiB | first losses |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         setting = row.get("setting") or (" ".join(f"{k}={v}" for k, v in row.get("keys", {}).items()) or "-")
         if "tokens_per_s" not in row:
             setting = f"failed: {[t['setting'] for t in row['tries']]}"
         lines.append(f"| {name} | {setting} | {row.get('tokens_per_s', '-')} | {row.get('mfu', '-')} | "
-                     f"{row.get('vs_faster_peer', '-')} | {row.get('peak_mem_gib', '-')} | {row.get('first_losses', '-')} |")
+                     f"{row.get('vs_faster_peer', '-')} | {row.get('vs_vltune_bf16', '-')} | {row.get('peak_mem_gib', '-')} | {row.get('first_losses', '-')} |")
     (args.dir / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
