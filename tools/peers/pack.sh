@@ -7,9 +7,8 @@
 # Megatron / Ray back ends (imported lazily by other commands), FlashAttention-4's two tarballs for
 # ms-swift's packing, and torchao's Python part for vltune's fp8 run (its compiled mxfp8 / cutlass
 # extensions, 13 MB, serve other recipes than float8 tensorwise). The dist-infos' RECORD files go too
-# (nothing is pip-installed from here; versions are read from METADATA): that keeps the pack under
-# the 64 MiB a call carries
-# with the repository (measured: 66.9 MB of files in all was refused, 66.2 MB passed).
+# (nothing is pip-installed from here; versions are read from METADATA). With the repository the pack must
+# stay under the 64 MiB a call carries (measured: 66.9 MB of files in all was refused, 66.2 MB passed).
 # Usage (repo root): bash tools/peers/pack.sh
 set -euo pipefail
 dest=.peers-pack

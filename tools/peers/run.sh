@@ -35,16 +35,14 @@ PY=python3
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 hook=$PWD/tools/peers/hook
 
-unpack() {  # PART TARGET SOURCES...: unpacks a carried part once (a warm machine keeps it: marker /tmp/.unpacked-PART)
+unpack() {  # PART TARGET SOURCES...: xz tarballs or wheels, unpacked once (a warm machine keeps them: /tmp/.unpacked-PART)
   local part=$1 target=$2; shift 2
   [ -f /tmp/.unpacked-$part ] && { echo "[peers] $part unpacked earlier"; return; }
   mkdir -p "$target"
-  for f in "$@"; do
-    case $f in
-      *.tar.xz) tar xJf "$f" -C "$target" || exit 1 ;;
-      *) $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$target" "$f" || exit 1 ;;
-    esac
-  done
+  case $1 in
+    *.tar.xz) for f in "$@"; do tar xJf "$f" -C "$target" || exit 1; done ;;
+    *) $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$target" "$@" || exit 1 ;;
+  esac
   touch /tmp/.unpacked-$part
 }
 
@@ -168,6 +166,13 @@ vltune_run() {  # DIR OUTDIR NAME RECIPE KEYS...
 LORA_7B=(data_flatten=true max_tokens_per_batch=4096 per_device_train_batch_size=1 gradient_accumulation_steps=4
          pure_bf16=true dataloader_num_workers=4)
 
+vltune_7b() {  # OUTDIR KEYS...: vltune's 7B LoRA in bf16, then with fp8 when torchao is carried
+  local out=$1; shift
+  vltune_run /tmp/peers/7b "$out" vltune-bf16 qwen2_5_vl_lora "${LORA_7B[@]}" "$@"
+  if $PY -c "import torchao" 2>/dev/null; then vltune_run /tmp/peers/7b "$out" vltune-fp8 qwen2_5_vl_lora "${LORA_7B[@]}" "$@" fp8=true
+  else echo "[peers] torchao not carried: no vltune fp8 run"; fi
+}
+
 for item in "$@"; do
   case $item in
     install) install ;;
@@ -181,23 +186,18 @@ for item in "$@"; do
       $PY tools/peers/summary.py "$out" --warmup "$WARM" ;;
     7b-lora)
       out=$OUT/peers/7b-lora; mkdir -p "$out"
-      vltune_run /tmp/peers/7b "$out" vltune-bf16 qwen2_5_vl_lora "${LORA_7B[@]}"
-      if $PY -c "import torchao" 2>/dev/null; then vltune_run /tmp/peers/7b "$out" vltune-fp8 qwen2_5_vl_lora "${LORA_7B[@]}" fp8=true
-      else echo "[peers] torchao not carried: no vltune fp8 run (item 7b-fp8)"; fi
+      vltune_7b "$out"
       swift_run /tmp/peers/7b "$out" --tuner_type lora --lora_rank 64 --lora_alpha 128 --lora_dropout 0.05 \
         --target_modules all-linear --learning_rate 2e-4
       lf_run /tmp/peers/7b "$out" $'finetuning_type: lora\nlora_rank: 64\nlora_alpha: 128\nlora_dropout: 0.05\nlora_target: all\nlearning_rate: 2.0e-4'
       $PY tools/peers/summary.py "$out" --warmup "$WARM" ;;
     7b-fp8)  # vltune's 7B LoRA of 7b-lora, bf16 and fp8 in one call: the fp8 speed-up (torchao alone carried)
       out=$OUT/peers/7b-fp8; mkdir -p "$out"
-      vltune_run /tmp/peers/7b "$out" vltune-bf16 qwen2_5_vl_lora "${LORA_7B[@]}"
-      vltune_run /tmp/peers/7b "$out" vltune-fp8 qwen2_5_vl_lora "${LORA_7B[@]}" fp8=true
+      vltune_7b "$out"
       $PY tools/peers/summary.py "$out" --warmup "$WARM" ;;
     7b-fp8-loss)  # the loss of LOSS_STEPS (200) steps of one packed row each, bf16 against fp8, same init and data
       out=$OUT/peers/7b-fp8-loss; mkdir -p "$out"
-      one_row=("${LORA_7B[@]}" gradient_accumulation_steps=1)  # the later key wins (train_speed.py's dict)
-      STEPS=${LOSS_STEPS:-200} LOG_EVERY=1 vltune_run /tmp/peers/7b "$out" vltune-bf16 qwen2_5_vl_lora "${one_row[@]}"
-      STEPS=${LOSS_STEPS:-200} LOG_EVERY=1 vltune_run /tmp/peers/7b "$out" vltune-fp8 qwen2_5_vl_lora "${one_row[@]}" fp8=true
+      STEPS=${LOSS_STEPS:-200} LOG_EVERY=1 vltune_7b "$out" gradient_accumulation_steps=1  # the later key wins (train_speed.py's dict)
       $PY tools/peers/summary.py "$out" --loss-curve vltune-bf16 vltune-fp8 ;;
     *) echo "unknown item $item"; exit 2 ;;
   esac
